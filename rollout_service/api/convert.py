@@ -1,0 +1,62 @@
+"""Protobuf <-> service types. The only module that knows both shapes."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from google.protobuf.json_format import MessageToDict
+from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
+
+from rollout_service.types import Completion, GenerateRequest, Sample, ServerStatus, TopLogprobs
+
+_FINISH = {
+    "stop": pb.FINISH_REASON_STOP,
+    "length": pb.FINISH_REASON_LENGTH,
+    "aborted": pb.FINISH_REASON_ABORTED,
+}
+
+
+def request_from_proto(msg: pb.GenerateRequest) -> GenerateRequest:
+    """Validate a GenerateRequest message (same checks and messages as the HTTP JSON body)."""
+    prompts = []
+    for p in msg.prompts:
+        prompts.append({"text": p.text or None, "token_ids": list(p.token_ids) or None})
+    # Only fields the client set: unset optionals take the documented defaults.
+    sampling = MessageToDict(msg.sampling, preserving_proto_field_name=True, always_print_fields_with_no_presence=False)
+    for key in ("n", "max_tokens", "top_k", "logprobs", "prompt_logprobs", "seed"):
+        if key in sampling:  # MessageToDict renders 64-bit ints as strings
+            sampling[key] = int(sampling[key])
+    return GenerateRequest.parse({"prompts": prompts, "sampling": sampling, "request_id": msg.request_id})
+
+
+def _top(items: list[TopLogprobs]) -> list[pb.TopLogprobs]:
+    return [pb.TopLogprobs(token_ids=t.token_ids, logprobs=t.logprobs) for t in items]
+
+
+def _sample(s: Sample) -> pb.Sample:
+    return pb.Sample(
+        token_ids=s.token_ids,
+        text=s.text,
+        logprobs=s.logprobs,
+        top_logprobs=_top(s.top_logprobs),
+        finish_reason=_FINISH[s.finish_reason],
+        stop_reason=s.stop_reason,
+        weight_version=s.weight_version,
+    )
+
+
+def completion_to_proto(c: Completion) -> pb.Completion:
+    return pb.Completion(
+        prompt_index=c.prompt_index,
+        prompt_token_ids=c.prompt_token_ids,
+        samples=[_sample(s) for s in c.samples],
+        prompt_logprobs=c.prompt_logprobs,
+        prompt_top_logprobs=_top(c.prompt_top_logprobs),
+        request_id=c.request_id,
+    )
+
+
+def status_to_proto(s: ServerStatus) -> pb.GetStatusResponse:
+    fields = asdict(s)
+    fields["counters"] = pb.Counters(**fields["counters"])
+    return pb.GetStatusResponse(**fields)

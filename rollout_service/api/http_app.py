@@ -1,0 +1,104 @@
+"""The HTTP front end (FastAPI): the same operations and JSON shapes as the proto.
+
+POST /v1/generate   GenerateRequest JSON -> {"completions": [...]}
+GET  /v1/status     GetStatus as JSON
+GET  /healthz       200 when the engine is alive, 503 otherwise
+
+Errors come back as {"error": {"code": "INVALID_ARGUMENT", "message": "...", "field": "..."}}
+with the HTTP status from `errors.http_status`. An optional `X-Request-Timeout` header (seconds)
+is the HTTP counterpart of a gRPC deadline; a client that disconnects has its requests aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import asdict
+
+from fastapi import FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from rollout_service.engine import RolloutEngine
+from rollout_service.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InvalidArgument,
+    RolloutError,
+    grpc_status,
+    http_status,
+    public_message,
+)
+from rollout_service.types import GenerateRequest, invalid_argument_from
+
+log = logging.getLogger(__name__)
+
+
+def _error_response(exc: BaseException) -> JSONResponse:
+    if not isinstance(exc, RolloutError):
+        log.exception("internal error in an HTTP call", exc_info=exc)
+    body = {"code": grpc_status(exc).name, "message": public_message(exc)}
+    if isinstance(exc, InvalidArgument):
+        body["field"] = exc.field
+    return JSONResponse({"error": body}, status_code=http_status(exc))
+
+
+async def _until_disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _run_cancellable(request: Request, work, timeout: float | None):
+    """Run `work` until it finishes, the client disconnects, or `timeout` passes."""
+    task = asyncio.create_task(work)
+    watcher = asyncio.create_task(_until_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    if watcher in done:
+        raise Cancelled("the client disconnected; its engine requests were aborted")
+    raise DeadlineExceeded(f"X-Request-Timeout ({timeout} s) passed; its engine requests were aborted")
+
+
+def create_app(engine: RolloutEngine) -> FastAPI:
+    app = FastAPI(title="rollout-service", version="1", summary="Rollouts with exact per-token logprobs (rollout.v1).")
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_, exc: RequestValidationError):
+        return _error_response(invalid_argument_from(list(exc.errors())))
+
+    @app.exception_handler(RolloutError)
+    async def _rollout_error(_, exc: RolloutError):
+        return _error_response(exc)
+
+    @app.post("/v1/generate")
+    async def generate(
+        body: GenerateRequest,
+        request: Request,
+        x_request_timeout: float | None = Header(None, gt=0, description="Deadline in seconds."),
+    ):
+        async def work():
+            async with contextlib.aclosing(engine.generate(body)) as stream:
+                done = [c async for c in stream]
+            done.sort(key=lambda c: c.prompt_index)
+            return {"completions": [asdict(c) for c in done]}
+
+        return await _run_cancellable(request, work(), x_request_timeout)
+
+    @app.get("/v1/status")
+    async def status():
+        return asdict(engine.status())
+
+    @app.get("/healthz")
+    async def healthz():
+        await engine.check_health()
+        return {"status": "SERVING"}
+
+    return app

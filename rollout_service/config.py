@@ -1,0 +1,68 @@
+"""The one typed configuration of a rollout server.
+
+Every field has a description; the CLI (`rollout-service serve`) and environment variables
+(`ROLLOUT_<FIELD>`, e.g. `ROLLOUT_DTYPE=float32`) both fill it. Validated once, passed down.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Quantization = Literal["none", "int8", "fp8", "fp8_channel"]
+DType = Literal["bfloat16", "float32"]
+LogprobsMode = Literal["processed", "raw"]
+
+
+class ServerConfig(BaseSettings):
+    """Settings of one rollout server (one vLLM engine behind gRPC and HTTP)."""
+
+    model_config = SettingsConfigDict(env_prefix="ROLLOUT_", extra="forbid", frozen=True)
+
+    model: Path = Field(description="Directory of a Hugging Face checkpoint: config.json, *.safetensors, tokenizer files.")
+    quantization: Quantization = Field(
+        "none",
+        description="Weight format the engine runs: 'none' serves the checkpoint's own dtype; 'int8' is W8A8 "
+        "(per-channel int8 weights, dynamic per-token int8 activations); 'fp8' / 'fp8_channel' are e4m3 "
+        "weights with a per-tensor / per-channel scale (GPU only).",
+    )
+    dtype: DType = Field("bfloat16", description="Activation and unquantized-weight dtype of the engine.")
+    host: str = Field("127.0.0.1", description="Address the gRPC and HTTP servers bind to ('0.0.0.0' for all interfaces).")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free port.")
+    http_port: int | None = Field(
+        8000, ge=0, le=65535, description="HTTP (FastAPI) port; 0 picks a free port; None disables HTTP."
+    )
+    max_model_len: int | None = Field(
+        None, ge=2, description="Context length (prompt + generated tokens); default: the model's maximum."
+    )
+    logprobs_mode: LogprobsMode = Field(
+        "processed",
+        description="'processed': each returned logprob is that of the distribution the token was sampled "
+        "from (after temperature, top-k, top-p, min-p), as importance sampling needs; 'raw': the model's "
+        "unmodified log-softmax.",
+    )
+    lm_head_fp32: bool = Field(
+        False, description="Compute the LM head and logits in float32 (FlashRL's FLASHRL_LMHEAD_FP32)."
+    )
+    max_inflight_sequences: int = Field(
+        1024, ge=1, description="Most sequences (prompts x n) in flight at once; beyond it calls get RESOURCE_EXHAUSTED."
+    )
+    max_num_seqs: int = Field(256, ge=1, description="Most sequences the engine schedules in one step (vLLM max_num_seqs).")
+    max_logprobs: int = Field(20, ge=0, description="Largest `logprobs` / `prompt_logprobs` a request may ask for.")
+    kv_cache_gib: float = Field(
+        1.0, gt=0, description="KV-cache size in GiB on CPU engines (VLLM_CPU_KVCACHE_SPACE); ignored on GPU."
+    )
+    gpu_memory_utilization: float = Field(
+        0.85, gt=0, le=1, description="Fraction of GPU memory the engine may use; ignored on CPU."
+    )
+    seed: int = Field(0, description="Engine seed for requests that set no seed of their own.")
+
+    @field_validator("model")
+    @classmethod
+    def _model_exists(cls, path: Path) -> Path:
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model={str(path)!r} is not a checkpoint directory (no config.json)")
+        return path

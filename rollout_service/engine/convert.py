@@ -1,0 +1,77 @@
+"""Conversions between the service's types and vLLM's: sampling parameters in, outputs out."""
+
+from __future__ import annotations
+
+from vllm import SamplingParams
+from vllm.logprobs import FlatLogprobs
+from vllm.outputs import CompletionOutput, RequestOutput
+from vllm.sampling_params import RequestOutputKind
+
+from rollout_service.types import Completion, FinishReason, Sample, SamplingOptions, TopLogprobs
+
+_FINISH: dict[str | None, FinishReason] = {"stop": "stop", "length": "length", "abort": "aborted"}
+
+
+def sampling_params(opts: SamplingOptions) -> SamplingParams:
+    """vLLM parameters for `opts`. Logprobs are always requested: every sample returns them."""
+    return SamplingParams(
+        n=opts.n,
+        max_tokens=opts.max_tokens,
+        temperature=opts.temperature,
+        top_p=opts.top_p,
+        top_k=opts.top_k,
+        min_p=opts.min_p,
+        stop=list(opts.stop),
+        stop_token_ids=list(opts.stop_token_ids),
+        seed=opts.seed,
+        ignore_eos=opts.ignore_eos,
+        logprobs=opts.logprobs,
+        prompt_logprobs=opts.prompt_logprobs,
+        output_kind=RequestOutputKind.FINAL_ONLY,
+        # One flat list per request instead of a dict per token: far less Python work per token.
+        flat_logprobs=True,
+    )
+
+
+def _split(flat: FlatLogprobs, with_top: bool, first: int = 0) -> tuple[list[float], list[TopLogprobs]]:
+    """Per position from `first` on: the chosen token's logprob (vLLM puts it first), and the top-k
+    alternatives that follow it."""
+    chosen = [flat.logprobs[s] for s in flat.start_indices[first:]]
+    top: list[TopLogprobs] = []
+    if with_top:
+        for s, e in zip(flat.start_indices[first:], flat.end_indices[first:]):
+            top.append(TopLogprobs(flat.token_ids[s + 1 : e], flat.logprobs[s + 1 : e]))
+    return chosen, top
+
+
+def _sample(out: CompletionOutput, weight_version: int, with_top: bool) -> Sample:
+    logprobs, top = _split(out.logprobs, with_top) if out.logprobs is not None else ([], [])
+    stop_reason = out.stop_reason
+    return Sample(
+        token_ids=list(out.token_ids),
+        text=out.text,
+        logprobs=logprobs,
+        finish_reason=_FINISH.get(out.finish_reason, "aborted"),
+        weight_version=weight_version,
+        stop_reason="" if stop_reason is None else str(stop_reason),
+        top_logprobs=top,
+    )
+
+
+def completion(
+    index: int, out: RequestOutput, opts: SamplingOptions, weight_version: int, request_id: str
+) -> Completion:
+    """The service's Completion for prompt `index` from vLLM's final RequestOutput."""
+    samples = sorted(out.outputs, key=lambda o: o.index)
+    result = Completion(
+        prompt_index=index,
+        prompt_token_ids=list(out.prompt_token_ids or []),
+        samples=[_sample(o, weight_version, opts.logprobs > 0) for o in samples],
+        request_id=request_id,
+    )
+    if opts.prompt_logprobs is not None and out.prompt_logprobs is not None:
+        # Position 0 has no logprob (nothing precedes the first prompt token).
+        result.prompt_logprobs, result.prompt_top_logprobs = _split(
+            out.prompt_logprobs, opts.prompt_logprobs > 0, first=1
+        )
+    return result

@@ -1,0 +1,202 @@
+"""RolloutEngine: one vLLM AsyncLLM, with validation, admission, cancellation and counters.
+
+A Generate call becomes one vLLM request per prompt (each with n samples). Completions are yielded
+as prompts finish. If the caller goes away (gRPC cancel, deadline, HTTP disconnect), the pending
+prompt tasks are cancelled and vLLM's generate() aborts each engine request, so nothing leaks:
+`Counters.engine_requests_running` returns to 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+
+from rollout_service.config import ServerConfig
+from rollout_service.engine import convert
+from rollout_service.errors import ConfigError, EngineUnavailable, InvalidArgument, Overloaded
+from rollout_service.types import Completion, Counters, GenerateRequest, ServerStatus
+
+log = logging.getLogger(__name__)
+
+
+class RolloutEngine:
+    """The service's view of one vLLM engine."""
+
+    def __init__(self, llm, config: ServerConfig):
+        self._llm = llm
+        self.config = config
+        self._tokenizer = llm.get_tokenizer()
+        self.vocab_size: int = llm.model_config.get_vocab_size()
+        self.max_model_len: int = llm.model_config.max_model_len
+        self.weight_version = 0
+        self._counters = Counters()
+        self._started = time.monotonic()
+
+    @classmethod
+    async def start(cls, config: ServerConfig) -> RolloutEngine:
+        """Start vLLM on `config.model`; returns once the engine can serve (tens of seconds)."""
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        if config.quantization != "none":
+            raise ConfigError(
+                f"quantization={config.quantization!r} is not available yet: this server runs 'none' "
+                "(the checkpoint's own weights, pre-quantized checkpoints included)"
+            )
+        if current_platform.is_cpu():
+            # Without it vLLM sizes the CPU KV cache from node memory and may refuse to start.
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{config.kv_cache_gib:g}")
+        args = AsyncEngineArgs(
+            model=str(config.model),
+            dtype=config.dtype,
+            max_model_len=config.max_model_len,
+            logprobs_mode="processed_logprobs" if config.logprobs_mode == "processed" else "raw_logprobs",
+            # vLLM's own fp32-head switch: the LM head projection and logits in float32.
+            hf_overrides={"head_dtype": "float32"} if config.lm_head_fp32 else {},
+            # Sampling must be exactly the request's, never defaults from generation_config.json.
+            generation_config="vllm",
+            seed=config.seed,
+            max_num_seqs=config.max_num_seqs,
+            max_logprobs=config.max_logprobs,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            enable_log_requests=False,
+        )
+        llm = AsyncLLM.from_engine_args(args)
+        return cls(llm, config)
+
+    # ---- validation -------------------------------------------------------------------------
+
+    def tokenize(self, request: GenerateRequest) -> list[list[int]]:
+        """Token ids of every prompt, checked against the vocabulary and the context length."""
+        opts = request.sampling
+        for field, limit in (("logprobs", opts.logprobs), ("prompt_logprobs", opts.prompt_logprobs or 0)):
+            if limit > self.config.max_logprobs:
+                raise InvalidArgument(f"sampling.{field}", f"{limit} exceeds the server's max_logprobs={self.config.max_logprobs}")
+        self._check_vocab("sampling.stop_token_ids", opts.stop_token_ids)
+        prompts: list[list[int]] = []
+        for i, prompt in enumerate(request.prompts):
+            if prompt.token_ids is not None:
+                ids = prompt.token_ids
+                self._check_vocab(f"prompts[{i}].token_ids", ids)
+            else:
+                ids = self._tokenizer.encode(prompt.text)
+            if len(ids) >= self.max_model_len:
+                raise InvalidArgument(
+                    f"prompts[{i}]",
+                    f"{len(ids)} prompt tokens leave no room to generate: the context holds "
+                    f"max_model_len={self.max_model_len} tokens (prompt + generated)",
+                )
+            prompts.append(ids)
+        return prompts
+
+    def _check_vocab(self, field: str, ids: Sequence[int]) -> None:
+        for j, token in enumerate(ids):
+            if not 0 <= token < self.vocab_size:
+                raise InvalidArgument(f"{field}[{j}]", f"token id {token} is outside the vocabulary [0, {self.vocab_size})")
+
+    # ---- generation -------------------------------------------------------------------------
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Completion]:
+        """Yield one Completion per prompt, in completion order.
+
+        Raises InvalidArgument or Overloaded before anything is sent to the engine. Closing the
+        iterator early (or cancelling its consumer) aborts the prompts still running.
+        """
+        prompts = self.tokenize(request)
+        sequences = len(prompts) * request.sampling.n
+        c = self._counters
+        if c.sequences_running + sequences > self.config.max_inflight_sequences:
+            c.requests_rejected_overload += 1
+            raise Overloaded(
+                f"{sequences} sequences requested while {c.sequences_running} are in flight; "
+                f"the server takes at most max_inflight_sequences={self.config.max_inflight_sequences}"
+            )
+        self._check_alive()
+        c.requests_total += 1
+        c.requests_running += 1
+        c.sequences_running += sequences
+        params = self._sampling_params(request)
+        call_id = f"{request.request_id or 'gen'}-{uuid.uuid4().hex[:12]}"
+        tasks = [
+            asyncio.create_task(self._one(i, ids, params, request, f"{call_id}-{i}"))
+            for i, ids in enumerate(prompts)
+        ]
+        try:
+            for next_done in asyncio.as_completed(tasks):
+                yield await next_done
+        finally:
+            pending = [t for t in tasks if not t.done()]
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            c.requests_running -= 1
+            c.sequences_running -= sequences
+
+    def _sampling_params(self, request: GenerateRequest):
+        from vllm.exceptions import VLLMValidationError
+
+        try:
+            return convert.sampling_params(request.sampling)
+        except VLLMValidationError as exc:  # a check of vLLM's we do not duplicate
+            raise InvalidArgument(f"sampling.{exc.parameter or ''}".rstrip("."), str(exc)) from None
+
+    async def _one(self, index: int, ids: list[int], params, request: GenerateRequest, engine_id: str) -> Completion:
+        from vllm.exceptions import VLLMValidationError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        final = None
+        try:
+            async for out in self._llm.generate({"prompt_token_ids": ids}, params, engine_id):
+                final = out
+        except asyncio.CancelledError:
+            self._counters.prompts_aborted += 1
+            raise
+        except VLLMValidationError as exc:  # a check of vLLM's we do not duplicate
+            raise InvalidArgument(f"prompts[{index}]", str(exc)) from None
+        except EngineDeadError as exc:
+            raise EngineUnavailable(f"the engine died: {exc}") from None
+        result = convert.completion(index, final, request.sampling, self.weight_version, request.request_id)
+        self._counters.tokens_generated += sum(len(s.token_ids) for s in result.samples)
+        return result
+
+    # ---- health and status ------------------------------------------------------------------
+
+    def _check_alive(self) -> None:
+        if self._llm.errored:
+            raise EngineUnavailable("the engine has died; this server must be restarted")
+
+    async def check_health(self) -> None:
+        """Raise EngineUnavailable unless the engine is alive and answering."""
+        self._check_alive()
+        try:
+            await self._llm.check_health()
+        except Exception as exc:
+            raise EngineUnavailable(f"engine health check failed: {exc}") from None
+
+    def status(self) -> ServerStatus:
+        import vllm
+
+        counters = Counters(**{k: getattr(self._counters, k) for k in Counters.__slots__})
+        counters.engine_requests_running = self._llm.get_num_unfinished_requests()
+        return ServerStatus(
+            model=str(self.config.model),
+            quantization=self.config.quantization,
+            dtype=self.config.dtype,
+            weight_version=self.weight_version,
+            max_model_len=self.max_model_len,
+            vocab_size=self.vocab_size,
+            logprobs_mode=self.config.logprobs_mode,
+            lm_head_fp32=self.config.lm_head_fp32,
+            max_inflight_sequences=self.config.max_inflight_sequences,
+            engine_version=vllm.__version__,
+            uptime_s=time.monotonic() - self._started,
+            counters=counters,
+        )
+
+    def shutdown(self) -> None:
+        self._llm.shutdown()

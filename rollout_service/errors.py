@@ -1,0 +1,77 @@
+"""Typed errors and the one table that maps them to gRPC status codes and HTTP statuses.
+
+Core code raises these with messages naming the offending field, index or value; the API layers
+call `grpc_status` / `http_status` and never decide codes themselves.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class RolloutError(Exception):
+    """Base of every error the service reports to a client."""
+
+
+class InvalidArgument(RolloutError):
+    """A request field is out of range. `field` names it, e.g. 'prompts[2].token_ids[5]'."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class Overloaded(RolloutError):
+    """The server is at its in-flight limit; the client should retry later."""
+
+
+class DeadlineExceeded(RolloutError):
+    """The call's deadline passed; its engine requests were aborted."""
+
+
+class Cancelled(RolloutError):
+    """The client went away; its engine requests were aborted."""
+
+
+class EngineUnavailable(RolloutError):
+    """The engine died or is not ready; the call may succeed on another replica."""
+
+
+class ConfigError(RolloutError):
+    """The server cannot start with the given settings."""
+
+
+# The one table: error type -> (gRPC code, HTTP status). Order matters only for subclasses.
+_TABLE: dict[type[BaseException], tuple[grpc.StatusCode, int]] = {
+    InvalidArgument: (grpc.StatusCode.INVALID_ARGUMENT, 400),
+    Overloaded: (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
+    DeadlineExceeded: (grpc.StatusCode.DEADLINE_EXCEEDED, 504),
+    Cancelled: (grpc.StatusCode.CANCELLED, 499),
+    EngineUnavailable: (grpc.StatusCode.UNAVAILABLE, 503),
+    ConfigError: (grpc.StatusCode.FAILED_PRECONDITION, 500),
+}
+_INTERNAL = (grpc.StatusCode.INTERNAL, 500)
+
+
+def _lookup(exc: BaseException) -> tuple[grpc.StatusCode, int]:
+    for kind in type(exc).__mro__:
+        if kind in _TABLE:
+            return _TABLE[kind]
+    return _INTERNAL
+
+
+def grpc_status(exc: BaseException) -> grpc.StatusCode:
+    """The gRPC code for `exc`; anything not a RolloutError is INTERNAL."""
+    return _lookup(exc)[0]
+
+
+def http_status(exc: BaseException) -> int:
+    """The HTTP status for `exc`; anything not a RolloutError is 500."""
+    return _lookup(exc)[1]
+
+
+def public_message(exc: BaseException) -> str:
+    """What the client is told: our own messages verbatim, other exceptions by type only."""
+    if isinstance(exc, RolloutError):
+        return str(exc)
+    return f"internal error ({type(exc).__name__}); see the server log"

@@ -1,0 +1,101 @@
+"""Make a tiny random-init Qwen2 checkpoint with a real byte-level BPE tokenizer.
+
+Tests, the demo and benchmarks use it: it loads in both vLLM and transformers, and its logits are
+spread wide enough (see `LOGIT_STD`) that temperature and top-k visibly change the logprobs, so a
+test can tell processed from raw logprobs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+EOS_TOKEN = "<|endoftext|>"
+# Std of the logits at init. Transformers' default init (std 0.02) gives near-uniform logits over
+# the vocabulary, where temperature barely matters; ~3 gives a peaked, still diverse distribution.
+LOGIT_STD = 3.0
+
+
+@dataclass(frozen=True)
+class TinyModelSpec:
+    """Shape of the tiny model; the defaults are the ones the test suite and demo use."""
+
+    layers: int = 4
+    hidden: int = 256
+    vocab: int = 2048
+    heads: int = 4
+    kv_heads: int = 2
+    max_positions: int = 2048
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden={self.hidden} must be divisible by heads={self.heads}")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads={self.heads} must be divisible by kv_heads={self.kv_heads}")
+        if self.vocab < 300:
+            raise ValueError(f"vocab={self.vocab} must be at least 300 (256 bytes + merges + specials)")
+        if self.layers < 1:
+            raise ValueError(f"layers={self.layers} must be at least 1")
+
+
+def _train_tokenizer(vocab: int):
+    """Byte-level BPE trained on the corpus shipped in this package, padded to exactly `vocab` ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = resources.files("rollout_service.models").joinpath("corpus.txt").read_text().splitlines()
+    tok.train_from_iterator(corpus, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
+    # The corpus may run out of merges before `vocab`: pad with plain tokens so that every id the
+    # model can sample decodes to text.
+    missing = vocab - len(fast)
+    if missing > 0:
+        fast.add_tokens([f"<|extra_{i}|>" for i in range(missing)])
+    assert len(fast) == vocab, (len(fast), vocab)
+    return fast
+
+
+def make_tiny_model(out_dir: str | Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
+    """Write config.json, model.safetensors and tokenizer files to `out_dir`; return it."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = _train_tokenizer(spec.vocab)
+    eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    config = Qwen2Config(
+        vocab_size=spec.vocab,
+        hidden_size=spec.hidden,
+        intermediate_size=spec.hidden * 2,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads,
+        max_position_embeddings=spec.max_positions,
+        tie_word_embeddings=False,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        torch_dtype="bfloat16",
+    )
+    torch.manual_seed(spec.seed)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        # The final norm emits ~unit-scale features, so logit std = sqrt(hidden) * weight std.
+        model.lm_head.weight.normal_(0.0, LOGIT_STD / spec.hidden**0.5)
+    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    # vLLM would otherwise take default sampling parameters from this file; the service's
+    # sampling parameters must be exactly the request's.
+    (out / "generation_config.json").unlink(missing_ok=True)
+    tokenizer.save_pretrained(out)
+    return out

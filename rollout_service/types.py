@@ -1,0 +1,159 @@
+"""Requests and results of the core, shared by the gRPC and HTTP APIs.
+
+Requests are pydantic models: the HTTP API takes them as its JSON body and the gRPC API builds
+them from protobuf, so both get the same checks and the same messages. Results are plain
+dataclasses (built once per sample on the hot path, where validation would only cost time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rollout_service.errors import InvalidArgument
+
+FinishReason = Literal["stop", "length", "aborted"]
+
+
+class Prompt(BaseModel):
+    """One prompt: exactly one of `text` or `token_ids`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | None = Field(None, description="Prompt text, tokenized with the model's tokenizer.")
+    token_ids: list[int] | None = Field(None, description="Prompt token ids, each in [0, vocab_size).")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Prompt:
+        if bool(self.text) == bool(self.token_ids):
+            raise ValueError("set exactly one of text or token_ids (non-empty)")
+        return self
+
+
+class SamplingOptions(BaseModel):
+    """Sampling parameters applied to every prompt of a request (see protos/rollout/v1/rollout.proto)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n: int = Field(1, ge=1, le=256, description="Samples per prompt.")
+    max_tokens: int = Field(16, ge=1, description="Most generated tokens per sample.")
+    temperature: float = Field(1.0, ge=0.0, description="Softmax temperature; 0 is greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus mass, in (0, 1].")
+    top_k: int = Field(0, ge=0, description="Keep the top_k most likely tokens; 0 = no limit.")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="Drop tokens below min_p x the top token's probability.")
+    stop: list[str] = Field(default_factory=list, description="Stop strings (not returned).")
+    stop_token_ids: list[int] = Field(default_factory=list, description="Stop token ids (returned).")
+    seed: int | None = Field(None, description="Per-request seed: same seed + same request = same tokens.")
+    ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token.")
+    logprobs: int = Field(0, ge=0, description="Top alternatives per generated token; 0 = sampled token only.")
+    prompt_logprobs: int | None = Field(None, ge=0, description="When set: prompt token logprobs, with this many alternatives.")
+
+    @model_validator(mode="after")
+    def _greedy_single(self) -> SamplingOptions:
+        if self.temperature == 0 and self.n > 1:
+            raise InvalidArgument("sampling.n", f"n={self.n} with temperature=0: greedy samples are identical; use n=1")
+        return self
+
+
+class GenerateRequest(BaseModel):
+    """A batch of prompts sharing sampling parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: list[Prompt] = Field(min_length=1, description="The batch; at least one prompt.")
+    sampling: SamplingOptions = Field(default_factory=SamplingOptions)
+    request_id: str = Field("", description="Client-chosen id, echoed in every completion.")
+
+    @classmethod
+    def parse(cls, data: dict) -> GenerateRequest:
+        """Validate `data`, raising InvalidArgument that names the first offending field and value."""
+        try:
+            return cls.model_validate(data)
+        except InvalidArgument:
+            raise
+        except ValidationError as exc:
+            raise invalid_argument_from(exc.errors(include_url=False)) from None
+
+
+def field_path(loc: tuple) -> str:
+    """('prompts', 2, 'token_ids', 5) -> 'prompts[2].token_ids[5]'."""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or "request"
+
+
+def invalid_argument_from(errors: list[dict]) -> InvalidArgument:
+    """InvalidArgument for the first of pydantic's `errors` (also FastAPI's, whose paths start at 'body')."""
+    err = errors[0]
+    loc = tuple(p for p in err["loc"] if p != "body")
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] not in ("missing", "model_type") and not isinstance(err.get("input"), dict):
+        message = f"{message} (got {err.get('input')!r})"
+    return InvalidArgument(field_path(loc), message)
+
+
+@dataclass(slots=True)
+class TopLogprobs:
+    """The top alternatives at one position, most likely first."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+
+
+@dataclass(slots=True)
+class Sample:
+    """One sampled completion; `logprobs[i]` belongs to `token_ids[i]`."""
+
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+    finish_reason: FinishReason
+    weight_version: int
+    stop_reason: str = ""
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Completion:
+    """The n samples for one prompt."""
+
+    prompt_index: int
+    prompt_token_ids: list[int]
+    samples: list[Sample]
+    request_id: str = ""
+    prompt_logprobs: list[float] = field(default_factory=list)
+    prompt_top_logprobs: list[TopLogprobs] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Counters:
+    """Running counters since start (see Counters in the proto)."""
+
+    requests_total: int = 0
+    requests_running: int = 0
+    prompts_aborted: int = 0
+    sequences_running: int = 0
+    tokens_generated: int = 0
+    requests_rejected_overload: int = 0
+    engine_requests_running: int = 0
+
+
+@dataclass(slots=True)
+class ServerStatus:
+    """What GetStatus reports."""
+
+    model: str
+    quantization: str
+    dtype: str
+    weight_version: int
+    max_model_len: int
+    vocab_size: int
+    logprobs_mode: str
+    lm_head_fp32: bool
+    max_inflight_sequences: int
+    engine_version: str
+    uptime_s: float
+    counters: Counters

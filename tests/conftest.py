@@ -1,0 +1,56 @@
+"""Shared fixtures. Engines take about a minute to start, so each server configuration is started
+once per test session, lazily, by the first test that needs it."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from server_process import ServerProcess  # noqa: E402
+
+MAX_MODEL_LEN = 256
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from rollout_service.models.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+def _server(request, tiny_model: Path, tmp_path_factory, name: str, *args: str) -> ServerProcess:
+    log = tmp_path_factory.mktemp("logs") / f"{name}.log"
+    server = ServerProcess.start(tiny_model, log, "--max-model-len", str(MAX_MODEL_LEN), *args)
+    request.addfinalizer(server.stop)
+    return server
+
+
+@pytest.fixture(scope="session")
+def bf16_server(request, tiny_model, tmp_path_factory) -> ServerProcess:
+    """bf16 engine, processed logprobs, a small in-flight limit so overload is easy to reach."""
+    return _server(request, tiny_model, tmp_path_factory, "bf16", "--max-inflight-sequences", "48")
+
+
+@pytest.fixture(scope="session")
+def fp32_server(request, tiny_model, tmp_path_factory) -> ServerProcess:
+    return _server(request, tiny_model, tmp_path_factory, "fp32", "--dtype", "float32", "--no-http")
+
+
+@pytest.fixture(scope="session")
+def raw_fp32_head_server(request, tiny_model, tmp_path_factory) -> ServerProcess:
+    """bf16 body with the LM head in float32, returning raw (unprocessed) logprobs."""
+    return _server(
+        request, tiny_model, tmp_path_factory, "raw", "--logprobs-mode", "raw", "--lm-head-fp32", "--no-http"
+    )
+
+
+@pytest.fixture(scope="session")
+def bf16_client(bf16_server):
+    from rollout_client import RolloutClient
+
+    with RolloutClient(bf16_server.grpc_address, timeout=120) as client:
+        yield client

@@ -1,0 +1,54 @@
+"""Start the real `rollout-service serve` as a subprocess and wait for its ready line."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+READY = re.compile(r"rollout-service ready: grpc=(\S+):(\d+) http=(\S+)")
+START_TIMEOUT_S = 400
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen
+    log_path: Path
+    grpc_address: str
+    http_url: str | None
+
+    @classmethod
+    def start(cls, model: Path, log_path: Path, *args: str) -> ServerProcess:
+        cmd = [
+            sys.executable, "-m", "rollout_service.cli", "serve", "--model", str(model),
+            "--port", "0", "--http-port", "0", *args,
+        ]
+        log = open(log_path, "w")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=os.environ.copy())
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            text = log_path.read_text()
+            if m := READY.search(text):
+                host, port, http = m.group(1), m.group(2), m.group(3)
+                return cls(proc, log_path, f"{host}:{port}", None if http == "off" else f"http://{http}")
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode} before ready:\n{text[-4000:]}")
+            time.sleep(0.5)
+        proc.kill()
+        raise TimeoutError(f"server not ready after {START_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
+
+    def stop(self) -> int:
+        """SIGTERM, then wait for a graceful exit (kill after 60 s); returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.proc.returncode
