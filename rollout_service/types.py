@@ -88,6 +88,8 @@ def field_path(loc: tuple) -> str:
 def invalid_argument_from(errors: list[dict]) -> InvalidArgument:
     """InvalidArgument for the first of pydantic's `errors` (also FastAPI's, whose paths start at 'body')."""
     err = errors[0]
+    if err["type"] == "json_invalid":
+        return InvalidArgument("body", f"invalid JSON: {err.get('ctx', {}).get('error', err['msg'])}")
     loc = tuple(p for p in err["loc"] if p != "body")
     message = err["msg"].removeprefix("Value error, ")
     if err["type"] not in ("missing", "model_type") and not isinstance(err.get("input"), dict):

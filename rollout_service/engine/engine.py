@@ -130,12 +130,14 @@ class RolloutEngine:
             for next_done in asyncio.as_completed(tasks):
                 yield await next_done
         finally:
-            pending = [t for t in tasks if not t.done()]
-            for t in pending:
+            # Bookkeeping first: the caller may be cancelled again while we wait below (gRPC
+            # cancels a handler whose deadline passed), and cancelled tasks abort their engine
+            # requests on their own.
+            for t in tasks:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             c.requests_running -= 1
             c.sequences_running -= sequences
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def _sampling_params(self, request: GenerateRequest):
         from vllm.exceptions import VLLMValidationError

@@ -37,7 +37,7 @@ def build_request(
     return pb.GenerateRequest(prompts=batch, sampling=params, request_id=request_id)
 
 
-def _sorted(response: pb.GenerateResponse) -> list[Completion]:
+def _completions(response: pb.GenerateResponse) -> list[Completion]:
     return [completion_from_proto(c) for c in response.completions]
 
 
@@ -62,7 +62,7 @@ class RolloutClient:
         """One Completion per prompt, in order (text prompts first, then token-id prompts)."""
         request = build_request(prompts, prompt_token_ids, request_id, sampling)
         try:
-            return _sorted(self._stub.Generate(request, timeout=timeout or self.timeout))
+            return _completions(self._stub.Generate(request, timeout=timeout or self.timeout))
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 
@@ -77,11 +77,14 @@ class RolloutClient:
     ) -> Iterator[Completion]:
         """Completions as each prompt finishes (see Completion.prompt_index)."""
         request = build_request(prompts, prompt_token_ids, request_id, sampling)
+        call = self._stub.GenerateStream(request, timeout=timeout or self.timeout)
         try:
-            for response in self._stub.GenerateStream(request, timeout=timeout or self.timeout):
-                yield from _sorted(response)
+            for response in call:
+                yield from _completions(response)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
+        finally:
+            call.cancel()  # the caller stopped early: the server aborts the prompts still running
 
     def status(self, timeout: float | None = None) -> pb.GetStatusResponse:
         """Model, settings, current weight version and counters."""
@@ -120,7 +123,7 @@ class AsyncRolloutClient:
     ) -> list[Completion]:
         request = build_request(prompts, prompt_token_ids, request_id, sampling)
         try:
-            return _sorted(await self._stub.Generate(request, timeout=timeout or self.timeout))
+            return _completions(await self._stub.Generate(request, timeout=timeout or self.timeout))
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 
@@ -134,12 +137,15 @@ class AsyncRolloutClient:
         **sampling,
     ) -> AsyncIterator[Completion]:
         request = build_request(prompts, prompt_token_ids, request_id, sampling)
+        call = self._stub.GenerateStream(request, timeout=timeout or self.timeout)
         try:
-            async for response in self._stub.GenerateStream(request, timeout=timeout or self.timeout):
-                for c in _sorted(response):
+            async for response in call:
+                for c in _completions(response):
                     yield c
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
+        finally:
+            call.cancel()
 
     async def status(self, timeout: float | None = None) -> pb.GetStatusResponse:
         try:
