@@ -3,14 +3,11 @@ once per test session, lazily, by the first test that needs it."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from server_process import ServerProcess  # noqa: E402
+from tests.server_process import ServerProcess
 
 MAX_MODEL_LEN = 256
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from reference import hf_token_logprobs
+from tests.engine.reference import hf_token_logprobs
 
 pytestmark = pytest.mark.engine
 

@@ -1,0 +1,44 @@
+"""The Python client's request building and error typing (no server needed)."""
+
+import grpc
+import pytest
+
+from rollout_client import InvalidArgumentError, ResourceExhaustedError, RolloutClientError
+from rollout_client.client import build_request
+from rollout_client.errors import from_rpc_error
+
+
+def test_text_and_token_prompts_and_sampling_are_set():
+    req = build_request(["a"], [[1, 2]], "rid", {"n": 2, "temperature": 0.0, "stop": ["x"]})
+    assert req.prompts[0].text == "a" and list(req.prompts[1].token_ids) == [1, 2]
+    assert req.sampling.HasField("temperature") and req.sampling.temperature == 0.0
+    assert not req.sampling.HasField("top_p") and req.request_id == "rid"
+
+
+def test_unknown_sampling_parameter_is_a_type_error_naming_it():
+    with pytest.raises(TypeError, match="temprature"):
+        build_request(["a"], None, "", {"temprature": 1.0})
+
+
+class FakeRpcErrorForClientUnitTest(grpc.RpcError):
+    def __init__(self, code, details):
+        self._code, self._details = code, details
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+
+@pytest.mark.parametrize(
+    "code, cls",
+    [
+        (grpc.StatusCode.INVALID_ARGUMENT, InvalidArgumentError),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, ResourceExhaustedError),
+        (grpc.StatusCode.DATA_LOSS, RolloutClientError),
+    ],
+)
+def test_rpc_errors_become_typed_exceptions_carrying_the_code(code, cls):
+    err = from_rpc_error(FakeRpcErrorForClientUnitTest(code, "sampling.top_p: bad"))
+    assert type(err) is cls and err.code == code and err.details == "sampling.top_p: bad"
