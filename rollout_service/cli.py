@@ -40,6 +40,7 @@ def serve(
     Unset options fall back to ROLLOUT_<NAME> environment variables, then to the defaults.
     """
     from rollout_service.config import ServerConfig
+    from rollout_service.errors import ConfigError
     from rollout_service.server import run
 
     _setup_logging(log_level)
@@ -52,7 +53,11 @@ def serve(
         e = exc.errors(include_url=False)[0]
         err.print(f"[red]error:[/red] --{str(e['loc'][0]).replace('_', '-')}: {e['msg']} (got {e.get('input')!r})")
         raise typer.Exit(2) from None
-    run(config)
+    try:
+        run(config)
+    except ConfigError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
 
 
 @app.command("make-tiny-model")

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 
 import uvicorn
 
@@ -17,6 +18,7 @@ from rollout_service.api.grpc_server import create_server
 from rollout_service.api.http_app import create_app
 from rollout_service.config import ServerConfig
 from rollout_service.engine import RolloutEngine
+from rollout_service.errors import ConfigError
 
 log = logging.getLogger("rollout_service")
 
@@ -38,6 +40,19 @@ async def _start_http(engine: RolloutEngine, host: str, port: int) -> tuple[uvic
     return server, task, bound
 
 
+def check_ports_free(config: ServerConfig) -> None:
+    """Fail in a second, not after the engine's minute-long start, when a port is taken."""
+    ports = [("port", config.port), ("http_port", config.http_port)]
+    for name, port in ports:
+        if not port:  # None (off) or 0 (any free port)
+            continue
+        with socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET) as probe:
+            try:
+                probe.bind((config.host, port))
+            except OSError as exc:
+                raise ConfigError(f"{name}={port}: cannot bind {config.host}:{port} ({exc.strerror})") from None
+
+
 async def serve(config: ServerConfig) -> None:
     """Start everything, log one ready line, run until a stop signal."""
     stop = asyncio.Event()
@@ -45,6 +60,7 @@ async def serve(config: ServerConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
+    check_ports_free(config)
     log.info("starting the engine on %s (dtype=%s, quantization=%s)", config.model, config.dtype, config.quantization)
     engine = await RolloutEngine.start(config)
     grpc_server = http_server = http_task = None

@@ -1,0 +1,34 @@
+"""`rollout-service serve` refuses bad settings at once, with the option named."""
+
+import socket
+import subprocess
+import sys
+
+
+def _serve(*args):
+    cmd = [sys.executable, "-m", "rollout_service.cli", "serve", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def test_bad_option_value_exits_2_naming_the_option(tiny_model):
+    r = _serve("--model", str(tiny_model), "--dtype", "float16")
+    assert r.returncode == 2 and "--dtype" in r.stderr and "float16" in r.stderr
+
+
+def test_missing_model_directory_exits_2(tmp_path):
+    r = _serve("--model", str(tmp_path / "nope"))
+    assert r.returncode == 2 and "no config.json" in r.stderr
+
+
+def test_taken_port_fails_before_the_engine_starts(tiny_model):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = _serve("--model", str(tiny_model), "--port", str(port), "--no-http")
+    assert r.returncode == 2 and f"port={port}" in r.stderr, r.stderr
+
+
+def test_quantized_serving_is_refused_until_supported(tiny_model):
+    r = _serve("--model", str(tiny_model), "--quantization", "int8", "--port", "0", "--no-http")
+    assert r.returncode == 2 and "quantization='int8'" in r.stderr, r.stderr[-2000:]
