@@ -19,10 +19,10 @@ from rollout_service.api.http_app import create_app
 from rollout_service.config import ServerConfig
 from rollout_service.engine import RolloutEngine
 from rollout_service.errors import ConfigError
+from rollout_service.launcher import READY_PREFIX
 
 log = logging.getLogger("rollout_service")
 
-READY_PREFIX = "rollout-service ready:"
 SHUTDOWN_GRACE_S = 5.0
 
 

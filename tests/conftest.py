@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.server_process import ServerProcess
+from rollout_service.launcher import ServerProcess
 
 MAX_MODEL_LEN = 256
 

@@ -23,6 +23,36 @@ from rollout_service.types import Completion, Counters, GenerateRequest, ServerS
 log = logging.getLogger(__name__)
 
 
+def engine_args(config: ServerConfig):
+    """vLLM's AsyncEngineArgs for `config` (also used by the benchmark's in-process baseline)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.platforms import current_platform
+
+    if config.quantization != "none":
+        raise ConfigError(
+            f"quantization={config.quantization!r} is not available yet: this server runs 'none' "
+            "(the checkpoint's own weights, pre-quantized checkpoints included)"
+        )
+    if current_platform.is_cpu():
+        # Without it vLLM sizes the CPU KV cache from node memory and may refuse to start.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{config.kv_cache_gib:g}")
+    return AsyncEngineArgs(
+        model=str(config.model),
+        dtype=config.dtype,
+        max_model_len=config.max_model_len,
+        logprobs_mode="processed_logprobs" if config.logprobs_mode == "processed" else "raw_logprobs",
+        # vLLM's own fp32-head switch: the LM head projection and logits in float32.
+        hf_overrides={"head_dtype": "float32"} if config.lm_head_fp32 else {},
+        # Sampling must be exactly the request's, never defaults from generation_config.json.
+        generation_config="vllm",
+        seed=config.seed,
+        max_num_seqs=config.max_num_seqs,
+        max_logprobs=config.max_logprobs,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        enable_log_requests=False,
+    )
+
+
 class RolloutEngine:
     """The service's view of one vLLM engine."""
 
@@ -39,34 +69,9 @@ class RolloutEngine:
     @classmethod
     async def start(cls, config: ServerConfig) -> RolloutEngine:
         """Start vLLM on `config.model`; returns once the engine can serve (tens of seconds)."""
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        if config.quantization != "none":
-            raise ConfigError(
-                f"quantization={config.quantization!r} is not available yet: this server runs 'none' "
-                "(the checkpoint's own weights, pre-quantized checkpoints included)"
-            )
-        if current_platform.is_cpu():
-            # Without it vLLM sizes the CPU KV cache from node memory and may refuse to start.
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{config.kv_cache_gib:g}")
-        args = AsyncEngineArgs(
-            model=str(config.model),
-            dtype=config.dtype,
-            max_model_len=config.max_model_len,
-            logprobs_mode="processed_logprobs" if config.logprobs_mode == "processed" else "raw_logprobs",
-            # vLLM's own fp32-head switch: the LM head projection and logits in float32.
-            hf_overrides={"head_dtype": "float32"} if config.lm_head_fp32 else {},
-            # Sampling must be exactly the request's, never defaults from generation_config.json.
-            generation_config="vllm",
-            seed=config.seed,
-            max_num_seqs=config.max_num_seqs,
-            max_logprobs=config.max_logprobs,
-            gpu_memory_utilization=config.gpu_memory_utilization,
-            enable_log_requests=False,
-        )
-        llm = AsyncLLM.from_engine_args(args)
+        llm = AsyncLLM.from_engine_args(engine_args(config))
         return cls(llm, config)
 
     # ---- validation -------------------------------------------------------------------------

@@ -1,4 +1,7 @@
-"""Start the real `rollout-service serve` as a subprocess and wait for its ready line."""
+"""Start the real `rollout-service serve` as a child process and wait for its ready line.
+
+Used by the demo, the benchmarks and the tests, which all want the server exactly as users run it.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-READY = re.compile(r"rollout-service ready: grpc=(\S+):(\d+) http=(\S+)")
+# The server logs this once it serves; the launcher reads the bound ports from that line.
+READY_PREFIX = "rollout-service ready:"
+READY = re.compile(re.escape(READY_PREFIX) + r" grpc=(\S+):(\d+) http=(\S+)")
 START_TIMEOUT_S = 400
 
 
@@ -24,12 +29,13 @@ class ServerProcess:
 
     @classmethod
     def start(cls, model: Path, log_path: Path, *args: str) -> ServerProcess:
+        """Run `serve --model MODEL --port 0 --http-port 0 ARGS`, logging to `log_path`."""
         cmd = [
             sys.executable, "-m", "rollout_service.cli", "serve", "--model", str(model),
             "--port", "0", "--http-port", "0", *args,
         ]
-        log = open(log_path, "w")
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=os.environ.copy())
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             text = log_path.read_text()

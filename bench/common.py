@@ -1,0 +1,31 @@
+"""Shared pieces of the bench scripts: the cached tiny model and the one-JSON-line convention."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = REPO / ".cache"
+
+
+def tiny_model() -> Path:
+    """The default tiny model, made once and cached in .cache/tiny-model."""
+    from rollout_service.models.tiny import make_tiny_model
+
+    path = CACHE / "tiny-model"
+    if not (path / "config.json").exists():
+        make_tiny_model(path)
+    return path
+
+
+def machine() -> str:
+    import os
+
+    return f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}"
+
+
+def emit(result: dict) -> None:
+    """The last line of stdout: one JSON object with the figures."""
+    print(json.dumps(result, sort_keys=True))
