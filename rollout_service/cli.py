@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 app = typer.Typer(help="Rollout-as-a-service for LLM reinforcement learning.", no_args_is_help=True, add_completion=False)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one error per line, greppable
 
 
 def _setup_logging(level: str) -> None:
@@ -33,6 +33,7 @@ def serve(
     max_inflight_sequences: Optional[int] = typer.Option(None, help="In-flight sequence limit (default 1024)."),
     kv_cache_gib: Optional[float] = typer.Option(None, help="CPU KV cache in GiB (default 1)."),
     seed: Optional[int] = typer.Option(None, help="Engine seed (default 0)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Where quantized copies of checkpoints are kept."),
     log_level: str = typer.Option("info", help="debug | info | warning | error."),
 ) -> None:
     """Serve a model over gRPC and HTTP in this process (the embedded default: no Ray, no Redis).

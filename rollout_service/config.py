@@ -59,6 +59,10 @@ class ServerConfig(BaseSettings):
         0.85, gt=0, le=1, description="Fraction of GPU memory the engine may use; ignored on CPU."
     )
     seed: int = Field(0, description="Engine seed for requests that set no seed of their own.")
+    cache_dir: Path = Field(
+        Path.home() / ".cache" / "rollout-service",
+        description="Where quantized copies of checkpoints are kept (made once per checkpoint and format).",
+    )
 
     @field_validator("model")
     @classmethod

@@ -46,6 +46,13 @@ def raw_fp32_head_server(request, tiny_model, tmp_path_factory) -> ServerProcess
 
 
 @pytest.fixture(scope="session")
+def int8_server(request, tiny_model, tmp_path_factory) -> ServerProcess:
+    """W8A8 engine: the bf16 tiny model quantized at load."""
+    cache = tmp_path_factory.mktemp("quant-cache")
+    return _server(request, tiny_model, tmp_path_factory, "int8", "--quantization", "int8", "--cache-dir", str(cache), "--no-http")
+
+
+@pytest.fixture(scope="session")
 def bf16_client(bf16_server):
     from rollout_client import RolloutClient
 

@@ -29,6 +29,14 @@ def test_taken_port_fails_before_the_engine_starts(tiny_model):
     assert r.returncode == 2 and f"port={port}" in r.stderr, r.stderr
 
 
-def test_quantized_serving_is_refused_until_supported(tiny_model):
-    r = _serve("--model", str(tiny_model), "--quantization", "int8", "--port", "0", "--no-http")
-    assert r.returncode == 2 and "quantization='int8'" in r.stderr, r.stderr[-2000:]
+def test_fp8_is_refused_on_cpu_with_a_clear_reason(tiny_model, tmp_path):
+    r = _serve("--model", str(tiny_model), "--quantization", "fp8", "--port", "0", "--no-http", "--cache-dir", str(tmp_path))
+    assert r.returncode == 2 and "needs a GPU" in r.stderr, r.stderr[-2000:]
+
+
+def test_prequantized_checkpoint_with_quantization_flag_is_refused(tiny_model, tmp_path):
+    from rollout_service.quant.checkpoint import quantize_checkpoint
+
+    quantized = quantize_checkpoint(tiny_model, tmp_path / "q", "int8")
+    r = _serve("--model", str(quantized), "--quantization", "int8", "--port", "0", "--no-http")
+    assert r.returncode == 2 and "already quantized" in r.stderr, r.stderr[-2000:]

@@ -14,6 +14,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 
 from rollout_service.config import ServerConfig
 from rollout_service.engine import convert
@@ -23,21 +24,38 @@ from rollout_service.types import Completion, Counters, GenerateRequest, ServerS
 log = logging.getLogger(__name__)
 
 
-def engine_args(config: ServerConfig):
-    """vLLM's AsyncEngineArgs for `config` (also used by the benchmark's in-process baseline)."""
+def resolve_model(config: ServerConfig) -> Path:
+    """The checkpoint the engine loads: the configured one, or its quantized copy."""
+    from vllm.platforms import current_platform
+
+    from rollout_service.quant.checkpoint import cached_quantized_checkpoint, is_prequantized
+
+    if config.quantization == "none":
+        return config.model
+    if is_prequantized(config.model):
+        raise ConfigError(
+            f"quantization={config.quantization!r}: {config.model} is already quantized; serve it with "
+            "--quantization none, or give the bf16 checkpoint"
+        )
+    if config.quantization.startswith("fp8") and current_platform.is_cpu():
+        raise ConfigError(
+            f"quantization={config.quantization!r} needs a GPU: vLLM's CPU backend has no FP8 kernels; use int8 on CPU"
+        )
+    return cached_quantized_checkpoint(config.model, config.quantization, config.cache_dir, progress=log.info)
+
+
+def engine_args(config: ServerConfig, model: Path):
+    """vLLM's AsyncEngineArgs for `config`, loading `model` (see resolve_model); the benchmark's
+    in-process baseline uses it too."""
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.platforms import current_platform
 
-    if config.quantization != "none":
-        raise ConfigError(
-            f"quantization={config.quantization!r} is not available yet: this server runs 'none' "
-            "(the checkpoint's own weights, pre-quantized checkpoints included)"
-        )
     if current_platform.is_cpu():
         # Without it vLLM sizes the CPU KV cache from node memory and may refuse to start.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{config.kv_cache_gib:g}")
     return AsyncEngineArgs(
-        model=str(config.model),
+        model=str(model),
+        tokenizer=str(config.model),
         dtype=config.dtype,
         max_model_len=config.max_model_len,
         logprobs_mode="processed_logprobs" if config.logprobs_mode == "processed" else "raw_logprobs",
@@ -71,7 +89,7 @@ class RolloutEngine:
         """Start vLLM on `config.model`; returns once the engine can serve (tens of seconds)."""
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        llm = AsyncLLM.from_engine_args(engine_args(config))
+        llm = AsyncLLM.from_engine_args(engine_args(config, resolve_model(config)))
         return cls(llm, config)
 
     # ---- validation -------------------------------------------------------------------------

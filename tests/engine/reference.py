@@ -44,3 +44,4 @@ def hf_token_logprobs(model, prompt: list[int], completion: list[int], *, raw: b
         logits = torch.stack([process_logits(row, temperature, top_k, top_p, min_p) for row in logits])
     logprobs = logits.log_softmax(-1)
     return logprobs.gather(-1, torch.tensor(completion)[:, None])[:, 0]
+

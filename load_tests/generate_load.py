@@ -1,0 +1,83 @@
+"""Closed-loop load on a running rollout-service: C concurrent callers for T seconds.
+
+Reports calls/s, tokens/s, latency percentiles and every error by gRPC code. Bounded in time and
+count, and only for servers on this machine (loopback), as this project's rules require.
+
+    python load_tests/generate_load.py --address 127.0.0.1:50051 --concurrency 8 --seconds 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from collections import Counter
+from ipaddress import ip_address
+
+from rollout_client import AsyncRolloutClient, RolloutClientError
+
+LOOPBACK_NAMES = {"localhost"}
+
+
+def _check_loopback(address: str) -> None:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host not in LOOPBACK_NAMES and not ip_address(host).is_loopback:
+        raise SystemExit(f"--address {address}: load tests only target servers on this machine (loopback)")
+
+
+async def caller(client: AsyncRolloutClient, args, stop_at: float, latencies: list, errors: Counter, tokens: list):
+    prompt = [[(11 * i) % 1500 + 20 for i in range(args.prompt_len)]] * args.batch
+    while time.monotonic() < stop_at and len(latencies) + sum(errors.values()) < args.max_calls:
+        t0 = time.perf_counter()
+        try:
+            out = await client.generate(prompt_token_ids=prompt, n=args.n, max_tokens=args.max_tokens, temperature=1.0)
+        except RolloutClientError as err:
+            errors[err.code.name] += 1
+            continue
+        latencies.append(time.perf_counter() - t0)
+        tokens.append(sum(len(s.token_ids) for c in out for s in c.samples))
+
+
+async def run(args) -> dict:
+    _check_loopback(args.address)
+    latencies: list[float] = []
+    tokens: list[int] = []
+    errors: Counter = Counter()
+    async with AsyncRolloutClient(args.address, timeout=args.call_timeout) as client:
+        t0 = time.monotonic()
+        stop_at = t0 + args.seconds
+        await asyncio.gather(*(caller(client, args, stop_at, latencies, errors, tokens) for _ in range(args.concurrency)))
+        elapsed = time.monotonic() - t0
+    latencies.sort()
+
+    def pct(p: float) -> float:
+        return round(latencies[min(len(latencies) - 1, int(p * len(latencies)))], 3) if latencies else float("nan")
+
+    return {
+        "calls": len(latencies),
+        "errors": dict(errors),
+        "calls_per_s": round(len(latencies) / elapsed, 2),
+        "tokens_per_s": round(sum(tokens) / elapsed, 1),
+        "latency_s": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99), "max": pct(1.0)},
+        "concurrency": args.concurrency,
+        "seconds": round(elapsed, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--address", default="127.0.0.1:50051")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=30.0, help="stop starting calls after this long")
+    parser.add_argument("--max-calls", type=int, default=10_000, help="stop after this many calls in all")
+    parser.add_argument("--batch", type=int, default=4, help="prompts per call")
+    parser.add_argument("--n", type=int, default=1)
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--call-timeout", type=float, default=120.0)
+    print(json.dumps(asyncio.run(run(parser.parse_args())), indent=2))
+
+
+if __name__ == "__main__":
+    main()

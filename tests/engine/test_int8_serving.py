@@ -1,0 +1,28 @@
+"""`serve --quantization int8` quantizes the bf16 checkpoint at load and serves it on vLLM's W8A8
+path. (Exactness of the int8 logprobs against a W8A8 reference is issue 4's work: a transformers
+simulation of dynamic per-token W8A8 does not yet agree with vLLM's CPU oneDNN kernel.)"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.engine
+
+
+def test_int8_server_serves_quantized_weights(int8_server, bf16_client):
+    from rollout_client import RolloutClient
+
+    prompts = [[(7 * i + j) % 2000 + 10 for j in range(12)] for i in range(4)]
+    kwargs = dict(prompt_token_ids=prompts, max_tokens=16, temperature=1.0, seed=5, ignore_eos=True)
+    with RolloutClient(int8_server.grpc_address, timeout=120) as client:
+        status = client.status()
+        int8 = client.generate(**kwargs)
+    assert status.quantization == "int8" and status.dtype == "bfloat16"
+    bf16 = bf16_client.generate(**kwargs)
+    for q, b in zip(int8, bf16):
+        for s in q.samples:
+            assert len(s.logprobs) == 16 and np.isfinite(s.logprobs).all() and (s.logprobs <= 0).all()
+        # Same prompts, same seed: the quantized weights change the logprobs (they are in use).
+        first = min(len(q.samples[0].token_ids), len(b.samples[0].token_ids))
+        assert q.samples[0].logprobs[0] != b.samples[0].logprobs[0] or first == 0
