@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
 import time
 
@@ -46,11 +48,21 @@ def test_http_timeout_header_is_504_and_aborts_engine_requests(bf16_server, bf16
 
 def test_http_client_disconnect_aborts_engine_requests(bf16_server, bf16_client):
     before = _wait_idle(bf16_client)
-    body = {"prompts": [{"text": "abandoned"}], "sampling": {**LONG, "n": 4}}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{bf16_server.http_url}/v1/generate", json=body, timeout=0.5)
+    body = json.dumps({"prompts": [{"text": "abandoned"}], "sampling": {**LONG, "n": 4}}).encode()
+    host, port = bf16_server.http_url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as conn:
+        conn.sendall(
+            b"POST /v1/generate HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+        )
+        deadline = time.monotonic() + 30
+        while bf16_client.status().counters.sequences_running < 4:  # the call is in the engine
+            assert time.monotonic() < deadline, "the request never started"
+            time.sleep(0.05)
+    # The socket is closed: the server must notice and abort the engine requests.
     after = _wait_idle(bf16_client)
     assert after.prompts_aborted == before.prompts_aborted + 1
+    assert after.tokens_generated == before.tokens_generated  # nothing was completed
 
 
 def test_grpc_stream_closed_by_client_aborts_remaining_engine_requests(bf16_client):
