@@ -1,6 +1,6 @@
 """Tokens/s through the service (gRPC client) divided by tokens/s of vLLM in-process.
 
-Both engines are built from the same vLLM engine arguments (`engine_args`) and run the same
+The ratio is the median over rounds of service/vLLM measured back to back. Both engines are built from the same vLLM engine arguments (`engine_args`) and run the same
 batch with the same sampling parameters (per-token logprobs on). They are measured side by side
 in one run, round-robin A/B/A/B, so drift on the machine hits both alike. The in-process
 baseline runs in a child process of its own (it is told "run" on stdin and answers with a JSON
@@ -44,12 +44,12 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     parser.add_argument("--prompts", type=int, help="batch size (default 32; quick 16)")
     parser.add_argument("--max-tokens", type=int, help="tokens per sample (default 64; quick 32)")
-    parser.add_argument("--rounds", type=int, help="measured rounds per side (default 4; quick 2)")
+    parser.add_argument("--rounds", type=int, help="measured rounds per side (default 8; quick 2)")
     parser.add_argument("--inprocess-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     prompts = args.prompts or (16 if args.quick else 32)
     max_tokens = args.max_tokens or (32 if args.quick else 64)
-    rounds = args.rounds or (2 if args.quick else 4)
+    rounds = args.rounds or (2 if args.quick else 8)
     if args.inprocess_worker:
         asyncio.run(inprocess_worker(prompts, max_tokens))
         return
@@ -157,11 +157,14 @@ async def run(prompts: int, max_tokens: int, rounds: int) -> dict:
         await client.close()
         baseline.close()
         server.stop()
-    service, vllm_rate = statistics.median(rates["service"]), statistics.median(rates["vllm"])
+    # Each round's two sides ran back to back: their ratio cancels drift on the machine, and the
+    # median of those paired ratios resists the odd disturbed round.
+    paired = [s / v for s, v in zip(rates["service"], rates["vllm"])]
     return {
-        "service_tok_s": round(service, 1),
-        "vllm_tok_s": round(vllm_rate, 1),
-        "ratio": round(service / vllm_rate, 3),
+        "service_tok_s": round(statistics.median(rates["service"]), 1),
+        "vllm_tok_s": round(statistics.median(rates["vllm"]), 1),
+        "ratio": round(statistics.median(paired), 3),
+        "paired_ratios": [round(r, 3) for r in paired],
         "prompts": prompts,
         "max_tokens": max_tokens,
         "rounds": rounds,
