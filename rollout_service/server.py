@@ -13,17 +13,19 @@ import signal
 import socket
 
 import uvicorn
+from grpc_health.v1 import health_pb2
 
-from rollout_service.api.grpc_server import create_server
+from rollout_service.api.grpc_server import SERVICE_NAME, create_server
 from rollout_service.api.http_app import create_app
 from rollout_service.config import ServerConfig
 from rollout_service.engine import RolloutEngine
-from rollout_service.errors import ConfigError
+from rollout_service.errors import ConfigError, EngineUnavailable
 from rollout_service.launcher import READY_PREFIX
 
 log = logging.getLogger("rollout_service")
 
 SHUTDOWN_GRACE_S = 5.0
+HEALTH_POLL_S = 2.0
 
 
 async def _start_http(engine: RolloutEngine, host: str, port: int) -> tuple[uvicorn.Server, asyncio.Task, int]:
@@ -38,6 +40,26 @@ async def _start_http(engine: RolloutEngine, host: str, port: int) -> tuple[uvic
         await asyncio.sleep(0.02)
     bound = server.servers[0].sockets[0].getsockname()[1]
     return server, task, bound
+
+
+async def _watch_engine(engine: RolloutEngine, health, service_name: str) -> None:
+    """Keep gRPC health in step with the engine: NOT_SERVING once it has died, so an orchestrator
+    replaces this server (calls meanwhile get UNAVAILABLE)."""
+    serving = True
+    while True:
+        await asyncio.sleep(HEALTH_POLL_S)
+        try:
+            await engine.check_health()
+            alive = True
+        except EngineUnavailable as exc:
+            alive = False
+            if serving:
+                log.error("engine unavailable, reporting NOT_SERVING: %s", exc)
+        if alive != serving:
+            status = health_pb2.HealthCheckResponse.SERVING if alive else health_pb2.HealthCheckResponse.NOT_SERVING
+            for name in ("", service_name):
+                await health.set(name, status)
+            serving = alive
 
 
 def check_ports_free(config: ServerConfig) -> None:
@@ -66,6 +88,7 @@ async def serve(config: ServerConfig) -> None:
     grpc_server = http_server = http_task = None
     try:
         grpc_server, grpc_port = await create_server(engine, config.host, config.port)
+        watchdog = asyncio.create_task(_watch_engine(engine, grpc_server.health, SERVICE_NAME))
         http_desc = "off"
         if config.http_port is not None:
             http_server, http_task, http_port = await _start_http(engine, config.host, config.http_port)
@@ -76,6 +99,7 @@ async def serve(config: ServerConfig) -> None:
             config.quantization, config.logprobs_mode, engine.weight_version,
         )
         await stop.wait()
+        watchdog.cancel()
         log.info("stopping: finishing in-flight calls (up to %.0f s)", SHUTDOWN_GRACE_S)
     finally:
         if grpc_server is not None:
