@@ -130,7 +130,8 @@ class RolloutEngine:
         Raises InvalidArgument or Overloaded before anything is sent to the engine. Closing the
         iterator early (or cancelling its consumer) aborts the prompts still running.
         """
-        prompts = self.tokenize(request)
+        # Off the event loop: tokenizing a large text batch would stall every other call.
+        prompts = await asyncio.to_thread(self.tokenize, request)
         sequences = len(prompts) * request.sampling.n
         c = self._counters
         if c.sequences_running + sequences > self.config.max_inflight_sequences:
