@@ -127,11 +127,12 @@ class RolloutEngine:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Completion]:
         """Yield one Completion per prompt, in completion order.
 
-        Raises InvalidArgument or Overloaded before anything is sent to the engine. Closing the
+        Raises InvalidArgument or Overloaded before any bookkeeping or engine work. Closing the
         iterator early (or cancelling its consumer) aborts the prompts still running.
         """
         # Off the event loop: tokenizing a large text batch would stall every other call.
         prompts = await asyncio.to_thread(self.tokenize, request)
+        params = self._sampling_params(request)
         sequences = len(prompts) * request.sampling.n
         c = self._counters
         if c.sequences_running + sequences > self.config.max_inflight_sequences:
@@ -144,7 +145,6 @@ class RolloutEngine:
         c.requests_total += 1
         c.requests_running += 1
         c.sequences_running += sequences
-        params = self._sampling_params(request)
         call_id = f"{request.request_id or 'gen'}-{uuid.uuid4().hex[:12]}"
         tasks = [
             asyncio.create_task(self._one(i, ids, params, request, f"{call_id}-{i}"))
