@@ -71,9 +71,7 @@ class GenerateRequest(BaseModel):
         """Validate `data`, raising InvalidArgument that names the first offending field and value."""
         try:
             return cls.model_validate(data)
-        except InvalidArgument:
-            raise
-        except ValidationError as exc:
+        except ValidationError as exc:  # our own InvalidArgument (from a validator) passes through
             raise invalid_argument_from(exc.errors(include_url=False)) from None
 
 
