@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 from pathlib import Path
 
@@ -21,8 +22,6 @@ def tiny_model() -> Path:
 
 
 def machine() -> str:
-    import os
-
     return f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}"
 
 

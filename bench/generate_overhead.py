@@ -1,8 +1,9 @@
 """Tokens/s through the service (gRPC client) divided by tokens/s of vLLM in-process.
 
-The ratio is the median over rounds of service/vLLM measured back to back. Both engines are built from the same vLLM engine arguments (`engine_args`) and run the same
+Both engines are built from the same vLLM engine arguments (`engine_args`) and run the same
 batch with the same sampling parameters (per-token logprobs on). They are measured side by side
-in one run, round-robin A/B/A/B, so drift on the machine hits both alike. The in-process
+in one run, round-robin A/B/A/B; the ratio is the median over rounds of service/vLLM measured
+back to back, so drift on the machine hits both alike. The in-process
 baseline runs in a child process of its own (it is told "run" on stdin and answers with a JSON
 line): sharing one event loop between the gRPC client and an AsyncLLM slowed the client side by
 half, which measured the bench, not the service.
@@ -129,7 +130,7 @@ async def run(prompts: int, max_tokens: int, rounds: int) -> dict:
 
     config, opts, ids = _settings(prompts, max_tokens)
     logs = Path(tempfile.mkdtemp())
-    server = ServerProcess.start(config.model, logs / "server.log", "--max-model-len", "512", "--no-http")
+    server = ServerProcess.start(config.model, logs / "server.log", "--max-model-len", str(config.max_model_len), "--no-http")
     baseline = InProcessBaseline(prompts, max_tokens, logs / "inprocess.log")
     client = AsyncRolloutClient(server.grpc_address, timeout=600)
     try:

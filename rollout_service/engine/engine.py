@@ -16,6 +16,13 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
+import vllm
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.exceptions import VLLMValidationError
+from vllm.platforms import current_platform
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.exceptions import EngineDeadError
+
 from rollout_service.config import ServerConfig
 from rollout_service.engine import convert
 from rollout_service.errors import ConfigError, EngineUnavailable, InvalidArgument, Overloaded
@@ -26,8 +33,6 @@ log = logging.getLogger(__name__)
 
 def resolve_model(config: ServerConfig) -> Path:
     """The checkpoint the engine loads: the configured one, or its quantized copy."""
-    from vllm.platforms import current_platform
-
     from rollout_service.quant.checkpoint import cached_quantized_checkpoint, is_prequantized
 
     if config.quantization == "none":
@@ -47,9 +52,6 @@ def resolve_model(config: ServerConfig) -> Path:
 def engine_args(config: ServerConfig, model: Path):
     """vLLM's AsyncEngineArgs for `config`, loading `model` (see resolve_model); the benchmark's
     in-process baseline uses it too."""
-    from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.platforms import current_platform
-
     if current_platform.is_cpu():
         # Without it vLLM sizes the CPU KV cache from node memory and may refuse to start.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{config.kv_cache_gib:g}")
@@ -87,8 +89,6 @@ class RolloutEngine:
     @classmethod
     async def start(cls, config: ServerConfig) -> RolloutEngine:
         """Start vLLM on `config.model`; returns once the engine can serve (tens of seconds)."""
-        from vllm.v1.engine.async_llm import AsyncLLM
-
         llm = AsyncLLM.from_engine_args(engine_args(config, resolve_model(config)))
         return cls(llm, config)
 
@@ -164,17 +164,12 @@ class RolloutEngine:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     def _sampling_params(self, request: GenerateRequest):
-        from vllm.exceptions import VLLMValidationError
-
         try:
             return convert.sampling_params(request.sampling)
         except VLLMValidationError as exc:  # a check of vLLM's we do not duplicate
             raise InvalidArgument(f"sampling.{exc.parameter or ''}".rstrip("."), str(exc)) from None
 
     async def _one(self, index: int, ids: list[int], params, request: GenerateRequest, engine_id: str) -> Completion:
-        from vllm.exceptions import VLLMValidationError
-        from vllm.v1.engine.exceptions import EngineDeadError
-
         final = None
         try:
             async for out in self._llm.generate({"prompt_token_ids": ids}, params, engine_id):
@@ -205,8 +200,6 @@ class RolloutEngine:
             raise EngineUnavailable(f"engine health check failed: {exc}") from None
 
     def status(self) -> ServerStatus:
-        import vllm
-
         counters = Counters(**{k: getattr(self._counters, k) for k in Counters.__slots__})
         counters.engine_requests_running = self._llm.get_num_unfinished_requests()
         return ServerStatus(
