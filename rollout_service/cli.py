@@ -31,7 +31,7 @@ def serve(
     logprobs_mode: Optional[str] = typer.Option(None, help="processed (default) | raw."),
     lm_head_fp32: Optional[bool] = typer.Option(None, "--lm-head-fp32/--no-lm-head-fp32", help="LM head and logits in float32."),
     max_inflight_sequences: Optional[int] = typer.Option(None, help="In-flight sequence limit (default 1024)."),
-    kv_cache_gib: Optional[float] = typer.Option(None, help="CPU KV cache in GiB (default 1)."),
+    kv_cache_gib: Optional[int] = typer.Option(None, help="CPU KV cache in whole GiB (default 1)."),
     seed: Optional[int] = typer.Option(None, help="Engine seed (default 0)."),
     cache_dir: Optional[Path] = typer.Option(None, help="Where quantized copies of checkpoints are kept."),
     log_level: str = typer.Option("info", help="debug | info | warning | error."),

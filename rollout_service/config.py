@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 Quantization = Literal["none", "int8", "fp8", "fp8_channel"]
 DType = Literal["bfloat16", "float32"]
 LogprobsMode = Literal["processed", "raw"]
+InflightPolicy = Literal["drain", "abort", "continue"]
 
 
 class ServerConfig(BaseSettings):
@@ -52,8 +53,8 @@ class ServerConfig(BaseSettings):
     )
     max_num_seqs: int = Field(256, ge=1, description="Most sequences the engine schedules in one step (vLLM max_num_seqs).")
     max_logprobs: int = Field(20, ge=0, description="Largest `logprobs` / `prompt_logprobs` a request may ask for.")
-    kv_cache_gib: float = Field(
-        1.0, gt=0, description="KV-cache size in GiB on CPU engines (VLLM_CPU_KVCACHE_SPACE); ignored on GPU."
+    kv_cache_gib: int = Field(
+        1, ge=1, description="KV-cache size in whole GiB on CPU engines (VLLM_CPU_KVCACHE_SPACE takes an integer); ignored on GPU."
     )
     gpu_memory_utilization: float = Field(
         0.85, gt=0, le=1, description="Fraction of GPU memory the engine may use; ignored on CPU."
@@ -62,6 +63,24 @@ class ServerConfig(BaseSettings):
     cache_dir: Path = Field(
         Path.home() / ".cache" / "rollout-service",
         description="Where quantized copies of checkpoints are kept (made once per checkpoint and format).",
+    )
+
+    inflight: InflightPolicy = Field(
+        "drain",
+        description="What a weight push does to samples being generated when it is applied: 'drain' lets "
+        "them finish on the old weights first; 'abort' ends them with finish reason ABORTED (resubmit); "
+        "'continue' carries them across (their first_weight_version tells). A push may override it.",
+    )
+    push_buffer_mib: int = Field(
+        256,
+        ge=1,
+        description="Memory for pushed tensors being received and converted; a push beyond it waits for "
+        "conversions to catch up (a single tensor larger than it is still taken, alone).",
+    )
+    staging_dir: Path | None = Field(
+        None,
+        description="Where converted pushed tensors wait for the commit and where the current version's "
+        "pushed tensors are kept; default: <cache_dir>/staging.",
     )
 
     @field_validator("model")

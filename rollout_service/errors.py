@@ -37,6 +37,18 @@ class EngineUnavailable(RolloutError):
     """The engine died or is not ready; the call may succeed on another replica."""
 
 
+class DataLoss(RolloutError):
+    """Pushed bytes are missing, beyond a tensor's declared size, or fail their checksum."""
+
+
+class FailedPrecondition(RolloutError):
+    """The request assumes a server state that does not hold (a stale expected_version)."""
+
+
+class Conflict(RolloutError):
+    """Another operation that excludes this one is in progress (a second push)."""
+
+
 class ConfigError(RolloutError):
     """The server cannot start with the given settings."""
 
@@ -48,6 +60,9 @@ _TABLE: dict[type[BaseException], tuple[grpc.StatusCode, int]] = {
     DeadlineExceeded: (grpc.StatusCode.DEADLINE_EXCEEDED, 504),
     Cancelled: (grpc.StatusCode.CANCELLED, 499),
     EngineUnavailable: (grpc.StatusCode.UNAVAILABLE, 503),
+    DataLoss: (grpc.StatusCode.DATA_LOSS, 400),
+    FailedPrecondition: (grpc.StatusCode.FAILED_PRECONDITION, 412),
+    Conflict: (grpc.StatusCode.ABORTED, 409),
     ConfigError: (grpc.StatusCode.FAILED_PRECONDITION, 500),
 }
 _INTERNAL = (grpc.StatusCode.INTERNAL, 500)

@@ -21,6 +21,7 @@ from rollout_service.config import ServerConfig
 from rollout_service.engine import RolloutEngine
 from rollout_service.errors import ConfigError, EngineUnavailable
 from rollout_service.launcher import READY_PREFIX
+from rollout_service.weights.service import WeightService
 
 log = logging.getLogger("rollout_service")
 
@@ -28,8 +29,10 @@ SHUTDOWN_GRACE_S = 5.0
 HEALTH_POLL_S = 2.0
 
 
-async def _start_http(engine: RolloutEngine, host: str, port: int) -> tuple[uvicorn.Server, asyncio.Task, int]:
-    server = uvicorn.Server(uvicorn.Config(create_app(engine), host=host, port=port, log_level="warning", lifespan="off"))
+async def _start_http(
+    engine: RolloutEngine, weights: WeightService, host: str, port: int
+) -> tuple[uvicorn.Server, asyncio.Task, int]:
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, weights), host=host, port=port, log_level="warning", lifespan="off"))
     # The runner owns the signals; uvicorn would otherwise install its own handlers.
     server.install_signal_handlers = lambda: None
     task = asyncio.create_task(server.serve())
@@ -85,18 +88,19 @@ async def serve(config: ServerConfig) -> None:
     check_ports_free(config)
     log.info("starting the engine on %s (dtype=%s, quantization=%s)", config.model, config.dtype, config.quantization)
     engine = await RolloutEngine.start(config)
+    weights = WeightService(engine, config)
     grpc_server = http_server = http_task = None
     try:
-        grpc_server, grpc_port = await create_server(engine, config.host, config.port)
+        grpc_server, grpc_port = await create_server(engine, weights, config.host, config.port)
         watchdog = asyncio.create_task(_watch_engine(engine, grpc_server.health, SERVICE_NAME))
         http_desc = "off"
         if config.http_port is not None:
-            http_server, http_task, http_port = await _start_http(engine, config.host, config.http_port)
+            http_server, http_task, http_port = await _start_http(engine, weights, config.host, config.http_port)
             http_desc = f"{config.host}:{http_port}"
         log.info(
-            "%s grpc=%s:%d http=%s model=%s dtype=%s quantization=%s logprobs=%s weight_version=%d",
+            "%s grpc=%s:%d http=%s model=%s dtype=%s quantization=%s logprobs=%s inflight=%s weight_version=%d",
             READY_PREFIX, config.host, grpc_port, http_desc, config.model, config.dtype,
-            config.quantization, config.logprobs_mode, engine.weight_version,
+            config.quantization, config.logprobs_mode, config.inflight, engine.weight_version,
         )
         await stop.wait()
         watchdog.cancel()
@@ -110,6 +114,7 @@ async def serve(config: ServerConfig) -> None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(http_task, SHUTDOWN_GRACE_S)
         engine.shutdown()
+        weights.close()
         log.info("stopped")
 
 

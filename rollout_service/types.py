@@ -114,6 +114,8 @@ class Sample:
     weight_version: int
     stop_reason: str = ""
     top_logprobs: list[TopLogprobs] = field(default_factory=list)
+    # Differs from weight_version only when a push was applied mid-sample ("continue" policy).
+    first_weight_version: int = 0
 
 
 @dataclass(slots=True)
@@ -157,3 +159,19 @@ class ServerStatus:
     engine_version: str
     uptime_s: float
     counters: Counters
+    inflight_policy: str
+    last_push: PushResult | None = None
+
+
+@dataclass(slots=True)
+class PushResult:
+    """A committed push (see PushWeightsResponse in the proto)."""
+
+    version: int
+    bytes_received: int
+    tensors_applied: int
+    receive_s: float
+    requantize_s: float
+    apply_s: float
+    pause_ms: float
+    label: str = ""

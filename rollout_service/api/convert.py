@@ -7,7 +7,8 @@ from dataclasses import asdict
 from google.protobuf.json_format import MessageToDict
 from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
 
-from rollout_service.types import Completion, GenerateRequest, Sample, ServerStatus, TopLogprobs
+from rollout_service.types import Completion, GenerateRequest, PushResult, Sample, ServerStatus, TopLogprobs
+from rollout_service.weights.manifest import PushHeader, TensorSpec
 
 _FINISH = {
     "stop": pb.FINISH_REASON_STOP,
@@ -42,6 +43,7 @@ def _sample(s: Sample) -> pb.Sample:
         finish_reason=_FINISH[s.finish_reason],
         stop_reason=s.stop_reason,
         weight_version=s.weight_version,
+        first_weight_version=s.first_weight_version,
     )
 
 
@@ -59,4 +61,20 @@ def completion_to_proto(c: Completion) -> pb.Completion:
 def status_to_proto(s: ServerStatus) -> pb.GetStatusResponse:
     fields = asdict(s)
     fields["counters"] = pb.Counters(**fields["counters"])
+    fields["last_push"] = pb.PushWeightsResponse(**fields["last_push"]) if s.last_push else None
     return pb.GetStatusResponse(**fields)
+
+
+def tensor_spec_from_proto(t: pb.TensorSpec) -> TensorSpec:
+    crc32 = t.crc32 if t.HasField("crc32") else None
+    return TensorSpec(name=t.name, dtype=t.dtype, shape=tuple(t.shape), nbytes=t.nbytes, crc32=crc32)
+
+
+def push_header_from_proto(msg: pb.PushHeader) -> PushHeader:
+    tensors = tuple(tensor_spec_from_proto(t) for t in msg.tensors)
+    expected = msg.expected_version if msg.HasField("expected_version") else None
+    return PushHeader(tensors=tensors, expected_version=expected, label=msg.label, inflight=msg.inflight)
+
+
+def push_result_to_proto(r: PushResult) -> pb.PushWeightsResponse:
+    return pb.PushWeightsResponse(**asdict(r))

@@ -18,7 +18,8 @@ from rollout_client._proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
 
 from rollout_service.api import convert
 from rollout_service.engine import RolloutEngine
-from rollout_service.errors import DeadlineExceeded, RolloutError, grpc_status, public_message
+from rollout_service.errors import Cancelled, DeadlineExceeded, InvalidArgument, RolloutError, grpc_status, public_message
+from rollout_service.weights.service import WeightService
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,9 @@ async def _deadline(context: grpc.aio.ServicerContext):
 
 
 class RolloutServicer(pb_grpc.RolloutServiceServicer):
-    def __init__(self, engine: RolloutEngine):
+    def __init__(self, engine: RolloutEngine, weights: WeightService):
         self.engine = engine
+        self.weights = weights
 
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
         try:
@@ -70,10 +72,37 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
             await _abort_with(context, exc)
 
     async def GetStatus(self, request: pb.GetStatusRequest, context) -> pb.GetStatusResponse:
-        return convert.status_to_proto(self.engine.status())
+        status = self.engine.status()
+        status.last_push = self.weights.last_push
+        return convert.status_to_proto(status)
+
+    async def PushWeights(self, request_iterator, context) -> pb.PushWeightsResponse:
+        try:
+            first = await anext(aiter(request_iterator), None)
+            if first is None or first.WhichOneof("kind") != "header":
+                raise InvalidArgument("header", "the first message of a push must be its header")
+            async with self.weights.begin(convert.push_header_from_proto(first.header)) as session:
+                async for msg in request_iterator:
+                    kind = msg.WhichOneof("kind")
+                    if kind == "chunk":
+                        await session.add_chunk(msg.chunk.tensor_index, msg.chunk.offset, msg.chunk.data)
+                    elif kind == "declare":
+                        session.declare([convert.tensor_spec_from_proto(t) for t in msg.declare.tensors])
+                    elif kind == "commit":
+                        result = await self.weights.commit(session)
+                        break
+                    else:
+                        raise InvalidArgument("header", "a push has one header, its first message")
+                else:
+                    raise Cancelled("the stream ended before its commit message; nothing was applied")
+        except Exception as exc:
+            await _abort_with(context, exc)
+        return convert.push_result_to_proto(result)
 
 
-async def create_server(engine: RolloutEngine, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+async def create_server(
+    engine: RolloutEngine, weights: WeightService, host: str, port: int
+) -> tuple[grpc.aio.Server, int]:
     """A started gRPC server on host:port (0 = a free port); returns it and the bound port."""
     server = grpc.aio.server(
         options=[
@@ -81,7 +110,7 @@ async def create_server(engine: RolloutEngine, host: str, port: int) -> tuple[gr
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ]
     )
-    pb_grpc.add_RolloutServiceServicer_to_server(RolloutServicer(engine), server)
+    pb_grpc.add_RolloutServiceServicer_to_server(RolloutServicer(engine, weights), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)

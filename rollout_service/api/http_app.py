@@ -1,6 +1,9 @@
 """The HTTP front end (FastAPI): the same operations and JSON shapes as the proto.
 
 POST /v1/generate   GenerateRequest JSON -> {"completions": [...]}
+POST /v1/weights    a safetensors body (streamed) -> PushWeightsResponse JSON; query parameters
+                    expected_version, label, inflight as in PushHeader; CRC-32s optional in the
+                    safetensors metadata as {"crc32": "<JSON name -> crc>"}
 GET  /v1/status     GetStatus as JSON
 GET  /healthz       200 when the engine is alive, 503 otherwise
 
@@ -16,9 +19,10 @@ import contextlib
 import logging
 from dataclasses import asdict
 
-from fastapi import FastAPI, Header, Request
+from fastapi import FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from rollout_service.engine import RolloutEngine
 from rollout_service.errors import (
@@ -31,6 +35,8 @@ from rollout_service.errors import (
     public_message,
 )
 from rollout_service.types import GenerateRequest, invalid_argument_from
+from rollout_service.weights.safetensors_stream import SafetensorsStream
+from rollout_service.weights.service import WeightService
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +73,7 @@ async def _run_cancellable(request: Request, work, timeout: float | None):
     raise DeadlineExceeded(f"X-Request-Timeout ({timeout} s) passed; its engine requests were aborted")
 
 
-def create_app(engine: RolloutEngine) -> FastAPI:
+def create_app(engine: RolloutEngine, weights: WeightService) -> FastAPI:
     app = FastAPI(title="rollout-service", version="1", summary="Rollouts with exact per-token logprobs (rollout.v1).")
 
     @app.exception_handler(RequestValidationError)
@@ -92,9 +98,28 @@ def create_app(engine: RolloutEngine) -> FastAPI:
 
         return await _run_cancellable(request, work(), x_request_timeout)
 
+    @app.post("/v1/weights")
+    async def push_weights(
+        request: Request,
+        expected_version: int | None = Query(None, ge=0, description="Reject unless this version is served."),
+        label: str = Query("", description="Stored with the version and echoed."),
+        inflight: str = Query("", description="drain | abort | continue; default: the server's."),
+    ):
+        body = SafetensorsStream(request.stream())
+        try:
+            header = await body.header(expected_version, label, inflight)
+            async with weights.begin(header) as session:
+                async for index, offset, data in body.chunks():
+                    await session.add_chunk(index, offset, data)
+                return asdict(await weights.commit(session))
+        except ClientDisconnect:
+            raise Cancelled("the client disconnected before the body was complete; nothing was applied") from None
+
     @app.get("/v1/status")
     async def status():
-        return asdict(engine.status())
+        result = engine.status()
+        result.last_push = weights.last_push
+        return asdict(result)
 
     @app.get("/healthz")
     async def healthz():

@@ -44,29 +44,36 @@ def _split(flat: FlatLogprobs, with_top: bool, first: int = 0) -> tuple[list[flo
     return chosen, top
 
 
-def _sample(out: CompletionOutput, weight_version: int, with_top: bool) -> Sample:
+def _sample(out: CompletionOutput, with_top: bool, current_version: int) -> Sample:
     logprobs, top = _split(out.logprobs, with_top) if out.logprobs is not None else ([], [])
     stop_reason = out.stop_reason
+    # vLLM labels each token with the weight version set when it was sampled (RolloutEngine sets
+    # "0" at start and version + 1 at each push). No tokens (aborted at once): no spans.
+    spans = out.weight_versions or []
+    first = int(spans[0].version) if spans else current_version
+    last = int(spans[-1].version) if spans else current_version
     return Sample(
         token_ids=list(out.token_ids),
         text=out.text,
         logprobs=logprobs,
         finish_reason=_FINISH.get(out.finish_reason, "aborted"),
-        weight_version=weight_version,
+        weight_version=last,
+        first_weight_version=first,
         stop_reason="" if stop_reason is None else str(stop_reason),
         top_logprobs=top,
     )
 
 
 def completion(
-    index: int, out: RequestOutput, opts: SamplingOptions, weight_version: int, request_id: str
+    index: int, out: RequestOutput, opts: SamplingOptions, request_id: str, current_version: int
 ) -> Completion:
-    """The service's Completion for prompt `index` from vLLM's final RequestOutput."""
+    """The service's Completion for prompt `index` from vLLM's final RequestOutput;
+    `current_version` labels samples that got no token."""
     samples = sorted(out.outputs, key=lambda o: o.index)
     result = Completion(
         prompt_index=index,
         prompt_token_ids=list(out.prompt_token_ids or []),
-        samples=[_sample(o, weight_version, opts.logprobs > 0) for o in samples],
+        samples=[_sample(o, opts.logprobs > 0, current_version) for o in samples],
         request_id=request_id,
     )
     if opts.prompt_logprobs is not None and out.prompt_logprobs is not None:

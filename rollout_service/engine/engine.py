@@ -23,12 +23,16 @@ from vllm.platforms import current_platform
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 
-from rollout_service.config import ServerConfig
+from rollout_service.config import InflightPolicy, ServerConfig
 from rollout_service.engine import convert
 from rollout_service.errors import ConfigError, EngineUnavailable, InvalidArgument, Overloaded
 from rollout_service.types import Completion, Counters, GenerateRequest, ServerStatus
+from rollout_service.weights.store import Plan
 
 log = logging.getLogger(__name__)
+
+# Our in-flight policies in vLLM's pause modes.
+_PAUSE_MODE = {"drain": "wait", "abort": "abort", "continue": "keep"}
 
 
 def resolve_model(config: ServerConfig) -> Path:
@@ -54,7 +58,7 @@ def engine_args(config: ServerConfig, model: Path):
     in-process baseline uses it too."""
     if current_platform.is_cpu():
         # Without it vLLM sizes the CPU KV cache from node memory and may refuse to start.
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{config.kv_cache_gib:g}")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.kv_cache_gib))
     return AsyncEngineArgs(
         model=str(model),
         tokenizer=str(config.model),
@@ -70,15 +74,19 @@ def engine_args(config: ServerConfig, model: Path):
         max_logprobs=config.max_logprobs,
         gpu_memory_utilization=config.gpu_memory_utilization,
         enable_log_requests=False,
+        # Adds the methods that load pushed weights (rollout_apply) to vLLM's worker.
+        worker_extension_cls="rollout_service.engine.worker_ext.RolloutWorkerExtension",
     )
 
 
 class RolloutEngine:
     """The service's view of one vLLM engine."""
 
-    def __init__(self, llm, config: ServerConfig):
+    def __init__(self, llm, config: ServerConfig, checkpoint: Path, packed_modules: dict[str, list[str]]):
         self._llm = llm
         self.config = config
+        self.checkpoint = checkpoint  # what the engine loaded (the quantized copy for int8/fp8)
+        self.packed_modules = packed_modules  # vLLM's fusing of checkpoint modules (qkv_proj, ...)
         self._tokenizer = llm.get_tokenizer()
         self.vocab_size: int = llm.model_config.get_vocab_size()
         self.max_model_len: int = llm.model_config.max_model_len
@@ -89,8 +97,12 @@ class RolloutEngine:
     @classmethod
     async def start(cls, config: ServerConfig) -> RolloutEngine:
         """Start vLLM on `config.model`; returns once the engine can serve (tens of seconds)."""
-        llm = AsyncLLM.from_engine_args(engine_args(config, resolve_model(config)))
-        return cls(llm, config)
+        checkpoint = resolve_model(config)
+        llm = AsyncLLM.from_engine_args(engine_args(config, checkpoint))
+        # Label tokens with our version, so every output carries the versions that produced it.
+        await llm.update_weight_version("0")
+        described = (await llm.collective_rpc("rollout_describe"))[0]
+        return cls(llm, config, checkpoint, described["packed_modules_mapping"])
 
     # ---- validation -------------------------------------------------------------------------
 
@@ -181,9 +193,34 @@ class RolloutEngine:
             raise InvalidArgument(f"prompts[{index}]", str(exc)) from None
         except EngineDeadError as exc:
             raise EngineUnavailable(f"the engine died: {exc}") from None
-        result = convert.completion(index, final, request.sampling, self.weight_version, request.request_id)
+        result = convert.completion(index, final, request.sampling, request.request_id, self.weight_version)
         self._counters.tokens_generated += sum(len(s.token_ids) for s in result.samples)
         return result
+
+    # ---- weights ----------------------------------------------------------------------------
+
+    async def apply_weights(self, plan: Plan, policy: InflightPolicy, bump: bool = True) -> tuple[float, float]:
+        """Pause generation per `policy`, load `plan` (see worker_ext), label further tokens with
+        version + 1 (unless `bump` is False), resume. Returns (apply seconds, pause milliseconds)."""
+        self._check_alive()
+        paused = time.monotonic()
+        # clear_cache: the prefix and KV caches hold keys/values of the old weights. Under
+        # "continue" this makes the running samples recompute their KV with the new weights.
+        await self._llm.pause_generation(mode=_PAUSE_MODE[policy], clear_cache=True)
+        try:
+            start = time.monotonic()
+            await self._llm.collective_rpc("rollout_apply", args=(plan,))
+            applied = time.monotonic() - start
+            if bump:
+                await self._llm.update_weight_version(str(self.weight_version + 1))
+                self.weight_version += 1
+        finally:
+            await self._llm.resume_generation()
+        return applied, (time.monotonic() - paused) * 1e3
+
+    async def snapshot(self) -> bytes:
+        """The engine's weights as it computes with them (safetensors bytes; see worker_ext)."""
+        return (await self._llm.collective_rpc("rollout_snapshot"))[0]
 
     # ---- health and status ------------------------------------------------------------------
 
@@ -215,6 +252,7 @@ class RolloutEngine:
             engine_version=vllm.__version__,
             uptime_s=time.monotonic() - self._started,
             counters=counters,
+            inflight_policy=self.config.inflight,
         )
 
     def shutdown(self) -> None:

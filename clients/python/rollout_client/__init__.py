@@ -2,7 +2,9 @@
 
 from rollout_client.client import AsyncRolloutClient, RolloutClient
 from rollout_client.errors import (
+    AbortedError,
     CancelledError,
+    DataLossError,
     DeadlineExceededError,
     FailedPreconditionError,
     InvalidArgumentError,
@@ -10,15 +12,19 @@ from rollout_client.errors import (
     RolloutClientError,
     UnavailableError,
 )
+from rollout_client.push import PushResult
 from rollout_client.types import Completion, Sample
 
 __all__ = [
+    "AbortedError",
     "AsyncRolloutClient",
     "CancelledError",
     "Completion",
+    "DataLossError",
     "DeadlineExceededError",
     "FailedPreconditionError",
     "InvalidArgumentError",
+    "PushResult",
     "ResourceExhaustedError",
     "RolloutClient",
     "RolloutClientError",

@@ -7,13 +7,17 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import grpc
 
 from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
 from rollout_client._proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
+from rollout_client import push
 from rollout_client.errors import from_rpc_error
+from rollout_client.push import PushResult
 from rollout_client.types import Completion, completion_from_proto
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -86,6 +90,34 @@ class RolloutClient:
         finally:
             call.cancel()  # the caller stopped early: the server aborts the prompts still running
 
+    def push_weights(
+        self,
+        weights: Mapping[str, Any] | Iterable[tuple[str, Any]],
+        *,
+        chunk_bytes: int = push.DEFAULT_CHUNK_BYTES,
+        expected_version: int | None = None,
+        label: str = "",
+        inflight: str = "",
+        progress: bool = False,
+        timeout: float | None = None,
+    ) -> PushResult:
+        """Stream new weights (a state_dict, a dict of numpy/torch tensors, or an iterable of
+        (name, tensor)) into the server; returns once they serve as the new version.
+
+        `expected_version`: fail (FailedPrecondition) unless the server serves this version.
+        `inflight`: "drain" | "abort" | "continue" for this push (default: the server's setting).
+        """
+        start = time.perf_counter()
+        stream = push.requests(
+            weights, chunk_bytes=chunk_bytes, expected_version=expected_version, label=label,
+            inflight=inflight, progress=progress,
+        )
+        try:
+            response = self._stub.PushWeights(stream, timeout=timeout or self.timeout)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        return push.result_from_proto(response, time.perf_counter() - start)
+
     def status(self, timeout: float | None = None) -> pb.GetStatusResponse:
         """Model, settings, current weight version and counters."""
         try:
@@ -146,6 +178,28 @@ class AsyncRolloutClient:
             raise from_rpc_error(err) from None
         finally:
             call.cancel()
+
+    async def push_weights(
+        self,
+        weights: Mapping[str, Any] | Iterable[tuple[str, Any]],
+        *,
+        chunk_bytes: int = push.DEFAULT_CHUNK_BYTES,
+        expected_version: int | None = None,
+        label: str = "",
+        inflight: str = "",
+        progress: bool = False,
+        timeout: float | None = None,
+    ) -> PushResult:
+        start = time.perf_counter()
+        stream = push.requests(
+            weights, chunk_bytes=chunk_bytes, expected_version=expected_version, label=label,
+            inflight=inflight, progress=progress,
+        )
+        try:
+            response = await self._stub.PushWeights(stream, timeout=timeout or self.timeout)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        return push.result_from_proto(response, time.perf_counter() - start)
 
     async def status(self, timeout: float | None = None) -> pb.GetStatusResponse:
         try:

@@ -41,6 +41,14 @@ class FailedPreconditionError(RolloutClientError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class DataLossError(RolloutClientError):
+    code = grpc.StatusCode.DATA_LOSS
+
+
+class AbortedError(RolloutClientError):
+    code = grpc.StatusCode.ABORTED
+
+
 _BY_CODE = {
     cls.code: cls
     for cls in (
@@ -50,6 +58,8 @@ _BY_CODE = {
         CancelledError,
         UnavailableError,
         FailedPreconditionError,
+        DataLossError,
+        AbortedError,
     )
 }
 

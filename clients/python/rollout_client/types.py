@@ -23,6 +23,9 @@ class Sample:
     weight_version: int
     stop_reason: str = ""
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    # The version of the first token; differs from weight_version (the last token's) only when a
+    # push was applied mid-sample under the "continue" policy.
+    first_weight_version: int = 0
 
 
 @dataclass
@@ -53,6 +56,7 @@ def completion_from_proto(c: pb.Completion) -> Completion:
                 weight_version=s.weight_version,
                 stop_reason=s.stop_reason,
                 top_logprobs=_top(s.top_logprobs),
+                first_weight_version=s.first_weight_version,
             )
             for s in c.samples
         ],

@@ -73,7 +73,7 @@ class TopLogprobs(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Sample(_message.Message):
-    __slots__ = ("token_ids", "text", "logprobs", "top_logprobs", "finish_reason", "stop_reason", "weight_version")
+    __slots__ = ("token_ids", "text", "logprobs", "top_logprobs", "finish_reason", "stop_reason", "weight_version", "first_weight_version")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,7 @@ class Sample(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     STOP_REASON_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FIRST_WEIGHT_VERSION_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
     logprobs: _containers.RepeatedScalarFieldContainer[float]
@@ -88,7 +89,8 @@ class Sample(_message.Message):
     finish_reason: FinishReason
     stop_reason: str
     weight_version: int
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., logprobs: _Optional[_Iterable[float]] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprobs, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_reason: _Optional[str] = ..., weight_version: _Optional[int] = ...) -> None: ...
+    first_weight_version: int
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., logprobs: _Optional[_Iterable[float]] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprobs, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_reason: _Optional[str] = ..., weight_version: _Optional[int] = ..., first_weight_version: _Optional[int] = ...) -> None: ...
 
 class Completion(_message.Message):
     __slots__ = ("prompt_index", "prompt_token_ids", "samples", "prompt_logprobs", "prompt_top_logprobs", "request_id")
@@ -135,7 +137,7 @@ class Counters(_message.Message):
     def __init__(self, requests_total: _Optional[int] = ..., requests_running: _Optional[int] = ..., prompts_aborted: _Optional[int] = ..., sequences_running: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., requests_rejected_overload: _Optional[int] = ..., engine_requests_running: _Optional[int] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("model", "quantization", "dtype", "weight_version", "max_model_len", "vocab_size", "logprobs_mode", "lm_head_fp32", "max_inflight_sequences", "engine_version", "uptime_s", "counters")
+    __slots__ = ("model", "quantization", "dtype", "weight_version", "max_model_len", "vocab_size", "logprobs_mode", "lm_head_fp32", "max_inflight_sequences", "engine_version", "uptime_s", "counters", "inflight_policy", "last_push")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +150,8 @@ class GetStatusResponse(_message.Message):
     ENGINE_VERSION_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    INFLIGHT_POLICY_FIELD_NUMBER: _ClassVar[int]
+    LAST_PUSH_FIELD_NUMBER: _ClassVar[int]
     model: str
     quantization: str
     dtype: str
@@ -160,4 +164,84 @@ class GetStatusResponse(_message.Message):
     engine_version: str
     uptime_s: float
     counters: Counters
-    def __init__(self, model: _Optional[str] = ..., quantization: _Optional[str] = ..., dtype: _Optional[str] = ..., weight_version: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., logprobs_mode: _Optional[str] = ..., lm_head_fp32: _Optional[bool] = ..., max_inflight_sequences: _Optional[int] = ..., engine_version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., counters: _Optional[_Union[Counters, _Mapping]] = ...) -> None: ...
+    inflight_policy: str
+    last_push: PushWeightsResponse
+    def __init__(self, model: _Optional[str] = ..., quantization: _Optional[str] = ..., dtype: _Optional[str] = ..., weight_version: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., logprobs_mode: _Optional[str] = ..., lm_head_fp32: _Optional[bool] = ..., max_inflight_sequences: _Optional[int] = ..., engine_version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., counters: _Optional[_Union[Counters, _Mapping]] = ..., inflight_policy: _Optional[str] = ..., last_push: _Optional[_Union[PushWeightsResponse, _Mapping]] = ...) -> None: ...
+
+class TensorSpec(_message.Message):
+    __slots__ = ("name", "dtype", "shape", "nbytes", "crc32")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    CRC32_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    nbytes: int
+    crc32: int
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., nbytes: _Optional[int] = ..., crc32: _Optional[int] = ...) -> None: ...
+
+class PushHeader(_message.Message):
+    __slots__ = ("tensors", "expected_version", "label", "inflight")
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    INFLIGHT_FIELD_NUMBER: _ClassVar[int]
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    expected_version: int
+    label: str
+    inflight: str
+    def __init__(self, tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., expected_version: _Optional[int] = ..., label: _Optional[str] = ..., inflight: _Optional[str] = ...) -> None: ...
+
+class PushDeclare(_message.Message):
+    __slots__ = ("tensors",)
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    def __init__(self, tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
+
+class PushChunk(_message.Message):
+    __slots__ = ("tensor_index", "offset", "data")
+    TENSOR_INDEX_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    tensor_index: int
+    offset: int
+    data: bytes
+    def __init__(self, tensor_index: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PushCommit(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PushWeightsRequest(_message.Message):
+    __slots__ = ("header", "chunk", "commit", "declare")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
+    DECLARE_FIELD_NUMBER: _ClassVar[int]
+    header: PushHeader
+    chunk: PushChunk
+    commit: PushCommit
+    declare: PushDeclare
+    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[_Union[PushChunk, _Mapping]] = ..., commit: _Optional[_Union[PushCommit, _Mapping]] = ..., declare: _Optional[_Union[PushDeclare, _Mapping]] = ...) -> None: ...
+
+class PushWeightsResponse(_message.Message):
+    __slots__ = ("version", "bytes_received", "tensors_applied", "receive_s", "requantize_s", "apply_s", "pause_ms", "label")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    RECEIVE_S_FIELD_NUMBER: _ClassVar[int]
+    REQUANTIZE_S_FIELD_NUMBER: _ClassVar[int]
+    APPLY_S_FIELD_NUMBER: _ClassVar[int]
+    PAUSE_MS_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    bytes_received: int
+    tensors_applied: int
+    receive_s: float
+    requantize_s: float
+    apply_s: float
+    pause_ms: float
+    label: str
+    def __init__(self, version: _Optional[int] = ..., bytes_received: _Optional[int] = ..., tensors_applied: _Optional[int] = ..., receive_s: _Optional[float] = ..., requantize_s: _Optional[float] = ..., apply_s: _Optional[float] = ..., pause_ms: _Optional[float] = ..., label: _Optional[str] = ...) -> None: ...

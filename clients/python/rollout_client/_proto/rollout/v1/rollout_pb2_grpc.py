@@ -49,6 +49,11 @@ class RolloutServiceStub:
                 request_serializer=rollout__client_dot___proto_dot_rollout_dot_v1_dot_rollout__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=rollout__client_dot___proto_dot_rollout_dot_v1_dot_rollout__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.PushWeights = channel.stream_unary(
+                '/rollout.v1.RolloutService/PushWeights',
+                request_serializer=rollout__client_dot___proto_dot_rollout_dot_v1_dot_rollout__pb2.PushWeightsRequest.SerializeToString,
+                response_deserializer=rollout__client_dot___proto_dot_rollout_dot_v1_dot_rollout__pb2.PushWeightsResponse.FromString,
+                _registered_method=True)
 
 
 class RolloutServiceServicer:
@@ -77,6 +82,18 @@ class RolloutServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushWeights(self, request_iterator, context):
+        """Stream new weights into the running engine: one PushHeader, then chunks
+        (and, optionally, PushDeclare messages adding tensors), then one PushCommit. The server checks and converts each tensor as it
+        completes (requantizing it when the engine runs int8/fp8) while
+        generation goes on with the old weights; on commit it pauses the engine
+        only to apply them, then serves version = previous + 1. A push that fails
+        anywhere, or a stream that ends before its commit, changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RolloutServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +111,11 @@ def add_RolloutServiceServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=rollout__client_dot___proto_dot_rollout_dot_v1_dot_rollout__pb2.GetStatusRequest.FromString,
                     response_serializer=rollout__client_dot___proto_dot_rollout_dot_v1_dot_rollout__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'PushWeights': grpc.stream_unary_rpc_method_handler(
+                    servicer.PushWeights,
+                    request_deserializer=rollout__client_dot___proto_dot_rollout_dot_v1_dot_rollout__pb2.PushWeightsRequest.FromString,
+                    response_serializer=rollout__client_dot___proto_dot_rollout_dot_v1_dot_rollout__pb2.PushWeightsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -177,6 +199,33 @@ class RolloutService:
             '/rollout.v1.RolloutService/GetStatus',
             rollout__client_dot___proto_dot_rollout_dot_v1_dot_rollout__pb2.GetStatusRequest.SerializeToString,
             rollout__client_dot___proto_dot_rollout_dot_v1_dot_rollout__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushWeights(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/rollout.v1.RolloutService/PushWeights',
+            rollout__client_dot___proto_dot_rollout_dot_v1_dot_rollout__pb2.PushWeightsRequest.SerializeToString,
+            rollout__client_dot___proto_dot_rollout_dot_v1_dot_rollout__pb2.PushWeightsResponse.FromString,
             options,
             channel_credentials,
             insecure,

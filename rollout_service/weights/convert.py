@@ -1,0 +1,30 @@
+"""A pushed tensor -> the tensors the engine loads: checked for NaN/Inf, cast to the engine's dtype,
+and requantized with quant/ (the code `serve --quantization` runs at load) where the engine is
+quantized. Output is in checkpoint naming: 'x.weight' and, when quantized, 'x.weight_scale'."""
+
+from __future__ import annotations
+
+import torch
+
+from rollout_service.errors import InvalidArgument
+from rollout_service.quant import QuantFormat, is_quantized_param, quantize_weight
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero()[0].tolist()
+        value = tensor[tuple(bad)].item()
+        count = int((~finite).sum())
+        raise InvalidArgument(name, f"{count} non-finite value(s), the first {value} at index {bad}")
+
+
+def to_engine_format(
+    name: str, tensor: torch.Tensor, dtype: torch.dtype, quantization: QuantFormat | None
+) -> dict[str, torch.Tensor]:
+    """`tensor` (any float dtype) as the engine stores parameter `name`."""
+    check_finite(name, tensor)
+    if quantization is not None and is_quantized_param(name, tensor.ndim):
+        q, scale = quantize_weight(tensor, quantization)
+        return {name: q, name + "_scale": scale}
+    return {name: tensor.to(dtype)}

@@ -1,0 +1,125 @@
+"""One push being received: chunks are assembled per tensor; each finished tensor is checked
+(size, CRC-32, finite values) and converted on a worker thread while further chunks arrive, so
+generation and receiving go on while tensors are requantized.
+
+Memory is bounded: tensors being assembled or waiting for conversion take at most `buffer_bytes`
+(one tensor larger than that is taken alone); beyond it `add_chunk` waits for conversions, which
+slows the sender through gRPC / TCP flow control instead of growing memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+import warnings
+import zlib
+from collections.abc import Callable
+
+import torch
+
+from rollout_service.errors import DataLoss, InvalidArgument
+from rollout_service.weights.manifest import ParamTable, PushHeader, TensorSpec
+from rollout_service.weights.staging import Spool
+
+Converter = Callable[[str, torch.Tensor], dict[str, torch.Tensor]]
+
+
+class PushSession:
+    def __init__(self, header: PushHeader, table: ParamTable, convert: Converter, spool: Spool, buffer_bytes: int):
+        self.header = header
+        self.tensors: list[TensorSpec] = []
+        self._table = table
+        self._seen: dict[str, int] = {}
+        self.spool = spool
+        self._convert = convert
+        self._budget = buffer_bytes
+        self._received: list[int] = []
+        self._buffers: dict[int, bytearray | bytes] = {}
+        self._in_use = 0
+        self._space = asyncio.Condition()
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="push-convert")
+        self._pending: list[asyncio.Future] = []
+        self.started = time.monotonic()
+        self.bytes_received = 0
+        self.convert_s = 0.0
+        self.committed = False
+        self.declare(header.tensors)
+
+    def declare(self, specs: tuple[TensorSpec, ...] | list[TensorSpec]) -> None:
+        """Add tensors to the push (the header's, then any PushDeclare's), checked against the model."""
+        for spec in specs:
+            self._table.check_tensor(len(self.tensors), spec, self._seen)
+            self.tensors.append(spec)
+            self._received.append(0)
+
+    async def add_chunk(self, index: int, offset: int, data: bytes) -> None:
+        self._raise_conversion_error()
+        if not 0 <= index < len(self.tensors):
+            raise InvalidArgument(
+                "chunk.tensor_index", f"{index} names no declared tensor ({len(self.tensors)} are declared)"
+            )
+        spec = self.tensors[index]
+        got = self._received[index]
+        if offset != got:
+            where = "after the last byte" if got == spec.nbytes else f"where byte {got} was expected"
+            raise DataLoss(f"{spec.name}: chunk at offset {offset} {where} (a tensor's chunks arrive in order, without gaps)")
+        if got + len(data) > spec.nbytes:
+            raise DataLoss(f"{spec.name}: {got + len(data) - spec.nbytes} byte(s) beyond its declared nbytes={spec.nbytes}")
+        if not data:
+            return
+        if got == 0:
+            await self._reserve(spec.nbytes)
+            # A tensor in one chunk needs no copy.
+            self._buffers[index] = data if len(data) == spec.nbytes else bytearray(spec.nbytes)
+        buf = self._buffers[index]
+        if buf is not data:
+            memoryview(buf)[offset : offset + len(data)] = data
+        self._received[index] = got + len(data)
+        self.bytes_received += len(data)
+        if self._received[index] == spec.nbytes:
+            del self._buffers[index]
+            future = asyncio.get_running_loop().run_in_executor(self._pool, self._finish_tensor, spec, buf)
+            future.add_done_callback(lambda _f, n=spec.nbytes: asyncio.ensure_future(self._release(n)))
+            self._pending.append(future)
+
+    async def finish(self) -> None:
+        """At the commit: every tensor complete, checked, converted and on disk."""
+        if not self.tensors:
+            raise InvalidArgument("tensors", "the push declared no tensor")
+        for spec, got in zip(self.tensors, self._received):
+            if got != spec.nbytes:
+                raise DataLoss(f"{spec.name}: {got} of {spec.nbytes} bytes received before the commit")
+        await asyncio.gather(*self._pending)
+        await asyncio.get_running_loop().run_in_executor(self._pool, self.spool.flush)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    # ---- internals ------------------------------------------------------------------------------
+
+    def _finish_tensor(self, spec: TensorSpec, buf: bytearray | bytes) -> None:
+        """On the conversion thread: check, convert, stage."""
+        start = time.perf_counter()
+        if spec.crc32 is not None and (crc := zlib.crc32(buf)) != spec.crc32:
+            raise DataLoss(f"{spec.name}: CRC-32 of the received bytes is {crc:#010x}, the header declared {spec.crc32:#010x}")
+        with warnings.catch_warnings():  # read-only bytes: the tensor is only read
+            warnings.simplefilter("ignore", UserWarning)
+            tensor = torch.frombuffer(buf, dtype=spec.torch_dtype).reshape(spec.shape)
+        self.spool.add(self._convert(spec.name, tensor))
+        self.convert_s += time.perf_counter() - start
+
+    def _raise_conversion_error(self) -> None:
+        for f in self._pending:
+            if f.done() and f.exception() is not None:
+                raise f.exception()
+
+    async def _reserve(self, nbytes: int) -> None:
+        async with self._space:
+            await self._space.wait_for(lambda: self._in_use == 0 or self._in_use + nbytes <= self._budget)
+            self._in_use += nbytes
+
+    async def _release(self, nbytes: int) -> None:
+        async with self._space:
+            self._in_use -= nbytes
+            self._space.notify_all()
