@@ -34,6 +34,10 @@ def serve(
     kv_cache_gib: Optional[int] = typer.Option(None, help="CPU KV cache in whole GiB (default 1)."),
     seed: Optional[int] = typer.Option(None, help="Engine seed (default 0)."),
     cache_dir: Optional[Path] = typer.Option(None, help="Where quantized copies of checkpoints are kept."),
+    inflight: Optional[str] = typer.Option(None, help="drain (default) | abort | continue: running samples at a push."),
+    push_buffer_mib: Optional[int] = typer.Option(None, help="Memory for pushed tensors in flight (default 256)."),
+    staging_dir: Optional[Path] = typer.Option(None, help="Where pushed tensors are staged (default <cache-dir>/staging)."),
+    debug_endpoints: Optional[bool] = typer.Option(None, "--debug-endpoints", help="Serve GET /v1/debug/engine-weights."),
     log_level: str = typer.Option("info", help="debug | info | warning | error."),
 ) -> None:
     """Serve a model over gRPC and HTTP in this process (the embedded default: no Ray, no Redis).

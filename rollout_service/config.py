@@ -83,6 +83,12 @@ class ServerConfig(BaseSettings):
         "pushed tensors are kept; default: <cache_dir>/staging.",
     )
 
+    debug_endpoints: bool = Field(
+        False,
+        description="Serve GET /v1/debug/engine-weights: the engine's weights as it computes with them "
+        "(safetensors), for checking that pushes land. Off by default: it copies the whole model.",
+    )
+
     @field_validator("model")
     @classmethod
     def _model_exists(cls, path: Path) -> Path:

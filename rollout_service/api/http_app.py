@@ -6,6 +6,8 @@ POST /v1/weights    a safetensors body (streamed) -> PushWeightsResponse JSON; q
                     safetensors metadata as {"crc32": "<JSON name -> crc>"}
 GET  /v1/status     GetStatus as JSON
 GET  /healthz       200 when the engine is alive, 503 otherwise
+GET  /v1/debug/engine-weights   with --debug-endpoints: the engine's weights as it computes with
+                    them (safetensors; see RolloutWorkerExtension.rollout_snapshot)
 
 Errors come back as {"error": {"code": "INVALID_ARGUMENT", "message": "...", "field": "..."}}
 with the HTTP status from `errors.http_status`. An optional `X-Request-Timeout` header (seconds)
@@ -21,7 +23,7 @@ from dataclasses import asdict
 
 from fastapi import FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
 from rollout_service.engine import RolloutEngine
@@ -120,6 +122,12 @@ def create_app(engine: RolloutEngine, weights: WeightService) -> FastAPI:
         result = engine.status()
         result.last_push = weights.last_push
         return asdict(result)
+
+    if engine.config.debug_endpoints:
+
+        @app.get("/v1/debug/engine-weights")
+        async def engine_weights():
+            return Response(await engine.snapshot(), media_type="application/octet-stream")
 
     @app.get("/healthz")
     async def healthz():

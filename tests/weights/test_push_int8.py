@@ -1,0 +1,61 @@
+"""int8 (W8A8) pushes: bf16 weights pushed into an int8 server are requantized on arrival with the
+code `serve --quantization int8` uses at load, so the engine then holds bitwise what a fresh int8
+server started from the same bf16 checkpoint holds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.weights.conftest import engine_weights, greedy, start_server
+
+pytestmark = pytest.mark.engine
+
+
+@pytest.fixture(scope="module")
+def quant_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("int8-cache")
+
+
+@pytest.fixture(scope="module")
+def int8_target(request, tiny_model, tmp_path_factory, quant_cache):
+    return start_server(request, tiny_model, tmp_path_factory, "int8-target", "--quantization", "int8", "--cache-dir", str(quant_cache))
+
+
+@pytest.fixture(scope="module")
+def int8_reference(request, model1, tmp_path_factory, quant_cache):
+    """A fresh int8 server started from the bf16 checkpoint W1 (quantized at load)."""
+    return start_server(request, model1, tmp_path_factory, "int8-w1", "--quantization", "int8", "--cache-dir", str(quant_cache))
+
+
+def _client(server):
+    from rollout_client import RolloutClient
+
+    return RolloutClient(server.grpc_address, timeout=120)
+
+
+def test_int8_push_holds_bitwise_the_weights_of_a_fresh_int8_server(int8_target, int8_reference, weights1):
+    with _client(int8_target) as target, _client(int8_reference) as reference:
+        before = greedy(target)
+        result = target.push_weights(weights1)
+        assert result.version == 1 and result.requantize_s > 0
+        pushed, fresh = engine_weights(int8_target), engine_weights(int8_reference)
+        # Scales, azp_adj, unquantized tensors, and each int8 layer's output on a fixed input
+        # (the CPU kernel keeps its int8 weight prepacked, out of reach).
+        assert pushed.keys() == fresh.keys()
+        assert any(k.endswith("weight_scale") for k in pushed) and any(k.endswith("qkv_proj.probe") for k in pushed)
+        assert [k for k in pushed if not torch.equal(pushed[k], fresh[k])] == []
+        after = greedy(target)
+        assert after == greedy(reference) and after != before
+
+
+def test_int8_partial_push_equals_a_full_push_of_the_merged_weights(int8_target, int8_reference, weights0, weights1):
+    subset = {k: v for k, v in weights0.items() if ".layers.0.mlp.up_proj" in k or ".layers.3." in k}
+    with _client(int8_target) as target, _client(int8_reference) as reference:
+        target.push_weights(weights1)
+        target.push_weights(subset)
+        reference.push_weights({**weights1, **subset})
+        assert greedy(target) == greedy(reference)
+        pushed, merged = engine_weights(int8_target), engine_weights(int8_reference)
+        assert [k for k in pushed if not torch.equal(pushed[k], merged[k])] == []
+        reference.push_weights(weights1)
