@@ -1,0 +1,144 @@
+"""PushSession without an engine: assembly, checks, conversion, bounded memory."""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rollout_service.errors import DataLoss, InvalidArgument
+from rollout_service.weights.convert import to_engine_format
+from rollout_service.weights.manifest import ParamTable, PushHeader, TensorSpec
+from rollout_service.weights.session import PushSession
+from rollout_service.weights.staging import Spool
+
+TABLE = ParamTable({"a.weight": (64, 32), "b.weight": (16, 32), "model.layers.0.mlp.up_proj.weight": (64, 32)})
+
+
+def spec(name: str, t: torch.Tensor) -> TensorSpec:
+    raw = t.contiguous().view(torch.uint8).numpy().tobytes()
+    return TensorSpec(name, str(t.dtype).removeprefix("torch."), tuple(t.shape), len(raw), zlib.crc32(raw))
+
+
+def raw(t: torch.Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def session(tmp_path, tensors: dict[str, torch.Tensor], budget: int = 1 << 20, quant=None) -> PushSession:
+    header = PushHeader(tuple(spec(n, t) for n, t in tensors.items()))
+    convert = lambda name, t: to_engine_format(name, t, torch.bfloat16, quant)  # noqa: E731
+    return PushSession(header, TABLE, convert, Spool(tmp_path, part_bytes=4096), budget)
+
+
+def test_chunks_of_interleaved_tensors_assemble_convert_and_stage(tmp_path):
+    a = torch.randn(64, 32)  # float32 on the wire, bfloat16 in the engine
+    b = torch.randn(16, 32).to(torch.bfloat16)
+
+    async def run():
+        s = session(tmp_path, {"a.weight": a, "b.weight": b})
+        ra, rb = raw(a), raw(b)
+        for off in range(0, len(ra), 1000):  # interleave the two tensors' chunks
+            await s.add_chunk(0, off, ra[off : off + 1000])
+            if off < len(rb):
+                await s.add_chunk(1, off, rb[off : off + 1000])
+        await s.finish()
+        s.close()
+        return s
+
+    s = asyncio.run(run())
+    staged = {}
+    for path in set(s.spool.files.values()):
+        staged.update(load_file(path))
+    assert torch.equal(staged["a.weight"], a.to(torch.bfloat16)) and torch.equal(staged["b.weight"], b)
+    assert s.bytes_received == a.numel() * 4 + b.numel() * 2 and s.convert_s > 0
+
+
+def test_quantized_parameters_are_staged_as_int8_with_their_scale(tmp_path):
+    from rollout_service.quant import quantize_weight
+
+    w = torch.randn(64, 32).to(torch.bfloat16)
+
+    async def run():
+        s = session(tmp_path, {"model.layers.0.mlp.up_proj.weight": w}, quant="int8")
+        await s.add_chunk(0, 0, raw(w))
+        await s.finish()
+        s.close()
+        return s
+
+    s = asyncio.run(run())
+    staged = load_file(s.spool.files["model.layers.0.mlp.up_proj.weight"])
+    q, scale = quantize_weight(w, "int8")
+    assert torch.equal(staged["model.layers.0.mlp.up_proj.weight"], q)
+    assert torch.equal(staged["model.layers.0.mlp.up_proj.weight_scale"], scale)
+
+
+def test_memory_in_flight_stays_within_the_budget(tmp_path):
+    """Ten 8 KiB tensors through a 16 KiB budget: never more than two in memory at once."""
+    tensors = {f"t{i}.weight": torch.randn(64, 32) for i in range(10)}
+    table = ParamTable({n: (64, 32) for n in tensors})
+    peak = 0
+
+    async def run():
+        nonlocal peak
+        header = PushHeader(tuple(spec(n, t) for n, t in tensors.items()))
+        s = PushSession(header, table, lambda n, t: {n: t.clone()}, Spool(tmp_path, 1 << 30), budget := 16384)
+        for i, t in enumerate(tensors.values()):
+            data = raw(t)
+            await s.add_chunk(i, 0, data[:4000])
+            peak = max(peak, s._in_use)
+            await s.add_chunk(i, 4000, data[4000:])
+        await s.finish()
+        s.close()
+        assert peak <= budget
+
+    asyncio.run(run())
+    assert peak > 0
+
+
+@pytest.mark.parametrize(
+    "mutate, error, text",
+    [
+        (lambda d: d[:-4], DataLoss, "8188 of 8192 bytes received before the commit"),
+        (lambda d: bytes([d[0] ^ 1]) + d[1:], DataLoss, "CRC-32 of the received bytes"),
+    ],
+)
+def test_incomplete_or_corrupt_tensors_fail_at_the_commit(tmp_path, mutate, error, text):
+    a = torch.randn(64, 32)
+
+    async def run():
+        s = session(tmp_path, {"a.weight": a})
+        await s.add_chunk(0, 0, mutate(raw(a)))
+        try:
+            await s.finish()
+        finally:
+            s.close()
+
+    with pytest.raises(error, match=text):
+        asyncio.run(run())
+
+
+def test_a_nan_is_reported_with_its_tensor_and_index(tmp_path):
+    a = torch.randn(64, 32)
+    a[3, 7] = float("nan")
+
+    async def run():
+        s = session(tmp_path, {"a.weight": a})
+        await s.add_chunk(0, 0, raw(a))
+        try:
+            await s.finish()
+        finally:
+            s.close()
+
+    with pytest.raises(InvalidArgument, match=r"a.weight: 1 non-finite value\(s\), the first nan at index \[3, 7\]"):
+        asyncio.run(run())
+
+
+def test_discarding_a_spool_removes_everything_staged(tmp_path):
+    spool = Spool(tmp_path, part_bytes=1)
+    spool.add({"x": torch.zeros(4)})
+    assert any(spool.dir.iterdir())
+    spool.discard()
+    assert not spool.dir.exists()
