@@ -49,7 +49,7 @@ def test_an_iterator_is_consumed_one_tensor_at_a_time():
 
 
 def test_non_float_tensors_are_refused_with_their_name():
-    with pytest.raises(TypeError, match="x: dtype int64"):
+    with pytest.raises(TypeError, match="x: dtype torch.int64"):
         as_bytes("x", torch.zeros(2, dtype=torch.int64))
     with pytest.raises(TypeError, match="y: dtype float64"):
         as_bytes("y", np.zeros(2))
