@@ -174,4 +174,5 @@ class PushResult:
     requantize_s: float
     apply_s: float
     pause_ms: float
+    drain_ms: float = 0.0
     label: str = ""

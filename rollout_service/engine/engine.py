@@ -199,24 +199,29 @@ class RolloutEngine:
 
     # ---- weights ----------------------------------------------------------------------------
 
-    async def apply_weights(self, plan: Plan, policy: InflightPolicy, bump: bool = True) -> tuple[float, float]:
+    async def apply_weights(self, plan: Plan, policy: InflightPolicy, bump: bool = True) -> tuple[float, float, float]:
         """Pause generation per `policy`, load `plan` (see worker_ext), label further tokens with
-        version + 1 (unless `bump` is False), resume. Returns (apply seconds, pause milliseconds)."""
+        version + 1 (unless `bump` is False), resume.
+
+        Returns (apply s, pause ms, drain ms): pause is the time the engine generated nothing;
+        drain (policy "drain" only) the time before it, when running samples were finishing on
+        the old weights while new requests were held back.
+        """
         self._check_alive()
-        paused = time.monotonic()
+        start = time.monotonic()
         # clear_cache: the prefix and KV caches hold keys/values of the old weights. Under
         # "continue" this makes the running samples recompute their KV with the new weights.
         await self._llm.pause_generation(mode=_PAUSE_MODE[policy], clear_cache=True)
+        paused = time.monotonic()
         try:
-            start = time.monotonic()
             await self._llm.collective_rpc("rollout_apply", args=(plan,))
-            applied = time.monotonic() - start
+            applied = time.monotonic() - paused
             if bump:
                 await self._llm.update_weight_version(str(self.weight_version + 1))
                 self.weight_version += 1
         finally:
             await self._llm.resume_generation()
-        return applied, (time.monotonic() - paused) * 1e3
+        return applied, (time.monotonic() - paused) * 1e3, (paused - start) * 1e3
 
     async def snapshot(self) -> bytes:
         """The engine's weights as it computes with them (safetensors bytes; see worker_ext)."""

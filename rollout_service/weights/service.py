@@ -100,7 +100,7 @@ class WeightService:
         pushed = session.spool.files
         policy = session.header.inflight or self.config.inflight
         try:
-            apply_s, pause_ms = await self.engine.apply_weights(self.weights.plan(pushed), policy)
+            apply_s, pause_ms, drain_ms = await self.engine.apply_weights(self.weights.plan(pushed), policy)
         except Exception:
             # Not a bad push (those fail before this point) but an engine error: put back the
             # current weights of the modules it may have half loaded, then report it.
@@ -117,6 +117,7 @@ class WeightService:
             requantize_s=session.convert_s,
             apply_s=apply_s,
             pause_ms=pause_ms,
+            drain_ms=drain_ms,
             label=session.header.label,
         )
         return self.last_push

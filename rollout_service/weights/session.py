@@ -35,7 +35,7 @@ class PushSession:
         self._convert = convert
         self._budget = buffer_bytes
         self._received: list[int] = []
-        self._buffers: dict[int, bytearray | bytes] = {}
+        self._chunks: dict[int, list[bytes]] = {}
         self._in_use = 0
         self._space = asyncio.Condition()
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="push-convert")
@@ -70,16 +70,14 @@ class PushSession:
             return
         if got == 0:
             await self._reserve(spec.nbytes)
-            # A tensor in one chunk needs no copy.
-            self._buffers[index] = data if len(data) == spec.nbytes else bytearray(spec.nbytes)
-        buf = self._buffers[index]
-        if buf is not data:
-            memoryview(buf)[offset : offset + len(data)] = data
+            self._chunks[index] = []
+        # The chunks are kept as received and joined on the conversion thread: no copy on the loop.
+        self._chunks[index].append(data)
         self._received[index] = got + len(data)
         self.bytes_received += len(data)
         if self._received[index] == spec.nbytes:
-            del self._buffers[index]
-            future = asyncio.get_running_loop().run_in_executor(self._pool, self._finish_tensor, spec, buf)
+            chunks = self._chunks.pop(index)
+            future = asyncio.get_running_loop().run_in_executor(self._pool, self._finish_tensor, spec, chunks)
             future.add_done_callback(lambda _f, n=spec.nbytes: asyncio.ensure_future(self._release(n)))
             self._pending.append(future)
 
@@ -98,14 +96,25 @@ class PushSession:
 
     # ---- internals ------------------------------------------------------------------------------
 
-    def _finish_tensor(self, spec: TensorSpec, buf: bytearray | bytes) -> None:
-        """On the conversion thread: check, convert, stage."""
+    def _finish_tensor(self, spec: TensorSpec, chunks: list[bytes]) -> None:
+        """On the conversion thread: join, check, convert, stage."""
         start = time.perf_counter()
-        if spec.crc32 is not None and (crc := zlib.crc32(buf)) != spec.crc32:
+        crc = 0
+        for c in chunks:
+            crc = zlib.crc32(c, crc)
+        if spec.crc32 is not None and crc != spec.crc32:
             raise DataLoss(f"{spec.name}: CRC-32 of the received bytes is {crc:#010x}, the header declared {spec.crc32:#010x}")
-        with warnings.catch_warnings():  # read-only bytes: the tensor is only read
+        with warnings.catch_warnings():  # read-only bytes: only read, or copied below
             warnings.simplefilter("ignore", UserWarning)
-            tensor = torch.frombuffer(buf, dtype=spec.torch_dtype).reshape(spec.shape)
+            if len(chunks) == 1:
+                flat = torch.frombuffer(chunks[0], dtype=torch.uint8)
+            else:
+                flat = torch.empty(spec.nbytes, dtype=torch.uint8)
+                pos = 0
+                for c in chunks:
+                    flat[pos : pos + len(c)].copy_(torch.frombuffer(c, dtype=torch.uint8))
+                    pos += len(c)
+        tensor = flat.view(spec.torch_dtype).reshape(spec.shape)
         self.spool.add(self._convert(spec.name, tensor))
         self.convert_s += time.perf_counter() - start
 

@@ -7,12 +7,33 @@ engine's worker a path instead of tensors to unpickle.
 
 from __future__ import annotations
 
+import json
 import shutil
+import struct
 import uuid
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+
+_SAFETENSORS_DTYPE = {
+    torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.int8: "I8",
+    torch.float8_e4m3fn: "F8_E4M3",
+}
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' file format, written straight from the tensors' memory. (safetensors'
+    save_file first copies every tensor into a bytes object: a third of a push's conversion time.)"""
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        header[name] = {"dtype": _SAFETENSORS_DTYPE[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as the format asks
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for t in tensors.values():
+            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 class Spool:
@@ -37,7 +58,7 @@ class Spool:
         if not self._pending:
             return
         path = self.dir / f"part-{len(set(self.files.values())):05d}.safetensors"
-        save_file(self._pending, path)
+        write_safetensors(self._pending, path)
         for name in self._pending:
             self.files[name] = path
         self._pending, self._pending_bytes = {}, 0

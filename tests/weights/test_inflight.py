@@ -43,8 +43,8 @@ def test_drain_finishes_running_samples_on_the_old_weights_first(bf16_target_cli
     for s in samples:
         assert s.finish_reason == "length" and len(s.token_ids) == 240
         assert s.weight_version == s.first_weight_version == before
-    # The engine waited for them: the pause covers the rest of the generation, not only the apply.
-    assert result.pause_ms > result.apply_s * 1e3 + 50
+    # The engine waited for them (the rest of the generation) before pausing for the apply.
+    assert result.drain_ms > 200 and result.pause_ms < result.drain_ms
 
 
 def test_abort_ends_running_samples_with_finish_reason_aborted(bf16_target_client, new_weights):
@@ -62,8 +62,8 @@ def test_continue_carries_samples_across_the_flip_and_reports_both_versions(bf16
     for s in samples:
         assert s.finish_reason == "length" and len(s.token_ids) == 240
         assert (s.first_weight_version, s.weight_version) == (before, before + 1)
-    # Under continue the engine is paused only for the apply, not for the generation.
-    assert result.pause_ms < 2000
+    # Under continue nothing waits for the running samples.
+    assert result.drain_ms < 200
 
 
 def test_the_servers_default_policy_is_reported(bf16_target_client):

@@ -142,3 +142,16 @@ def test_discarding_a_spool_removes_everything_staged(tmp_path):
     assert any(spool.dir.iterdir())
     spool.discard()
     assert not spool.dir.exists()
+
+
+def test_staged_files_are_safetensors_that_the_library_reads_back(tmp_path):
+    from rollout_service.weights.staging import write_safetensors
+
+    tensors = {
+        "bf16": torch.randn(3, 5).to(torch.bfloat16), "f32": torch.randn(7), "f16": torch.randn(2, 2).half(),
+        "i8": torch.randint(-128, 127, (4, 3), dtype=torch.int8), "f8": torch.randn(6).to(torch.float8_e4m3fn),
+    }
+    write_safetensors(tensors, tmp_path / "x.safetensors")
+    back = load_file(tmp_path / "x.safetensors")
+    assert back.keys() == tensors.keys()
+    assert all(back[k].dtype == t.dtype and torch.equal(back[k].view(torch.uint8), t.view(torch.uint8)) for k, t in tensors.items())

@@ -35,6 +35,7 @@ class PushResult:
     requantize_s: float
     apply_s: float
     pause_ms: float
+    drain_ms: float
     label: str
     seconds: float  # wall time of the whole call, measured by the client
 
@@ -46,7 +47,8 @@ class PushResult:
         return (
             f"pushed {self.tensors_applied} tensors, {self.bytes_received / 1e9:.3f} GB in {self.seconds:.2f} s "
             f"({self.gbps:.2f} GB/s) -> version {self.version} (apply {self.apply_s * 1e3:.0f} ms, "
-            f"generation paused {self.pause_ms:.0f} ms)"
+            f"generation paused {self.pause_ms:.0f} ms"
+            + (f" after a {self.drain_ms:.0f} ms drain)" if self.drain_ms >= 1 else ")")
         )
 
 
@@ -59,6 +61,7 @@ def result_from_proto(msg: pb.PushWeightsResponse, seconds: float) -> PushResult
         requantize_s=msg.requantize_s,
         apply_s=msg.apply_s,
         pause_ms=msg.pause_ms,
+        drain_ms=msg.drain_ms,
         label=msg.label,
         seconds=seconds,
     )

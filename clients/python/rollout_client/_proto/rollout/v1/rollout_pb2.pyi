@@ -227,7 +227,7 @@ class PushWeightsRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[_Union[PushChunk, _Mapping]] = ..., commit: _Optional[_Union[PushCommit, _Mapping]] = ..., declare: _Optional[_Union[PushDeclare, _Mapping]] = ...) -> None: ...
 
 class PushWeightsResponse(_message.Message):
-    __slots__ = ("version", "bytes_received", "tensors_applied", "receive_s", "requantize_s", "apply_s", "pause_ms", "label")
+    __slots__ = ("version", "bytes_received", "tensors_applied", "receive_s", "requantize_s", "apply_s", "pause_ms", "label", "drain_ms")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     TENSORS_APPLIED_FIELD_NUMBER: _ClassVar[int]
@@ -236,6 +236,7 @@ class PushWeightsResponse(_message.Message):
     APPLY_S_FIELD_NUMBER: _ClassVar[int]
     PAUSE_MS_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_MS_FIELD_NUMBER: _ClassVar[int]
     version: int
     bytes_received: int
     tensors_applied: int
@@ -244,4 +245,5 @@ class PushWeightsResponse(_message.Message):
     apply_s: float
     pause_ms: float
     label: str
-    def __init__(self, version: _Optional[int] = ..., bytes_received: _Optional[int] = ..., tensors_applied: _Optional[int] = ..., receive_s: _Optional[float] = ..., requantize_s: _Optional[float] = ..., apply_s: _Optional[float] = ..., pause_ms: _Optional[float] = ..., label: _Optional[str] = ...) -> None: ...
+    drain_ms: float
+    def __init__(self, version: _Optional[int] = ..., bytes_received: _Optional[int] = ..., tensors_applied: _Optional[int] = ..., receive_s: _Optional[float] = ..., requantize_s: _Optional[float] = ..., apply_s: _Optional[float] = ..., pause_ms: _Optional[float] = ..., label: _Optional[str] = ..., drain_ms: _Optional[float] = ...) -> None: ...
