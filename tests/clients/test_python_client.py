@@ -3,7 +3,13 @@
 import grpc
 import pytest
 
-from rollout_client import InvalidArgumentError, ResourceExhaustedError, RolloutClientError
+from rollout_client import (
+    AbortedError,
+    DataLossError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    RolloutClientError,
+)
 from rollout_client.client import build_request
 from rollout_client.errors import from_rpc_error
 
@@ -36,7 +42,9 @@ class FakeRpcErrorForClientUnitTest(grpc.RpcError):
     [
         (grpc.StatusCode.INVALID_ARGUMENT, InvalidArgumentError),
         (grpc.StatusCode.RESOURCE_EXHAUSTED, ResourceExhaustedError),
-        (grpc.StatusCode.DATA_LOSS, RolloutClientError),
+        (grpc.StatusCode.DATA_LOSS, DataLossError),
+        (grpc.StatusCode.ABORTED, AbortedError),
+        (grpc.StatusCode.UNKNOWN, RolloutClientError),
     ],
 )
 def test_rpc_errors_become_typed_exceptions_carrying_the_code(code, cls):
