@@ -29,7 +29,12 @@ _EPS = torch.finfo(torch.float32).eps
 
 
 def _scale(w: torch.Tensor, per_channel: bool, half_range: float) -> torch.Tensor:
-    amax = w.abs().amax(dim=1, keepdim=True) if per_channel else w.abs().amax().reshape(1)
+    # max|w| as max(-min, max): the same value as abs().amax() without a full-size temporary.
+    if per_channel:
+        lo, hi = torch.aminmax(w, dim=1, keepdim=True)
+    else:
+        lo, hi = (x.reshape(1) for x in torch.aminmax(w))
+    amax = torch.maximum(-lo, hi)
     scale = amax / half_range
     return torch.where(scale == 0, torch.full_like(scale, _EPS), scale)
 
@@ -38,13 +43,14 @@ def quantize_weight(weight: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tenso
     """(quantized weight, float32 scale) for a 2-D [out, in] weight of any float dtype."""
     if weight.ndim != 2:
         raise ValueError(f"weight of shape {tuple(weight.shape)} is not 2-D [out_features, in_features]")
-    w = weight.to(torch.float32)
+    # In place after the one float32 copy: each full-size temporary costs a pass over memory.
+    w = weight.to(torch.float32, copy=True)
     if fmt == "int8":
         scale = _scale(w, per_channel=True, half_range=_INT8_HALF_RANGE)
-        q = torch.round(torch.clamp(w / scale, -128, 127)).to(torch.int8)
+        q = w.div_(scale).clamp_(-128, 127).round_().to(torch.int8)
     elif fmt in ("fp8", "fp8_channel"):
         scale = _scale(w, per_channel=fmt == "fp8_channel", half_range=_FP8_HALF_RANGE)
-        q = torch.clamp(w / scale, -_FP8_MAX, _FP8_MAX).to(_FP8)
+        q = w.div_(scale).clamp_(-_FP8_MAX, _FP8_MAX).to(_FP8)
     else:
         raise ValueError(f"quantization format {fmt!r} is not one of int8, fp8, fp8_channel")
     return q, scale

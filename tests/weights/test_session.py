@@ -56,13 +56,16 @@ def test_chunks_of_interleaved_tensors_assemble_convert_and_stage(tmp_path):
     assert s.bytes_received == a.numel() * 4 + b.numel() * 2 and s.convert_s > 0
 
 
-def test_quantized_parameters_are_staged_as_int8_with_their_scale(tmp_path):
+@pytest.mark.parametrize("fmt", ["int8", "fp8", "fp8_channel"])
+def test_quantized_parameters_are_staged_requantized_with_their_scale(tmp_path, fmt):
+    """What the engine will load is exactly quant.quantize_weight's output (FP8 included: the
+    staging and the math run on CPU; only the FP8 engine needs a GPU)."""
     from rollout_service.quant import quantize_weight
 
     w = torch.randn(64, 32).to(torch.bfloat16)
 
     async def run():
-        s = session(tmp_path, {"model.layers.0.mlp.up_proj.weight": w}, quant="int8")
+        s = session(tmp_path, {"model.layers.0.mlp.up_proj.weight": w}, quant=fmt)
         await s.add_chunk(0, 0, raw(w))
         await s.finish()
         s.close()
@@ -70,8 +73,9 @@ def test_quantized_parameters_are_staged_as_int8_with_their_scale(tmp_path):
 
     s = asyncio.run(run())
     staged = load_file(s.spool.files["model.layers.0.mlp.up_proj.weight"])
-    q, scale = quantize_weight(w, "int8")
-    assert torch.equal(staged["model.layers.0.mlp.up_proj.weight"], q)
+    q, scale = quantize_weight(w, fmt)
+    assert staged["model.layers.0.mlp.up_proj.weight"].dtype == q.dtype
+    assert torch.equal(staged["model.layers.0.mlp.up_proj.weight"].view(torch.uint8), q.view(torch.uint8))
     assert torch.equal(staged["model.layers.0.mlp.up_proj.weight_scale"], scale)
 
 
