@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2, help="samples per prompt")
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--rounds", type=int, default=3, help="generate -> train step -> push rounds")
+    parser.add_argument("--rounds", type=int, default=4, help="generate -> train step -> push rounds")
     args = parser.parse_args()
     console = Console()
 
@@ -90,7 +90,7 @@ def rl_loop(client: RolloutClient, args, console: Console) -> None:
     from transformers import AutoModelForCausalLM
 
     policy = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32)
-    optimizer = torch.optim.SGD(policy.parameters(), lr=0.5)
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.01)
     probe = client.generate(PROMPTS[:1], max_tokens=16, temperature=0.0)[0]  # a fixed sequence to rescore
     probe_ids = probe.prompt_token_ids + probe.samples[0].token_ids
 
@@ -113,6 +113,7 @@ def rl_loop(client: RolloutClient, args, console: Console) -> None:
             logits = policy(ids).logits[0, len(prompt) - 1 : -1].float()
             logp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(s.token_ids)[:, None]).sum()
             (-adv * logp / len(samples)).backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)  # small steps: the policy drifts, not jumps
         optimizer.step()
         result = client.push_weights(policy.state_dict(), label=f"round {r + 1}")
         after = probe_logprobs()
