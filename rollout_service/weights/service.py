@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -50,6 +51,10 @@ class WeightService:
         self._root = Path(tempfile.mkdtemp(prefix="server-", dir=base))
         self.weights = WeightSet(engine.checkpoint, self._root, engine.packed_modules)
         self._dtype = getattr(torch, config.dtype)
+        # Conversions use torch in this process; the engine and the front end need the other cores.
+        # On 2 cores one thread cut a push's conversion CPU time by about a third (OpenMP threads
+        # spin against the gRPC threads), see BENCHMARKS.md.
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
         self._quant = None if config.quantization == "none" else config.quantization
         self._busy = False
         self.last_push: PushResult | None = None
