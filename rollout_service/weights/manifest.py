@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from rollout_service.errors import InvalidArgument
+from rollout_service.weights.store import safetensors_header
 
 # Wire dtypes a push may use; each is converted to the engine's dtype on arrival.
 DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -50,12 +49,8 @@ class ParamTable:
     def from_checkpoint(cls, model: Path) -> ParamTable:
         shapes: dict[str, tuple[int, ...]] = {}
         for f in sorted(model.glob("*.safetensors")):
-            with open(f, "rb") as fh:
-                (size,) = struct.unpack("<Q", fh.read(8))
-                header = json.loads(fh.read(size))
-            for name, info in header.items():
-                if name != "__metadata__":
-                    shapes[name] = tuple(info["shape"])
+            for name, info in safetensors_header(f).items():
+                shapes[name] = tuple(info["shape"])
         return cls(shapes)
 
     def check_header(self, header: PushHeader, inflight_policies: tuple[str, ...]) -> None:

@@ -32,10 +32,17 @@ def module_of(name: str, packed: dict[str, list[str]]) -> str:
     return path
 
 
-def safetensors_names(path: Path) -> list[str]:
+def safetensors_header(path: Path) -> dict[str, dict]:
+    """name -> {dtype, shape, data_offsets} of a safetensors file, reading only its header."""
     with open(path, "rb") as fh:
         (size,) = struct.unpack("<Q", fh.read(8))
-        return [k for k in json.loads(fh.read(size)) if k != "__metadata__"]
+        header = json.loads(fh.read(size))
+    header.pop("__metadata__", None)
+    return header
+
+
+def safetensors_names(path: Path) -> list[str]:
+    return list(safetensors_header(path))
 
 
 class WeightSet:
