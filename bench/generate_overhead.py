@@ -130,7 +130,7 @@ async def run(prompts: int, max_tokens: int, rounds: int) -> dict:
 
     config, opts, ids = _settings(prompts, max_tokens)
     logs = Path(tempfile.mkdtemp())
-    server = ServerProcess.start(config.model, logs / "server.log", "--max-model-len", str(config.max_model_len), "--no-http")
+    server = ServerProcess.start(config.model, logs / "server.log", "--backend", "local", "--max-model-len", str(config.max_model_len), "--no-http")
     baseline = InProcessBaseline(prompts, max_tokens, logs / "inprocess.log")
     client = AsyncRolloutClient(server.grpc_address, timeout=600)
     try:

@@ -183,7 +183,7 @@ def main() -> None:
     bare_proc, bare_port = _start(_bare_grpc_server)
     tcp_proc, tcp_port = _start(_tcp_sink)
     log = CACHE / "push-bench-server.log"
-    server = ServerProcess.start(model, log, "--max-model-len", "256", "--no-http", "--cache-dir", str(CACHE / "rollout"))
+    server = ServerProcess.start(model, log, "--backend", "local", "--max-model-len", "256", "--no-http", "--cache-dir", str(CACHE / "rollout"))
     results: dict = {"model_mb": round(nbytes / 1e6, 1), "chunk_bytes": CHUNK, "rounds": rounds, "machine": machine()}
     try:
         import grpc
@@ -244,7 +244,7 @@ def main() -> None:
 
     results["requant_gbps"] = {fmt: requant_gbps(weights, fmt) for fmt in ("int8", "fp8", "fp8_channel")}
     if not args.quick:
-        int8 = ServerProcess.start(model, CACHE / "push-bench-int8.log", "--max-model-len", "256", "--no-http",
+        int8 = ServerProcess.start(model, CACHE / "push-bench-int8.log", "--backend", "local", "--max-model-len", "256", "--no-http",
                                    "--quantization", "int8", "--cache-dir", str(CACHE / "rollout"))
         try:
             with RolloutClient(int8.grpc_address, timeout=600) as c8:

@@ -38,26 +38,42 @@ def serve(
     push_buffer_mib: Optional[int] = typer.Option(None, help="Memory for pushed tensors in flight (default 256)."),
     staging_dir: Optional[Path] = typer.Option(None, help="Where pushed tensors are staged (default <cache-dir>/staging)."),
     debug_endpoints: Optional[bool] = typer.Option(None, "--debug-endpoints", help="Serve GET /v1/debug/engine-weights."),
+    backend: Optional[str] = typer.Option(None, help="ray (default): Ray Serve replicas | local: one engine in this process."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join (default: start a local one)."),
+    replicas: Optional[int] = typer.Option(None, help="Engine replicas (default 1)."),
+    autoscale: Optional[str] = typer.Option(None, help="MIN,MAX engine replicas, autoscaled on ongoing requests."),
+    target_ongoing_requests: Optional[float] = typer.Option(None, help="Autoscaling target per replica (default 8)."),
+    replica_cpus: Optional[float] = typer.Option(None, help="CPUs per engine replica (default 1)."),
+    replica_gpus: Optional[float] = typer.Option(None, help="GPUs per engine replica (default 0)."),
+    weights_dir: Optional[Path] = typer.Option(None, help="Weight store directory (default <cache-dir>/weights)."),
+    keep_versions: Optional[int] = typer.Option(None, help="Versions the weight store keeps (default 3)."),
+    redis_url: Optional[str] = typer.Option(None, help="Redis for version, registry, push lock, events (default: embedded)."),
     log_level: str = typer.Option("info", help="debug | info | warning | error."),
 ) -> None:
-    """Serve a model over gRPC and HTTP in this process (the embedded default: no Ray, no Redis).
+    """Serve a model over gRPC and HTTP: on Ray Serve (engine replicas, a weight store; a local Ray
+    cluster is started unless --ray-address is given), or with --backend local in this process.
 
     Unset options fall back to ROLLOUT_<NAME> environment variables, then to the defaults.
     """
     from rollout_service.config import ServerConfig
     from rollout_service.errors import ConfigError
-    from rollout_service.server import run
 
     _setup_logging(log_level)
     given = {k: v for k, v in locals().items() if k in ServerConfig.model_fields and v is not None}
     if no_http:
         given["http_port"] = None
+    if autoscale is not None:
+        given["autoscale"] = tuple(autoscale.split(",")) if "," in autoscale else autoscale
     try:
         config = ServerConfig(**given)
     except ValidationError as exc:
         e = exc.errors(include_url=False)[0]
         err.print(f"[red]error:[/red] --{str(e['loc'][0]).replace('_', '-')}: {e['msg']} (got {e.get('input')!r})")
         raise typer.Exit(2) from None
+    if config.backend == "local":
+        from rollout_service.server import run
+    else:
+        from rollout_service.serve.runner import run
     try:
         run(config)
     except ConfigError as exc:

@@ -16,6 +16,7 @@ Quantization = Literal["none", "int8", "fp8", "fp8_channel"]
 DType = Literal["bfloat16", "float32"]
 LogprobsMode = Literal["processed", "raw"]
 InflightPolicy = Literal["drain", "abort", "continue"]
+Backend = Literal["ray", "local"]
 
 
 class ServerConfig(BaseSettings):
@@ -83,11 +84,53 @@ class ServerConfig(BaseSettings):
         "pushed tensors are kept; default: <cache_dir>/staging.",
     )
 
+    backend: Backend = Field(
+        "ray",
+        description="'ray': a Ray Serve application (engine replicas behind one ingress, pushes applied to "
+        "every replica or none, a weight store); 'local': one engine in this process, no Ray.",
+    )
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join ('auto', 'ray://host:10001'); default: start a local one."
+    )
+    replicas: int = Field(1, ge=1, description="Engine replicas when not autoscaling.")
+    autoscale: tuple[int, int] | None = Field(
+        None, description="(min, max) engine replicas; Serve adds replicas when ongoing requests per replica "
+        "exceed target_ongoing_requests. Overrides replicas."
+    )
+    target_ongoing_requests: float = Field(
+        8.0, gt=0, description="Autoscaling target: Generate calls in flight per replica."
+    )
+    replica_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves for each engine replica (fractions allowed).")
+    replica_gpus: float = Field(0.0, ge=0, description="GPUs Ray reserves for each engine replica.")
+    weights_dir: Path | None = Field(
+        None,
+        description="Weight store: every committed version as safetensors shards + manifest.json, where "
+        "late replicas load the current version from (shared storage across nodes); default: "
+        "<cache_dir>/weights.",
+    )
+    keep_versions: int = Field(3, ge=1, description="Versions the weight store keeps (older ones are deleted).")
+    redis_url: str | None = Field(
+        None,
+        description="Redis holding the current version, the replica registry, the push lock and the "
+        "version event stream (redis://host:6379/0); default: the same kept in the ingress process.",
+    )
+
     debug_endpoints: bool = Field(
         False,
         description="Serve GET /v1/debug/engine-weights: the engine's weights as it computes with them "
         "(safetensors), for checking that pushes land. Off by default: it copies the whole model.",
     )
+
+    @field_validator("autoscale")
+    @classmethod
+    def _autoscale_range(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None and not (0 <= value[0] <= value[1] and value[1] >= 1):
+            raise ValueError(f"autoscale={value}: need 0 <= min <= max and max >= 1")
+        return value
+
+    @property
+    def store_dir(self) -> Path:
+        return self.weights_dir or self.cache_dir / "weights"
 
     @field_validator("model")
     @classmethod

@@ -15,8 +15,10 @@ import socket
 import uvicorn
 from grpc_health.v1 import health_pb2
 
+from rollout_service.api.backend import LocalBackend
 from rollout_service.api.grpc_server import SERVICE_NAME, create_server
 from rollout_service.api.http_app import create_app
+from rollout_service.api.metrics import Metered
 from rollout_service.config import ServerConfig
 from rollout_service.engine import RolloutEngine
 from rollout_service.errors import ConfigError, EngineUnavailable
@@ -29,10 +31,9 @@ SHUTDOWN_GRACE_S = 5.0
 HEALTH_POLL_S = 2.0
 
 
-async def _start_http(
-    engine: RolloutEngine, weights: WeightService, host: str, port: int
-) -> tuple[uvicorn.Server, asyncio.Task, int]:
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, weights), host=host, port=port, log_level="warning", lifespan="off"))
+async def start_http(app, host: str, port: int) -> tuple[uvicorn.Server, asyncio.Task, int]:
+    """A started uvicorn server for `app` on this loop; returns it, its task and the bound port."""
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
     # The runner owns the signals; uvicorn would otherwise install its own handlers.
     server.install_signal_handlers = lambda: None
     task = asyncio.create_task(server.serve())
@@ -45,14 +46,13 @@ async def _start_http(
     return server, task, bound
 
 
-async def _watch_engine(engine: RolloutEngine, health, service_name: str) -> None:
-    """Keep gRPC health in step with the engine: NOT_SERVING once it has died, so an orchestrator
-    replaces this server (calls meanwhile get UNAVAILABLE)."""
-    serving = True
+async def watch_health(backend, health, serving: bool = True) -> None:
+    """Keep gRPC health in step with the backend: NOT_SERVING while it cannot serve (a dead engine,
+    no replica yet), so an orchestrator holds traffic back or replaces this server."""
     while True:
         await asyncio.sleep(HEALTH_POLL_S)
         try:
-            await engine.check_health()
+            await backend.check_health()
             alive = True
         except EngineUnavailable as exc:
             alive = False
@@ -60,7 +60,7 @@ async def _watch_engine(engine: RolloutEngine, health, service_name: str) -> Non
                 log.error("engine unavailable, reporting NOT_SERVING: %s", exc)
         if alive != serving:
             status = health_pb2.HealthCheckResponse.SERVING if alive else health_pb2.HealthCheckResponse.NOT_SERVING
-            for name in ("", service_name):
+            for name in ("", SERVICE_NAME):
                 await health.set(name, status)
             serving = alive
 
@@ -89,13 +89,14 @@ async def serve(config: ServerConfig) -> None:
     log.info("starting the engine on %s (dtype=%s, quantization=%s)", config.model, config.dtype, config.quantization)
     engine = await RolloutEngine.start(config)
     weights = WeightService(engine, config)
+    backend = Metered(LocalBackend(engine, weights))
     grpc_server = http_server = http_task = None
     try:
-        grpc_server, grpc_port = await create_server(engine, weights, config.host, config.port)
-        watchdog = asyncio.create_task(_watch_engine(engine, grpc_server.health, SERVICE_NAME))
+        grpc_server, grpc_port = await create_server(backend, config.host, config.port)
+        watchdog = asyncio.create_task(watch_health(backend, grpc_server.health))
         http_desc = "off"
         if config.http_port is not None:
-            http_server, http_task, http_port = await _start_http(engine, weights, config.host, config.http_port)
+            http_server, http_task, http_port = await start_http(create_app(backend), config.host, config.http_port)
             http_desc = f"{config.host}:{http_port}"
         log.info(
             "%s grpc=%s:%d http=%s model=%s dtype=%s quantization=%s logprobs=%s inflight=%s weight_version=%d",

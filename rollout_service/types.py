@@ -65,6 +65,9 @@ class GenerateRequest(BaseModel):
     prompts: list[Prompt] = Field(min_length=1, description="The batch; at least one prompt.")
     sampling: SamplingOptions = Field(default_factory=SamplingOptions)
     request_id: str = Field("", description="Client-chosen id, echoed in every completion.")
+    session_id: str = Field(
+        "", description="Requests with the same session id go to the same replica (its prefix cache)."
+    )
 
     @classmethod
     def parse(cls, data: dict) -> GenerateRequest:
@@ -161,6 +164,7 @@ class ServerStatus:
     counters: Counters
     inflight_policy: str
     last_push: PushResult | None = None
+    replicas: int = 1
 
 
 @dataclass(slots=True)

@@ -21,7 +21,7 @@ def tiny_model(tmp_path_factory) -> Path:
 
 def _server(request, tiny_model: Path, tmp_path_factory, name: str, *args: str) -> ServerProcess:
     log = tmp_path_factory.mktemp("logs") / f"{name}.log"
-    server = ServerProcess.start(tiny_model, log, "--max-model-len", str(MAX_MODEL_LEN), *args)
+    server = ServerProcess.start(tiny_model, log, "--backend", "local", "--max-model-len", str(MAX_MODEL_LEN), *args)
     request.addfinalizer(server.stop)
     return server
 

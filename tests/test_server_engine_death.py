@@ -23,7 +23,7 @@ def _health(address: str) -> int:
 
 
 def test_killed_engine_core_makes_the_server_report_not_serving(tiny_model, tmp_path):
-    server = ServerProcess.start(tiny_model, tmp_path / "server.log", "--max-model-len", "128")
+    server = ServerProcess.start(tiny_model, tmp_path / "server.log", "--backend", "local", "--max-model-len", "128")
     try:
         assert _health(server.grpc_address) == health_pb2.HealthCheckResponse.SERVING
         with RolloutClient(server.grpc_address, timeout=30) as client:

@@ -1,6 +1,6 @@
 """The gRPC front end: rollout.v1.RolloutService, plus standard health checking and reflection.
 
-The servicer only converts messages and calls the engine; every exception is turned into a status
+The servicer only converts messages and calls the backend (api/backend.py); every exception is turned into a status
 code by `errors.grpc_status` in `_abort_with`, the one place that does it.
 """
 
@@ -17,9 +17,8 @@ from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
 from rollout_client._proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
 
 from rollout_service.api import convert
-from rollout_service.engine import RolloutEngine
+from rollout_service.api.backend import Backend
 from rollout_service.errors import Cancelled, DeadlineExceeded, InvalidArgument, RolloutError, grpc_status, public_message
-from rollout_service.weights.service import WeightService
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +45,14 @@ async def _deadline(context: grpc.aio.ServicerContext):
 
 
 class RolloutServicer(pb_grpc.RolloutServiceServicer):
-    def __init__(self, engine: RolloutEngine, weights: WeightService):
-        self.engine = engine
-        self.weights = weights
+    def __init__(self, backend: Backend):
+        self.backend = backend
 
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
         try:
             req = convert.request_from_proto(request)
             async with _deadline(context):
-                async with contextlib.aclosing(self.engine.generate(req)) as stream:
+                async with contextlib.aclosing(self.backend.generate(req)) as stream:
                     done = [c async for c in stream]
         except Exception as exc:
             await _abort_with(context, exc)
@@ -65,23 +63,24 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
         try:
             req = convert.request_from_proto(request)
             async with _deadline(context):
-                async with contextlib.aclosing(self.engine.generate(req)) as stream:
+                async with contextlib.aclosing(self.backend.generate(req)) as stream:
                     async for c in stream:
                         yield pb.GenerateResponse(completions=[convert.completion_to_proto(c)])
         except Exception as exc:
             await _abort_with(context, exc)
 
     async def GetStatus(self, request: pb.GetStatusRequest, context) -> pb.GetStatusResponse:
-        status = self.engine.status()
-        status.last_push = self.weights.last_push
-        return convert.status_to_proto(status)
+        try:
+            return convert.status_to_proto(await self.backend.status())
+        except Exception as exc:
+            await _abort_with(context, exc)
 
     async def PushWeights(self, request_iterator, context) -> pb.PushWeightsResponse:
         try:
             first = await anext(aiter(request_iterator), None)
             if first is None or first.WhichOneof("kind") != "header":
                 raise InvalidArgument("header", "the first message of a push must be its header")
-            async with self.weights.begin(convert.push_header_from_proto(first.header)) as session:
+            async with self.backend.begin_push(convert.push_header_from_proto(first.header)) as session:
                 async for msg in request_iterator:
                     kind = msg.WhichOneof("kind")
                     if kind == "chunk":
@@ -89,7 +88,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
                     elif kind == "declare":
                         session.declare([convert.tensor_spec_from_proto(t) for t in msg.declare.tensors])
                     elif kind == "commit":
-                        result = await self.weights.commit(session)
+                        result = await self.backend.commit_push(session)
                         break
                     else:
                         raise InvalidArgument("header", "a push has one header, its first message")
@@ -100,9 +99,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
         return convert.push_result_to_proto(result)
 
 
-async def create_server(
-    engine: RolloutEngine, weights: WeightService, host: str, port: int
-) -> tuple[grpc.aio.Server, int]:
+async def create_server(backend: Backend, host: str, port: int) -> tuple[grpc.aio.Server, int]:
     """A started gRPC server on host:port (0 = a free port); returns it and the bound port."""
     server = grpc.aio.server(
         options=[
@@ -110,7 +107,7 @@ async def create_server(
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ]
     )
-    pb_grpc.add_RolloutServiceServicer_to_server(RolloutServicer(engine, weights), server)
+    pb_grpc.add_RolloutServiceServicer_to_server(RolloutServicer(backend), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)

@@ -6,6 +6,8 @@ POST /v1/weights    a safetensors body (streamed) -> PushWeightsResponse JSON; q
                     safetensors metadata as {"crc32": "<JSON name -> crc>"}
 GET  /v1/status     GetStatus as JSON
 GET  /healthz       200 when the engine is alive, 503 otherwise
+GET  /metrics       Prometheus metrics (api/metrics.py)
+GET  /v1/events     weight version events after ?after=<id> (serve backend; see serve/coordinator.py)
 GET  /v1/debug/engine-weights   with --debug-endpoints: the engine's weights as it computes with
                     them (safetensors; see RolloutWorkerExtension.rollout_snapshot)
 
@@ -26,7 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
-from rollout_service.engine import RolloutEngine
+from rollout_service.api.metrics import CONTENT_TYPE, Metered
 from rollout_service.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -38,7 +40,6 @@ from rollout_service.errors import (
 )
 from rollout_service.types import GenerateRequest, invalid_argument_from
 from rollout_service.weights.safetensors_stream import SafetensorsStream
-from rollout_service.weights.service import WeightService
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,8 @@ async def _run_cancellable(request: Request, work, timeout: float | None):
     raise DeadlineExceeded(f"X-Request-Timeout ({timeout} s) passed; its engine requests were aborted")
 
 
-def create_app(engine: RolloutEngine, weights: WeightService) -> FastAPI:
+def create_app(backend: Metered, events=None) -> FastAPI:
+    """The app over `backend`; `events(after, count)` serves /v1/events when given."""
     app = FastAPI(title="rollout-service", version="1", summary="Rollouts with exact per-token logprobs (rollout.v1).")
 
     @app.exception_handler(RequestValidationError)
@@ -93,7 +95,7 @@ def create_app(engine: RolloutEngine, weights: WeightService) -> FastAPI:
         x_request_timeout: float | None = Header(None, gt=0, description="Deadline in seconds."),
     ):
         async def work():
-            async with contextlib.aclosing(engine.generate(body)) as stream:
+            async with contextlib.aclosing(backend.generate(body)) as stream:
                 done = [c async for c in stream]
             done.sort(key=lambda c: c.prompt_index)
             return {"completions": [asdict(c) for c in done]}
@@ -110,28 +112,39 @@ def create_app(engine: RolloutEngine, weights: WeightService) -> FastAPI:
         body = SafetensorsStream(request.stream())
         try:
             header = await body.header(expected_version, label, inflight)
-            async with weights.begin(header) as session:
+            async with backend.begin_push(header) as session:
                 async for index, offset, data in body.chunks():
                     await session.add_chunk(index, offset, data)
-                return asdict(await weights.commit(session))
+                return asdict(await backend.commit_push(session))
         except ClientDisconnect:
             raise Cancelled("the client disconnected before the body was complete; nothing was applied") from None
 
     @app.get("/v1/status")
     async def status():
-        result = engine.status()
-        result.last_push = weights.last_push
-        return asdict(result)
+        return asdict(await backend.status())
 
-    if engine.config.debug_endpoints:
+    @app.get("/metrics")
+    async def metrics():
+        return Response(await backend.exposition(), media_type=CONTENT_TYPE)
+
+    if events is not None:
+
+        @app.get("/v1/events")
+        async def version_events(
+            after: str = Query("0", description="Return events after this id ('0': from the oldest kept)."),
+            count: int = Query(100, ge=1, le=1000),
+        ):
+            return {"events": [{"id": i, **e} for i, e in await events(after, count)]}
+
+    if backend.config.debug_endpoints:
 
         @app.get("/v1/debug/engine-weights")
         async def engine_weights():
-            return Response(await engine.snapshot(), media_type="application/octet-stream")
+            return Response(await backend.snapshot(), media_type="application/octet-stream")
 
     @app.get("/healthz")
     async def healthz():
-        await engine.check_health()
+        await backend.check_health()
         return {"status": "SERVING"}
 
     return app

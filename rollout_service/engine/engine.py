@@ -199,9 +199,9 @@ class RolloutEngine:
 
     # ---- weights ----------------------------------------------------------------------------
 
-    async def apply_weights(self, plan: Plan, policy: InflightPolicy, bump: bool = True) -> tuple[float, float, float]:
+    async def apply_weights(self, plan: Plan, policy: InflightPolicy, version: int | None) -> tuple[float, float, float]:
         """Pause generation per `policy`, load `plan` (see worker_ext), label further tokens with
-        version + 1 (unless `bump` is False), resume.
+        `version` (None: keep the current one), resume.
 
         Returns (apply s, pause ms, drain ms): pause is the time the engine generated nothing;
         drain (policy "drain" only) the time before it, when running samples were finishing on
@@ -216,9 +216,9 @@ class RolloutEngine:
         try:
             await self._llm.collective_rpc("rollout_apply", args=(plan,))
             applied = time.monotonic() - paused
-            if bump:
-                await self._llm.update_weight_version(str(self.weight_version + 1))
-                self.weight_version += 1
+            if version is not None:
+                await self._llm.update_weight_version(str(version))
+                self.weight_version = version
         finally:
             await self._llm.resume_generation()
         return applied, (time.monotonic() - paused) * 1e3, (paused - start) * 1e3

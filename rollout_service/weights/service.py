@@ -20,6 +20,7 @@ import typing
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import safetensors
 import torch
 
 from rollout_service.config import InflightPolicy, ServerConfig
@@ -66,53 +67,22 @@ class WeightService:
     async def begin(self, header: PushHeader) -> AsyncIterator[PushSession]:
         if self._busy:
             raise Conflict("another push is in progress; pushes are not queued: retry once it has committed")
-        self.table.check_header(header, POLICIES)
-        if header.expected_version is not None and header.expected_version != self.engine.weight_version:
-            raise FailedPrecondition(
-                f"header.expected_version: {header.expected_version} is stale, the server serves version "
-                f"{self.engine.weight_version}"
-            )
         self._busy = True
         try:
-            session = PushSession(
-                header, self.table, self._convert, Spool(self._root, PART_BYTES), self.config.push_buffer_mib << 20
-            )
-        except BaseException:
-            self._busy = False
-            raise
-        try:
-            yield session
+            spool = Spool(self._root, PART_BYTES)
+            async with receiving(header, self.table, self._convert, spool, self.config, self.engine.weight_version) as session:
+                yield session
         finally:
-            session.close()
-            if not session.committed:
-                session.spool.discard()
             self._busy = False
 
     async def commit(self, session: PushSession) -> PushResult:
         """Finish receiving, then load the push into the engine: version + 1."""
         receive_s = time.monotonic() - session.started
         await session.finish()
+        policy = session.header.inflight or self.config.inflight
         # The commit point: from here the push completes even if the caller goes away, so the
         # engine never holds weights without the version that names them.
-        task = asyncio.ensure_future(self._apply(session, receive_s))
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            await task
-            raise
-
-    async def _apply(self, session: PushSession, receive_s: float) -> PushResult:
-        pushed = session.spool.files
-        policy = session.header.inflight or self.config.inflight
-        try:
-            apply_s, pause_ms, drain_ms = await self.engine.apply_weights(self.weights.plan(pushed), policy)
-        except Exception:
-            # Not a bad push (those fail before this point) but an engine error: put back the
-            # current weights of the modules it may have half loaded, then report it.
-            log.exception("applying a push failed; restoring the modules it touched")
-            await self.engine.apply_weights(self.weights.plan({n: self.weights.files[n] for n in pushed}), policy, bump=False)
-            raise
-        self.weights.commit(pushed)
+        apply_s, pause_ms, drain_ms = await shielded(self.apply(session.spool.files, policy, self.engine.weight_version + 1))
         session.committed = True
         self.last_push = PushResult(
             version=self.engine.weight_version,
@@ -127,5 +97,78 @@ class WeightService:
         )
         return self.last_push
 
+    async def apply(self, pushed: dict[str, Path], policy: str, version: int | None) -> tuple[float, float, float]:
+        """Load tensors already in the engine's format (name -> staged file) and label further
+        tokens with `version`; returns (apply s, pause ms, drain ms)."""
+        try:
+            result = await self.engine.apply_weights(self.weights.plan(pushed), policy, version)
+        except Exception:
+            # Not a bad push (those fail before this point) but an engine error: put back the
+            # current weights of the modules it may have half loaded, then report it.
+            log.exception("applying a push failed; restoring the modules it touched")
+            await self.engine.apply_weights(self.weights.plan({n: self.weights.files[n] for n in pushed}), policy, None)
+            raise
+        self.weights.commit(pushed)
+        return result
+
+    async def stage(self, stored: dict[str, Path]) -> tuple[dict[str, Path], Spool | None]:
+        """Tensors of a weight-store version (name -> shard, in the engine's dtype) in the engine's
+        format: the shards themselves when the engine is not quantized, else requantized into a
+        staging directory (returned, to discard when the push is dropped)."""
+        if self._quant is None:
+            return dict(stored), None
+        spool = Spool(self._root, PART_BYTES)
+
+        def convert_all() -> None:
+            by_file: dict[Path, list[str]] = {}
+            for name, path in stored.items():
+                by_file.setdefault(path, []).append(name)
+            for path, names in by_file.items():
+                with safetensors.safe_open(str(path), "pt") as f:
+                    for name in names:
+                        spool.add(self._convert(name, f.get_tensor(name)))
+            spool.flush()
+
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, convert_all)
+        except BaseException:
+            spool.discard()
+            raise
+        return spool.files, spool
+
     def close(self) -> None:
         shutil.rmtree(self._root, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def receiving(
+    header: PushHeader, table: ParamTable, convert, spool: Spool, config: ServerConfig, served_version: int
+) -> AsyncIterator[PushSession]:
+    """A checked push session staging into `spool`; whatever it staged is deleted unless the
+    session ends committed."""
+    try:
+        table.check_header(header, POLICIES)
+        if header.expected_version is not None and header.expected_version != served_version:
+            raise FailedPrecondition(
+                f"header.expected_version: {header.expected_version} is stale, the server serves version {served_version}"
+            )
+        session = PushSession(header, table, convert, spool, config.push_buffer_mib << 20)
+    except BaseException:
+        spool.discard()
+        raise
+    try:
+        yield session
+    finally:
+        session.close()
+        if not session.committed:
+            spool.discard()
+
+
+async def shielded(coro):
+    """Run `coro` to its end even if the caller is cancelled meanwhile (then re-raise the cancel)."""
+    task = asyncio.ensure_future(coro)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise

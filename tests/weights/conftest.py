@@ -53,7 +53,7 @@ def model1(tiny_model, weights1, tmp_path_factory) -> Path:
 def start_server(request, model: Path, tmp_path_factory, name: str, *args: str) -> ServerProcess:
     """A server whose engine weights tests can read back (GET /v1/debug/engine-weights)."""
     log = tmp_path_factory.mktemp("logs") / f"{name}.log"
-    server = ServerProcess.start(model, log, "--max-model-len", str(MAX_MODEL_LEN), "--debug-endpoints", *args)
+    server = ServerProcess.start(model, log, "--backend", "local", "--max-model-len", str(MAX_MODEL_LEN), "--debug-endpoints", *args)
     request.addfinalizer(server.stop)
     return server
 

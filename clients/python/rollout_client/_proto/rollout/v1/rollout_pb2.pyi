@@ -55,14 +55,16 @@ class SamplingParams(_message.Message):
     def __init__(self, n: _Optional[int] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., seed: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., logprobs: _Optional[int] = ..., prompt_logprobs: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompts", "sampling", "request_id")
+    __slots__ = ("prompts", "sampling", "request_id", "session_id")
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     prompts: _containers.RepeatedCompositeFieldContainer[Prompt]
     sampling: SamplingParams
     request_id: str
-    def __init__(self, prompts: _Optional[_Iterable[_Union[Prompt, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    session_id: str
+    def __init__(self, prompts: _Optional[_Iterable[_Union[Prompt, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., request_id: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class TopLogprobs(_message.Message):
     __slots__ = ("token_ids", "logprobs")
@@ -137,7 +139,7 @@ class Counters(_message.Message):
     def __init__(self, requests_total: _Optional[int] = ..., requests_running: _Optional[int] = ..., prompts_aborted: _Optional[int] = ..., sequences_running: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., requests_rejected_overload: _Optional[int] = ..., engine_requests_running: _Optional[int] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("model", "quantization", "dtype", "weight_version", "max_model_len", "vocab_size", "logprobs_mode", "lm_head_fp32", "max_inflight_sequences", "engine_version", "uptime_s", "counters", "inflight_policy", "last_push")
+    __slots__ = ("model", "quantization", "dtype", "weight_version", "max_model_len", "vocab_size", "logprobs_mode", "lm_head_fp32", "max_inflight_sequences", "engine_version", "uptime_s", "counters", "inflight_policy", "last_push", "replicas")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +154,7 @@ class GetStatusResponse(_message.Message):
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
     INFLIGHT_POLICY_FIELD_NUMBER: _ClassVar[int]
     LAST_PUSH_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     model: str
     quantization: str
     dtype: str
@@ -166,7 +169,8 @@ class GetStatusResponse(_message.Message):
     counters: Counters
     inflight_policy: str
     last_push: PushWeightsResponse
-    def __init__(self, model: _Optional[str] = ..., quantization: _Optional[str] = ..., dtype: _Optional[str] = ..., weight_version: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., logprobs_mode: _Optional[str] = ..., lm_head_fp32: _Optional[bool] = ..., max_inflight_sequences: _Optional[int] = ..., engine_version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., counters: _Optional[_Union[Counters, _Mapping]] = ..., inflight_policy: _Optional[str] = ..., last_push: _Optional[_Union[PushWeightsResponse, _Mapping]] = ...) -> None: ...
+    replicas: int
+    def __init__(self, model: _Optional[str] = ..., quantization: _Optional[str] = ..., dtype: _Optional[str] = ..., weight_version: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., logprobs_mode: _Optional[str] = ..., lm_head_fp32: _Optional[bool] = ..., max_inflight_sequences: _Optional[int] = ..., engine_version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., counters: _Optional[_Union[Counters, _Mapping]] = ..., inflight_policy: _Optional[str] = ..., last_push: _Optional[_Union[PushWeightsResponse, _Mapping]] = ..., replicas: _Optional[int] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape", "nbytes", "crc32")

@@ -1,0 +1,68 @@
+"""What the gRPC and HTTP front ends call: one interface, two implementations.
+
+`LocalBackend` is one engine in this process (`--backend local`); `serve.backend.ServeBackend` is
+the Ray Serve deployment (engine replicas behind `DeploymentHandle`s). The front ends, the error
+mapping and the metrics are the same for both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import AsyncContextManager, Protocol
+
+from rollout_service.config import ServerConfig
+from rollout_service.engine import RolloutEngine
+from rollout_service.types import Completion, GenerateRequest, PushResult, ServerStatus
+from rollout_service.weights.manifest import PushHeader
+from rollout_service.weights.service import WeightService
+from rollout_service.weights.session import PushSession
+
+
+class Backend(Protocol):
+    config: ServerConfig
+
+    def generate(self, req: GenerateRequest) -> AsyncIterator[Completion]:
+        """Completions as they finish (closing the iterator aborts the rest)."""
+
+    async def status(self) -> ServerStatus: ...
+
+    def begin_push(self, header: PushHeader) -> AsyncContextManager[PushSession]:
+        """A checked push session; what it staged is dropped unless it is committed."""
+
+    async def commit_push(self, session: PushSession) -> PushResult: ...
+
+    async def check_health(self) -> None:
+        """Raise EngineUnavailable unless requests can be served."""
+
+    async def snapshot(self) -> bytes:
+        """The engine's weights as it computes with them (debug endpoint)."""
+
+
+class LocalBackend:
+    def __init__(self, engine: RolloutEngine, weights: WeightService):
+        self.engine = engine
+        self.weights = weights
+        self.config = engine.config
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[Completion]:
+        async with contextlib.aclosing(self.engine.generate(req)) as stream:
+            async for c in stream:
+                yield c
+
+    async def status(self) -> ServerStatus:
+        result = self.engine.status()
+        result.last_push = self.weights.last_push
+        return result
+
+    def begin_push(self, header: PushHeader) -> AsyncContextManager[PushSession]:
+        return self.weights.begin(header)
+
+    async def commit_push(self, session: PushSession) -> PushResult:
+        return await self.weights.commit(session)
+
+    async def check_health(self) -> None:
+        await self.engine.check_health()
+
+    async def snapshot(self) -> bytes:
+        return await self.engine.snapshot()

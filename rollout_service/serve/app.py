@@ -1,0 +1,82 @@
+"""The Ray Serve application: `EngineReplica` x N (or autoscaled) behind one `Ingress`.
+
+`build_app(config)` is what `rollout-service serve` runs; `app_builder(args)` is the import path for
+a Serve config file (`serve run deploy/serve.yaml`), `args` being ServerConfig's fields.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ray import serve
+from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
+
+from rollout_service.config import ServerConfig
+from rollout_service.serve.ingress import Ingress
+from rollout_service.serve.replica import EngineReplica
+
+APP_NAME = "rollout"
+ENGINE_DEPLOYMENT = "EngineReplica"
+# Generate calls in flight per replica before Serve queues them: high, because the engine batches
+# them (Serve's default of 5 would cap a replica at five concurrent batches).
+MAX_ONGOING_PER_REPLICA = 1024
+# Engines take 45-90 s to start; Serve replaces a replica whose health check fails this long.
+HEALTH_CHECK_PERIOD_S = 10
+HEALTH_CHECK_TIMEOUT_S = 60
+# Serve logs every call by default, status and registry broadcasts included: too chatty.
+_LOGGING = {"enable_access_log": False}
+
+
+def _scaling(config: ServerConfig) -> dict:
+    if config.autoscale is None:
+        return {"num_replicas": config.replicas}
+    low, high = config.autoscale
+    return {
+        "autoscaling_config": {
+            "min_replicas": low,
+            "initial_replicas": max(low, 1),
+            "max_replicas": high,
+            "target_ongoing_requests": config.target_ongoing_requests,
+        }
+    }
+
+
+def _engine_env(config: ServerConfig) -> dict[str, str]:
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(config.kv_cache_gib)}
+    # Settings given to the driver reach the replicas' processes too.
+    for name in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_LOGGING_LEVEL", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if name in os.environ:
+            env[name] = os.environ[name]
+    return env
+
+
+def build_app(config: ServerConfig) -> Application:
+    engines = serve.deployment(
+        EngineReplica,
+        name=ENGINE_DEPLOYMENT,
+        ray_actor_options={
+            "num_cpus": config.replica_cpus,
+            "num_gpus": config.replica_gpus,
+            "runtime_env": {"env_vars": _engine_env(config)},
+        },
+        max_ongoing_requests=MAX_ONGOING_PER_REPLICA,
+        logging_config=_LOGGING,
+        health_check_period_s=HEALTH_CHECK_PERIOD_S,
+        health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
+        request_router_config=RequestRouterConfig(
+            request_router_class="rollout_service.serve.routing:SessionAffinityRouter"
+        ),
+        **_scaling(config),
+    ).bind(config)
+    ingress = serve.deployment(
+        Ingress, name="Ingress", num_replicas=1, max_ongoing_requests=MAX_ONGOING_PER_REPLICA,
+        ray_actor_options={"num_cpus": 0}, logging_config=_LOGGING,
+    )
+    return ingress.bind(config, engines)
+
+
+def app_builder(args: dict) -> Application:
+    """For Serve config files: `import_path: rollout_service.serve.app:app_builder`, `args:` the
+    ServerConfig fields (e.g. model, quantization, replicas, redis_url)."""
+    return build_app(ServerConfig(**args))

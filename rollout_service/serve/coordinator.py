@@ -1,0 +1,195 @@
+"""Shared state of a deployment: the current version, the replica registry, the push lock and the
+version event stream. `RedisCoordinator` keeps it in Redis (`--redis-url`), where several ingresses
+and trainers see it; `EmbeddedCoordinator` keeps the same in the ingress process.
+
+Redis keys (prefix `rollout:`):
+    version             current version number          manifest   its manifest's path
+    replica:<id>        JSON of one replica, expires unless refreshed (the heartbeat)
+    push-lock           owner token of the running push, expires unless refreshed
+    events              stream of {kind, version, label, manifest, time}; a trainer can XREAD it
+
+The weight store on disk is the durable record of versions: after Redis loses its data (a restart
+without persistence) the ingress writes the current version back (`ensure_version`).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import time
+from typing import Protocol
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from rollout_service.errors import EngineUnavailable
+
+PREFIX = "rollout:"
+EVENTS_KEPT = 1000
+
+# Compare-and-delete / compare-and-extend: only the lock's owner may release or refresh it.
+_UNLOCK = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+_REFRESH = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"
+
+
+class Coordinator(Protocol):
+    async def version(self) -> tuple[int, str] | None:
+        """(current version, manifest path), None when never set."""
+
+    async def set_version(self, version: int, manifest: str, label: str) -> None:
+        """Record a committed version and append its event."""
+
+    async def ensure_version(self, version: int, manifest: str) -> bool:
+        """Write `version` back when the record is missing or older; True if it did."""
+
+    async def heartbeat(self, replicas: dict[str, dict], ttl_s: float) -> None: ...
+
+    async def replicas(self) -> dict[str, dict]: ...
+
+    async def lock(self, owner: str, ttl_s: float) -> bool:
+        """Take the push lock for `ttl_s` unless another owner holds it."""
+
+    async def refresh(self, owner: str, ttl_s: float) -> bool: ...
+
+    async def unlock(self, owner: str) -> None: ...
+
+    async def events(self, after: str, count: int) -> list[tuple[str, dict]]: ...
+
+    async def close(self) -> None: ...
+
+
+def _event(version: int, manifest: str, label: str) -> dict:
+    return {"kind": "version", "version": version, "label": label, "manifest": manifest, "time": time.time()}
+
+
+class EmbeddedCoordinator:
+    """The in-process default: the same operations for a deployment with a single ingress."""
+
+    def __init__(self):
+        self._version: tuple[int, str] | None = None
+        self._replicas: dict[str, tuple[float, dict]] = {}
+        self._lock: tuple[str, float] | None = None
+        self._events: collections.deque[tuple[str, dict]] = collections.deque(maxlen=EVENTS_KEPT)
+        self._ids = itertools.count(1)
+
+    async def version(self):
+        return self._version
+
+    async def set_version(self, version, manifest, label):
+        self._version = (version, manifest)
+        self._events.append((f"{next(self._ids)}-0", _event(version, manifest, label)))
+
+    async def ensure_version(self, version, manifest):
+        if self._version is None or self._version[0] < version:
+            self._version = (version, manifest)
+            return True
+        return False
+
+    async def heartbeat(self, replicas, ttl_s):
+        expires = time.monotonic() + ttl_s
+        for rid, info in replicas.items():
+            self._replicas[rid] = (expires, info)
+
+    async def replicas(self):
+        now = time.monotonic()
+        return {rid: info for rid, (expires, info) in self._replicas.items() if expires > now}
+
+    async def lock(self, owner, ttl_s):
+        now = time.monotonic()
+        if self._lock is not None and self._lock[1] > now and self._lock[0] != owner:
+            return False
+        self._lock = (owner, now + ttl_s)
+        return True
+
+    async def refresh(self, owner, ttl_s):
+        return await self.lock(owner, ttl_s)
+
+    async def unlock(self, owner):
+        if self._lock is not None and self._lock[0] == owner:
+            self._lock = None
+
+    async def events(self, after, count):
+        seq = _seq(after)
+        return [(i, e) for i, e in self._events if _seq(i) > seq][:count]
+
+    async def close(self):
+        pass
+
+
+def _seq(event_id: str) -> tuple[int, int]:
+    ms, _, n = event_id.partition("-")
+    return int(ms), int(n or 0)
+
+
+class RedisCoordinator:
+    """The same in Redis. A Redis error becomes EngineUnavailable naming the server, so a push
+    while Redis is down fails fast and clearly; generation never touches Redis."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self._r = aioredis.Redis.from_url(url, decode_responses=True, socket_timeout=5, socket_connect_timeout=2)
+
+    async def _call(self, what: str, coro):
+        try:
+            return await coro
+        except (RedisError, OSError) as exc:
+            raise EngineUnavailable(f"redis at {self.url} is unreachable ({what}): {exc}") from None
+
+    async def version(self):
+        v, m = await self._call("read version", self._r.mget(PREFIX + "version", PREFIX + "manifest"))
+        return None if v is None else (int(v), m or "")
+
+    async def set_version(self, version, manifest, label):
+        async def write():
+            async with self._r.pipeline(transaction=True) as p:
+                p.mset({PREFIX + "version": version, PREFIX + "manifest": manifest})
+                p.xadd(PREFIX + "events", {k: str(v) for k, v in _event(version, manifest, label).items()},
+                       maxlen=EVENTS_KEPT, approximate=True)
+                await p.execute()
+
+        await self._call("set version", write())
+
+    async def ensure_version(self, version, manifest):
+        current = await self.version()
+        if current is not None and current[0] >= version:
+            return False
+        await self._call("restore version", self._r.mset({PREFIX + "version": version, PREFIX + "manifest": manifest}))
+        return True
+
+    async def heartbeat(self, replicas, ttl_s):
+        async def write():
+            async with self._r.pipeline(transaction=False) as p:
+                for rid, info in replicas.items():
+                    p.set(PREFIX + f"replica:{rid}", json.dumps(info), px=int(ttl_s * 1000))
+                await p.execute()
+
+        await self._call("heartbeat", write())
+
+    async def replicas(self):
+        async def read():
+            keys = [k async for k in self._r.scan_iter(PREFIX + "replica:*")]
+            return keys, (await self._r.mget(keys) if keys else [])
+
+        keys, values = await self._call("read registry", read())
+        return {k.removeprefix(PREFIX + "replica:"): json.loads(v) for k, v in zip(keys, values) if v}
+
+    async def lock(self, owner, ttl_s):
+        return bool(await self._call("push lock", self._r.set(PREFIX + "push-lock", owner, nx=True, px=int(ttl_s * 1000))))
+
+    async def refresh(self, owner, ttl_s):
+        return bool(await self._call("push lock", self._r.eval(_REFRESH, 1, PREFIX + "push-lock", owner, int(ttl_s * 1000))))
+
+    async def unlock(self, owner):
+        await self._call("push lock", self._r.eval(_UNLOCK, 1, PREFIX + "push-lock", owner))
+
+    async def events(self, after, count):
+        entries = await self._call("read events", self._r.xrange(PREFIX + "events", min=f"({after}" if after != "0" else "-", count=count))
+        return [(i, {**e, "version": int(e["version"]), "time": float(e["time"])}) for i, e in entries]
+
+    async def close(self):
+        await self._r.aclose()
+
+
+def make_coordinator(redis_url: str | None) -> Coordinator:
+    return RedisCoordinator(redis_url) if redis_url else EmbeddedCoordinator()

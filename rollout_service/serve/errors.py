@@ -1,0 +1,23 @@
+"""Calls through Serve handles. Exceptions coming back through Serve are wrapped in RayTaskError (message: a remote traceback);
+the front ends want the replica's own exception, to map it in errors.py and show its message."""
+
+from __future__ import annotations
+
+from ray.exceptions import RayTaskError
+from ray.serve.exceptions import DeploymentUnavailableError
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    while isinstance(exc, RayTaskError) and isinstance(exc.cause, BaseException):
+        exc = exc.cause
+    return exc
+
+
+async def broadcast(handle, method: str, *args) -> list:
+    """`method(*args)` on every live replica; results and (unwrapped) exceptions, one per replica.
+    No replica at all (none started yet, autoscaled to zero) is an empty list."""
+    try:
+        results = await handle.broadcast(method, *args).results_async(return_exceptions=True)
+    except DeploymentUnavailableError:
+        return []
+    return [unwrap(r) if isinstance(r, BaseException) else r for r in results]

@@ -1,0 +1,135 @@
+"""A push to every replica or to none (runs in the ingress).
+
+    receive  the stream once: checked, cast to the engine dtype, CRC-32'd, written as shards to the
+             weight store's incoming/ (weights/session.py, as the single-process server does)
+    prepare  broadcast: every replica converts the version's shards into its engine's format
+             (requantizing for int8/fp8) in its own staging area; nothing is loaded yet
+    commit   only when every replica has prepared: the manifest and CURRENT are written (the commit
+             point), the coordinator records the version and appends its event
+    apply    broadcast: every replica loads its prepared tensors and labels further tokens with the
+             new version
+
+A replica that fails to prepare fails the push: every replica drops what it prepared, the version's
+shards are deleted, and all keep serving the old version. One push runs at a time in the whole
+deployment (the coordinator's push lock, held while the push runs); a second one is ABORTED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import torch
+from ray.serve.handle import DeploymentHandle
+
+from rollout_service.config import ServerConfig
+from rollout_service.errors import Conflict, EngineUnavailable
+from rollout_service.serve.coordinator import Coordinator
+from rollout_service.serve.errors import broadcast
+from rollout_service.types import PushResult
+from rollout_service.weights.convert import to_engine_format
+from rollout_service.weights.manifest import ParamTable, PushHeader
+from rollout_service.weights.service import PART_BYTES, receiving, shielded
+from rollout_service.weights.session import PushSession
+from rollout_service.weights.staging import Spool
+from rollout_service.weights.versions import VersionStore, crc32_of
+
+log = logging.getLogger(__name__)
+
+LOCK_TTL_S = 30.0
+
+
+class ClusterPush:
+    def __init__(self, config: ServerConfig, engines: DeploymentHandle, coordinator: Coordinator, store: VersionStore):
+        self.config = config
+        self.engines = engines
+        self.coordinator = coordinator
+        self.store = store
+        self.table = ParamTable.from_checkpoint(config.model)
+        self._dtype = getattr(torch, config.dtype)
+        self._crc: dict[str, int] = {}
+        self.last_push: PushResult | None = None
+
+    def _convert(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = to_engine_format(name, tensor, self._dtype, None)  # replicas requantize
+        self._crc[name] = crc32_of(out[name])
+        return out
+
+    @contextlib.asynccontextmanager
+    async def begin(self, header: PushHeader) -> AsyncIterator[PushSession]:
+        owner = uuid.uuid4().hex
+        if not await self.coordinator.lock(owner, LOCK_TTL_S):
+            raise Conflict("another push is in progress in this deployment; pushes are not queued: retry once it has committed")
+        keeper = asyncio.create_task(self._keep_lock(owner))
+        try:
+            self._crc = {}
+            spool = Spool(self.store.incoming, PART_BYTES)
+            async with receiving(header, self.table, self._convert, spool, self.config, self.store.current_version()) as session:
+                yield session
+        finally:
+            keeper.cancel()
+            try:
+                await self.coordinator.unlock(owner)
+            except EngineUnavailable:
+                log.warning("could not release the push lock; it expires in %.0f s", LOCK_TTL_S)
+
+    async def _keep_lock(self, owner: str) -> None:
+        while True:
+            await asyncio.sleep(LOCK_TTL_S / 3)
+            with contextlib.suppress(EngineUnavailable):
+                await self.coordinator.refresh(owner, LOCK_TTL_S)
+
+    async def _broadcast(self, method: str, *args) -> list:
+        results = await broadcast(self.engines, method, *args)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0]
+        return results
+
+    async def commit(self, session: PushSession) -> PushResult:
+        receive_s = time.monotonic() - session.started
+        await session.finish()
+        version = self.store.current_version() + 1
+        files = self.store.adopt(session.spool.dir, session.spool.files, version)
+        push_id = f"v{version}-{uuid.uuid4().hex[:8]}"
+        try:
+            prepare_s = await self._broadcast("prepare", push_id, version, {n: str(p) for n, p in files.items()})
+        except BaseException as exc:
+            log.warning("push %s failed to prepare (%s); every replica stays on version %d", push_id, exc, version - 1)
+            with contextlib.suppress(Exception):
+                await self._broadcast("abort", push_id)
+            self.store.discard(version)
+            raise
+        return await shielded(self._commit_and_apply(session, push_id, version, files, receive_s, max(prepare_s, default=0.0)))
+
+    async def _commit_and_apply(self, session, push_id, version, files, receive_s, prepare_s) -> PushResult:
+        manifest = await asyncio.to_thread(self.store.commit, version, files, dict(self._crc), session.header.label)
+        session.committed = True
+        try:
+            await self.coordinator.set_version(version, self.store.manifest_path(version), manifest.label)
+        except EngineUnavailable as exc:  # the store has it; the ingress writes it back when Redis returns
+            log.warning("version %d committed but not recorded in the coordinator: %s", version, exc)
+        policy = session.header.inflight or self.config.inflight
+        try:
+            applied = await self._broadcast("apply", push_id, policy)
+        except Exception as exc:
+            raise EngineUnavailable(
+                f"version {version} is committed but a replica failed to load it ({exc}); it retries from the "
+                "weight store, or Serve replaces it when its health check fails"
+            ) from None
+        self.last_push = PushResult(
+            version=version,
+            bytes_received=session.bytes_received,
+            tensors_applied=len(session.tensors),
+            receive_s=receive_s,
+            requantize_s=session.convert_s + prepare_s,
+            apply_s=max((a[0] for a in applied), default=0.0),
+            pause_ms=max((a[1] for a in applied), default=0.0),
+            drain_ms=max((a[2] for a in applied), default=0.0),
+            label=session.header.label,
+        )
+        return self.last_push

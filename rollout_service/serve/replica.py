@@ -1,0 +1,176 @@
+"""EngineReplica: one vLLM engine as a Ray Serve replica.
+
+Data plane: `generate_stream` (routed to one replica by serve/routing.py). Control plane, broadcast
+to every replica by serve/push.py: `prepare` (requantize a stored version into this replica's
+staging), `apply` (load it and label further tokens with its number), `abort`. A replica that starts
+after pushes (autoscaling, a restart) loads the weight store's current version before its
+constructor returns, so Serve sends it no traffic before; a follower task also catches up a replica
+that missed a broadcast (it started during a push).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ray import serve
+
+from rollout_service.config import ServerConfig
+from rollout_service.engine import RolloutEngine
+from rollout_service.errors import EngineUnavailable
+from rollout_service.types import Completion, GenerateRequest, ServerStatus
+from rollout_service.weights.service import WeightService
+from rollout_service.weights.staging import Spool
+from rollout_service.weights.versions import VersionStore
+
+log = logging.getLogger("rollout_service.replica")
+
+FOLLOW_S = 2.0
+
+
+@dataclass
+class Prepared:
+    version: int
+    files: dict[str, Path]
+    spool: Spool | None
+
+
+def bind_cores(config: ServerConfig, local_rank: int) -> None:
+    """Give each CPU replica its own cores: vLLM's CPU worker binds its OpenMP threads to the
+    cores in VLLM_CPU_OMP_THREADS_BIND, and without it every replica on a node lands on the same
+    ones (measured: two replicas on one core were 1.5x slower than on two)."""
+    if config.replica_gpus or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return
+    n = os.cpu_count() or 1
+    per = max(1, min(n, round(config.replica_cpus)))
+    first = (local_rank * per) % n
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"{first}-{first + per - 1}" if per > 1 else str(first)
+
+
+class EngineReplica:
+    async def __init__(self, config: ServerConfig):
+        context = serve.get_replica_context()
+        self.replica_id = context.replica_id.unique_id
+        bind_cores(config, context.rank.local_rank)
+        self.config = config
+        self.store = VersionStore(config.store_dir, config.keep_versions)
+        self.engine = await RolloutEngine.start(config)
+        self.weights = WeightService(self.engine, config)
+        self._prepared: dict[str, Prepared] = {}
+        self._apply_lock = asyncio.Lock()
+        self._fail_next_prepare: str | None = None
+        await self.catch_up()
+        self._follower = asyncio.create_task(self._follow())
+        log.info("replica %s ready at weight version %d", self.replica_id, self.engine.weight_version)
+
+    # ---- data plane ---------------------------------------------------------------------------
+
+    async def generate_stream(self, req: GenerateRequest) -> AsyncIterator[Completion]:
+        async with contextlib.aclosing(self.engine.generate(req)) as stream:
+            async for c in stream:
+                yield c
+
+    async def generate(self, req: GenerateRequest) -> list[Completion]:
+        """The whole batch at once, in prompt order (tests compare replicas with it)."""
+        async with contextlib.aclosing(self.engine.generate(req)) as stream:
+            done = [c async for c in stream]
+        return sorted(done, key=lambda c: c.prompt_index)
+
+    async def status(self) -> ServerStatus:
+        return self.engine.status()
+
+    async def info(self) -> dict:
+        """This replica's registry entry."""
+        return {
+            "replica_id": self.replica_id,
+            "version": self.engine.weight_version,
+            "node": os.uname().nodename,
+            "pid": os.getpid(),
+            "running": self.engine.status().counters.engine_requests_running,
+        }
+
+    async def check_health(self) -> None:
+        """Serve's health check: a dead engine gets this replica replaced."""
+        await self.engine.check_health()
+
+    async def snapshot(self) -> bytes:
+        return await self.engine.snapshot()
+
+    # ---- control plane: a push in two phases --------------------------------------------------
+
+    async def prepare(self, push_id: str, version: int, stored: dict[str, str]) -> float:
+        """Convert the stored tensors of `version` into this engine's format; returns seconds."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        if self._fail_next_prepare is not None:
+            message, self._fail_next_prepare = self._fail_next_prepare, None
+            raise EngineUnavailable(f"replica {self.replica_id}: {message}")
+        files, spool = await self.weights.stage({n: Path(p) for n, p in stored.items()})
+        self._prepared[push_id] = Prepared(version, files, spool)
+        return loop.time() - start
+
+    async def apply(self, push_id: str, policy: str) -> tuple[float, float, float]:
+        """Load a prepared push; returns (apply s, pause ms, drain ms)."""
+        prepared = self._prepared.pop(push_id, None)
+        if prepared is None:  # this replica started after the prepare broadcast: the version is committed
+            await self.catch_up()
+            return 0.0, 0.0, 0.0
+        async with self._apply_lock:
+            if self.engine.weight_version >= prepared.version:  # the follower got there first
+                self._discard(prepared)
+                return 0.0, 0.0, 0.0
+            return await self.weights.apply(prepared.files, policy, prepared.version)
+
+    async def abort(self, push_id: str) -> None:
+        prepared = self._prepared.pop(push_id, None)
+        if prepared is not None:
+            self._discard(prepared)
+
+    def test_only_fail_next_prepare(self, message: str) -> None:
+        """Test-only hook: the next `prepare` on this replica fails with `message`."""
+        self._fail_next_prepare = message
+
+    # ---- catching up --------------------------------------------------------------------------
+
+    async def catch_up(self) -> int:
+        """Load the store's current version if this engine is behind it; returns the version."""
+        async with self._apply_lock:
+            version = self.store.current_version()
+            if version <= self.engine.weight_version:
+                return self.engine.weight_version
+            manifest = self.store.manifest(version)
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            await loop.run_in_executor(None, self.store.verify, manifest)
+            files, spool = await self.weights.stage(manifest.files(self.store.root))
+            await self.weights.apply(files, self.config.inflight, version)
+            log.info("replica %s caught up to version %d in %.2f s", self.replica_id, version, loop.time() - start)
+            return version
+
+    async def _follow(self) -> None:
+        while True:
+            await asyncio.sleep(FOLLOW_S)
+            if self._prepared:  # a push is between its phases: apply will come
+                continue
+            try:
+                await self.catch_up()
+            except Exception:
+                log.exception("replica %s: catching up with the weight store failed", self.replica_id)
+
+    def _discard(self, prepared: Prepared) -> None:
+        if prepared.spool is not None:
+            prepared.spool.discard()
+
+    def __del__(self):
+        # Serve calls it when the replica is stopped (scale-down, shutdown).
+        with contextlib.suppress(Exception):
+            self._follower.cancel()
+        with contextlib.suppress(Exception):
+            self.engine.shutdown()
+        with contextlib.suppress(Exception):
+            self.weights.close()
