@@ -137,4 +137,4 @@ class ServerConfig(BaseSettings):
     def _model_exists(cls, path: Path) -> Path:
         if not (path / "config.json").is_file():
             raise ValueError(f"model={str(path)!r} is not a checkpoint directory (no config.json)")
-        return path
+        return path.absolute()  # replicas may run elsewhere than the working directory

@@ -1,7 +1,10 @@
 """The Ray Serve application: `EngineReplica` x N (or autoscaled) behind one `Ingress`.
 
-`build_app(config)` is what `rollout-service serve` runs; `app_builder(args)` is the import path for
-a Serve config file (`serve run deploy/serve.yaml`), `args` being ServerConfig's fields.
+It is deployed from a Serve config (`app_config`), by `rollout-service serve` and by `serve deploy
+deploy/serve.yaml` alike: `app_builder(args)` builds it from ServerConfig's fields, and the replica
+count / autoscaling sit in the config's `deployments:` entry. Serve applies a change of those alone
+as a lightweight update (replicas added or removed, none restarted); the builder's arguments carry
+no scaling field, so scaling never changes them.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ HEALTH_CHECK_PERIOD_S = 10
 HEALTH_CHECK_TIMEOUT_S = 60
 # Serve logs every call by default, status and registry broadcasts included: too chatty.
 _LOGGING = {"enable_access_log": False}
+
+
+_SCALING_FIELDS = ("replicas", "autoscale", "target_ongoing_requests")
 
 
 def _scaling(config: ServerConfig) -> dict:
@@ -78,5 +84,16 @@ def build_app(config: ServerConfig) -> Application:
 
 def app_builder(args: dict) -> Application:
     """For Serve config files: `import_path: rollout_service.serve.app:app_builder`, `args:` the
-    ServerConfig fields (e.g. model, quantization, replicas, redis_url)."""
+    ServerConfig fields (e.g. model, quantization, redis_url); scaling goes in `deployments:`."""
     return build_app(ServerConfig(**args))
+
+
+def app_config(config: ServerConfig) -> dict:
+    """The Serve application config (ServeApplicationSchema) that deploys `config`."""
+    return {
+        "name": APP_NAME,
+        "import_path": "rollout_service.serve.app:app_builder",
+        "route_prefix": None,
+        "args": config.model_dump(mode="json", exclude=set(_SCALING_FIELDS)),
+        "deployments": [{"name": ENGINE_DEPLOYMENT, **_scaling(config)}],
+    }

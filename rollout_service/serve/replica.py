@@ -84,6 +84,10 @@ class EngineReplica:
     async def status(self) -> ServerStatus:
         return self.engine.status()
 
+    async def served(self) -> tuple[dict, ServerStatus]:
+        """(registry entry, status) of this replica, read together."""
+        return await self.info(), self.engine.status()
+
     async def info(self) -> dict:
         """This replica's registry entry."""
         return {
@@ -131,9 +135,10 @@ class EngineReplica:
         if prepared is not None:
             self._discard(prepared)
 
-    def test_only_fail_next_prepare(self, message: str) -> None:
-        """Test-only hook: the next `prepare` on this replica fails with `message`."""
-        self._fail_next_prepare = message
+    def test_only_fail_next_prepare(self, replica_id: str, message: str) -> None:
+        """Test-only hook, broadcast to all: the next `prepare` of replica `replica_id` fails."""
+        if replica_id == self.replica_id:
+            self._fail_next_prepare = message
 
     # ---- catching up --------------------------------------------------------------------------
 

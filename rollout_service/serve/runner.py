@@ -6,25 +6,46 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 
 import ray
 from ray import serve
+from ray.serve._private import api as _private_api
+from ray.serve.schema import ServeDeploySchema
 
 from rollout_service.config import ServerConfig
 from rollout_service.engine.engine import resolve_model
 from rollout_service.launcher import READY_PREFIX
-from rollout_service.serve.app import APP_NAME, build_app
+from rollout_service.errors import ConfigError
+from rollout_service.serve.app import APP_NAME, ENGINE_DEPLOYMENT, app_config
 from rollout_service.server import check_ports_free
 
 log = logging.getLogger("rollout_service")
 
 
-def deploy(config: ServerConfig):
-    """Deploy (or update) the application on the connected Ray cluster; returns the ingress handle
-    once every replica has started."""
-    # Serve's own HTTP/gRPC proxies are not used: the ingress serves both (serve/ingress.py).
-    serve.start(proxy_location="Disabled")
-    return serve.run(build_app(config), name=APP_NAME, route_prefix=None)
+def deploy(config: ServerConfig, timeout_s: float = 900):
+    """Deploy (or update) the application on the connected Ray cluster, as `serve deploy` does with
+    a config file; returns the ingress handle once the engine replicas the config asks for run."""
+    schema = ServeDeploySchema.model_validate(
+        # Serve's own HTTP/gRPC proxies are not used: the ingress serves both (serve/ingress.py).
+        {"proxy_location": "Disabled", "applications": [app_config(config)]}
+    )
+    # Serve's public Python API (serve.run) deploys code, not configs, and restarts every replica on
+    # each call; the config path (what `serve deploy` sends) makes scaling a lightweight update.
+    _private_api.serve_start().deploy_apps(schema)
+    want = config.autoscale[0] if config.autoscale else config.replicas
+    deadline = time.monotonic() + timeout_s
+    while True:
+        app = serve.status().applications.get(APP_NAME)
+        if app is not None and app.status == "DEPLOY_FAILED":
+            raise ConfigError(f"deploying on Ray Serve failed: {app.message}")
+        if app is not None and app.status == "RUNNING":
+            engines = app.deployments.get(ENGINE_DEPLOYMENT)
+            if engines is not None and engines.replica_states.get("RUNNING", 0) >= want:
+                return serve.get_app_handle(APP_NAME)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the application was not running after {timeout_s:.0f} s: {app}")
+        time.sleep(0.5)
 
 
 def run(config: ServerConfig) -> None:

@@ -29,7 +29,8 @@ SAMPLING_FIELDS = tuple(f.name for f in pb.SamplingParams.DESCRIPTOR.fields)
 
 
 def build_request(
-    prompts: Sequence[str] | None, prompt_token_ids: Sequence[Sequence[int]] | None, request_id: str, sampling: dict
+    prompts: Sequence[str] | None, prompt_token_ids: Sequence[Sequence[int]] | None, request_id: str, sampling: dict,
+    session_id: str = "",
 ) -> pb.GenerateRequest:
     """A GenerateRequest from text prompts and/or token-id prompts plus SamplingParams fields."""
     unknown = sorted(set(sampling) - set(SAMPLING_FIELDS))
@@ -38,7 +39,7 @@ def build_request(
     batch = [pb.Prompt(text=t) for t in prompts or ()]
     batch += [pb.Prompt(token_ids=ids) for ids in prompt_token_ids or ()]
     params = pb.SamplingParams(**{k: v for k, v in sampling.items() if v is not None})
-    return pb.GenerateRequest(prompts=batch, sampling=params, request_id=request_id)
+    return pb.GenerateRequest(prompts=batch, sampling=params, request_id=request_id, session_id=session_id)
 
 
 def _completions(response: pb.GenerateResponse) -> list[Completion]:
@@ -60,11 +61,12 @@ class RolloutClient:
         prompt_token_ids: Sequence[Sequence[int]] | None = None,
         *,
         request_id: str = "",
+        session_id: str = "",
         timeout: float | None = None,
         **sampling,
     ) -> list[Completion]:
         """One Completion per prompt, in order (text prompts first, then token-id prompts)."""
-        request = build_request(prompts, prompt_token_ids, request_id, sampling)
+        request = build_request(prompts, prompt_token_ids, request_id, sampling, session_id)
         try:
             return _completions(self._stub.Generate(request, timeout=timeout or self.timeout))
         except grpc.RpcError as err:
@@ -76,11 +78,12 @@ class RolloutClient:
         prompt_token_ids: Sequence[Sequence[int]] | None = None,
         *,
         request_id: str = "",
+        session_id: str = "",
         timeout: float | None = None,
         **sampling,
     ) -> Iterator[Completion]:
         """Completions as each prompt finishes (see Completion.prompt_index)."""
-        request = build_request(prompts, prompt_token_ids, request_id, sampling)
+        request = build_request(prompts, prompt_token_ids, request_id, sampling, session_id)
         call = self._stub.GenerateStream(request, timeout=timeout or self.timeout)
         try:
             for response in call:
@@ -150,10 +153,11 @@ class AsyncRolloutClient:
         prompt_token_ids: Sequence[Sequence[int]] | None = None,
         *,
         request_id: str = "",
+        session_id: str = "",
         timeout: float | None = None,
         **sampling,
     ) -> list[Completion]:
-        request = build_request(prompts, prompt_token_ids, request_id, sampling)
+        request = build_request(prompts, prompt_token_ids, request_id, sampling, session_id)
         try:
             return _completions(await self._stub.Generate(request, timeout=timeout or self.timeout))
         except grpc.RpcError as err:
@@ -165,10 +169,11 @@ class AsyncRolloutClient:
         prompt_token_ids: Sequence[Sequence[int]] | None = None,
         *,
         request_id: str = "",
+        session_id: str = "",
         timeout: float | None = None,
         **sampling,
     ) -> AsyncIterator[Completion]:
-        request = build_request(prompts, prompt_token_ids, request_id, sampling)
+        request = build_request(prompts, prompt_token_ids, request_id, sampling, session_id)
         call = self._stub.GenerateStream(request, timeout=timeout or self.timeout)
         try:
             async for response in call:

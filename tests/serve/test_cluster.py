@@ -1,0 +1,188 @@
+"""The Ray Serve deployment end to end: real Ray Serve, real vLLM engine replicas, a real
+redis-server. One deployment serves the whole module, so the tests run in order and build on each
+other: 1 replica -> concurrent pushes -> 3 versions -> scaled to 2 replicas -> pushes that reach
+both or neither -> Redis restarted under it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rollout_client import AbortedError, RolloutClient
+from rollout_client import RolloutClientError as RolloutError
+from rollout_service.config import ServerConfig
+from rollout_service.types import GenerateRequest
+
+pytestmark = pytest.mark.engine
+
+PROMPTS = [[(11 * i + 3 * j) % 2000 + 10 for j in range(10)] for i in range(3)]
+GREEDY = GenerateRequest.model_validate(
+    {"prompts": [{"token_ids": p} for p in PROMPTS], "sampling": {"max_tokens": 10, "temperature": 0.0, "ignore_eos": True}}
+)
+
+
+def perturbed(base: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: (v.float() + 0.05 * torch.randn(v.shape, generator=g)).to(torch.bfloat16) for k, v in base.items()}
+
+
+@pytest.fixture(scope="module")
+def base_weights(tiny_model):
+    return load_file(tiny_model / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model, redis_server, tmp_path_factory):
+    import ray
+    from ray import serve
+
+    from rollout_service.serve.runner import deploy
+
+    root = tmp_path_factory.mktemp("serve")
+    config = ServerConfig(
+        model=tiny_model, port=0, http_port=0, max_model_len=128, replicas=1, replica_cpus=0.5,
+        redis_url=redis_server.url, weights_dir=root / "weights", cache_dir=root / "cache",
+    )
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ingress = deploy(config)
+    ends = ingress.endpoints.remote().result()
+    client = RolloutClient(ends["grpc"], timeout=300)
+
+    class Cluster:
+        pass
+
+    c = Cluster()
+    c.config, c.client, c.http, c.redis = config, client, f"http://{ends['http']}", redis_server
+    c.engines = serve.get_deployment_handle("EngineReplica", "rollout")
+
+    def redeploy(**changes):
+        c.config = c.config.model_copy(update=changes)
+        deploy(c.config)
+
+    c.redeploy = redeploy
+    yield c
+    client.close()
+    serve.shutdown()
+    ray.shutdown()
+
+
+def per_replica(cluster, method: str, *args) -> list:
+    return cluster.engines.broadcast(method, *args).results(timeout_s=120)
+
+
+def greedy_by_replica(cluster) -> list[list[tuple[list[int], list[float], int]]]:
+    """Each replica's greedy outputs for the same prompts: (tokens, logprobs, weight_version)."""
+    return [
+        [(c.samples[0].token_ids, c.samples[0].logprobs, c.samples[0].weight_version) for c in completions]
+        for completions in per_replica(cluster, "generate", GREEDY)
+    ]
+
+
+def test_concurrent_pushes_exactly_one_wins_the_other_is_aborted(cluster, base_weights):
+    outcomes: list = []
+    barrier = threading.Barrier(2)
+
+    def slow(weights):  # each push holds the lock for at least a second: they overlap for sure
+        for i, item in enumerate(weights.items()):
+            yield item
+            if i == 0:
+                time.sleep(1.0)
+
+    def push(seed):
+        with RolloutClient(cluster.client.address, timeout=300) as c:
+            barrier.wait()
+            try:
+                outcomes.append(c.push_weights(slow(perturbed(base_weights, seed))).version)
+            except RolloutError as err:
+                outcomes.append(err)
+
+    threads = [threading.Thread(target=push, args=(s,)) for s in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(outcomes) == 2 and 1 in outcomes, outcomes
+    loser = next(o for o in outcomes if o != 1)
+    assert isinstance(loser, AbortedError) and "another push is in progress" in str(loser)
+    assert cluster.client.status().weight_version == 1
+
+
+def test_a_replica_added_after_three_pushes_serves_version_3_before_taking_traffic(cluster, base_weights):
+    for seed in (3, 4):
+        cluster.client.push_weights(perturbed(base_weights, seed))
+    assert cluster.client.status().weight_version == 3
+    start = time.monotonic()
+    cluster.redeploy(replicas=2)  # returns once the new replica is ready, i.e. has loaded version 3
+    print(f"\nscale 1 -> 2 replicas: new replica ready at version 3 after {time.monotonic() - start:.1f} s")
+    infos = per_replica(cluster, "info")
+    assert len(infos) == 2 and {i["version"] for i in infos} == {3}
+    old, new = greedy_by_replica(cluster)
+    assert old == new and {v for _, _, v in old} == {3}
+    assert cluster.client.status().replicas == 2
+
+
+def test_a_push_reaches_both_replicas_which_then_agree_at_the_new_version(cluster, base_weights):
+    before = greedy_by_replica(cluster)[0]
+    result = cluster.client.push_weights(perturbed(base_weights, 5), label="step-4")
+    assert result.version == 4
+    a, b = greedy_by_replica(cluster)
+    assert a == b, "the replicas disagree after the push"
+    assert {v for _, _, v in a} == {4}
+    assert [t for t, _, _ in a] != [t for t, _, _ in before], "the push did not change the outputs"
+    metrics = httpx.get(f"{cluster.http}/metrics").text
+    assert "rollout_replicas 2.0" in metrics and "rollout_weight_version 4.0" in metrics
+
+
+def test_a_replica_failing_to_prepare_leaves_every_replica_on_the_old_version(cluster, base_weights):
+    before = greedy_by_replica(cluster)
+    victim = per_replica(cluster, "info")[0]["replica_id"]
+    per_replica(cluster, "test_only_fail_next_prepare", victim, "injected prepare failure")
+    with pytest.raises(RolloutError) as err:
+        cluster.client.push_weights(perturbed(base_weights, 6))
+    assert err.value.code.name == "UNAVAILABLE" and "injected prepare failure" in str(err.value)
+    assert {i["version"] for i in per_replica(cluster, "info")} == {4}
+    assert greedy_by_replica(cluster) == before
+    assert cluster.client.status().weight_version == 4
+    assert not (cluster.config.store_dir / "v000005").exists()
+
+
+def test_session_calls_go_to_one_replica(cluster):
+    def served():
+        return {i["replica_id"]: s.counters.requests_total for i, s in per_replica(cluster, "served")}
+
+    before = served()
+    for _ in range(6):
+        cluster.client.generate(prompt_token_ids=PROMPTS[:1], max_tokens=2, session_id="episode-17")
+    after = served()
+    assert sorted(after[r] - before[r] for r in before) == [0, 6], (before, after)
+
+
+def test_redis_restart_generation_continues_version_recovered_next_push_works(cluster, base_weights):
+    import redis
+
+    cluster.redis.stop()
+    completions = cluster.client.generate(prompt_token_ids=PROMPTS, max_tokens=4)
+    assert all(c.samples[0].weight_version == 4 for c in completions)
+    with pytest.raises(RolloutError) as err:  # no push lock without Redis: refused, clearly
+        cluster.client.push_weights(perturbed(base_weights, 7))
+    assert err.value.code.name == "UNAVAILABLE" and "redis" in str(err.value)
+    cluster.redis.start()  # empty: no persistence
+    r = redis.Redis.from_url(cluster.redis.url, decode_responses=True)
+    start = time.monotonic()
+    while r.get("rollout:version") is None:
+        assert time.monotonic() - start < 30, "the version was not written back to Redis"
+        time.sleep(0.1)
+    print(f"\nredis restarted: version written back after {time.monotonic() - start:.1f} s")
+    assert r.get("rollout:version") == "4"
+    assert r.get("rollout:manifest").endswith("v000004/manifest.json")
+    assert cluster.client.push_weights(perturbed(base_weights, 8)).version == 5
+    assert {i["version"] for i in per_replica(cluster, "info")} == {5}
+    events = r.xrange("rollout:events")
+    assert [e["version"] for _, e in events] == ["5"]
+    assert len([k for k in r.scan_iter("rollout:replica:*")]) == 2

@@ -1,0 +1,93 @@
+"""The coordinator contract, held by the embedded default and by Redis (a real redis-server)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from rollout_service.errors import EngineUnavailable
+from rollout_service.serve.coordinator import EmbeddedCoordinator, RedisCoordinator
+
+
+@pytest.fixture(params=["embedded", "redis"])
+def coordinator(request, redis_server):
+    if request.param == "embedded":
+        yield EmbeddedCoordinator()
+        return
+    import redis
+
+    redis.Redis.from_url(redis_server.url).flushdb()
+    c = RedisCoordinator(redis_server.url)
+    yield c
+    asyncio.run(c.close())
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_version_is_recorded_with_an_event_per_commit(coordinator):
+    async def go():
+        assert await coordinator.version() is None
+        await coordinator.set_version(1, "/w/v000001/manifest.json", "step-1")
+        await coordinator.set_version(2, "/w/v000002/manifest.json", "step-2")
+        assert await coordinator.version() == (2, "/w/v000002/manifest.json")
+        events = await coordinator.events("0", 10)
+        assert [e["version"] for _, e in events] == [1, 2]
+        assert events[1][1]["label"] == "step-2"
+        after_first = await coordinator.events(events[0][0], 10)
+        assert [e["version"] for _, e in after_first] == [2]
+        await coordinator.close()
+
+    run(go())
+
+
+def test_ensure_version_writes_back_only_a_missing_or_older_record(coordinator):
+    async def go():
+        assert await coordinator.ensure_version(3, "/w/v3")
+        assert not await coordinator.ensure_version(3, "/w/v3")
+        assert not await coordinator.ensure_version(2, "/w/v2")
+        assert await coordinator.version() == (3, "/w/v3")
+        await coordinator.close()
+
+    run(go())
+
+
+def test_push_lock_excludes_other_owners_until_released_or_expired(coordinator):
+    async def go():
+        assert await coordinator.lock("a", 0.3)
+        assert not await coordinator.lock("b", 0.3)
+        await coordinator.unlock("b")  # not the owner: no effect
+        assert not await coordinator.lock("b", 0.3)
+        assert await coordinator.refresh("a", 0.3)
+        await coordinator.unlock("a")
+        assert await coordinator.lock("b", 0.2)
+        await asyncio.sleep(0.35)  # b never refreshed: expired
+        assert await coordinator.lock("c", 5)
+        await coordinator.close()
+
+    run(go())
+
+
+def test_replica_registry_entries_expire_without_heartbeats(coordinator):
+    async def go():
+        await coordinator.heartbeat({"r1": {"version": 1}, "r2": {"version": 1}}, 0.3)
+        assert set(await coordinator.replicas()) == {"r1", "r2"}
+        await asyncio.sleep(0.2)
+        await coordinator.heartbeat({"r1": {"version": 2}}, 0.3)
+        await asyncio.sleep(0.2)
+        assert await coordinator.replicas() == {"r1": {"version": 2}}
+        await coordinator.close()
+
+    run(go())
+
+
+def test_unreachable_redis_is_unavailable_naming_the_server():
+    async def go():
+        c = RedisCoordinator("redis://127.0.0.1:1/0")
+        with pytest.raises(EngineUnavailable, match="redis at redis://127.0.0.1:1/0 is unreachable"):
+            await c.lock("a", 1)
+        await c.close()
+
+    run(go())

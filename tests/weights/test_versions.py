@@ -1,0 +1,71 @@
+"""The weight store: versions as shards + manifest, overlaid pushes, the last K kept, checksums."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rollout_service.errors import DataLoss
+from rollout_service.weights.staging import Spool
+from rollout_service.weights.versions import VersionStore, crc32_of
+
+
+def push(store: VersionStore, tensors: dict[str, torch.Tensor], label: str = ""):
+    spool = Spool(store.incoming, 1 << 20)
+    spool.add(tensors)
+    spool.flush()
+    version = store.current_version() + 1
+    files = store.adopt(spool.dir, spool.files, version)
+    return store.commit(version, files, {n: crc32_of(t) for n, t in tensors.items()}, label)
+
+
+def t(value: float, shape=(4, 3)) -> torch.Tensor:
+    return torch.full(shape, value, dtype=torch.bfloat16)
+
+
+def test_manifest_overlays_partial_pushes_and_names_dtype_shape_crc(tmp_path):
+    store = VersionStore(tmp_path, keep=3)
+    assert store.current_version() == 0 and store.current() is None
+    push(store, {"a.weight": t(1), "b.weight": t(2)}, "step-1")
+    m = push(store, {"b.weight": t(3)}, "step-2")
+    assert store.current_version() == 2 and m.label == "step-2"
+    assert m.tensors["a.weight"].file.startswith("v000001/")
+    assert m.tensors["b.weight"].file.startswith("v000002/")
+    assert m.tensors["b.weight"].dtype == "BF16" and m.tensors["b.weight"].shape == [4, 3]
+    assert m.tensors["b.weight"].crc32 == crc32_of(t(3))
+    assert store.current() == m  # read back from disk
+    store.verify(m)
+
+
+def test_only_the_last_k_versions_and_what_they_reference_are_kept(tmp_path):
+    store = VersionStore(tmp_path, keep=2)
+    push(store, {"a.weight": t(1), "b.weight": t(1)})  # v1: a stays referenced by every later manifest
+    for v in range(2, 6):
+        push(store, {"b.weight": t(v)})
+    kept = sorted(d.name for d in tmp_path.glob("v*"))
+    assert kept == ["v000001", "v000004", "v000005"]
+
+
+def test_verify_names_a_tensor_whose_bytes_changed(tmp_path):
+    store = VersionStore(tmp_path, keep=2)
+    m = push(store, {"a.weight": t(1)})
+    path = tmp_path / m.tensors["a.weight"].file
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataLoss, match="a.weight"):
+        store.verify(m)
+
+
+def test_clean_drops_interrupted_and_uncommitted_pushes(tmp_path):
+    store = VersionStore(tmp_path, keep=2)
+    push(store, {"a.weight": t(1)})
+    Spool(store.incoming, 1 << 20)  # a push that was receiving when the process died
+    spool = Spool(store.incoming, 1 << 20)
+    spool.add({"a.weight": t(2)})
+    spool.flush()
+    store.adopt(spool.dir, spool.files, 2)  # prepared, never committed
+    store.clean()
+    assert list(store.incoming.iterdir()) == []
+    assert sorted(d.name for d in tmp_path.glob("v*")) == ["v000001"]
+    assert store.current_version() == 1
