@@ -1,6 +1,7 @@
 """`make demo`: a short real RL loop against the service on its embedded defaults.
 
-Makes the tiny model (cached), starts `rollout-service serve --quantization int8` as users would,
+Makes the tiny model (cached), starts `rollout-service serve --quantization int8` as users would
+(on Ray Serve: one engine replica, the embedded coordinator, a fresh weight store),
 runs a batch of rollouts through the Python client and prints them; then a few rounds of
 generate -> one REINFORCE step on a toy reward (a float32 copy of the policy in this process) ->
 push the new weights (requantized to int8 on arrival) -> generate again, printing the served
@@ -10,6 +11,7 @@ version, the reward, and how far the push moved the logprobs. Shuts the server d
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from pathlib import Path
 
@@ -42,10 +44,14 @@ def main() -> None:
         with console.status(f"making the tiny model in {args.model}"):
             make_tiny_model(args.model)
     log = args.model.parent / "demo-server.log"
-    with console.status(f"starting the server (the engine takes about a minute; log: {log})"):
+    # The weight store keeps pushed versions across restarts; the demo starts from the base weights.
+    weights_dir = args.model.parent / "demo-weights"
+    shutil.rmtree(weights_dir, ignore_errors=True)
+    with console.status(f"starting the service on Ray Serve, 1 engine replica (about 1-2 minutes; log: {log})"):
         t0 = time.perf_counter()
         server = ServerProcess.start(
-            args.model, log, "--max-model-len", "512", "--quantization", "int8", "--cache-dir", ".cache/rollout"
+            args.model, log, "--max-model-len", "512", "--quantization", "int8", "--cache-dir", ".cache/rollout",
+            "--weights-dir", str(weights_dir),
         )
     console.print(f"server ready in {time.perf_counter() - t0:.0f} s: gRPC {server.grpc_address}, HTTP {server.http_url}")
     try:

@@ -1,0 +1,151 @@
+"""The cost of Ray Serve, and pushes through the deployment, measured side by side in one run.
+
+  serve_tok_ratio          tokens/s through the Serve deployment (ingress -> handle -> 1 engine
+                           replica) / tokens/s of the single-process server (`--backend local`),
+                           same model, same load, rounds interleaved; target >= 0.95
+  push latency             PushWeights of the whole model into 1 replica, then 2 (scaled in place)
+  push_ratio_vs_bare_grpc  push throughput into 2 replicas / the same client stream into a gRPC
+                           server that only counts bytes, interleaved; target >= 0.7
+  tokens/s with 2 replicas on this machine (2 cores shared by everything: replicas cannot add
+  throughput here; the scaling measurement belongs on a machine with a core set per replica).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.common import CACHE, emit, machine  # noqa: E402
+from bench.push import CHUNK, _bare_grpc_server, _start, bench_model  # noqa: E402
+
+PROMPT = [(7 * j) % 1500 + 20 for j in range(24)]
+
+
+def tokens_per_s(address: str, threads: int, calls: int, batch: int, max_tokens: int) -> float:
+    """`threads` clients each making `calls` Generate calls of `batch` prompts x `max_tokens`."""
+    from rollout_client import RolloutClient
+
+    counts: list[int] = []
+
+    def worker(seed: int) -> None:
+        with RolloutClient(address, timeout=600) as c:
+            for i in range(calls):
+                done = c.generate(prompt_token_ids=[PROMPT] * batch, max_tokens=max_tokens, ignore_eos=True, seed=seed * 100 + i)
+                counts.append(sum(len(s.token_ids) for comp in done for s in comp.samples))
+
+    workers = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
+    start = time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return sum(counts) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a ~50 MB model, 2 rounds, light load (about 6 minutes)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    args = parser.parse_args()
+    rounds = 2 if args.quick else 4
+    load = dict(threads=2, calls=2, batch=8, max_tokens=32) if args.quick else dict(threads=4, calls=3, batch=16, max_tokens=64)
+
+    import grpc
+    import ray
+    import torch
+    from rollout_client import RolloutClient
+    from rollout_client._proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
+    from rollout_client.push import requests
+    from safetensors.torch import load_file
+
+    from rollout_service.config import ServerConfig
+    from rollout_service.launcher import ServerProcess
+    from rollout_service.serve.runner import deploy
+
+    model = bench_model(args.quick)
+    weights = load_file(model / "model.safetensors")
+    nbytes = sum(t.numel() * t.element_size() for t in weights.values())
+    g = torch.Generator().manual_seed(0)
+    policies = [weights, {k: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in weights.items()}]
+    print(f"bench model {model.name}: {nbytes / 1e6:.0f} MB bf16; {machine()}", file=sys.stderr)
+    results: dict = {"model_mb": round(nbytes / 1e6, 1), "rounds": rounds, "load": load, "machine": machine()}
+
+    bare_proc, bare_port = _start(_bare_grpc_server)
+    bare = pb_grpc.RolloutServiceStub(grpc.insecure_channel(f"127.0.0.1:{bare_port}", options=[("grpc.max_send_message_length", 256 << 20)]))
+    local = ServerProcess.start(model, CACHE / "serve-bench-local.log", "--backend", "local", "--max-model-len", "256",
+                                "--no-http", "--cache-dir", str(CACHE / "rollout"))
+    store = Path(tempfile.mkdtemp(prefix="serve-bench-", dir=CACHE))
+    config = ServerConfig(model=model, port=0, http_port=None, max_model_len=256, replicas=1, replica_cpus=1,
+                          weights_dir=store / "weights", cache_dir=CACHE / "rollout")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        address = deploy(config).endpoints.remote().result()["grpc"]
+        client = RolloutClient(address, timeout=600)
+        for a in (local.grpc_address, address):  # first calls compile; keep them out
+            tokens_per_s(a, 1, 1, 2, 4)
+
+        local_tps, serve_tps = [], []
+        for r in range(rounds):
+            order = [("local", local.grpc_address), ("serve", address)][:: 1 if r % 2 == 0 else -1]
+            for name, a in order:
+                time.sleep(1.5)  # the idle engine's busy-poll ends 1 s after its last step
+                (local_tps if name == "local" else serve_tps).append(tokens_per_s(a, **load))
+            print(f"round {r + 1}: local {local_tps[-1]:.0f} tok/s, serve {serve_tps[-1]:.0f} tok/s", file=sys.stderr)
+        results["local_tok_s"] = statistics.median(local_tps)
+        results["serve_tok_s"] = statistics.median(serve_tps)
+        results["serve_tok_ratio"] = statistics.median(s / l for s, l in zip(serve_tps, local_tps))
+        local.stop()
+
+        def pushes(n: int) -> list:
+            return [client.push_weights(policies[i % 2], chunk_bytes=CHUNK) for i in range(n)]
+
+        client.push_weights(policies[1], chunk_bytes=CHUNK)  # warm
+        one = pushes(rounds)
+        results["push_1_replica_s"] = statistics.median(p.seconds for p in one)
+        print(f"push to 1 replica: {[round(p.seconds, 2) for p in one]} s", file=sys.stderr)
+
+        start = time.perf_counter()
+        deploy(config.model_copy(update={"replicas": 2}))
+        results["scale_1_to_2_s"] = time.perf_counter() - start
+        print(f"scaled to 2 replicas in {results['scale_1_to_2_s']:.0f} s (new replica caught up)", file=sys.stderr)
+        two, bare_s = [], []
+        for r in range(rounds):
+            two.append(client.push_weights(policies[r % 2], chunk_bytes=CHUNK))
+            start = time.perf_counter()
+            bare.PushWeights(requests(weights, chunk_bytes=CHUNK))
+            bare_s.append(time.perf_counter() - start)
+            print(f"round {r + 1}: push to 2 replicas {two[-1].seconds:.2f} s ({nbytes / two[-1].seconds / 1e9:.3f} GB/s), "
+                  f"bare gRPC {bare_s[-1]:.2f} s; prepare+requantize {two[-1].requantize_s:.2f} s, "
+                  f"apply {two[-1].apply_s * 1e3:.0f} ms, pause {two[-1].pause_ms:.0f} ms", file=sys.stderr)
+        results["push_2_replicas_s"] = statistics.median(p.seconds for p in two)
+        results["push_2_replicas_gbps"] = nbytes / results["push_2_replicas_s"] / 1e9
+        results["bare_grpc_gbps"] = nbytes / statistics.median(bare_s) / 1e9
+        results["push_ratio_vs_bare_grpc"] = statistics.median(b / p.seconds for p, b in zip(two, bare_s))
+        results["push_latency_ratio_2_vs_1"] = results["push_2_replicas_s"] / results["push_1_replica_s"]
+        time.sleep(1.5)
+        results["serve_2_replicas_tok_s"] = tokens_per_s(address, **load)
+        client.close()
+    finally:
+        local.stop()
+        ray.shutdown()
+        bare_proc.kill()
+    print(
+        f"serve/local tokens/s {results['serve_tok_ratio']:.3f} (target >= 0.95); push to 2 replicas "
+        f"{results['push_2_replicas_gbps']:.3f} GB/s = {results['push_ratio_vs_bare_grpc']:.2f} x bare gRPC (target >= 0.7); "
+        f"push latency 1 replica {results['push_1_replica_s']:.2f} s, 2 replicas {results['push_2_replicas_s']:.2f} s",
+        file=sys.stderr,
+    )
+    if args.json:
+        emit(results)
+
+
+if __name__ == "__main__":
+    main()
