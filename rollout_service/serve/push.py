@@ -56,7 +56,8 @@ class ClusterPush:
 
     def _convert(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         out = to_engine_format(name, tensor, self._dtype, None)  # replicas requantize
-        self._crc[name] = crc32_of(out[name])
+        if out[name].dtype != tensor.dtype:  # cast: the stored bytes are not the received ones
+            self._crc[name] = crc32_of(out[name])
         return out
 
     @contextlib.asynccontextmanager
@@ -107,7 +108,8 @@ class ClusterPush:
         return await shielded(self._commit_and_apply(session, push_id, version, files, receive_s, max(prepare_s, default=0.0)))
 
     async def _commit_and_apply(self, session, push_id, version, files, receive_s, prepare_s) -> PushResult:
-        manifest = await asyncio.to_thread(self.store.commit, version, files, dict(self._crc), session.header.label)
+        crc = {**session.crc32, **self._crc}
+        manifest = await asyncio.to_thread(self.store.commit, version, files, crc, session.header.label)
         session.committed = True
         try:
             await self.coordinator.set_version(version, self.store.manifest_path(version), manifest.label)

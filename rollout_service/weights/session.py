@@ -43,6 +43,7 @@ class PushSession:
         self.started = time.monotonic()
         self.bytes_received = 0
         self.convert_s = 0.0
+        self.crc32: dict[str, int] = {}  # CRC-32 of each received tensor's bytes
         self.committed = False
         self.declare(header.tensors)
 
@@ -104,6 +105,7 @@ class PushSession:
             crc = zlib.crc32(c, crc)
         if spec.crc32 is not None and crc != spec.crc32:
             raise DataLoss(f"{spec.name}: CRC-32 of the received bytes is {crc:#010x}, the header declared {spec.crc32:#010x}")
+        self.crc32[spec.name] = crc
         with warnings.catch_warnings():  # read-only bytes: only read, or copied below
             warnings.simplefilter("ignore", UserWarning)
             if len(chunks) == 1:

@@ -27,6 +27,7 @@ import safetensors
 import torch
 
 from rollout_service.errors import DataLoss
+from rollout_service.weights.store import safetensors_header
 
 
 @dataclass(frozen=True)
@@ -94,11 +95,10 @@ class VersionStore:
         """Make `version` (tensors `files`, already in its directory) the current one."""
         previous = self.current()
         tensors = dict(previous.tensors) if previous else {}
+        headers = {path: safetensors_header(path) for path in set(files.values())}
         for name, path in files.items():
-            with safetensors.safe_open(str(path), "pt") as f:
-                sl = f.get_slice(name)
-                dtype, shape = sl.get_dtype(), list(sl.get_shape())
-            tensors[name] = StoredTensor(str(path.relative_to(self.root)), dtype, shape, crc32[name])
+            info = headers[path][name]
+            tensors[name] = StoredTensor(str(path.relative_to(self.root)), info["dtype"], info["shape"], crc32[name])
         manifest = Manifest(version, label, time.time(), tensors)
         body = {**asdict(manifest), "tensors": {n: asdict(t) for n, t in tensors.items()}}
         _write_atomic(self._dir(version) / "manifest.json", json.dumps(body, indent=1))
