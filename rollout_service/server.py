@@ -46,9 +46,10 @@ async def start_http(app, host: str, port: int) -> tuple[uvicorn.Server, asyncio
     return server, task, bound
 
 
-async def watch_health(backend, health, serving: bool = True) -> None:
+async def watch_health(backend, health) -> None:
     """Keep gRPC health in step with the backend: NOT_SERVING while it cannot serve (a dead engine,
     no replica yet), so an orchestrator holds traffic back or replaces this server."""
+    serving = True  # create_server starts it SERVING
     while True:
         await asyncio.sleep(HEALTH_POLL_S)
         try:

@@ -43,18 +43,22 @@ class Metered:
             "rollout_push_pause_seconds", "Time generation was paused to apply a push.", registry=r,
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
         )
+        # (time, tokens) of the completions in the window and their sum, kept as they come and go:
+        # counting runs once per completion, so it must not re-add the whole window.
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
+        self._recent_tokens = 0
 
     def _count_tokens(self, n: int) -> None:
         now = time.monotonic()
         self.tokens.inc(n)
         self._recent.append((now, n))
+        self._recent_tokens += n
         self._refresh_rate(now)
 
     def _refresh_rate(self, now: float) -> None:
         while self._recent and self._recent[0][0] < now - TOKENS_WINDOW_S:
-            self._recent.popleft()
-        self.tokens_per_s.set(sum(n for _, n in self._recent) / TOKENS_WINDOW_S)
+            self._recent_tokens -= self._recent.popleft()[1]
+        self.tokens_per_s.set(self._recent_tokens / TOKENS_WINDOW_S)
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[Completion]:
         outcome = "error"

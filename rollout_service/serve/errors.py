@@ -1,5 +1,6 @@
-"""Calls through Serve handles. Exceptions coming back through Serve are wrapped in RayTaskError (message: a remote traceback);
-the front ends want the replica's own exception, to map it in errors.py and show its message."""
+"""Calls through Serve handles. Exceptions coming back through Serve are wrapped in RayTaskError
+(message: a remote traceback); the front ends want the replica's own exception, to map it in
+errors.py and show its message."""
 
 from __future__ import annotations
 

@@ -56,7 +56,6 @@ class Ingress:
             asyncio.create_task(watch_health(self.backend, self.grpc_server.health)),
             asyncio.create_task(self._keep_registry()),
         ]
-        self.redis_restored: list[float] = []  # loop times when the version was written back
 
     async def endpoints(self) -> dict:
         """Where this ingress serves: {"grpc": "host:port", "http": "host:port" or None}."""
@@ -86,7 +85,6 @@ class Ingress:
         await self.coordinator.heartbeat(live, REGISTRY_TTL_S)
         version = self.store.current_version()
         if version and await self.coordinator.ensure_version(version, self.store.manifest_path(version)):
-            self.redis_restored.append(asyncio.get_running_loop().time())
             log.info("wrote version %d back to the coordinator", version)
 
     async def check_health(self) -> None:
