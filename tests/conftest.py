@@ -58,3 +58,10 @@ def bf16_client(bf16_server):
 
     with RolloutClient(bf16_server.grpc_address, timeout=120) as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def trainer_server(request, tiny_model, tmp_path_factory) -> ServerProcess:
+    """bf16 engine that the client, adapter and GRPO tests push to; each test first pushes the
+    weights it needs (as a trainer syncs before its first rollout), so their order does not matter."""
+    return _server(request, tiny_model, tmp_path_factory, "trainer", "--no-http")

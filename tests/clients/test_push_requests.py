@@ -33,19 +33,31 @@ def test_a_state_dict_becomes_header_declares_chunks_commit():
     assert declared[0].crc32 == zlib.crc32(data[0]) and declared[1].crc32 == zlib.crc32(data[1])
 
 
-def test_an_iterator_is_consumed_one_tensor_at_a_time():
+def test_an_iterator_is_consumed_one_bucket_at_a_time():
     produced = []
 
     def layers():
-        for i in range(3):
+        for i in range(6):
             produced.append(i)
-            yield f"l{i}", torch.ones(4)
+            yield f"l{i}", torch.ones(4)  # 16 bytes each
 
-    stream = requests(layers())
+    stream = requests(layers(), bucket_bytes=32)
     next(stream)  # header
-    next(stream)  # declare l0
-    assert produced == [0]  # nothing else materialized yet
-    assert sum(1 for m in stream if m.HasField("declare")) == 2
+    first = next(stream)
+    assert [t.name for t in first.declare.tensors] == ["l0", "l1"]
+    assert produced == [0, 1]  # nothing beyond the first bucket materialized yet
+    declares = [m for m in stream if m.HasField("declare")]
+    assert [[t.name for t in m.declare.tensors] for m in declares] == [["l2", "l3"], ["l4", "l5"]]
+
+
+def test_chunk_indices_continue_across_buckets():
+    sd = {f"t{i}": torch.full((3,), float(i)) for i in range(5)}
+    msgs = list(requests(sd, bucket_bytes=20))
+    order = [m.chunk.tensor_index for m in msgs if m.HasField("chunk")]
+    assert order == [0, 1, 2, 3, 4]
+    for m in msgs:
+        if m.HasField("chunk"):
+            assert np.frombuffer(m.chunk.data, np.float32).tolist() == [float(m.chunk.tensor_index)] * 3
 
 
 def test_non_float_tensors_are_refused_with_their_name():

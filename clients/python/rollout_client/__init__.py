@@ -1,5 +1,6 @@
 """Python client for rollout-service (rollout.v1 over gRPC). Depends on grpcio, protobuf, numpy only."""
 
+from rollout_client.channel import NO_RETRY, RetryPolicy
 from rollout_client.client import AsyncRolloutClient, RolloutClient
 from rollout_client.errors import (
     AbortedError,
@@ -13,6 +14,7 @@ from rollout_client.errors import (
     UnavailableError,
 )
 from rollout_client.push import PushResult
+from rollout_client.rl import MismatchReport, mismatch_report, tis_weights
 from rollout_client.types import Completion, Sample
 
 __all__ = [
@@ -24,10 +26,15 @@ __all__ = [
     "DeadlineExceededError",
     "FailedPreconditionError",
     "InvalidArgumentError",
+    "MismatchReport",
+    "NO_RETRY",
     "PushResult",
     "ResourceExhaustedError",
+    "RetryPolicy",
     "RolloutClient",
     "RolloutClientError",
     "Sample",
     "UnavailableError",
+    "mismatch_report",
+    "tis_weights",
 ]

@@ -1,8 +1,8 @@
 """The PushWeights request stream, built from a state_dict or any iterable of (name, tensor).
 
-Each tensor is declared (PushDeclare, with its CRC-32) right before its chunks, so only the tensor
-being sent is touched: an iterator that gathers or materializes tensors one by one is streamed
-without a second copy of the model. Bytes go as they are in memory (little-endian, row-major);
+Tensors are declared (PushDeclare, with their CRC-32) a bucket at a time, right before their
+chunks, so only the bucket being sent is touched: an iterator that gathers or materializes
+tensors one by one is streamed without a second copy of the model. Bytes go as they are in memory (little-endian, row-major);
 no pickle. torch tensors (bfloat16/float16/float32) and numpy arrays (float16/float32, or
 ml_dtypes' bfloat16) are accepted; torch is only imported if the caller passes torch tensors.
 """
@@ -20,6 +20,7 @@ import numpy as np
 from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
+DEFAULT_BUCKET_BYTES = 256 * 1024 * 1024
 _TORCH_DTYPES = {"torch.bfloat16": "bfloat16", "torch.float16": "float16", "torch.float32": "float32"}
 _NUMPY_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 
@@ -115,35 +116,84 @@ def requests(
     weights: Mapping[str, Any] | Iterable[tuple[str, Any]],
     *,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     expected_version: int | None = None,
     label: str = "",
     inflight: str = "",
     progress: bool = False,
 ) -> Iterator[pb.PushWeightsRequest]:
-    """The PushWeights messages: header, then per tensor a PushDeclare and its chunks, then commit."""
+    """The PushWeights messages: header; per bucket a PushDeclare of its tensors and their chunks;
+    commit.
+
+    A bucket is consecutive tensors of about `bucket_bytes` (closed once it reaches that size):
+    they are copied to host memory together (one declare message per bucket) and released once
+    sent, so the client holds at most one bucket beyond the caller's own tensors.
+    """
     if chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes={chunk_bytes} must be positive")
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes={bucket_bytes} must be positive")
     total = None
-    if isinstance(weights, Mapping):
+    if progress and isinstance(weights, Mapping):
         total = sum(int(np.prod(getattr(t, "shape", ()))) * _itemsize(t) for t in weights.values())
     header = pb.PushHeader(label=label, inflight=inflight)
     if expected_version is not None:
         header.expected_version = expected_version
     yield pb.PushWeightsRequest(header=header)
     bar = _Progress(progress, total)
+    index = 0
     try:
-        for index, (name, tensor) in enumerate(_items(weights)):
-            dtype, shape, flat = as_bytes(name, tensor)
-            spec = pb.TensorSpec(name=name, dtype=dtype, shape=shape, nbytes=flat.nbytes, crc32=zlib.crc32(flat))
-            yield pb.PushWeightsRequest(declare=pb.PushDeclare(tensors=[spec]))
-            for offset in range(0, flat.nbytes, chunk_bytes):
-                piece = flat[offset : offset + chunk_bytes]
-                chunk = pb.PushChunk(tensor_index=index, offset=offset, data=piece.tobytes())
-                yield pb.PushWeightsRequest(chunk=chunk)
-                bar.update(piece.nbytes)
+        for bucket in _buckets(_items(weights), bucket_bytes):
+            specs = [
+                pb.TensorSpec(name=name, dtype=dtype, shape=shape, nbytes=flat.nbytes, crc32=zlib.crc32(flat))
+                for name, dtype, shape, flat in bucket
+            ]
+            yield pb.PushWeightsRequest(declare=pb.PushDeclare(tensors=specs))
+            for _, _, _, flat in bucket:
+                for offset in range(0, flat.nbytes, chunk_bytes):
+                    piece = flat[offset : offset + chunk_bytes]
+                    chunk = pb.PushChunk(tensor_index=index, offset=offset, data=piece.tobytes())
+                    yield pb.PushWeightsRequest(chunk=chunk)
+                    bar.update(piece.nbytes)
+                index += 1
         yield pb.PushWeightsRequest(commit=pb.PushCommit())
     finally:
         bar.close()
+
+
+class SourceErrors:
+    """Wraps the request stream and keeps the first exception it raised: gRPC reports a failing
+    request iterator only as a cancelled call, and the caller should see the real error (a
+    tensor's bad dtype, their generator's own exception)."""
+
+    def __init__(self, stream: Iterator[pb.PushWeightsRequest]):
+        self._stream = stream
+        self.error: BaseException | None = None
+
+    def __iter__(self) -> Iterator[pb.PushWeightsRequest]:
+        try:
+            yield from self._stream
+        except Exception as exc:
+            self.error = exc
+            raise
+
+
+def _buckets(
+    items: Iterator[tuple[str, Any]], bucket_bytes: int
+) -> Iterator[list[tuple[str, str, tuple[int, ...], np.ndarray]]]:
+    """Consecutive (name, dtype, shape, host bytes) groups; a group is closed as soon as it holds
+    `bucket_bytes`, so no tensor is pulled from `items` before the previous bucket is sent."""
+    bucket: list[tuple[str, str, tuple[int, ...], np.ndarray]] = []
+    size = 0
+    for name, tensor in items:
+        dtype, shape, flat = as_bytes(name, tensor)
+        bucket.append((name, dtype, shape, flat))
+        size += flat.nbytes
+        if size >= bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+    if bucket:
+        yield bucket
 
 
 def _itemsize(tensor: Any) -> int:
