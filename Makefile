@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_MODEL ?= .cache/tiny-model
 PROTO_OUT := clients/python
 
-.PHONY: install proto demo test test-fast bench clean
+.PHONY: install proto demo grpo test test-fast bench clean
 
 TS := clients/typescript
 
@@ -38,6 +38,10 @@ proto: $(STAMP)
 
 demo: install
 	$(PY) examples/demo.py --model $(DEMO_MODEL)
+
+# GRPO through the service: bf16 and int8 rollouts, with and without TIS (about 10 minutes).
+grpo: install
+	$(PY) examples/grpo_toy.py --model $(DEMO_MODEL)
 
 test: install
 	$(PY) -m pytest -q -ra

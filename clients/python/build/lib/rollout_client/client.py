@@ -1,0 +1,318 @@
+"""RolloutClient (blocking) and AsyncRolloutClient (asyncio) for rollout.v1.RolloutService.
+
+    client = RolloutClient("localhost:50051", timeout=60)
+    completions = client.generate(["The trainer"], n=4, max_tokens=32, temperature=0.7)
+    completions[0].samples[0].logprobs   # exact per-token logprobs, numpy float32
+    client.push_weights(model.state_dict(), label="step 1")   # -> PushResult(version=1, ...)
+
+`timeout` is every call's default deadline in seconds (each method takes its own `timeout=`);
+idempotent calls are retried on UNAVAILABLE with backoff (`retry=`, see channel.RetryPolicy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import grpc
+
+from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
+from rollout_client._proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
+from rollout_client import push
+from rollout_client.channel import ChannelOptions, RetryPolicy
+from rollout_client.errors import DeadlineExceededError, from_rpc_error
+from rollout_client.push import PushResult
+from rollout_client.types import Completion, completion_from_proto
+
+WAIT_POLL_S = 0.5
+SAMPLING_FIELDS = tuple(f.name for f in pb.SamplingParams.DESCRIPTOR.fields)
+
+
+def build_request(
+    prompts: Sequence[str] | None, prompt_token_ids: Sequence[Sequence[int]] | None, request_id: str, sampling: dict,
+    session_id: str = "",
+) -> pb.GenerateRequest:
+    """A GenerateRequest from text prompts and/or token-id prompts plus SamplingParams fields."""
+    unknown = sorted(set(sampling) - set(SAMPLING_FIELDS))
+    if unknown:
+        raise TypeError(f"unknown sampling parameter(s) {unknown}; known: {list(SAMPLING_FIELDS)}")
+    batch = [pb.Prompt(text=t) for t in prompts or ()]
+    batch += [pb.Prompt(token_ids=ids) for ids in prompt_token_ids or ()]
+    params = pb.SamplingParams(**{k: v for k, v in sampling.items() if v is not None})
+    return pb.GenerateRequest(prompts=batch, sampling=params, request_id=request_id, session_id=session_id)
+
+
+def _completions(response: pb.GenerateResponse) -> list[Completion]:
+    return [completion_from_proto(c) for c in response.completions]
+
+
+def _show_progress(progress: bool | None) -> bool:
+    """None (the default) shows the push bar only when stderr is a terminal."""
+    return sys.stderr.isatty() if progress is None else progress
+
+
+def _version_reached(status: pb.GetStatusResponse, version: int) -> bool:
+    return status.weight_version >= version
+
+
+class RolloutClient:
+    """Blocking client.
+
+    address: "host:port". timeout: default deadline of every call, seconds (None: no deadline).
+    retry: how idempotent calls retry on UNAVAILABLE (channel.NO_RETRY turns it off).
+    tls / root_certificates / api_key: see channel.ChannelOptions.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        timeout: float | None = 600.0,
+        *,
+        retry: RetryPolicy = RetryPolicy(),
+        tls: bool = False,
+        root_certificates: bytes | str | None = None,
+        api_key: str | None = None,
+    ):
+        self.address = address
+        self.timeout = timeout
+        self._options = ChannelOptions(retry=retry, tls=tls, root_certificates=root_certificates, api_key=api_key)
+        self._metadata = self._options.metadata()
+        self._channel = self._options.channel(address)
+        self._stub = pb_grpc.RolloutServiceStub(self._channel)
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        return timeout if timeout is not None else self.timeout
+
+    def generate(
+        self,
+        prompts: Sequence[str] | None = None,
+        prompt_token_ids: Sequence[Sequence[int]] | None = None,
+        *,
+        request_id: str = "",
+        session_id: str = "",
+        timeout: float | None = None,
+        **sampling,
+    ) -> list[Completion]:
+        """One Completion per prompt, in order (text prompts first, then token-id prompts)."""
+        request = build_request(prompts, prompt_token_ids, request_id, sampling, session_id)
+        try:
+            response = self._stub.Generate(request, timeout=self._deadline(timeout), metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        return _completions(response)
+
+    def generate_stream(
+        self,
+        prompts: Sequence[str] | None = None,
+        prompt_token_ids: Sequence[Sequence[int]] | None = None,
+        *,
+        request_id: str = "",
+        session_id: str = "",
+        timeout: float | None = None,
+        **sampling,
+    ) -> Iterator[Completion]:
+        """Completions as each prompt finishes (see Completion.prompt_index)."""
+        request = build_request(prompts, prompt_token_ids, request_id, sampling, session_id)
+        call = self._stub.GenerateStream(request, timeout=self._deadline(timeout), metadata=self._metadata)
+        try:
+            for response in call:
+                yield from _completions(response)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        finally:
+            call.cancel()  # the caller stopped early: the server aborts the prompts still running
+
+    def push_weights(
+        self,
+        weights: Mapping[str, Any] | Iterable[tuple[str, Any]],
+        *,
+        chunk_bytes: int = push.DEFAULT_CHUNK_BYTES,
+        bucket_bytes: int = push.DEFAULT_BUCKET_BYTES,
+        expected_version: int | None = None,
+        label: str = "",
+        inflight: str = "",
+        progress: bool | None = None,
+        timeout: float | None = None,
+    ) -> PushResult:
+        """Stream new weights (a state_dict, a dict of numpy/torch tensors, or an iterable of
+        (name, tensor), e.g. a generator gathering sharded parameters one by one) into the server;
+        returns once they serve as the new version. Never retried: a failed push changed nothing.
+
+        `expected_version`: fail (FailedPrecondition) unless the server serves this version.
+        `inflight`: "drain" | "abort" | "continue" for this push (default: the server's setting).
+        `progress`: a byte progress bar (needs tqdm) and a one-line summary on stderr; by default
+        only when stderr is a terminal.
+        """
+        show = _show_progress(progress)
+        start = time.perf_counter()
+        stream = push.requests(
+            weights, chunk_bytes=chunk_bytes, bucket_bytes=bucket_bytes, expected_version=expected_version,
+            label=label, inflight=inflight, progress=show,
+        )
+        source = push.SourceErrors(stream)
+        try:
+            response = self._stub.PushWeights(iter(source), timeout=self._deadline(timeout), metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise (source.error or from_rpc_error(err)) from None
+        result = push.result_from_proto(response, time.perf_counter() - start)
+        if show:
+            print(result, file=sys.stderr)
+        return result
+
+    def status(self, timeout: float | None = None) -> pb.GetStatusResponse:
+        """Model, settings, current weight version, replicas and counters."""
+        try:
+            return self._stub.GetStatus(pb.GetStatusRequest(), timeout=self._deadline(timeout), metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    def wait_for_version(self, version: int, timeout: float = 300.0, poll_s: float = WAIT_POLL_S) -> pb.GetStatusResponse:
+        """Block until the server serves weight version >= `version` (for example a version pushed
+        by another process); returns that status. DeadlineExceededError after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status(timeout=max(deadline - time.monotonic(), 0.001))
+            if _version_reached(status, version):
+                return status
+            if time.monotonic() + poll_s > deadline:
+                raise DeadlineExceededError(
+                    f"weight version {version} not served after {timeout:g} s (serving {status.weight_version})"
+                )
+            time.sleep(poll_s)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> RolloutClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncRolloutClient:
+    """asyncio client with the same methods and options as RolloutClient."""
+
+    def __init__(
+        self,
+        address: str,
+        timeout: float | None = 600.0,
+        *,
+        retry: RetryPolicy = RetryPolicy(),
+        tls: bool = False,
+        root_certificates: bytes | str | None = None,
+        api_key: str | None = None,
+    ):
+        self.address = address
+        self.timeout = timeout
+        self._options = ChannelOptions(retry=retry, tls=tls, root_certificates=root_certificates, api_key=api_key)
+        self._metadata = self._options.metadata()
+        self._channel = self._options.aio_channel(address)
+        self._stub = pb_grpc.RolloutServiceStub(self._channel)
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        return timeout if timeout is not None else self.timeout
+
+    async def generate(
+        self,
+        prompts: Sequence[str] | None = None,
+        prompt_token_ids: Sequence[Sequence[int]] | None = None,
+        *,
+        request_id: str = "",
+        session_id: str = "",
+        timeout: float | None = None,
+        **sampling,
+    ) -> list[Completion]:
+        request = build_request(prompts, prompt_token_ids, request_id, sampling, session_id)
+        try:
+            response = await self._stub.Generate(request, timeout=self._deadline(timeout), metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        return _completions(response)
+
+    async def generate_stream(
+        self,
+        prompts: Sequence[str] | None = None,
+        prompt_token_ids: Sequence[Sequence[int]] | None = None,
+        *,
+        request_id: str = "",
+        session_id: str = "",
+        timeout: float | None = None,
+        **sampling,
+    ) -> AsyncIterator[Completion]:
+        request = build_request(prompts, prompt_token_ids, request_id, sampling, session_id)
+        call = self._stub.GenerateStream(request, timeout=self._deadline(timeout), metadata=self._metadata)
+        try:
+            async for response in call:
+                for c in _completions(response):
+                    yield c
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        finally:
+            call.cancel()
+
+    async def push_weights(
+        self,
+        weights: Mapping[str, Any] | Iterable[tuple[str, Any]],
+        *,
+        chunk_bytes: int = push.DEFAULT_CHUNK_BYTES,
+        bucket_bytes: int = push.DEFAULT_BUCKET_BYTES,
+        expected_version: int | None = None,
+        label: str = "",
+        inflight: str = "",
+        progress: bool | None = None,
+        timeout: float | None = None,
+    ) -> PushResult:
+        show = _show_progress(progress)
+        start = time.perf_counter()
+        stream = push.requests(
+            weights, chunk_bytes=chunk_bytes, bucket_bytes=bucket_bytes, expected_version=expected_version,
+            label=label, inflight=inflight, progress=show,
+        )
+        source = push.SourceErrors(stream)
+        try:
+            response = await self._stub.PushWeights(iter(source), timeout=self._deadline(timeout), metadata=self._metadata)
+        except (grpc.RpcError, asyncio.CancelledError) as err:
+            if source.error is not None:
+                raise source.error from None
+            if isinstance(err, asyncio.CancelledError):
+                raise
+            raise from_rpc_error(err) from None
+        result = push.result_from_proto(response, time.perf_counter() - start)
+        if show:
+            print(result, file=sys.stderr)
+        return result
+
+    async def status(self, timeout: float | None = None) -> pb.GetStatusResponse:
+        try:
+            return await self._stub.GetStatus(
+                pb.GetStatusRequest(), timeout=self._deadline(timeout), metadata=self._metadata
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    async def wait_for_version(
+        self, version: int, timeout: float = 300.0, poll_s: float = WAIT_POLL_S
+    ) -> pb.GetStatusResponse:
+        deadline = time.monotonic() + timeout
+        while True:
+            status = await self.status(timeout=max(deadline - time.monotonic(), 0.001))
+            if _version_reached(status, version):
+                return status
+            if time.monotonic() + poll_s > deadline:
+                raise DeadlineExceededError(
+                    f"weight version {version} not served after {timeout:g} s (serving {status.weight_version})"
+                )
+            await asyncio.sleep(poll_s)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncRolloutClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

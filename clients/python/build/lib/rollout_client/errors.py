@@ -1,0 +1,71 @@
+"""Typed client errors, one per gRPC status code the service uses; each carries `.code`."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class RolloutClientError(Exception):
+    """A call failed; `.code` is the grpc.StatusCode and `.details` the server's message."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, details: str, code: grpc.StatusCode | None = None):
+        super().__init__(f"{(code or self.code).name}: {details}")
+        self.details = details
+        if code is not None:
+            self.code = code
+
+
+class InvalidArgumentError(RolloutClientError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ResourceExhaustedError(RolloutClientError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceededError(RolloutClientError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class CancelledError(RolloutClientError):
+    code = grpc.StatusCode.CANCELLED
+
+
+class UnavailableError(RolloutClientError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class FailedPreconditionError(RolloutClientError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class DataLossError(RolloutClientError):
+    code = grpc.StatusCode.DATA_LOSS
+
+
+class AbortedError(RolloutClientError):
+    code = grpc.StatusCode.ABORTED
+
+
+_BY_CODE = {
+    cls.code: cls
+    for cls in (
+        InvalidArgumentError,
+        ResourceExhaustedError,
+        DeadlineExceededError,
+        CancelledError,
+        UnavailableError,
+        FailedPreconditionError,
+        DataLossError,
+        AbortedError,
+    )
+}
+
+
+def from_rpc_error(err: grpc.RpcError) -> RolloutClientError:
+    """The typed error for a failed call."""
+    code = err.code()
+    cls = _BY_CODE.get(code, RolloutClientError)
+    return cls(err.details() or "", code)

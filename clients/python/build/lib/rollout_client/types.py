@@ -1,0 +1,65 @@
+"""Results as plain Python objects: lists of ids, numpy arrays of logprobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
+
+_FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_ABORTED: "aborted"}
+
+
+@dataclass
+class Sample:
+    """One sampled completion. `logprobs[i]` is the logprob of `token_ids[i]` under the distribution
+    it was sampled from (float32)."""
+
+    token_ids: list[int]
+    text: str
+    logprobs: np.ndarray
+    finish_reason: str
+    weight_version: int
+    stop_reason: str = ""
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    # The version of the first token; differs from weight_version (the last token's) only when a
+    # push was applied mid-sample under the "continue" policy.
+    first_weight_version: int = 0
+
+
+@dataclass
+class Completion:
+    """The samples for one prompt (`prompt_index` into the request's batch)."""
+
+    prompt_index: int
+    prompt_token_ids: list[int]
+    samples: list[Sample]
+    request_id: str = ""
+    prompt_logprobs: np.ndarray | None = None
+
+
+def _top(items) -> list[dict[int, float]]:
+    return [dict(zip(t.token_ids, t.logprobs)) for t in items]
+
+
+def completion_from_proto(c: pb.Completion) -> Completion:
+    return Completion(
+        prompt_index=c.prompt_index,
+        prompt_token_ids=list(c.prompt_token_ids),
+        samples=[
+            Sample(
+                token_ids=list(s.token_ids),
+                text=s.text,
+                logprobs=np.asarray(s.logprobs, dtype=np.float32),
+                finish_reason=_FINISH.get(s.finish_reason, "unspecified"),
+                weight_version=s.weight_version,
+                stop_reason=s.stop_reason,
+                top_logprobs=_top(s.top_logprobs),
+                first_weight_version=s.first_weight_version,
+            )
+            for s in c.samples
+        ],
+        request_id=c.request_id,
+        prompt_logprobs=np.asarray(c.prompt_logprobs, dtype=np.float32) if len(c.prompt_logprobs) else None,
+    )
