@@ -3,6 +3,7 @@ and the client imports (and computes TIS weights) without torch or the server pa
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import venv
 from pathlib import Path
@@ -11,9 +12,10 @@ CLIENT = Path(__file__).resolve().parents[2] / "clients" / "python"
 
 
 def test_the_client_installs_alone_and_needs_no_torch(tmp_path):
+    source = shutil.copytree(CLIENT, tmp_path / "client", ignore=shutil.ignore_patterns("build", "*.egg-info"))
     venv.create(tmp_path / "env", with_pip=True)
     python = tmp_path / "env" / "bin" / "python"
-    subprocess.run([python, "-m", "pip", "install", "-q", str(CLIENT)], check=True, timeout=600)
+    subprocess.run([python, "-m", "pip", "install", "-q", str(source)], check=True, timeout=600)
     listed = subprocess.run([python, "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True, check=True)
     names = {line.split("==")[0].lower() for line in listed.stdout.split()}
     assert {"grpcio", "protobuf", "numpy", "rollout-client"} <= names
