@@ -9,8 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from rollout_service.quant.recipe import Recipe
 
 Quantization = Literal["none", "int8", "fp8", "fp8_channel"]
 DType = Literal["bfloat16", "float32"]
@@ -30,6 +32,12 @@ class ServerConfig(BaseSettings):
         description="Weight format the engine runs: 'none' serves the checkpoint's own dtype; 'int8' is W8A8 "
         "(per-channel int8 weights, dynamic per-token int8 activations); 'fp8' / 'fp8_channel' are e4m3 "
         "weights with a per-tensor / per-channel scale (GPU only).",
+    )
+    profile: Path | None = Field(
+        None,
+        description="Requantization recipe written by `rollout-service profile` (which parameters the "
+        "quantized engine holds quantized, and how); default: every linear weight of the decoder layers. "
+        "Needs quantization to be the profile's format.",
     )
     dtype: DType = Field("bfloat16", description="Activation and unquantized-weight dtype of the engine.")
     host: str = Field("127.0.0.1", description="Address the gRPC and HTTP servers bind to ('0.0.0.0' for all interfaces).")
@@ -127,6 +135,22 @@ class ServerConfig(BaseSettings):
         if value is not None and not (0 <= value[0] <= value[1] and value[1] >= 1):
             raise ValueError(f"autoscale={value}: need 0 <= min <= max and max >= 1")
         return value
+
+    @model_validator(mode="after")
+    def _profile_matches(self) -> ServerConfig:
+        if self.profile is not None:
+            fn = self.recipe().fn  # loads it: a bad file is reported here, at start
+            if fn != self.quantization:
+                raise ValueError(f"profile={str(self.profile)!r} is for {fn}, but quantization={self.quantization!r}")
+        return self
+
+    def recipe(self) -> Recipe | None:
+        """How the engine holds its parameters; None when it is not quantized."""
+        if self.quantization == "none":
+            return None
+        if self.profile is None:
+            return Recipe(fn=self.quantization, source="default rule")
+        return Recipe.load(self.profile)
 
     @property
     def store_dir(self) -> Path:

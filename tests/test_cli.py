@@ -36,7 +36,8 @@ def test_fp8_is_refused_on_cpu_with_a_clear_reason(tiny_model, tmp_path):
 
 def test_prequantized_checkpoint_with_quantization_flag_is_refused(tiny_model, tmp_path):
     from rollout_service.quant.checkpoint import quantize_checkpoint
+    from rollout_service.quant.recipe import Recipe
 
-    quantized = quantize_checkpoint(tiny_model, tmp_path / "q", "int8")
+    quantized = quantize_checkpoint(tiny_model, tmp_path / "q", Recipe("int8"))
     r = _serve("--model", str(quantized), "--quantization", "int8", "--port", "0", "--no-http")
     assert r.returncode == 2 and "already quantized" in r.stderr, r.stderr[-2000:]

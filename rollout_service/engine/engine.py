@@ -9,6 +9,7 @@ prompt tasks are cancelled and vLLM's generate() aborts each engine request, so 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -38,19 +39,36 @@ _PAUSE_MODE = {"drain": "wait", "abort": "abort", "continue": "keep"}
 def resolve_model(config: ServerConfig) -> Path:
     """The checkpoint the engine loads: the configured one, or its quantized copy."""
     from rollout_service.quant.checkpoint import cached_quantized_checkpoint, is_prequantized
+    from rollout_service.quant.profile import ProfileError, checkpoint_format
 
     if config.quantization == "none":
+        if is_prequantized(config.model):
+            raise ConfigError(
+                f"{config.model} is a quantized checkpoint: serve it with --quantization set to its format (and "
+                "--profile from `rollout-service profile`), so that pushed weights are requantized"
+            )
         return config.model
-    if is_prequantized(config.model):
-        raise ConfigError(
-            f"quantization={config.quantization!r}: {config.model} is already quantized; serve it with "
-            "--quantization none, or give the bf16 checkpoint"
-        )
     if config.quantization.startswith("fp8") and current_platform.is_cpu():
         raise ConfigError(
             f"quantization={config.quantization!r} needs a GPU: vLLM's CPU backend has no FP8 kernels; use int8 on CPU"
         )
-    return cached_quantized_checkpoint(config.model, config.quantization, config.cache_dir, progress=log.info)
+    recipe = config.recipe()
+    if is_prequantized(config.model):
+        # A quantized checkpoint (e.g. from llm-compressor) is served as it is; its profile says how
+        # pushed bf16 weights are requantized to match it.
+        try:
+            fn, _ = checkpoint_format(json.loads((config.model / "config.json").read_text()), str(config.model))
+        except ProfileError as exc:
+            raise ConfigError(str(exc)) from None
+        if fn != config.quantization:
+            raise ConfigError(f"quantization={config.quantization!r}, but {config.model} is quantized as {fn}")
+        if config.profile is None:
+            raise ConfigError(
+                f"{config.model} is already quantized: give its --profile (`rollout-service profile -m BF16 -qm "
+                f"{config.model}`) so that pushes are requantized as it was, or serve the bf16 checkpoint"
+            )
+        return config.model
+    return cached_quantized_checkpoint(config.model, recipe, config.cache_dir, progress=log.info)
 
 
 def engine_args(config: ServerConfig, model: Path):

@@ -14,16 +14,16 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from rollout_service.quant.formats import QuantFormat, quantize_weight
-from rollout_service.quant.recipe import is_quantized_param, quantization_config
+from rollout_service.quant.formats import quantize_weight
+from rollout_service.quant.recipe import Recipe, quantization_config
 
 # Bump when the quantized output of the same input would change.
 QUANTIZER_VERSION = 1
 
 
-def fingerprint(model: Path, fmt: QuantFormat) -> str:
-    """Changes whenever a source weight file, the format or the quantizer changes."""
-    h = hashlib.sha256(f"{QUANTIZER_VERSION}:{fmt}".encode())
+def fingerprint(model: Path, recipe: Recipe) -> str:
+    """Changes whenever a source weight file, the recipe or the quantizer changes."""
+    h = hashlib.sha256(f"{QUANTIZER_VERSION}:{recipe.fingerprint()}".encode())
     for f in sorted(model.glob("*.safetensors")) + [model / "config.json"]:
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
@@ -35,9 +35,10 @@ def is_prequantized(model: Path) -> bool:
 
 
 def quantize_checkpoint(
-    src: Path, dst: Path, fmt: QuantFormat, progress: Callable[[str], None] | None = None
+    src: Path, dst: Path, recipe: Recipe, progress: Callable[[str], None] | None = None
 ) -> Path:
     """Write the quantized checkpoint of `src` to `dst` (one output shard per input shard)."""
+    fmt = recipe.fn
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -58,14 +59,14 @@ def quantize_checkpoint(
         with safe_open(shard, framework="pt") as reader:
             for name in reader.keys():
                 tensor = reader.get_tensor(name)
-                if is_quantized_param(name, tensor.ndim):
+                if recipe.quantizes(name, tensor.ndim):
                     out[name], out[name + "_scale"] = quantize_weight(tensor, fmt)
                     quantized.add(name)
                 else:
                     out[name] = tensor
         save_file(out, tmp / shard.name, metadata={"format": "pt"})
     config = json.loads((src / "config.json").read_text())
-    config["quantization_config"] = quantization_config(fmt)
+    config["quantization_config"] = quantization_config(fmt, recipe.ignore)
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     index = tmp / "model.safetensors.index.json"
     if index.exists():  # the weight map gains the scale tensors
@@ -80,10 +81,10 @@ def quantize_checkpoint(
 
 
 def cached_quantized_checkpoint(
-    model: Path, fmt: QuantFormat, cache_dir: Path, progress: Callable[[str], None] | None = None
+    model: Path, recipe: Recipe, cache_dir: Path, progress: Callable[[str], None] | None = None
 ) -> Path:
     """The quantized checkpoint of `model`, made once per fingerprint under `cache_dir`."""
-    dst = cache_dir / "quantized" / f"{model.resolve().name}-{fmt}-{fingerprint(model, fmt)}"
+    dst = cache_dir / "quantized" / f"{model.resolve().name}-{recipe.fn}-{fingerprint(model, recipe)}"
     if not (dst / "config.json").exists():
-        quantize_checkpoint(model, dst, fmt, progress)
+        quantize_checkpoint(model, dst, recipe, progress)
     return dst

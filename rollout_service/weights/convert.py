@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from rollout_service.errors import InvalidArgument
-from rollout_service.quant import QuantFormat, is_quantized_param, quantize_weight
+from rollout_service.quant import Recipe, quantize_weight
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
@@ -24,11 +24,12 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
 
 
 def to_engine_format(
-    name: str, tensor: torch.Tensor, dtype: torch.dtype, quantization: QuantFormat | None
+    name: str, tensor: torch.Tensor, dtype: torch.dtype, recipe: Recipe | None
 ) -> dict[str, torch.Tensor]:
-    """`tensor` (any float dtype) as the engine stores parameter `name`."""
+    """`tensor` (any float dtype) as the engine stores parameter `name`; `recipe`: how a quantized
+    engine holds its parameters (None: the engine is not quantized)."""
     check_finite(name, tensor)
-    if quantization is not None and is_quantized_param(name, tensor.ndim):
-        q, scale = quantize_weight(tensor, quantization)
+    if recipe is not None and recipe.quantizes(name, tensor.ndim):
+        q, scale = quantize_weight(tensor, recipe.fn)
         return {name: q, name + "_scale": scale}
     return {name: tensor.to(dtype)}

@@ -56,12 +56,12 @@ class WeightService:
         # On 2 cores one thread cut a push's conversion CPU time by about a third (OpenMP threads
         # spin against the gRPC threads), see BENCHMARKS.md.
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
-        self._quant = None if config.quantization == "none" else config.quantization
+        self._recipe = config.recipe()
         self._busy = False
         self.last_push: PushResult | None = None
 
     def _convert(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-        return to_engine_format(name, tensor, self._dtype, self._quant)
+        return to_engine_format(name, tensor, self._dtype, self._recipe)
 
     @contextlib.asynccontextmanager
     async def begin(self, header: PushHeader) -> AsyncIterator[PushSession]:
@@ -115,7 +115,7 @@ class WeightService:
         """Tensors of a weight-store version (name -> shard, in the engine's dtype) in the engine's
         format: the shards themselves when the engine is not quantized, else requantized into a
         staging directory (returned, to discard when the push is dropped)."""
-        if self._quant is None:
+        if self._recipe is None:
             return dict(stored), None
         spool = Spool(self._root, PART_BYTES)
 

@@ -17,8 +17,9 @@ pytestmark = pytest.mark.engine
 
 def test_our_int8_reload_is_exact_where_vllms_yields_nan(tiny_model, tmp_path):
     from rollout_service.quant.checkpoint import quantize_checkpoint
+    from rollout_service.quant.recipe import Recipe
 
-    checkpoint = quantize_checkpoint(tiny_model, tmp_path / "int8", "int8")
+    checkpoint = quantize_checkpoint(tiny_model, tmp_path / "int8", Recipe("int8"))
     probe = Path(__file__).with_name("int8_reload_probe.py")
     run = subprocess.run(
         [sys.executable, str(probe), str(checkpoint)], capture_output=True, text=True, timeout=600,

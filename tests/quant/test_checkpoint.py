@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 from rollout_service.quant.checkpoint import cached_quantized_checkpoint, fingerprint, quantize_checkpoint
 from rollout_service.quant.formats import quantize_weight
-from rollout_service.quant.recipe import is_quantized_param
+from rollout_service.quant.recipe import Recipe, is_quantized_param
 
 
 @pytest.mark.parametrize(
@@ -36,7 +36,7 @@ def _tensors(path):
 
 
 def test_int8_checkpoint_holds_quantize_weight_output_and_untouched_rest(tiny_model, tmp_path):
-    dst = quantize_checkpoint(tiny_model, tmp_path / "q", "int8")
+    dst = quantize_checkpoint(tiny_model, tmp_path / "q", Recipe("int8"))
     src, out = _tensors(tiny_model), _tensors(dst)
     quantized = [n for n, t in src.items() if is_quantized_param(n, t.ndim)]
     assert len(quantized) == 4 * 7  # q, k, v, o, gate, up, down per layer
@@ -53,8 +53,8 @@ def test_int8_checkpoint_holds_quantize_weight_output_and_untouched_rest(tiny_mo
 
 
 def test_cache_reuses_output_until_the_source_changes(tiny_model, tmp_path):
-    first = cached_quantized_checkpoint(tiny_model, "int8", tmp_path)
+    first = cached_quantized_checkpoint(tiny_model, Recipe("int8"), tmp_path)
     stamp = (first / "config.json").stat().st_mtime_ns
-    assert cached_quantized_checkpoint(tiny_model, "int8", tmp_path) == first
+    assert cached_quantized_checkpoint(tiny_model, Recipe("int8"), tmp_path) == first
     assert (first / "config.json").stat().st_mtime_ns == stamp
-    assert fingerprint(tiny_model, "fp8") != fingerprint(tiny_model, "int8")
+    assert fingerprint(tiny_model, Recipe("fp8")) != fingerprint(tiny_model, Recipe("int8"))

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from rollout_service.errors import DataLoss, InvalidArgument
+from rollout_service.quant.recipe import Recipe
 from rollout_service.weights.convert import to_engine_format
 from rollout_service.weights.manifest import ParamTable, PushHeader, TensorSpec
 from rollout_service.weights.session import PushSession
@@ -29,7 +30,8 @@ def raw(t: torch.Tensor) -> bytes:
 
 def session(tmp_path, tensors: dict[str, torch.Tensor], budget: int = 1 << 20, quant=None) -> PushSession:
     header = PushHeader(tuple(spec(n, t) for n, t in tensors.items()))
-    convert = lambda name, t: to_engine_format(name, t, torch.bfloat16, quant)  # noqa: E731
+    recipe = Recipe(quant) if quant else None
+    convert = lambda name, t: to_engine_format(name, t, torch.bfloat16, recipe)  # noqa: E731
     return PushSession(header, TABLE, convert, Spool(tmp_path, part_bytes=4096), budget)
 
 
