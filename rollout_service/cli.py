@@ -172,6 +172,224 @@ def setup_cmd(
     err.print(f"wrote {output}; run: rollout-service serve --config {output}   (or FLASHRL_CONFIG={output})")
 
 
+@app.command("estimate")
+def estimate_cmd(
+    params: Optional[str] = typer.Option(None, "--params", help="Parameter count, e.g. 32B (shapes of the nearest Qwen2.5)."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="A checkpoint directory (exact shapes)."),
+    quantization: str = typer.Option("int8", help="none | int8 | fp8 | fp8_channel."),
+    gpu: str = typer.Option("h100", help="a100 | h100 | h200."),
+    max_model_len: int = typer.Option(4096, help="Context length per sequence."),
+    concurrency: int = typer.Option(64, help="Sequences whose KV cache must fit at once."),
+    push_buffer_mib: int = typer.Option(256, help="Staging buffer for pushed tensors (serve --push-buffer-mib)."),
+    gpu_memory_utilization: float = typer.Option(0.85, help="Share of GPU memory the engine may use."),
+    price: Optional[float] = typer.Option(None, help="USD per GPU-hour (default: the built-in table)."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object instead of a table."),
+) -> None:
+    """Memory for weights, KV cache and staging; replicas per GPU (or GPUs per replica); rough $/hour."""
+    import json
+
+    from rich.table import Table
+
+    from rollout_service.tools.estimate import GPUS, estimate, parse_params, shape_from_model, shape_from_params
+
+    if (params is None) == (model is None):
+        err.print("[red]error:[/red] give exactly one of --params and --model")
+        raise typer.Exit(2)
+    try:
+        shape = shape_from_model(model) if model is not None else shape_from_params(parse_params(params))
+        result = estimate(shape, quantization, gpu, max_model_len, concurrency, push_buffer_mib, gpu_memory_utilization, price)
+        bf16 = estimate(shape, "none", gpu, max_model_len, concurrency, push_buffer_mib, gpu_memory_utilization, price)
+    except ValueError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    if json_out:
+        print(json.dumps({**result.to_dict(), "bf16": bf16.to_dict()}))
+        return
+    table = Table(title=f"{result.source}: {max_model_len} tokens x {concurrency} sequences on {gpu}")
+    for col in ("", quantization, "bf16"):
+        table.add_column(col, justify="right")
+    rows = [("weights", "weights_gib"), ("KV cache", "kv_cache_gib"), ("push staging", "staging_gib"),
+            ("runtime reserve", "runtime_gib"), ("total", "total_gib")]
+    for label, key in rows:
+        table.add_row(label + " (GiB)", f"{getattr(result, key):.1f}", f"{getattr(bf16, key):.1f}")
+    for label, key, fmt in (("GPUs per replica", "gpus_per_replica", "{}"), ("replicas per GPU", "replicas_per_gpu", "{}"),
+                            ("USD per replica-hour", "usd_per_replica_hour", "{:.2f}")):
+        table.add_row(label, fmt.format(getattr(result, key)), fmt.format(getattr(bf16, key)))
+    Console().print(table)
+    err.print(f"usable per GPU: {result.usable_gib_per_gpu:.1f} GiB ({gpu_memory_utilization:.0%} of {GPUS[gpu].memory_mib} MiB); "
+              f"price {price if price is not None else GPUS[gpu].usd_per_hour} USD/GPU-hour (rough on-demand list price)")
+
+
+@app.command("report")
+def report_cmd(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="The bf16 checkpoint (servers are started for it)."),
+    quantization: str = typer.Option("int8", help="int8 | fp8 | fp8_channel: the format to judge."),
+    prompts: Optional[Path] = typer.Option(None, help="A text file, one prompt per line (default: a built-in set)."),
+    output: Path = typer.Option(Path("report"), "--output", "-o", help="Directory for report.md, report.json, plots."),
+    n: int = typer.Option(4, "-n", "--n", help="Samples per prompt."),
+    max_tokens: int = typer.Option(32, help="Tokens per sample."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    tis_cap: float = typer.Option(2.0, help="TIS cap for the weight statistics."),
+    max_model_len: int = typer.Option(1024, help="Context length of the servers started."),
+    bf16_address: Optional[str] = typer.Option(None, help="Use this running bf16 server instead of starting one."),
+    quant_address: Optional[str] = typer.Option(None, help="Use this running quantized server instead of starting one."),
+) -> None:
+    """Run the same prompts through a bf16 and a quantized server and write a markdown report:
+    |Δlogprob| distribution, KL, greedy agreement, TIS weights, tokens/s ratio, histograms."""
+    import shlex
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+    from contextlib import ExitStack
+
+    from rollout_client import RolloutClient
+    from rollout_service.tools.report import DEFAULT_PROMPTS, measure, write
+
+    if quantization not in ("int8", "fp8", "fp8_channel"):
+        err.print(f"[red]error:[/red] --quantization {quantization!r} is not one of int8, fp8, fp8_channel")
+        raise typer.Exit(2)
+    if (bf16_address is None or quant_address is None) and (model is None or not (model / "config.json").is_file()):
+        err.print(f"[red]error:[/red] --model {str(model)!r} is not a checkpoint directory (needed unless both addresses are given)")
+        raise typer.Exit(2)
+    if prompts is not None and not prompts.is_file():
+        err.print(f"[red]error:[/red] --prompts {str(prompts)!r} does not exist")
+        raise typer.Exit(2)
+    lines = [x.strip() for x in prompts.read_text().splitlines() if x.strip()] if prompts else DEFAULT_PROMPTS
+    if not lines:
+        err.print(f"[red]error:[/red] --prompts {str(prompts)!r} has no prompts")
+        raise typer.Exit(2)
+    output.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        addresses = {"bf16": bf16_address, quantization: quant_address}
+        missing = [k for k, v in addresses.items() if v is None]
+        if missing:
+            from rollout_service.launcher import ServerProcess
+
+            def start(kind: str) -> ServerProcess:
+                extra = [] if kind == "bf16" else ["--quantization", kind, "--cache-dir", str(output / ".cache")]
+                return ServerProcess.start(model, output / f"server-{kind}.log", "--backend", "local", "--no-http",
+                                           "--max-model-len", str(max_model_len), *extra)
+
+            with err.status(f"starting {' and '.join(missing)} server(s) side by side (1-2 minutes; logs in {output})"):
+                with ThreadPoolExecutor(len(missing)) as pool:
+                    futures = {k: pool.submit(start, k) for k in missing}
+                for kind, future in futures.items():  # stop whatever started, even if one failed
+                    if future.exception() is None:
+                        stack.callback(future.result().stop)
+                        addresses[kind] = future.result().grpc_address
+                for future in futures.values():
+                    try:
+                        future.result()
+                    except (RuntimeError, TimeoutError) as exc:
+                        err.print(f"[red]error:[/red] a server did not start: {exc}")
+                        raise typer.Exit(1) from None
+        bf16 = stack.enter_context(RolloutClient(addresses["bf16"], timeout=600))
+        quant = stack.enter_context(RolloutClient(addresses[quantization], timeout=600))
+        with err.status(f"sampling {len(lines)} prompts x {n} on the {quantization} server, scoring on bf16"):
+            figures, data = measure(bf16, quant, lines, n=n, max_tokens=max_tokens, seed=seed, cap=tis_cap)
+    title = f"{model.name if model else addresses['bf16']} in {quantization}"
+    path = write(output, figures, data, title, "rollout-service " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    err.print(f"wrote {path}: mean |Δlogprob| {figures.mean_abs_dlogprob:.4f}, KL {figures.kl:.2e}, greedy identical "
+              f"{figures.greedy_identical:.0%}, TIS clipped {figures.tis_clipped:.2%}, tokens/s ratio {figures.tokens_per_s_ratio:.2f}")
+
+
+@app.command("status")
+def status_cmd(
+    address: str = typer.Option("localhost:50051", "--address", "-a", help="The service's gRPC address."),
+    interval: float = typer.Option(2.0, help="Seconds between the two readings that give the current tokens/s."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object instead of a table."),
+) -> None:
+    """Model, weight version, replicas, the last push and current throughput of a running service."""
+    import json
+    import time
+
+    from google.protobuf.json_format import MessageToDict
+    from rich.table import Table
+
+    from rollout_client import RolloutClient, RolloutClientError
+
+    try:
+        with RolloutClient(address, timeout=10) as client:
+            first, t0 = client.status(), time.monotonic()
+            time.sleep(interval)
+            second, t1 = client.status(), time.monotonic()
+    except RolloutClientError as exc:
+        err.print(f"[red]error:[/red] {address}: {exc}")
+        raise typer.Exit(1) from None
+    tokens_per_s = (second.counters.tokens_generated - first.counters.tokens_generated) / (t1 - t0)
+    push = second.last_push if second.HasField("last_push") else None
+    if json_out:
+        print(json.dumps({**MessageToDict(second, preserving_proto_field_name=True), "tokens_per_s": tokens_per_s}))
+        return
+    table = Table(title=f"rollout-service at {address}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("model", second.model),
+        ("engine", f"{second.quantization}, {second.dtype}, logprobs {second.logprobs_mode}, vLLM {second.engine_version}"),
+        ("weight version", str(second.weight_version)),
+        ("replicas", str(second.replicas)),
+        ("throughput", f"{tokens_per_s:.1f} tokens/s over {interval:g} s; {second.counters.requests_running} calls running"),
+        ("since start", f"{second.counters.requests_total} calls, {second.counters.tokens_generated} tokens, "
+                        f"{second.counters.requests_rejected_overload} rejected (overload), up {second.uptime_s:.0f} s"),
+    ]
+    if push is not None:
+        gbps = push.bytes_received / push.receive_s / 1e9 if push.receive_s else 0.0
+        rows.append(("last push", f"v{push.version} {push.label!r}: {push.tensors_applied} tensors, {push.bytes_received / 1e9:.3f} GB "
+                                  f"received at {gbps:.2f} GB/s, apply {push.apply_s * 1e3:.0f} ms, paused {push.pause_ms:.0f} ms"))
+    else:
+        rows.append(("last push", "none yet"))
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
+@app.command("chat")
+def chat_cmd(
+    address: str = typer.Option("localhost:50051", "--address", "-a", help="The service's gRPC address."),
+    max_tokens: int = typer.Option(64, help="Tokens per answer."),
+    temperature: float = typer.Option(0.7, help="Sampling temperature (0 = greedy)."),
+    show_logprobs: bool = typer.Option(True, "--logprobs/--no-logprobs", help="Colour each token by its probability."),
+) -> None:
+    """Type prompts, read completions (each token coloured by its sampled probability) with the
+    weight version that produced them. An empty line or Ctrl-D ends."""
+    import math
+
+    from rich.text import Text
+
+    from rollout_client import RolloutClient, RolloutClientError
+
+    out = Console()
+    with RolloutClient(address, timeout=120) as client:
+        try:
+            status = client.status()
+        except RolloutClientError as exc:
+            err.print(f"[red]error:[/red] {address}: {exc}")
+            raise typer.Exit(1) from None
+        out.print(f"{status.model} ({status.quantization}) at version {status.weight_version}; empty line to quit")
+        while True:
+            try:
+                prompt = input("> ")
+            except EOFError:
+                break
+            if not prompt.strip():
+                break
+            try:
+                sample = client.generate([prompt], max_tokens=max_tokens, temperature=temperature)[0].samples[0]
+            except RolloutClientError as exc:
+                err.print(f"[red]error:[/red] {exc}")
+                continue
+            text = Text()
+            if show_logprobs:
+                for tid, lp in zip(sample.token_ids, sample.logprobs.tolist()):
+                    p = math.exp(lp)
+                    text.append(f"{tid}:{p:.2f} ", style="green" if p > 0.5 else "yellow" if p > 0.1 else "red")
+            out.print(sample.text)
+            if show_logprobs:
+                out.print(text)
+            out.print(f"[dim]{len(sample.token_ids)} tokens, mean logprob {sample.logprobs.mean():.3f}, "
+                      f"version {sample.weight_version}, {sample.finish_reason}[/dim]")
+
+
 @app.command("make-tiny-model")
 def make_tiny_model_cmd(
     out_dir: Path = typer.Argument(..., help="Where to write the checkpoint."),

@@ -91,3 +91,17 @@ def test_vllm_defaults_map_onto_the_service_defaults():
 def test_joining_an_nccl_group_explains_what_to_call_instead(engine):
     with pytest.raises(RuntimeError, match="push_model"):
         engine.init_process_group("localhost", 1234, 1, 2, "g", "nccl")
+
+
+def test_the_adapters_can_be_built_where_no_event_loop_runs():
+    """As in a Ray actor's constructor: the asyncio channel is made on first use, in its loop."""
+    import subprocess
+    import sys
+
+    code = (
+        "from rollout_client.integrations.openrlhf import RolloutServiceEngine\n"
+        "from rollout_client.integrations.verl import RolloutServiceServerManager\n"
+        "RolloutServiceEngine('127.0.0.1:1', executor=object()); RolloutServiceServerManager('127.0.0.1:1'); print('built')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "built", out.stderr[-2000:]

@@ -122,13 +122,22 @@ class RolloutServiceEngine:
             raise ValueError(f"rollout-service address: pass address= or set {ADDRESS_ENV}")
         self.address = address
         self.client = RolloutClient(address, timeout=timeout, **client_options)
-        self._aclient = AsyncRolloutClient(address, timeout=timeout, **client_options)
+        self._client_options = dict(timeout=timeout, **client_options)
+        self._async_client: AsyncRolloutClient | None = None
         if executor is None:
             from openrlhf.utils.agent import SingleTurnAgentExecutor
 
             executor = SingleTurnAgentExecutor(remote_rm_url)
         self.executor = executor
         self._requests = 0
+
+    @property
+    def _aclient(self) -> AsyncRolloutClient:
+        # Made on first use, inside the event loop that will drive it (a grpc.aio channel belongs
+        # to one loop, and the engine may be constructed where no loop runs, e.g. a Ray actor's __init__).
+        if self._async_client is None:
+            self._async_client = AsyncRolloutClient(self.address, **self._client_options)
+        return self._async_client
 
     async def generate(self, prompt_token_ids: list[int], sampling_params: Any, multi_modal_data: Any = None) -> RequestOutput:
         """One prompt -> a vLLM-shaped RequestOutput (`outputs[i].logprobs[pos][token_id].logprob`)."""

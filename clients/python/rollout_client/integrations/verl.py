@@ -141,7 +141,16 @@ class RolloutServiceServerManager:
     over rollout-service."""
 
     def __init__(self, address: str | None = None, timeout: float = 600.0, **client_options: Any):
-        self.client = AsyncRolloutClient(_address(address), timeout=timeout, **client_options)
+        self.address = _address(address)
+        self._client_options = dict(timeout=timeout, **client_options)
+        self._client: AsyncRolloutClient | None = None
+
+    @property
+    def client(self) -> AsyncRolloutClient:
+        # Made on first use, inside the loop that drives it (a grpc.aio channel belongs to one loop).
+        if self._client is None:
+            self._client = AsyncRolloutClient(self.address, **self._client_options)
+        return self._client
 
     async def generate(
         self, request_id: str, *, prompt_ids: list[int], sampling_params: dict[str, Any], **kwargs: Any
