@@ -58,13 +58,16 @@ def _version_reached(status: pb.GetStatusResponse, version: int) -> bool:
     return status.weight_version >= version
 
 
-class RolloutClient:
-    """Blocking client.
+class _Connection:
+    """What both clients hold: the channel (blocking or asyncio), its stub, call metadata and the
+    default deadline.
 
     address: "host:port". timeout: default deadline of every call, seconds (None: no deadline).
     retry: how idempotent calls retry on UNAVAILABLE (channel.NO_RETRY turns it off).
     tls / root_certificates / api_key: see channel.ChannelOptions.
     """
+
+    _asyncio = False
 
     def __init__(
         self,
@@ -78,13 +81,17 @@ class RolloutClient:
     ):
         self.address = address
         self.timeout = timeout
-        self._options = ChannelOptions(retry=retry, tls=tls, root_certificates=root_certificates, api_key=api_key)
-        self._metadata = self._options.metadata()
-        self._channel = self._options.channel(address)
+        options = ChannelOptions(retry=retry, tls=tls, root_certificates=root_certificates, api_key=api_key)
+        self._metadata = options.metadata()
+        self._channel = options.aio_channel(address) if self._asyncio else options.channel(address)
         self._stub = pb_grpc.RolloutServiceStub(self._channel)
 
     def _deadline(self, timeout: float | None) -> float | None:
         return timeout if timeout is not None else self.timeout
+
+
+class RolloutClient(_Connection):
+    """Blocking client (constructor arguments: see _Connection)."""
 
     def generate(
         self,
@@ -193,28 +200,10 @@ class RolloutClient:
         self.close()
 
 
-class AsyncRolloutClient:
+class AsyncRolloutClient(_Connection):
     """asyncio client with the same methods and options as RolloutClient."""
 
-    def __init__(
-        self,
-        address: str,
-        timeout: float | None = 600.0,
-        *,
-        retry: RetryPolicy = RetryPolicy(),
-        tls: bool = False,
-        root_certificates: bytes | str | None = None,
-        api_key: str | None = None,
-    ):
-        self.address = address
-        self.timeout = timeout
-        self._options = ChannelOptions(retry=retry, tls=tls, root_certificates=root_certificates, api_key=api_key)
-        self._metadata = self._options.metadata()
-        self._channel = self._options.aio_channel(address)
-        self._stub = pb_grpc.RolloutServiceStub(self._channel)
-
-    def _deadline(self, timeout: float | None) -> float | None:
-        return timeout if timeout is not None else self.timeout
+    _asyncio = True
 
     async def generate(
         self,
