@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import shutil
 import signal
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -220,6 +220,7 @@ def main() -> None:
     settings = Settings(steps=args.steps, lr=args.lr, seed=args.seed)
     log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
 
+    from rollout_service.launcher import start_side_by_side
     from rollout_service.models.tiny import make_tiny_model
 
     if not (args.model / "config.json").exists():
@@ -233,14 +234,8 @@ def main() -> None:
             servers = dict.fromkeys(quants, args.address)
         else:
             log(f"starting {' and '.join(quants)} server(s) side by side (1-2 minutes)")
-            with ThreadPoolExecutor(len(quants)) as pool:
-                futures = {q: pool.submit(start_server, args.model, q) for q in quants}
-            for quant, future in futures.items():  # stop every server that started, even if one failed
-                if future.exception() is None:
-                    stack.callback(future.result().stop)
-                    servers[quant] = future.result().grpc_address
-            for future in futures.values():
-                future.result()  # a failed start raises here
+            started = start_side_by_side(stack, {q: functools.partial(start_server, args.model, q) for q in quants})
+            servers = {q: server.grpc_address for q, server in started.items()}
         for run in runs:
             with RolloutClient(servers[run.split("+")[0]], timeout=300) as client:
                 records += train(client, args.model, run, settings, log)

@@ -34,7 +34,7 @@ def _config_error(exc: ValidationError) -> None:
 @app.command()
 def serve(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Checkpoint directory (config.json, safetensors, tokenizer)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML settings (as `setup` writes them, or FlashRL's config)."),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="YAML settings (as `setup` writes them, or FlashRL's config)."),
     quantization: Optional[str] = typer.Option(None, help="none | int8 | fp8 | fp8_channel (default none)."),
     profile: Optional[Path] = typer.Option(None, help="Requantization recipe from `rollout-service profile`."),
     dtype: Optional[str] = typer.Option(None, help="bfloat16 | float32 (default bfloat16)."),
@@ -83,15 +83,13 @@ def serve(
     try:
         flash_level, flash_log_file = config_sources.flashrl_logging()
         _setup_logging(log_level or flash_level or "info", flash_log_file)
-        from_file = config_sources.load_config_file(config) if config else {}
-        settings = config_sources.merge(given, from_file, config_sources.flashrl_settings())
-        config_obj = ServerConfig(**settings)
+        from_file = config_sources.load_config_file(config_file) if config_file else {}
+        config = ServerConfig(**config_sources.merge(given, from_file, config_sources.flashrl_settings()))
     except ConfigError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     except ValidationError as exc:
         _config_error(exc)
-    config = config_obj
     if config.backend == "local":
         from rollout_service.server import run
     else:
@@ -236,16 +234,17 @@ def report_cmd(
 ) -> None:
     """Run the same prompts through a bf16 and a quantized server and write a markdown report:
     |Δlogprob| distribution, KL, greedy agreement, TIS weights, tokens/s ratio, histograms."""
+    import functools
     import shlex
     import sys
-    from concurrent.futures import ThreadPoolExecutor
     from contextlib import ExitStack
 
     from rollout_client import RolloutClient
+    from rollout_service.quant.recipe import FORMATS
     from rollout_service.tools.report import DEFAULT_PROMPTS, measure, write
 
-    if quantization not in ("int8", "fp8", "fp8_channel"):
-        err.print(f"[red]error:[/red] --quantization {quantization!r} is not one of int8, fp8, fp8_channel")
+    if quantization not in FORMATS:
+        err.print(f"[red]error:[/red] --quantization {quantization!r} is not one of {', '.join(FORMATS)}")
         raise typer.Exit(2)
     if (bf16_address is None or quant_address is None) and (model is None or not (model / "config.json").is_file()):
         err.print(f"[red]error:[/red] --model {str(model)!r} is not a checkpoint directory (needed unless both addresses are given)")
@@ -262,7 +261,7 @@ def report_cmd(
         addresses = {"bf16": bf16_address, quantization: quant_address}
         missing = [k for k, v in addresses.items() if v is None]
         if missing:
-            from rollout_service.launcher import ServerProcess
+            from rollout_service.launcher import ServerProcess, start_side_by_side
 
             def start(kind: str) -> ServerProcess:
                 extra = [] if kind == "bf16" else ["--quantization", kind, "--cache-dir", str(output / ".cache")]
@@ -270,18 +269,12 @@ def report_cmd(
                                            "--max-model-len", str(max_model_len), *extra)
 
             with err.status(f"starting {' and '.join(missing)} server(s) side by side (1-2 minutes; logs in {output})"):
-                with ThreadPoolExecutor(len(missing)) as pool:
-                    futures = {k: pool.submit(start, k) for k in missing}
-                for kind, future in futures.items():  # stop whatever started, even if one failed
-                    if future.exception() is None:
-                        stack.callback(future.result().stop)
-                        addresses[kind] = future.result().grpc_address
-                for future in futures.values():
-                    try:
-                        future.result()
-                    except (RuntimeError, TimeoutError) as exc:
-                        err.print(f"[red]error:[/red] a server did not start: {exc}")
-                        raise typer.Exit(1) from None
+                try:
+                    started = start_side_by_side(stack, {k: functools.partial(start, k) for k in missing})
+                except (RuntimeError, TimeoutError) as exc:
+                    err.print(f"[red]error:[/red] a server did not start: {exc}")
+                    raise typer.Exit(1) from None
+            addresses.update((k, server.grpc_address) for k, server in started.items())
         bf16 = stack.enter_context(RolloutClient(addresses["bf16"], timeout=600))
         quant = stack.enter_context(RolloutClient(addresses[quantization], timeout=600))
         with err.status(f"sampling {len(lines)} prompts x {n} on the {quantization} server, scoring on bf16"):

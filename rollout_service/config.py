@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from rollout_service.quant.recipe import Recipe
@@ -136,21 +136,24 @@ class ServerConfig(BaseSettings):
             raise ValueError(f"autoscale={value}: need 0 <= min <= max and max >= 1")
         return value
 
+    # The recipe, loaded once by the validator below (startup, the weight service and every
+    # replica ask for it).
+    _recipe: Recipe | None = PrivateAttr(None)
+
     @model_validator(mode="after")
-    def _profile_matches(self) -> ServerConfig:
+    def _load_recipe(self) -> ServerConfig:
         if self.profile is not None:
-            fn = self.recipe().fn  # loads it: a bad file is reported here, at start
-            if fn != self.quantization:
-                raise ValueError(f"profile={str(self.profile)!r} is for {fn}, but quantization={self.quantization!r}")
+            recipe = Recipe.load(self.profile)  # a bad file is reported here, at start
+            if recipe.fn != self.quantization:
+                raise ValueError(f"profile={str(self.profile)!r} is for {recipe.fn}, but quantization={self.quantization!r}")
+            self._recipe = recipe
+        elif self.quantization != "none":
+            self._recipe = Recipe(fn=self.quantization, source="default rule")
         return self
 
     def recipe(self) -> Recipe | None:
         """How the engine holds its parameters; None when it is not quantized."""
-        if self.quantization == "none":
-            return None
-        if self.profile is None:
-            return Recipe(fn=self.quantization, source="default rule")
-        return Recipe.load(self.profile)
+        return self._recipe
 
     @property
     def store_dir(self) -> Path:

@@ -11,6 +11,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,3 +61,14 @@ class ServerProcess:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         return self.proc.returncode
+
+
+def start_side_by_side(stack: ExitStack, starts: dict[str, Callable[[], ServerProcess]]) -> dict[str, ServerProcess]:
+    """Run each start (e.g. a bf16 and an int8 server) in parallel; every server that started is
+    stopped when `stack` closes, even if another failed to start (whose error is then raised)."""
+    with ThreadPoolExecutor(len(starts)) as pool:
+        futures = {key: pool.submit(start) for key, start in starts.items()}
+    for future in futures.values():
+        if future.exception() is None:
+            stack.callback(future.result().stop)
+    return {key: future.result() for key, future in futures.items()}

@@ -25,6 +25,8 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from rollout_service.quant.recipe import FORMATS
+
 GIB = 1024**3
 MIB = 1024**2
 RUNTIME_RESERVE_GIB = 2.0
@@ -158,8 +160,8 @@ def estimate(
 ) -> Estimate:
     if gpu not in GPUS:
         raise ValueError(f"--gpu {gpu!r} is not one of {', '.join(GPUS)}")
-    if quantization not in ("none", "int8", "fp8", "fp8_channel"):
-        raise ValueError(f"--quantization {quantization!r} is not one of none, int8, fp8, fp8_channel")
+    if quantization != "none" and quantization not in FORMATS:
+        raise ValueError(f"--quantization {quantization!r} is not one of none, {', '.join(FORMATS)}")
     if max_model_len < 1 or concurrency < 1:
         raise ValueError(f"--max-model-len ({max_model_len}) and --concurrency ({concurrency}) must be positive")
     if quantization == "none":
