@@ -52,7 +52,7 @@ def serve(
     inflight: Optional[str] = typer.Option(None, help="drain (default) | abort | continue: running samples at a push."),
     push_buffer_mib: Optional[int] = typer.Option(None, help="Memory for pushed tensors in flight (default 256)."),
     staging_dir: Optional[Path] = typer.Option(None, help="Where pushed tensors are staged (default <cache-dir>/staging)."),
-    debug_endpoints: Optional[bool] = typer.Option(None, "--debug-endpoints", help="Serve GET /v1/debug/engine-weights."),
+    debug_endpoints: Optional[bool] = typer.Option(None, "--debug-endpoints", help="Serve /v1/debug/engine-weights, /v1/debug/pause and /v1/debug/resume."),
     backend: Optional[str] = typer.Option(None, help="ray (default): Ray Serve replicas | local: one engine in this process."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join (default: start a local one)."),
     replicas: Optional[int] = typer.Option(None, help="Engine replicas (default 1)."),

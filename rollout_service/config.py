@@ -125,8 +125,10 @@ class ServerConfig(BaseSettings):
 
     debug_endpoints: bool = Field(
         False,
-        description="Serve GET /v1/debug/engine-weights: the engine's weights as it computes with them "
-        "(safetensors), for checking that pushes land. Off by default: it copies the whole model.",
+        description="Serve GET /v1/debug/engine-weights (the engine's weights as it computes with them, "
+        "safetensors, for checking that pushes land) and POST /v1/debug/pause, /v1/debug/resume (hold "
+        "generation, e.g. to freeze work in flight in a test). Off by default: the first copies the whole "
+        "model, the others stop generation for every client.",
     )
 
     @field_validator("autoscale")

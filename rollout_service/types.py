@@ -180,3 +180,15 @@ class PushResult:
     pause_ms: float
     drain_ms: float = 0.0
     label: str = ""
+    samples_in_flight: int = 0
+
+
+@dataclass(slots=True)
+class ApplyStats:
+    """What loading weights into a paused engine cost (one engine; the deployment reports each
+    figure's maximum over replicas, and samples_in_flight summed)."""
+
+    apply_s: float = 0.0  # loading the tensors
+    pause_ms: float = 0.0  # the engine generated nothing
+    drain_ms: float = 0.0  # before the pause, running samples finishing (policy "drain")
+    samples_in_flight: int = 0  # samples running when the pause began

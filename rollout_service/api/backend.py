@@ -11,7 +11,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import AsyncContextManager, Protocol
 
-from rollout_service.config import ServerConfig
+from rollout_service.config import InflightPolicy, ServerConfig
 from rollout_service.engine import RolloutEngine
 from rollout_service.types import Completion, GenerateRequest, PushResult, ServerStatus
 from rollout_service.weights.manifest import PushHeader
@@ -37,6 +37,11 @@ class Backend(Protocol):
 
     async def snapshot(self) -> bytes:
         """The engine's weights as it computes with them (debug endpoint)."""
+
+    async def pause(self, mode: InflightPolicy) -> None:
+        """Hold generation until resume() (debug endpoint; see RolloutEngine.pause)."""
+
+    async def resume(self) -> None: ...
 
 
 class LocalBackend:
@@ -66,3 +71,9 @@ class LocalBackend:
 
     async def snapshot(self) -> bytes:
         return await self.engine.snapshot()
+
+    async def pause(self, mode: InflightPolicy) -> None:
+        await self.engine.pause(mode)
+
+    async def resume(self) -> None:
+        await self.engine.resume()

@@ -10,6 +10,9 @@ GET  /metrics       Prometheus metrics (api/metrics.py)
 GET  /v1/events     weight version events after ?after=<id> (serve backend; see serve/coordinator.py)
 GET  /v1/debug/engine-weights   with --debug-endpoints: the engine's weights as it computes with
                     them (safetensors; see RolloutWorkerExtension.rollout_snapshot)
+POST /v1/debug/pause?mode=      with --debug-endpoints: hold generation on every engine until
+POST /v1/debug/resume           resume; running samples finish (drain), are aborted (abort) or stay
+                    frozen (continue, the default); new requests are admitted and wait
 
 Errors come back as {"error": {"code": "INVALID_ARGUMENT", "message": "...", "field": "..."}}
 with the HTTP status from `errors.http_status`. An optional `X-Request-Timeout` header (seconds)
@@ -29,6 +32,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
 from rollout_service.api.metrics import CONTENT_TYPE, Metered
+from rollout_service.config import InflightPolicy
 from rollout_service.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -141,6 +145,16 @@ def create_app(backend: Metered, events=None) -> FastAPI:
         @app.get("/v1/debug/engine-weights")
         async def engine_weights():
             return Response(await backend.snapshot(), media_type="application/octet-stream")
+
+        @app.post("/v1/debug/pause")
+        async def pause(mode: InflightPolicy = Query("continue", description="What running samples do meanwhile.")):
+            await backend.pause(mode)
+            return {"paused": mode}
+
+        @app.post("/v1/debug/resume")
+        async def resume():
+            await backend.resume()
+            return {"paused": None}
 
     @app.get("/healthz")
     async def healthz():

@@ -27,7 +27,7 @@ from vllm.v1.engine.exceptions import EngineDeadError
 from rollout_service.config import InflightPolicy, ServerConfig
 from rollout_service.engine import convert
 from rollout_service.errors import ConfigError, EngineUnavailable, InvalidArgument, Overloaded
-from rollout_service.types import Completion, Counters, GenerateRequest, ServerStatus
+from rollout_service.types import ApplyStats, Completion, Counters, GenerateRequest, ServerStatus
 from rollout_service.weights.store import Plan
 
 log = logging.getLogger(__name__)
@@ -217,29 +217,42 @@ class RolloutEngine:
 
     # ---- weights ----------------------------------------------------------------------------
 
-    async def apply_weights(self, plan: Plan, policy: InflightPolicy, version: int | None) -> tuple[float, float, float]:
+    async def apply_weights(self, plan: Plan, policy: InflightPolicy, version: int | None) -> ApplyStats:
         """Pause generation per `policy`, load `plan` (see worker_ext), label further tokens with
         `version` (None: keep the current one), resume.
 
-        Returns (apply s, pause ms, drain ms): pause is the time the engine generated nothing;
-        drain (policy "drain" only) the time before it, when running samples were finishing on
-        the old weights while new requests were held back.
+        pause_ms is the time the engine generated nothing; drain_ms (policy "drain" only) the
+        time before it, when running samples were finishing on the old weights while new requests
+        were held back; samples_in_flight the samples running when the pause began (finished,
+        aborted or carried across per the policy).
         """
         self._check_alive()
         start = time.monotonic()
+        in_flight = self._llm.get_num_unfinished_requests()
         # clear_cache: the prefix and KV caches hold keys/values of the old weights. Under
         # "continue" this makes the running samples recompute their KV with the new weights.
         await self._llm.pause_generation(mode=_PAUSE_MODE[policy], clear_cache=True)
-        paused = time.monotonic()
+        # Only "drain" lets samples run on meanwhile; otherwise generation stopped at the call.
+        paused = time.monotonic() if policy == "drain" else start
         try:
+            loading = time.monotonic()
             await self._llm.collective_rpc("rollout_apply", args=(plan,))
-            applied = time.monotonic() - paused
+            applied = time.monotonic() - loading
             if version is not None:
                 await self._llm.update_weight_version(str(version))
                 self.weight_version = version
         finally:
             await self._llm.resume_generation()
-        return applied, (time.monotonic() - paused) * 1e3, (paused - start) * 1e3
+        return ApplyStats(applied, (time.monotonic() - paused) * 1e3, (paused - start) * 1e3, in_flight)
+
+    async def pause(self, mode: InflightPolicy) -> None:
+        """Hold generation (debug endpoint): new requests are queued, running ones finish first
+        (drain), are aborted (abort) or stay frozen where they are (continue) until resume()."""
+        self._check_alive()
+        await self._llm.pause_generation(mode=_PAUSE_MODE[mode], clear_cache=False)
+
+    async def resume(self) -> None:
+        await self._llm.resume_generation()
 
     async def snapshot(self) -> bytes:
         """The engine's weights as it computes with them (safetensors bytes; see worker_ext)."""

@@ -73,3 +73,14 @@ class ServeBackend:
             return await self.engines.snapshot.remote()
         except Exception as exc:
             raise unwrap(exc) from None
+
+    async def pause(self, mode) -> None:
+        await self._on_every_replica("pause", mode)
+
+    async def resume(self) -> None:
+        await self._on_every_replica("resume")
+
+    async def _on_every_replica(self, method: str, *args) -> None:
+        errors = [r for r in await broadcast(self.engines, method, *args) if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0]

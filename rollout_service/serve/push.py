@@ -129,9 +129,10 @@ class ClusterPush:
             tensors_applied=len(session.tensors),
             receive_s=receive_s,
             requantize_s=session.convert_s + prepare_s,
-            apply_s=max((a[0] for a in applied), default=0.0),
-            pause_ms=max((a[1] for a in applied), default=0.0),
-            drain_ms=max((a[2] for a in applied), default=0.0),
+            apply_s=max((a.apply_s for a in applied), default=0.0),
+            pause_ms=max((a.pause_ms for a in applied), default=0.0),
+            drain_ms=max((a.drain_ms for a in applied), default=0.0),
             label=session.header.label,
+            samples_in_flight=sum(a.samples_in_flight for a in applied),
         )
         return self.last_push

@@ -23,7 +23,7 @@ from ray import serve
 from rollout_service.config import ServerConfig
 from rollout_service.engine import RolloutEngine
 from rollout_service.errors import EngineUnavailable
-from rollout_service.types import Completion, GenerateRequest, ServerStatus
+from rollout_service.types import ApplyStats, Completion, GenerateRequest, ServerStatus
 from rollout_service.weights.service import WeightService
 from rollout_service.weights.staging import Spool
 from rollout_service.weights.versions import VersionStore
@@ -43,13 +43,15 @@ class Prepared:
 def bind_cores(config: ServerConfig, local_rank: int) -> None:
     """Give each CPU replica its own cores: vLLM's CPU worker binds its OpenMP threads to the
     cores in VLLM_CPU_OMP_THREADS_BIND, and without it every replica on a node lands on the same
-    ones (measured: two replicas on one core were 1.5x slower than on two)."""
+    ones (measured: two replicas on one core were 1.5x slower than on two). The cores are taken
+    from those this process may run on (taskset, a container's cpuset), never outside them."""
     if config.replica_gpus or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
         return
-    n = os.cpu_count() or 1
-    per = max(1, min(n, round(config.replica_cpus)))
-    first = (local_rank * per) % n
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"{first}-{first + per - 1}" if per > 1 else str(first)
+    allowed = sorted(os.sched_getaffinity(0))
+    per = max(1, min(len(allowed), round(config.replica_cpus)))
+    first = (local_rank * per) % len(allowed)
+    cores = [allowed[(first + i) % len(allowed)] for i in range(per)]
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
 
 
 class EngineReplica:
@@ -105,6 +107,12 @@ class EngineReplica:
     async def snapshot(self) -> bytes:
         return await self.engine.snapshot()
 
+    async def pause(self, mode: str) -> None:
+        await self.engine.pause(mode)
+
+    async def resume(self) -> None:
+        await self.engine.resume()
+
     # ---- control plane: a push in two phases --------------------------------------------------
 
     async def prepare(self, push_id: str, version: int, stored: dict[str, str]) -> float:
@@ -118,16 +126,16 @@ class EngineReplica:
         self._prepared[push_id] = Prepared(version, files, spool)
         return loop.time() - start
 
-    async def apply(self, push_id: str, policy: str) -> tuple[float, float, float]:
-        """Load a prepared push; returns (apply s, pause ms, drain ms)."""
+    async def apply(self, push_id: str, policy: str) -> ApplyStats:
+        """Load a prepared push."""
         prepared = self._prepared.pop(push_id, None)
         if prepared is None:  # this replica started after the prepare broadcast: the version is committed
             await self.catch_up()
-            return 0.0, 0.0, 0.0
+            return ApplyStats()
         async with self._apply_lock:
             if self.engine.weight_version >= prepared.version:  # the follower got there first
                 self._discard(prepared)
-                return 0.0, 0.0, 0.0
+                return ApplyStats()
             return await self.weights.apply(prepared.files, policy, prepared.version)
 
     async def abort(self, push_id: str) -> None:

@@ -25,7 +25,7 @@ import torch
 
 from rollout_service.config import InflightPolicy, ServerConfig
 from rollout_service.errors import Conflict, FailedPrecondition
-from rollout_service.types import PushResult
+from rollout_service.types import ApplyStats, PushResult
 from rollout_service.weights.convert import to_engine_format
 from rollout_service.weights.manifest import ParamTable, PushHeader
 from rollout_service.weights.session import PushSession
@@ -82,7 +82,7 @@ class WeightService:
         policy = session.header.inflight or self.config.inflight
         # The commit point: from here the push completes even if the caller goes away, so the
         # engine never holds weights without the version that names them.
-        apply_s, pause_ms, drain_ms = await shielded(self.apply(session.spool.files, policy, self.engine.weight_version + 1))
+        stats = await shielded(self.apply(session.spool.files, policy, self.engine.weight_version + 1))
         session.committed = True
         self.last_push = PushResult(
             version=self.engine.weight_version,
@@ -90,16 +90,17 @@ class WeightService:
             tensors_applied=len(session.tensors),
             receive_s=receive_s,
             requantize_s=session.convert_s,
-            apply_s=apply_s,
-            pause_ms=pause_ms,
-            drain_ms=drain_ms,
+            apply_s=stats.apply_s,
+            pause_ms=stats.pause_ms,
+            drain_ms=stats.drain_ms,
             label=session.header.label,
+            samples_in_flight=stats.samples_in_flight,
         )
         return self.last_push
 
-    async def apply(self, pushed: dict[str, Path], policy: str, version: int | None) -> tuple[float, float, float]:
+    async def apply(self, pushed: dict[str, Path], policy: str, version: int | None) -> ApplyStats:
         """Load tensors already in the engine's format (name -> staged file) and label further
-        tokens with `version`; returns (apply s, pause ms, drain ms)."""
+        tokens with `version`."""
         try:
             result = await self.engine.apply_weights(self.weights.plan(pushed), policy, version)
         except Exception:

@@ -39,6 +39,7 @@ class PushResult:
     drain_ms: float
     label: str
     seconds: float  # wall time of the whole call, measured by the client
+    samples_in_flight: int = 0  # samples running when generation paused for the push
 
     @property
     def gbps(self) -> float:
@@ -65,6 +66,7 @@ def result_from_proto(msg: pb.PushWeightsResponse, seconds: float) -> PushResult
         drain_ms=msg.drain_ms,
         label=msg.label,
         seconds=seconds,
+        samples_in_flight=msg.samples_in_flight,
     )
 
 

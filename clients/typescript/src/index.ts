@@ -101,6 +101,8 @@ export interface PushResult {
   applyS: number;
   pauseMs: number;
   drainMs: number;
+  /** Samples running when generation paused for the push (finished, aborted or carried across). */
+  samplesInFlight: number;
   label: string;
   /** Wall time of the call measured by the client. */
   seconds: number;
@@ -373,6 +375,7 @@ export class RolloutClient {
       applyS: r.applyS,
       pauseMs: r.pauseMs,
       drainMs: r.drainMs,
+      samplesInFlight: r.samplesInFlight,
       label: r.label,
       seconds: (performance.now() - started) / 1000,
     };

@@ -231,7 +231,7 @@ class PushWeightsRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[_Union[PushChunk, _Mapping]] = ..., commit: _Optional[_Union[PushCommit, _Mapping]] = ..., declare: _Optional[_Union[PushDeclare, _Mapping]] = ...) -> None: ...
 
 class PushWeightsResponse(_message.Message):
-    __slots__ = ("version", "bytes_received", "tensors_applied", "receive_s", "requantize_s", "apply_s", "pause_ms", "label", "drain_ms")
+    __slots__ = ("version", "bytes_received", "tensors_applied", "receive_s", "requantize_s", "apply_s", "pause_ms", "label", "drain_ms", "samples_in_flight")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     TENSORS_APPLIED_FIELD_NUMBER: _ClassVar[int]
@@ -241,6 +241,7 @@ class PushWeightsResponse(_message.Message):
     PAUSE_MS_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     DRAIN_MS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     version: int
     bytes_received: int
     tensors_applied: int
@@ -250,4 +251,5 @@ class PushWeightsResponse(_message.Message):
     pause_ms: float
     label: str
     drain_ms: float
-    def __init__(self, version: _Optional[int] = ..., bytes_received: _Optional[int] = ..., tensors_applied: _Optional[int] = ..., receive_s: _Optional[float] = ..., requantize_s: _Optional[float] = ..., apply_s: _Optional[float] = ..., pause_ms: _Optional[float] = ..., label: _Optional[str] = ..., drain_ms: _Optional[float] = ...) -> None: ...
+    samples_in_flight: int
+    def __init__(self, version: _Optional[int] = ..., bytes_received: _Optional[int] = ..., tensors_applied: _Optional[int] = ..., receive_s: _Optional[float] = ..., requantize_s: _Optional[float] = ..., apply_s: _Optional[float] = ..., pause_ms: _Optional[float] = ..., label: _Optional[str] = ..., drain_ms: _Optional[float] = ..., samples_in_flight: _Optional[int] = ...) -> None: ...
