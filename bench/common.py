@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 from pathlib import Path
 
@@ -22,7 +21,9 @@ def tiny_model() -> Path:
 
 
 def machine() -> str:
-    return f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}"
+    from rollout_service.tools.machine import cpu
+
+    return f"{cpu()}, {platform.machine()}, Python {platform.python_version()}"
 
 
 def emit(result: dict) -> None:

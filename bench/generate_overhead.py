@@ -58,7 +58,7 @@ def main() -> None:
     print(f"service {result['service_tok_s']:.1f} tok/s, vLLM in-process {result['vllm_tok_s']:.1f} tok/s, "
           f"ratio {result['ratio']:.3f} ({prompts} prompts x {max_tokens} tokens, {rounds} rounds, {machine()})")
     if args.json:
-        emit(result)
+        emit({**result, "machine": machine()})
 
 
 def _settings(prompts: int, max_tokens: int):

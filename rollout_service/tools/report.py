@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from rollout_client import RolloutClient, tis_weights
+from rollout_service.tools.machine import cpu
 
 DEFAULT_PROMPTS = [
     "The trainer computes the advantage of each sample",
@@ -143,6 +144,7 @@ def write(out: Path, figures: ReportFigures, data: dict, title: str, command: st
 
 {f.prompts} prompts × {f.samples // max(f.prompts, 1)} samples at T=1, {f.tokens} sampled tokens: the quantized
 server samples, the bf16 server scores the same tokens (Δ = logp_bf16 − logp_quant).
+Measured on: {cpu()} (on CPUs, vLLM's int8 and bf16 kernels differ by instruction set).
 
 | figure | value |
 |---|---|
