@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_MODEL ?= .cache/tiny-model
 PROTO_OUT := clients/python
 
-.PHONY: install proto demo grpo test test-fast bench clean
+.PHONY: install proto demo grpo test test-fast test-stress bench clean
 
 TS := clients/typescript
 
@@ -48,6 +48,12 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -ra -m "not engine"
+
+# The engine tests on one core (every process pinned: several times slower), then on all cores:
+# a test that depends on the machine's speed fails in one of the two (README "Tests").
+test-stress: install
+	taskset -c 0 $(PY) -m pytest -q -ra -m engine
+	$(PY) -m pytest -q -ra -m engine
 
 bench: install
 	$(PY) bench/generate_overhead.py --quick

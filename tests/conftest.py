@@ -28,8 +28,9 @@ def _server(request, tiny_model: Path, tmp_path_factory, name: str, *args: str) 
 
 @pytest.fixture(scope="session")
 def bf16_server(request, tiny_model, tmp_path_factory) -> ServerProcess:
-    """bf16 engine, processed logprobs, a small in-flight limit so overload is easy to reach."""
-    return _server(request, tiny_model, tmp_path_factory, "bf16", "--max-inflight-sequences", "48")
+    """bf16 engine, processed logprobs, a small in-flight limit so overload is easy to reach, and
+    the debug endpoints, so tests can hold generation (tests/observe.py)."""
+    return _server(request, tiny_model, tmp_path_factory, "bf16", "--max-inflight-sequences", "48", "--debug-endpoints")
 
 
 @pytest.fixture(scope="session")

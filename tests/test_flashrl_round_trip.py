@@ -16,7 +16,7 @@ from rollout_service.launcher import ServerProcess
 from rollout_service.quant.checkpoint import quantize_checkpoint
 from rollout_service.quant.recipe import Recipe
 from tests.conftest import MAX_MODEL_LEN
-from tests.weights.conftest import GREEDY, perturb
+from tests.weights.conftest import greedy, perturb
 
 CLI = [sys.executable, "-m", "rollout_service.cli"]
 
@@ -59,10 +59,6 @@ def test_the_configured_server_serves_the_checkpoint_and_requantizes_pushes_by_i
     server = ServerProcess.start(quantized, log, "--backend", "local", "--no-http", "--config", str(config_file))
     request.addfinalizer(server.stop)
     w0 = load_file(tiny_model / "model.safetensors")
-
-    def greedy(client):
-        return [(c.samples[0].token_ids, c.samples[0].logprobs.tolist()) for c in client.generate(**GREEDY)]
-
     with RolloutClient(server.grpc_address, timeout=120) as client, RolloutClient(int8_server.grpc_address, timeout=120) as ref:
         status = client.status()
         assert status.quantization == "int8" and status.model == str(quantized.resolve())

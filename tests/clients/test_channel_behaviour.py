@@ -4,7 +4,6 @@ test-double gRPC servicer: the real service cannot be made to fail on cue."""
 from __future__ import annotations
 
 import threading
-import time
 from concurrent import futures
 
 import grpc
@@ -28,9 +27,12 @@ FAST_RETRY = RetryPolicy(max_attempts=4, initial_backoff_s=0.01, max_backoff_s=0
 class FlakyServicerForClientUnitTest(pb_grpc.RolloutServiceServicer):
     """Fails the first `failures` calls of each method with UNAVAILABLE; records what it saw."""
 
-    def __init__(self, failures: int = 0, generate_sleep_s: float = 0.0):
+    def __init__(self, failures: int = 0, hold_generate: bool = False):
         self.failures = failures
-        self.generate_sleep_s = generate_sleep_s
+        # When set, Generate answers only once the test sets `release` (at most 30 s later).
+        self.release = threading.Event()
+        if not hold_generate:
+            self.release.set()
         self.calls: dict[str, int] = {}
         self.metadata: list[dict[str, str]] = []
         self.version = 0
@@ -46,7 +48,7 @@ class FlakyServicerForClientUnitTest(pb_grpc.RolloutServiceServicer):
 
     def Generate(self, request, context):
         self._enter("Generate", context)
-        time.sleep(self.generate_sleep_s)
+        self.release.wait(30)
         sample = pb.Sample(token_ids=[5], logprobs=[-0.5], weight_version=self.version)
         return pb.GenerateResponse(completions=[pb.Completion(prompt_index=0, samples=[sample])])
 
@@ -113,12 +115,12 @@ def test_a_push_is_never_retried(serve):
 
 
 def test_a_call_past_its_deadline_raises_deadline_exceeded(serve):
-    servicer = FlakyServicerForClientUnitTest(generate_sleep_s=1.0)
+    servicer = FlakyServicerForClientUnitTest(hold_generate=True)
     with RolloutClient(serve(servicer), timeout=10) as client:
-        t0 = time.monotonic()
+        # The server cannot answer before `release`: only the deadline can end the call.
         with pytest.raises(DeadlineExceededError):
             client.generate(prompt_token_ids=[[1]], timeout=0.2)
-        assert time.monotonic() - t0 < 0.9
+        servicer.release.set()
 
 
 def test_the_api_key_goes_as_a_bearer_token_on_every_call(serve):

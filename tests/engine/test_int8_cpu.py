@@ -1,6 +1,9 @@
 """The int8 CPU workaround (rollout_service/engine/int8_cpu.py): reloading an int8 model's own
-checkpoint through our route leaves its outputs bitwise unchanged; vLLM's in-place reload of the
-same checkpoint leaves it computing NaN."""
+checkpoint through our route leaves its outputs bitwise unchanged, on every CPU.
+
+vLLM's own in-place reload of the same checkpoint gives NaN on some CPUs (AMD EPYC, AVX2 only,
+2026-11-23) and not on others (Intel Xeon with AVX-512/VNNI/AMX, 2026-12-02): the breakage follows
+the oneDNN path the CPU takes. That is recorded as a warning naming the CPU, never a failure."""
 
 from __future__ import annotations
 
@@ -8,14 +11,17 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 
+from rollout_service.tools.machine import cpu
+
 pytestmark = pytest.mark.engine
 
 
-def test_our_int8_reload_is_exact_where_vllms_yields_nan(tiny_model, tmp_path):
+def test_our_int8_reload_is_exact_on_every_cpu(tiny_model, tmp_path, record_property):
     from rollout_service.quant.checkpoint import quantize_checkpoint
     from rollout_service.quant.recipe import Recipe
 
@@ -30,4 +36,6 @@ def test_our_int8_reload_is_exact_where_vllms_yields_nan(tiny_model, tmp_path):
     result = json.loads(line.removeprefix("RESULT "))
     assert all(x == x for x in result["before"])  # finite before
     assert result["ours_equal"]
-    assert result["vllm_reload_nan"], "vLLM's reload no longer breaks int8 on CPU: int8_cpu.py may be retired"
+    vllm = "gives NaN" if result["vllm_reload_nan"] else "stays finite"
+    record_property("vllm_int8_reload", vllm)
+    warnings.warn(f"vLLM's own int8 reload_weights {vllm} on this CPU ({cpu()}); ours is exact", stacklevel=1)

@@ -18,13 +18,19 @@ from rollout_client import AbortedError, RolloutClient
 from rollout_client import RolloutClientError as RolloutError
 from rollout_service.config import ServerConfig
 from rollout_service.types import GenerateRequest
+from tests.observe import InBackground, wait_until
 
 pytestmark = pytest.mark.engine
 
 PROMPTS = [[(11 * i + 3 * j) % 2000 + 10 for j in range(10)] for i in range(3)]
-GREEDY = GenerateRequest.model_validate(
-    {"prompts": [{"token_ids": p} for p in PROMPTS], "sampling": {"max_tokens": 10, "temperature": 0.0, "ignore_eos": True}}
-)
+# One prompt per request: outputs compared across replicas and calls need a fixed batch schedule
+# (see tests/weights/conftest.py greedy()).
+GREEDY = [
+    GenerateRequest.model_validate(
+        {"prompts": [{"token_ids": p}], "sampling": {"max_tokens": 10, "temperature": 0.0, "ignore_eos": True}}
+    )
+    for p in PROMPTS
+]
 
 
 def perturbed(base: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
@@ -47,7 +53,7 @@ def cluster(tiny_model, redis_server, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     config = ServerConfig(
         model=tiny_model, port=0, http_port=0, max_model_len=128, replicas=1, replica_cpus=0.5,
-        redis_url=redis_server.url, weights_dir=root / "weights", cache_dir=root / "cache",
+        redis_url=redis_server.url, weights_dir=root / "weights", cache_dir=root / "cache", debug_endpoints=True,
     )
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     ingress = deploy(config)
@@ -78,29 +84,31 @@ def per_replica(cluster, method: str, *args) -> list:
 
 def greedy_by_replica(cluster) -> list[list[tuple[list[int], list[float], int]]]:
     """Each replica's greedy outputs for the same prompts: (tokens, logprobs, weight_version)."""
+    by_prompt = [per_replica(cluster, "generate", request) for request in GREEDY]  # [prompt][replica]
     return [
-        [(c.samples[0].token_ids, c.samples[0].logprobs, c.samples[0].weight_version) for c in completions]
-        for completions in per_replica(cluster, "generate", GREEDY)
+        [(c.samples[0].token_ids, c.samples[0].logprobs, c.samples[0].weight_version) for c in (r[0] for r in replicas)]
+        for replicas in zip(*by_prompt)
     ]
 
 
 def test_concurrent_pushes_exactly_one_wins_the_other_is_aborted(cluster, base_weights):
     outcomes: list = []
-    barrier = threading.Barrier(2)
+    decided = threading.Event()
 
-    def slow(weights):  # each push holds the lock for at least a second: they overlap for sure
-        for i, item in enumerate(weights.items()):
-            yield item
-            if i == 0:
-                time.sleep(1.0)
+    def held(weights):  # after its header each push waits until one is refused: they overlap for sure
+        items = iter(weights.items())
+        yield next(items)
+        decided.wait(120)
+        yield from items
 
     def push(seed):
         with RolloutClient(cluster.client.address, timeout=300) as c:
-            barrier.wait()
             try:
-                outcomes.append(c.push_weights(slow(perturbed(base_weights, seed))).version)
+                outcomes.append(c.push_weights(held(perturbed(base_weights, seed))).version)
             except RolloutError as err:
                 outcomes.append(err)
+            finally:
+                decided.set()
 
     threads = [threading.Thread(target=push, args=(s,)) for s in (1, 2)]
     for t in threads:
@@ -161,6 +169,18 @@ def test_session_calls_go_to_one_replica(cluster):
         cluster.client.generate(prompt_token_ids=PROMPTS[:1], max_tokens=2, session_id="episode-17")
     after = served()
     assert sorted(after[r] - before[r] for r in before) == [0, 6], (before, after)
+
+
+def test_generation_held_on_every_replica_waits_until_resumed(cluster):
+    http = httpx.Client(base_url=cluster.http, timeout=60)
+    http.post("/v1/debug/pause", params={"mode": "continue"}).raise_for_status()
+    try:
+        call = InBackground(lambda: cluster.client.generate(prompt_token_ids=PROMPTS[:1], max_tokens=2))
+        wait_until(lambda: cluster.client.status().counters.engine_requests_running == 1, "the call in an engine")
+        assert not call.done()  # held: the engine has not stepped it
+    finally:
+        http.post("/v1/debug/resume").raise_for_status()
+    assert len(call.outcome()[0].samples[0].token_ids) == 2
 
 
 def test_redis_restart_generation_continues_version_recovered_next_push_works(cluster, base_weights):

@@ -27,6 +27,14 @@ def run(coro):
     return asyncio.run(coro)
 
 
+async def until(condition, what: str, timeout: float = 30.0) -> None:
+    """Await `condition()` until it is true: expiry is observed, not slept for."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await condition():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
 def test_version_is_recorded_with_an_event_per_commit(coordinator):
     async def go():
         assert await coordinator.version() is None
@@ -56,15 +64,16 @@ def test_ensure_version_writes_back_only_a_missing_or_older_record(coordinator):
 
 def test_push_lock_excludes_other_owners_until_released_or_expired(coordinator):
     async def go():
-        assert await coordinator.lock("a", 0.3)
-        assert not await coordinator.lock("b", 0.3)
+        assert await coordinator.lock("a", 30)
+        assert not await coordinator.lock("b", 30)
         await coordinator.unlock("b")  # not the owner: no effect
-        assert not await coordinator.lock("b", 0.3)
-        assert await coordinator.refresh("a", 0.3)
+        assert not await coordinator.lock("b", 30)
+        assert await coordinator.refresh("a", 30)
         await coordinator.unlock("a")
         assert await coordinator.lock("b", 0.2)
-        await asyncio.sleep(0.35)  # b never refreshed: expired
-        assert await coordinator.lock("c", 5)
+        assert not await coordinator.refresh("c", 30)  # not the owner
+        await until(lambda: coordinator.lock("c", 30), "b's lock to expire")  # b never refreshed
+        assert not await coordinator.lock("b", 30)
         await coordinator.close()
 
     run(go())
@@ -72,12 +81,15 @@ def test_push_lock_excludes_other_owners_until_released_or_expired(coordinator):
 
 def test_replica_registry_entries_expire_without_heartbeats(coordinator):
     async def go():
-        await coordinator.heartbeat({"r1": {"version": 1}, "r2": {"version": 1}}, 0.3)
+        await coordinator.heartbeat({"r1": {"version": 1}, "r2": {"version": 1}}, 30)
         assert set(await coordinator.replicas()) == {"r1", "r2"}
-        await asyncio.sleep(0.2)
-        await coordinator.heartbeat({"r1": {"version": 2}}, 0.3)
-        await asyncio.sleep(0.2)
-        assert await coordinator.replicas() == {"r1": {"version": 2}}
+        await coordinator.heartbeat({"r2": {"version": 1}}, 0.2)  # r2's last heartbeat
+        await coordinator.heartbeat({"r1": {"version": 2}}, 30)
+
+        async def only_r1() -> bool:
+            return await coordinator.replicas() == {"r1": {"version": 2}}
+
+        await until(only_r1, "r2's entry to expire")
         await coordinator.close()
 
     run(go())

@@ -14,7 +14,8 @@ from tests.conftest import MAX_MODEL_LEN
 from rollout_service.launcher import ServerProcess
 
 PROMPTS = [[(11 * i + 3 * j) % 2000 + 10 for j in range(10)] for i in range(4)]
-GREEDY = dict(prompt_token_ids=PROMPTS, max_tokens=12, temperature=0.0, ignore_eos=True)
+GREEDY = dict(max_tokens=12, temperature=0.0, ignore_eos=True)
+LONG_CONTEXT = 1024  # bf16_target's max_model_len
 
 
 def perturb(weights: dict[str, torch.Tensor], seed: int, scale: float = 0.02) -> dict[str, torch.Tensor]:
@@ -31,7 +32,17 @@ def write_checkpoint(like: Path, weights: dict[str, torch.Tensor], out: Path) ->
 
 
 def greedy(client) -> list[tuple[list[int], list[float]]]:
-    return [(c.samples[0].token_ids, c.samples[0].logprobs.tolist()) for c in client.generate(**GREEDY)]
+    """Greedy tokens and logprobs of each prompt, one prompt per call, one call at a time.
+
+    vLLM's CPU bf16/int8 kernels round differently with the batch shape (seen on AMX machines:
+    the same weights gave -1.7706 or -1.7771 as prompts of one call landed in one scheduler step
+    or in two), so outputs are only comparable across calls and servers under a fixed schedule:
+    here, every sequence alone in its batch."""
+    out = []
+    for prompt in PROMPTS:
+        sample = client.generate(prompt_token_ids=[prompt], **GREEDY)[0].samples[0]
+        out.append((sample.token_ids, sample.logprobs.tolist()))
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -50,10 +61,12 @@ def model1(tiny_model, weights1, tmp_path_factory) -> Path:
     return write_checkpoint(tiny_model, weights1, tmp_path_factory.mktemp("w1") / "model")
 
 
-def start_server(request, model: Path, tmp_path_factory, name: str, *args: str) -> ServerProcess:
+def start_server(
+    request, model: Path, tmp_path_factory, name: str, *args: str, max_model_len: int = MAX_MODEL_LEN
+) -> ServerProcess:
     """A server whose engine weights tests can read back (GET /v1/debug/engine-weights)."""
     log = tmp_path_factory.mktemp("logs") / f"{name}.log"
-    server = ServerProcess.start(model, log, "--backend", "local", "--max-model-len", str(MAX_MODEL_LEN), "--debug-endpoints", *args)
+    server = ServerProcess.start(model, log, "--backend", "local", "--max-model-len", str(max_model_len), "--debug-endpoints", *args)
     request.addfinalizer(server.stop)
     return server
 
@@ -71,8 +84,9 @@ def engine_weights(server: ServerProcess) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="package")
 def bf16_target(request, tiny_model, tmp_path_factory) -> ServerProcess:
     """A bf16 server started from W0 that tests push into. A 1 MiB push buffer makes pushes of
-    the tiny model wait for conversions, as large pushes do."""
-    return start_server(request, tiny_model, tmp_path_factory, "bf16-target", "--push-buffer-mib", "1")
+    the tiny model wait for conversions, as large pushes do; a long context lets the in-flight
+    tests run generations far longer than a push takes to land."""
+    return start_server(request, tiny_model, tmp_path_factory, "bf16-target", "--push-buffer-mib", "1", max_model_len=LONG_CONTEXT)
 
 
 @pytest.fixture(scope="package")

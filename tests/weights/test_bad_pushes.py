@@ -4,16 +4,18 @@ the served version and outputs exactly as they were."""
 from __future__ import annotations
 
 import threading
-import time
 import zlib
 
 import grpc
 import numpy as np
 import pytest
+import torch
 from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
 from rollout_client._proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
 
-from tests.weights.conftest import greedy
+from rollout_client import AbortedError
+from tests.observe import wait_until
+from tests.weights.conftest import engine_weights, greedy
 
 pytestmark = pytest.mark.engine
 
@@ -127,70 +129,87 @@ def stub(bf16_target):
 
 
 @pytest.fixture(scope="module")
-def baseline(bf16_target_client):
-    return bf16_target_client.status().weight_version, greedy(bf16_target_client)
+def baseline(bf16_target, bf16_target_client):
+    return bf16_target_client.status().weight_version, engine_weights(bf16_target), greedy(bf16_target_client)
 
 
-def assert_unchanged(client, baseline) -> None:
-    version, outputs = baseline
+def assert_unchanged(server, client, baseline) -> None:
+    """Same version, bitwise the same engine tensors, and so the same outputs under greedy()'s
+    fixed schedule."""
+    version, weights, outputs = baseline
     assert client.status().weight_version == version
+    now = engine_weights(server)
+    assert [k for k in weights if not torch.equal(weights[k], now[k])] == []
     assert greedy(client) == outputs
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_push_is_rejected_and_changes_nothing(stub, bf16_target_client, baseline, case):
+def test_bad_push_is_rejected_and_changes_nothing(stub, bf16_target, bf16_target_client, baseline, case):
     messages, code, text = CASES[case]
     with pytest.raises(grpc.RpcError) as info:
         stub.PushWeights(iter(messages), timeout=60)
     assert info.value.code() == code, info.value.details()
     assert text in info.value.details()
-    assert_unchanged(bf16_target_client, baseline)
+    assert_unchanged(bf16_target, bf16_target_client, baseline)
 
 
-def test_client_cancelling_mid_push_changes_nothing_and_frees_the_server(stub, bf16_target_client, baseline):
-    sent = threading.Event()
+def test_client_cancelling_mid_push_changes_nothing_and_frees_the_server(stub, bf16_target, bf16_target_client, baseline):
+    sent, never = threading.Event(), threading.Event()
 
     def messages():
         yield header(spec())
         yield chunk(0, 0, BF16[:1000])
         sent.set()
-        time.sleep(30)  # the call is cancelled meanwhile
+        never.wait(60)  # the call is cancelled meanwhile
         yield COMMIT
 
     future = stub.PushWeights.future(messages(), timeout=60)
     assert sent.wait(10)
-    time.sleep(0.5)
     future.cancel()
-    assert_unchanged(bf16_target_client, baseline)
-    # The server is free again: a good push goes through (and one restoring the weights after it).
-    good = bf16_target_client.push_weights({NAME: np.frombuffer(tensor_bytes(), np.float32).reshape(SHAPE)})
-    assert good.version == baseline[0] + 1
+    assert_unchanged(bf16_target, bf16_target_client, baseline)
+    # The server is free again once it has seen the cancel: a good push goes through.
+    good = {NAME: np.frombuffer(tensor_bytes(), np.float32).reshape(SHAPE)}
+    results = []
+
+    def pushed() -> bool:
+        try:
+            results.append(bf16_target_client.push_weights(good))
+        except AbortedError:  # the cancelled push is still being cleaned up
+            return False
+        return True
+
+    wait_until(pushed, "the server to take a push after the cancelled one")
+    assert results[0].version == baseline[0] + 1
 
 
-def test_a_second_push_while_one_runs_is_aborted(stub, bf16_target_client):
-    release = threading.Event()
-    sent = threading.Event()
+def test_a_second_push_while_one_runs_is_aborted(stub):
+    """Two pushes each hold after their header until one of them is refused: they overlap by
+    construction, whichever reaches the server first."""
+    decided = threading.Event()
 
-    def slow():
+    def held_push():
         yield header(spec())
-        sent.set()
-        release.wait(30)
+        decided.wait(60)
         yield chunk(0, 0, BF16)
         yield COMMIT
 
-    first = stub.PushWeights.future(slow(), timeout=60)
-    assert sent.wait(10)
-    time.sleep(0.5)
-    with pytest.raises(grpc.RpcError) as info:
-        stub.PushWeights(iter([header(spec()), chunk(0, 0, BF16), COMMIT]), timeout=60)
-    assert info.value.code() == grpc.StatusCode.ABORTED and "another push is in progress" in info.value.details()
-    release.set()
-    assert first.result().tensors_applied == 1
+    pushes = [stub.PushWeights.future(held_push(), timeout=120) for _ in range(2)]
+    for future in pushes:
+        future.add_done_callback(lambda _: decided.set())
+    assert decided.wait(60), "neither push was refused"
+    outcomes = []
+    for future in pushes:
+        try:
+            outcomes.append(future.result().tensors_applied)
+        except grpc.RpcError as err:
+            outcomes.append((err.code(), err.details()))
+    assert 1 in outcomes, outcomes
+    code, details = next(o for o in outcomes if o != 1)
+    assert code == grpc.StatusCode.ABORTED and "another push is in progress" in details
 
 
 def test_http_bad_pushes_get_the_same_errors(bf16_target, bf16_target_client):
     import httpx
-    import torch
     from safetensors.torch import save
 
     version = bf16_target_client.status().weight_version

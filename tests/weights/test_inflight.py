@@ -1,34 +1,49 @@
-"""The three in-flight policies, each with a long generation running while a push is applied."""
+"""The three in-flight policies, each with a long generation running when a push is applied.
+
+"Running" holds on any machine: the push is received and staged first, only its commit message
+waits, and it is sent once the engine has stepped the generation; what is left of the push
+(the commit, then the engine's pause) takes a few engine steps, against ~1000 steps of generation
+left. The push reports how many samples it found running (PushResult.samples_in_flight), so a
+push that came too late fails the test instead of passing it unseen."""
 
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
-from tests.weights.conftest import PROMPTS, perturb
+from tests.observe import InBackground, wait_until
+from tests.weights.conftest import LONG_CONTEXT, PROMPTS, perturb
 
 pytestmark = pytest.mark.engine
 
-LONG = dict(prompt_token_ids=PROMPTS, n=4, max_tokens=240, temperature=1.0, seed=3, ignore_eos=True)
+MAX_TOKENS = LONG_CONTEXT - 24
+LONG = dict(prompt_token_ids=PROMPTS[:2], n=2, max_tokens=MAX_TOKENS, temperature=1.0, seed=3, ignore_eos=True)
+SAMPLES = 2 * 2
 
 
 def push_during_long_generation(client, weights, policy: str):
-    """Start a long generation, push once it is running; returns (samples, push result, version before)."""
-    client.generate(**{**LONG, "max_tokens": 4})  # warm: the long call below starts at once
+    """Returns (samples, push result, version before)."""
     before = client.status().weight_version
-    out: dict = {}
-    worker = threading.Thread(target=lambda: out.setdefault("completions", client.generate(**LONG)))
-    worker.start()
-    deadline = time.monotonic() + 30
-    while client.status().counters.engine_requests_running == 0:
-        assert time.monotonic() < deadline, "the long generation never started"
-        time.sleep(0.01)
-    time.sleep(1.0)  # well into the generation (about 3-6 s in all here)
-    result = client.push_weights(weights, inflight=policy)
-    worker.join(120)
-    samples = [s for c in out["completions"] for s in c.samples]
+    staged, commit = threading.Event(), threading.Event()
+
+    def tensors():
+        yield from weights.items()
+        staged.set()  # every tensor is handed to gRPC (one per bucket): only the commit is left
+        commit.wait(300)
+
+    push = InBackground(lambda: client.push_weights(tensors(), inflight=policy, bucket_bytes=1))
+    assert staged.wait(300), "the push's tensors were never sent"
+    generation = InBackground(lambda: client.generate(**LONG))
+    wait_until(lambda: client.status().counters.engine_requests_running == SAMPLES, "the long generation in the engine")
+    # Added is not yet scheduled: a request the engine has not stepped holds no KV blocks, and a
+    # drain pause keeps it queued for the new weights. vLLM schedules first come, first served,
+    # so once a one-token probe sent after it has finished, the long samples have been stepped.
+    client.generate(prompt_token_ids=[[7, 8, 9]], max_tokens=1)
+    commit.set()
+    result = push.outcome()
+    samples = [s for c in generation.outcome() for s in c.samples]
+    assert len(samples) == SAMPLES
     return samples, result, before
 
 
@@ -39,31 +54,28 @@ def new_weights(weights0):
 
 def test_drain_finishes_running_samples_on_the_old_weights_first(bf16_target_client, new_weights):
     samples, result, before = push_during_long_generation(bf16_target_client, new_weights, "drain")
-    assert result.version == before + 1
+    assert result.version == before + 1 and result.samples_in_flight == SAMPLES
     for s in samples:
-        assert s.finish_reason == "length" and len(s.token_ids) == 240
+        assert s.finish_reason == "length" and len(s.token_ids) == MAX_TOKENS
         assert s.weight_version == s.first_weight_version == before
-    # The engine waited for them (the rest of the generation) before pausing for the apply.
-    assert result.drain_ms > 200 and result.pause_ms < result.drain_ms
 
 
 def test_abort_ends_running_samples_with_finish_reason_aborted(bf16_target_client, new_weights):
     samples, result, before = push_during_long_generation(bf16_target_client, new_weights, "abort")
-    assert result.version == before + 1
-    assert all(s.finish_reason == "aborted" and len(s.token_ids) < 240 for s in samples)
+    assert result.version == before + 1 and result.samples_in_flight == SAMPLES
+    assert all(s.finish_reason == "aborted" and len(s.token_ids) < MAX_TOKENS for s in samples)
     assert all(s.weight_version == s.first_weight_version == before for s in samples)
-    assert len(samples[0].logprobs) == len(samples[0].token_ids)
+    assert all(len(s.logprobs) == len(s.token_ids) for s in samples)
     assert bf16_target_client.status().counters.engine_requests_running == 0
 
 
 def test_continue_carries_samples_across_the_flip_and_reports_both_versions(bf16_target_client, new_weights):
     samples, result, before = push_during_long_generation(bf16_target_client, new_weights, "continue")
-    assert result.version == before + 1
+    assert result.version == before + 1 and result.samples_in_flight == SAMPLES
     for s in samples:
-        assert s.finish_reason == "length" and len(s.token_ids) == 240
+        assert s.finish_reason == "length" and len(s.token_ids) == MAX_TOKENS
         assert (s.first_weight_version, s.weight_version) == (before, before + 1)
-    # Under continue nothing waits for the running samples.
-    assert result.drain_ms < 200
+    assert result.drain_ms == 0.0  # nothing waited for the running samples
 
 
 def test_the_servers_default_policy_is_reported(bf16_target_client):

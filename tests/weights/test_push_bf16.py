@@ -34,7 +34,7 @@ def test_full_push_serves_exactly_a_fresh_server_of_the_pushed_weights(bf16_targ
     assert client.status().weight_version == before + 1 and client.status().last_push.label == "step 1"
     pushed, fresh = greedy(client), greedy(reference_client)
     assert pushed == fresh  # tokens and logprobs, bitwise
-    for c in client.generate(**GREEDY):
+    for c in client.generate(prompt_token_ids=PROMPTS, **GREEDY):
         assert c.samples[0].weight_version == before + 1 == c.samples[0].first_weight_version
 
 
