@@ -191,4 +191,4 @@ class ApplyStats:
     apply_s: float = 0.0  # loading the tensors
     pause_ms: float = 0.0  # the engine generated nothing
     drain_ms: float = 0.0  # before the pause, running samples finishing (policy "drain")
-    samples_in_flight: int = 0  # samples running when the pause began
+    samples_in_flight: int = 0  # samples in the engine (running or queued) when the pause began

@@ -223,8 +223,8 @@ class RolloutEngine:
 
         pause_ms is the time the engine generated nothing; drain_ms (policy "drain" only) the
         time before it, when running samples were finishing on the old weights while new requests
-        were held back; samples_in_flight the samples running when the pause began (finished,
-        aborted or carried across per the policy).
+        were held back; samples_in_flight the samples in the engine when the pause began (see
+        PushWeightsResponse.samples_in_flight in the proto).
         """
         self._check_alive()
         start = time.monotonic()

@@ -39,7 +39,7 @@ class PushResult:
     drain_ms: float
     label: str
     seconds: float  # wall time of the whole call, measured by the client
-    samples_in_flight: int = 0  # samples running when generation paused for the push
+    samples_in_flight: int = 0  # samples in the engine when generation paused for the push
 
     @property
     def gbps(self) -> float:

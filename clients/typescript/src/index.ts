@@ -101,7 +101,7 @@ export interface PushResult {
   applyS: number;
   pauseMs: number;
   drainMs: number;
-  /** Samples running when generation paused for the push (finished, aborted or carried across). */
+  /** Samples in the engine when generation paused for the push (see the proto). */
   samplesInFlight: number;
   label: string;
   /** Wall time of the call measured by the client. */
