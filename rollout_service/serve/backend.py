@@ -14,7 +14,7 @@ from ray.serve.handle import DeploymentHandle
 
 from rollout_service.config import ServerConfig
 from rollout_service.errors import EngineUnavailable
-from rollout_service.serve.errors import broadcast, unwrap
+from rollout_service.serve.errors import broadcast, broadcast_all, unwrap
 from rollout_service.serve.push import ClusterPush
 from rollout_service.types import Completion, Counters, GenerateRequest, PushResult, ServerStatus
 from rollout_service.weights.manifest import PushHeader
@@ -75,12 +75,7 @@ class ServeBackend:
             raise unwrap(exc) from None
 
     async def pause(self, mode) -> None:
-        await self._on_every_replica("pause", mode)
+        await broadcast_all(self.engines, "pause", mode)
 
     async def resume(self) -> None:
-        await self._on_every_replica("resume")
-
-    async def _on_every_replica(self, method: str, *args) -> None:
-        errors = [r for r in await broadcast(self.engines, method, *args) if isinstance(r, BaseException)]
-        if errors:
-            raise errors[0]
+        await broadcast_all(self.engines, "resume")

@@ -103,7 +103,12 @@ class EmbeddedCoordinator:
         return True
 
     async def refresh(self, owner, ttl_s):
-        return await self.lock(owner, ttl_s)
+        # As Redis's: only a lock this owner still holds is extended; a lapsed one is not retaken.
+        now = time.monotonic()
+        if self._lock is None or self._lock[0] != owner or self._lock[1] <= now:
+            return False
+        self._lock = (owner, now + ttl_s)
+        return True
 
     async def unlock(self, owner):
         if self._lock is not None and self._lock[0] == owner:

@@ -22,3 +22,12 @@ async def broadcast(handle, method: str, *args) -> list:
     except DeploymentUnavailableError:
         return []
     return [unwrap(r) if isinstance(r, BaseException) else r for r in results]
+
+
+async def broadcast_all(handle, method: str, *args) -> list:
+    """`method(*args)` on every live replica; their results, or the first replica's exception."""
+    results = await broadcast(handle, method, *args)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        raise errors[0]
+    return results

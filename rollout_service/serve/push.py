@@ -29,7 +29,7 @@ from ray.serve.handle import DeploymentHandle
 from rollout_service.config import ServerConfig
 from rollout_service.errors import Conflict, EngineUnavailable
 from rollout_service.serve.coordinator import Coordinator
-from rollout_service.serve.errors import broadcast
+from rollout_service.serve.errors import broadcast_all
 from rollout_service.types import PushResult
 from rollout_service.weights.convert import to_engine_format
 from rollout_service.weights.manifest import ParamTable, PushHeader
@@ -84,13 +84,6 @@ class ClusterPush:
             with contextlib.suppress(EngineUnavailable):
                 await self.coordinator.refresh(owner, LOCK_TTL_S)
 
-    async def _broadcast(self, method: str, *args) -> list:
-        results = await broadcast(self.engines, method, *args)
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if errors:
-            raise errors[0]
-        return results
-
     async def commit(self, session: PushSession) -> PushResult:
         receive_s = time.monotonic() - session.started
         await session.finish()
@@ -98,11 +91,11 @@ class ClusterPush:
         files = self.store.adopt(session.spool.dir, session.spool.files, version)
         push_id = f"v{version}-{uuid.uuid4().hex[:8]}"
         try:
-            prepare_s = await self._broadcast("prepare", push_id, version, {n: str(p) for n, p in files.items()})
+            prepare_s = await broadcast_all(self.engines, "prepare", push_id, version, {n: str(p) for n, p in files.items()})
         except BaseException as exc:
             log.warning("push %s failed to prepare (%s); every replica stays on version %d", push_id, exc, version - 1)
             with contextlib.suppress(Exception):
-                await self._broadcast("abort", push_id)
+                await broadcast_all(self.engines, "abort", push_id)
             self.store.discard(version)
             raise
         return await shielded(self._commit_and_apply(session, push_id, version, files, receive_s, max(prepare_s, default=0.0)))
@@ -117,7 +110,7 @@ class ClusterPush:
             log.warning("version %d committed but not recorded in the coordinator: %s", version, exc)
         policy = session.header.inflight or self.config.inflight
         try:
-            applied = await self._broadcast("apply", push_id, policy)
+            applied = await broadcast_all(self.engines, "apply", push_id, policy)
         except Exception as exc:
             raise EngineUnavailable(
                 f"version {version} is committed but a replica failed to load it ({exc}); it retries from the "

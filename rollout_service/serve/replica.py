@@ -23,6 +23,7 @@ from ray import serve
 from rollout_service.config import ServerConfig
 from rollout_service.engine import RolloutEngine
 from rollout_service.errors import EngineUnavailable
+from rollout_service.tools.machine import usable_cores
 from rollout_service.types import ApplyStats, Completion, GenerateRequest, ServerStatus
 from rollout_service.weights.service import WeightService
 from rollout_service.weights.staging import Spool
@@ -47,7 +48,7 @@ def bind_cores(config: ServerConfig, local_rank: int) -> None:
     from those this process may run on (taskset, a container's cpuset), never outside them."""
     if config.replica_gpus or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
         return
-    allowed = sorted(os.sched_getaffinity(0))
+    allowed = usable_cores()
     per = max(1, min(len(allowed), round(config.replica_cpus)))
     first = (local_rank * per) % len(allowed)
     cores = [allowed[(first + i) % len(allowed)] for i in range(per)]

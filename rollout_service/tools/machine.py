@@ -12,6 +12,13 @@ from pathlib import Path
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
+def usable_cores() -> list[int]:
+    """The cores this process may run on (taskset, a container's cpuset), not all the machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
 def cpu(cpuinfo: str | None = None) -> str:
     """E.g. 'AMD EPYC, 2 cores, avx2 (no avx512f avx512_vnni avx512_bf16 amx_bf16 amx_int8)', read
     from /proc/cpuinfo (or the given text of one)."""
@@ -24,7 +31,7 @@ def cpu(cpuinfo: str | None = None) -> str:
     for line in cpuinfo.splitlines():  # the first CPU's lines
         key, _, value = line.partition(":")
         info.setdefault(key.strip(), value.strip())
-    head = f"{info.get('model name') or platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    head = f"{info.get('model name') or platform.processor() or platform.machine()}, {len(usable_cores())} cores"
     if "flags" not in info:
         return head
     flags = set(info["flags"].split())

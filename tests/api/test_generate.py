@@ -6,13 +6,23 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.observe import InBackground, held, wait_until
+
 pytestmark = pytest.mark.engine
 
 
-def test_same_seed_same_request_gives_same_tokens(bf16_client):
+def test_same_seed_same_request_gives_same_tokens(bf16_server, bf16_client):
     kwargs = dict(n=3, max_tokens=16, temperature=1.0, seed=1234, ignore_eos=True)
-    a = bf16_client.generate(["The policy samples"], **kwargs)
-    b = bf16_client.generate(["The policy samples"], **kwargs)
+
+    def in_one_batch():
+        """The call's 3 samples start in one engine step, as kernels round by batch shape: held
+        until all 3 are in the engine."""
+        with held(bf16_server):
+            call = InBackground(lambda: bf16_client.generate(["The policy samples"], **kwargs))
+            wait_until(lambda: bf16_client.status().counters.engine_requests_running == 3, "3 samples in the engine")
+        return call.outcome()
+
+    a, b = in_one_batch(), in_one_batch()
     assert [s.token_ids for s in a[0].samples] == [s.token_ids for s in b[0].samples]
     assert all((x.logprobs == y.logprobs).all() for x, y in zip(a[0].samples, b[0].samples))
 

@@ -68,16 +68,23 @@ def test_generate_sequences_returns_verls_fields_and_the_exact_rollout_logprobs(
     assert torch.equal(b["input_ids"][:, 6:], b["responses"]) and torch.equal(b["prompts"][1, :3], torch.zeros(3, dtype=torch.long))
     # positions continue from each prompt's last position
     assert b["position_ids"][1].tolist() == [0, 0, 0, 0, 1, 2] + list(range(3, 3 + RESPONSE_LENGTH))
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    fp32 = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    bf16 = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16)
     for i, prompt in enumerate(prompts):
         n = int(b["attention_mask"][i, 6:].sum())
         response = b["responses"][i, :n].tolist()
         assert n >= 1 and b["rollout_log_probs"][i, n:].abs().sum() == 0
-        logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1]
-        ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(response)[:, None])[:, 0]
-        # greedy: the service's tokens are the reference model's argmax, logprobs close (bf16 engine)
-        assert response == logits.argmax(-1).tolist()
-        torch.testing.assert_close(b["rollout_log_probs"][i, :n], ref.detach(), atol=0.05, rtol=0)
+        ids = torch.tensor([prompt + response])
+        ref = torch.log_softmax(fp32(ids).logits[0, len(prompt) - 1 : -1].float(), -1).detach()
+        hf16 = torch.log_softmax(bf16(ids).logits[0, len(prompt) - 1 : -1].float(), -1).detach()
+        chosen = torch.tensor(response)[:, None]
+        ref_chosen, hf16_chosen = ref.gather(-1, chosen)[:, 0], hf16.gather(-1, chosen)[:, 0]
+        # bf16 rounding (which differs by CPU and batch shape) moves logprobs by about as much as
+        # transformers' own bf16 moves them: the rule of tests/weights/test_push_bf16.py.
+        tolerance = 1.5 * float((hf16_chosen - ref_chosen).abs().max()) + 0.01
+        # greedy: each token is the reference's argmax, or within that tolerance of it (a near tie)
+        assert (ref.max(-1).values - ref_chosen).max() <= tolerance, (response, ref.argmax(-1).tolist())
+        assert float((b["rollout_log_probs"][i, :n] - ref_chosen).abs().max()) <= tolerance
     assert list(out.non_tensor_batch["weight_version"]) == [rollout.last_push.version] * 2
 
 

@@ -68,11 +68,12 @@ def test_push_lock_excludes_other_owners_until_released_or_expired(coordinator):
         assert not await coordinator.lock("b", 30)
         await coordinator.unlock("b")  # not the owner: no effect
         assert not await coordinator.lock("b", 30)
+        assert not await coordinator.refresh("b", 30)  # not the owner: no effect
         assert await coordinator.refresh("a", 30)
         await coordinator.unlock("a")
         assert await coordinator.lock("b", 0.2)
-        assert not await coordinator.refresh("c", 30)  # not the owner
         await until(lambda: coordinator.lock("c", 30), "b's lock to expire")  # b never refreshed
+        assert not await coordinator.refresh("b", 30)  # a lapsed lock is not retaken by a refresh
         assert not await coordinator.lock("b", 30)
         await coordinator.close()
 

@@ -3,9 +3,7 @@ what vLLM's CPU kernels do."""
 
 from __future__ import annotations
 
-import os
-
-from rollout_service.tools.machine import cpu
+from rollout_service.tools.machine import cpu, usable_cores
 
 AMD = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\nmodel name\t: other\n"
 INTEL = (
@@ -15,12 +13,12 @@ INTEL = (
 
 
 def test_an_avx2_only_cpu_says_what_it_lacks():
-    assert cpu(AMD) == f"AMD EPYC, {os.cpu_count()} cores, avx2 (no avx512f avx512_vnni avx512_bf16 amx_bf16 amx_int8)"
+    assert cpu(AMD) == f"AMD EPYC, {len(usable_cores())} cores, avx2 (no avx512f avx512_vnni avx512_bf16 amx_bf16 amx_int8)"
 
 
 def test_an_amx_cpu_lists_every_flag_and_lacks_none():
-    assert cpu(INTEL) == f"Intel(R) Xeon(R) Platinum 8481C, {os.cpu_count()} cores, avx2 avx512f avx512_vnni avx512_bf16 amx_bf16 amx_int8"
+    assert cpu(INTEL) == f"Intel(R) Xeon(R) Platinum 8481C, {len(usable_cores())} cores, avx2 avx512f avx512_vnni avx512_bf16 amx_bf16 amx_int8"
 
 
 def test_this_machine_is_described():
-    assert f"{os.cpu_count()} cores" in cpu()
+    assert f"{len(usable_cores())} cores" in cpu()

@@ -1,10 +1,11 @@
 """The three in-flight policies, each with a long generation running when a push is applied.
 
-"Running" holds on any machine: the push is received and staged first, only its commit message
-waits, and it is sent once the engine has stepped the generation; what is left of the push
-(the commit, then the engine's pause) takes a few engine steps, against ~1000 steps of generation
-left. The push reports how many samples it found running (PushResult.samples_in_flight), so a
-push that came too late fails the test instead of passing it unseen."""
+"Running" holds by construction on any machine: the push is received and staged first; the
+generation starts, and once the engine has stepped it (a probe, see below) generation is held, so
+it is frozen mid-way when the push's commit goes out. The push then pauses per its own policy
+(which replaces the hold: drain steps the frozen samples to their end, abort ends them, continue
+keeps them) and resumes generation when it is applied. The push reports how many samples it found
+in the engine (PushResult.samples_in_flight)."""
 
 from __future__ import annotations
 
@@ -12,17 +13,18 @@ import threading
 
 import pytest
 
-from tests.observe import InBackground, wait_until
+from tests.observe import InBackground, held, wait_until
 from tests.weights.conftest import LONG_CONTEXT, PROMPTS, perturb
 
 pytestmark = pytest.mark.engine
 
-MAX_TOKENS = LONG_CONTEXT - 24
+MAX_TOKENS = 500
+assert MAX_TOKENS + len(PROMPTS[0]) <= LONG_CONTEXT
 LONG = dict(prompt_token_ids=PROMPTS[:2], n=2, max_tokens=MAX_TOKENS, temperature=1.0, seed=3, ignore_eos=True)
 SAMPLES = 2 * 2
 
 
-def push_during_long_generation(client, weights, policy: str):
+def push_during_long_generation(server, client, weights, policy: str):
     """Returns (samples, push result, version before)."""
     before = client.status().weight_version
     staged, commit = threading.Event(), threading.Event()
@@ -33,15 +35,22 @@ def push_during_long_generation(client, weights, policy: str):
         commit.wait(300)
 
     push = InBackground(lambda: client.push_weights(tensors(), inflight=policy, bucket_bytes=1))
-    assert staged.wait(300), "the push's tensors were never sent"
-    generation = InBackground(lambda: client.generate(**LONG))
-    wait_until(lambda: client.status().counters.engine_requests_running == SAMPLES, "the long generation in the engine")
-    # Added is not yet scheduled: a request the engine has not stepped holds no KV blocks, and a
-    # drain pause keeps it queued for the new weights. vLLM schedules first come, first served,
-    # so once a one-token probe sent after it has finished, the long samples have been stepped.
-    client.generate(prompt_token_ids=[[7, 8, 9]], max_tokens=1)
-    commit.set()
-    result = push.outcome()
+    try:
+        wait_until(lambda: staged.is_set() or push.done(), "the push's tensors to be sent")
+        if push.done():
+            push.outcome()  # the push failed early: raise its error
+        generation = InBackground(lambda: client.generate(**LONG))
+        wait_until(lambda: client.status().counters.engine_requests_running == SAMPLES, "the long generation in the engine")
+        # Added is not yet scheduled: a request the engine has not stepped holds no KV blocks, and
+        # a drain pause keeps it queued for the new weights. vLLM schedules first come, first
+        # served, so once a one-token probe sent after it has finished, the samples have been
+        # stepped; the hold then freezes them with ~500 steps to go.
+        client.generate(prompt_token_ids=[[7, 8, 9]], max_tokens=1)
+        with held(server):
+            commit.set()
+            result = push.outcome()
+    finally:
+        commit.set()  # never leave the server holding a half-done push for the next test
     samples = [s for c in generation.outcome() for s in c.samples]
     assert len(samples) == SAMPLES
     return samples, result, before
@@ -52,16 +61,16 @@ def new_weights(weights0):
     return perturb(weights0, seed=11)
 
 
-def test_drain_finishes_running_samples_on_the_old_weights_first(bf16_target_client, new_weights):
-    samples, result, before = push_during_long_generation(bf16_target_client, new_weights, "drain")
+def test_drain_finishes_running_samples_on_the_old_weights_first(bf16_target, bf16_target_client, new_weights):
+    samples, result, before = push_during_long_generation(bf16_target, bf16_target_client, new_weights, "drain")
     assert result.version == before + 1 and result.samples_in_flight == SAMPLES
     for s in samples:
         assert s.finish_reason == "length" and len(s.token_ids) == MAX_TOKENS
         assert s.weight_version == s.first_weight_version == before
 
 
-def test_abort_ends_running_samples_with_finish_reason_aborted(bf16_target_client, new_weights):
-    samples, result, before = push_during_long_generation(bf16_target_client, new_weights, "abort")
+def test_abort_ends_running_samples_with_finish_reason_aborted(bf16_target, bf16_target_client, new_weights):
+    samples, result, before = push_during_long_generation(bf16_target, bf16_target_client, new_weights, "abort")
     assert result.version == before + 1 and result.samples_in_flight == SAMPLES
     assert all(s.finish_reason == "aborted" and len(s.token_ids) < MAX_TOKENS for s in samples)
     assert all(s.weight_version == s.first_weight_version == before for s in samples)
@@ -69,8 +78,8 @@ def test_abort_ends_running_samples_with_finish_reason_aborted(bf16_target_clien
     assert bf16_target_client.status().counters.engine_requests_running == 0
 
 
-def test_continue_carries_samples_across_the_flip_and_reports_both_versions(bf16_target_client, new_weights):
-    samples, result, before = push_during_long_generation(bf16_target_client, new_weights, "continue")
+def test_continue_carries_samples_across_the_flip_and_reports_both_versions(bf16_target, bf16_target_client, new_weights):
+    samples, result, before = push_during_long_generation(bf16_target, bf16_target_client, new_weights, "continue")
     assert result.version == before + 1 and result.samples_in_flight == SAMPLES
     for s in samples:
         assert s.finish_reason == "length" and len(s.token_ids) == MAX_TOKENS

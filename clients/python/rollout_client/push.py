@@ -50,7 +50,8 @@ class PushResult:
             f"pushed {self.tensors_applied} tensors, {self.bytes_received / 1e9:.3f} GB in {self.seconds:.2f} s "
             f"({self.gbps:.2f} GB/s) -> version {self.version} (apply {self.apply_s * 1e3:.0f} ms, "
             f"generation paused {self.pause_ms:.0f} ms"
-            + (f" after a {self.drain_ms:.0f} ms drain)" if self.drain_ms >= 1 else ")")
+            + (f" after a {self.drain_ms:.0f} ms drain" if self.drain_ms >= 1 else "")
+            + f", {self.samples_in_flight} samples in flight)"
         )
 
 
