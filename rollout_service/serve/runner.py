@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import logging
 import signal
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import ray
 from ray import serve
@@ -21,6 +23,35 @@ from rollout_service.serve.app import APP_NAME, ENGINE_DEPLOYMENT, app_config
 from rollout_service.server import check_ports_free
 
 log = logging.getLogger("rollout_service")
+
+
+def start_ray(**kwargs) -> None:
+    """`ray.init(**kwargs)`, tried twice when a new local node fails to come up. Ray gives its raylet
+    a fixed 30 s to register (ray/_private/node.py, not configurable), and on a loaded machine a
+    first start can miss it; a second start is the remedy Ray's own message suggests. The second
+    failure is raised with the machine's free memory and the node's log files, to tell why."""
+    try:
+        ray.init(**kwargs)
+        return
+    except Exception as exc:  # noqa: BLE001 -- Ray raises a bare Exception for this
+        if kwargs.get("address") or "timed out during startup" not in str(exc):
+            raise
+        log.warning("Ray's node did not start (%s); shutting it down and starting again", exc)
+        ray.shutdown()
+    try:
+        ray.init(**kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"Ray's local node failed to start twice: {exc} ({_ray_diagnostics()})") from exc
+
+
+def _ray_diagnostics() -> str:
+    import psutil
+
+    logs = Path(tempfile.gettempdir()) / "ray" / "session_latest" / "logs"
+    files = sorted(p.name for p in logs.glob("*")) if logs.is_dir() else []
+    memory = psutil.virtual_memory()
+    return (f"memory available {memory.available / 2**30:.1f} of {memory.total / 2**30:.1f} GiB; "
+            f"log files in {logs}: {', '.join(files) or 'none'}")
 
 
 def deploy(config: ServerConfig, timeout_s: float = 900):
@@ -54,8 +85,8 @@ def run(config: ServerConfig) -> None:
     # rather than as replicas failing to start; the quantized copy is made once, before the replicas.
     resolve_model(config)
     own_cluster = config.ray_address is None
-    ray.init(address=config.ray_address, logging_level=logging.WARNING, include_dashboard=False,
-             configure_logging=False, log_to_driver=True)
+    start_ray(address=config.ray_address, logging_level=logging.WARNING, include_dashboard=False,
+              configure_logging=False, log_to_driver=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
         signal.signal(sig, lambda *_: stop.set())

@@ -48,14 +48,14 @@ def cluster(tiny_model, redis_server, tmp_path_factory):
     import ray
     from ray import serve
 
-    from rollout_service.serve.runner import deploy
+    from rollout_service.serve.runner import deploy, start_ray
 
     root = tmp_path_factory.mktemp("serve")
     config = ServerConfig(
         model=tiny_model, port=0, http_port=0, max_model_len=128, replicas=1, replica_cpus=0.5,
         redis_url=redis_server.url, weights_dir=root / "weights", cache_dir=root / "cache", debug_endpoints=True,
     )
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    start_ray(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     ingress = deploy(config)
     ends = ingress.endpoints.remote().result()
     client = RolloutClient(ends["grpc"], timeout=300)
