@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_MODEL ?= .cache/tiny-model
 PROTO_OUT := clients/python
 
-.PHONY: install proto demo grpo test test-fast test-stress bench clean
+.PHONY: install proto demo grpo test test-all test-fast test-stress bench clean
 
 TS := clients/typescript
 
@@ -44,16 +44,21 @@ grpo: install
 	$(PY) examples/grpo_toy.py --model $(DEMO_MODEL)
 
 test: install
+	$(PY) -m pytest -q -ra -m "not slow"
+
+# Everything, with the cases `make test` leaves out for time (marked slow: the model families
+# whose naming another family already covers, README "Tests").
+test-all: install
 	$(PY) -m pytest -q -ra
 
 test-fast: install
-	$(PY) -m pytest -q -ra -m "not engine"
+	$(PY) -m pytest -q -ra -m "not engine and not slow"
 
 # The engine tests on one core (every process pinned: several times slower, every reply late),
 # then on all cores: a test that needs a fast or quiet machine fails in the first (README "Tests").
 test-stress: install
-	taskset -c 0 $(PY) -m pytest -q -ra -m engine
-	$(PY) -m pytest -q -ra -m engine
+	taskset -c 0 $(PY) -m pytest -q -ra -m "engine and not slow"
+	$(PY) -m pytest -q -ra -m "engine and not slow"
 
 bench: install
 	$(PY) bench/generate_overhead.py --quick

@@ -390,18 +390,21 @@ def make_tiny_model_cmd(
     layers: int = typer.Option(4, help="Decoder layers."),
     hidden: int = typer.Option(256, help="Hidden size."),
     vocab: int = typer.Option(2048, help="Vocabulary size (the BPE tokenizer is padded to it)."),
+    arch: str = typer.Option(
+        "qwen2", help="Model family: qwen2, qwen2-tied, qwen3, llama, mistral, gemma2, qwen3-moe (see README)."
+    ),
 ) -> None:
-    """Write a random-init Qwen2 checkpoint with a real byte-level BPE tokenizer (no model hub needed)."""
+    """Write a random-init checkpoint of a model family with a real byte-level BPE tokenizer (no model hub needed)."""
     from rollout_service.models.tiny import TinyModelSpec, make_tiny_model
 
     try:
-        spec = TinyModelSpec(layers=layers, hidden=hidden, vocab=vocab, seed=seed)
+        spec = TinyModelSpec(layers=layers, hidden=hidden, vocab=vocab, seed=seed, arch=arch)
     except ValueError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     with err.status(f"making a tiny model in {out_dir}"):
         path = make_tiny_model(out_dir, spec)
-    err.print(f"wrote {path} ({layers} layers, hidden {hidden}, vocab {vocab}, seed {seed})")
+    err.print(f"wrote {path} ({arch}, {layers} layers, hidden {hidden}, vocab {vocab}, seed {seed})")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from rollout_service.engine import int8_cpu
+from rollout_service.engine import int8_cpu, moe_cpu
 from rollout_service.weights.store import Plan, module_of
 
 _PROBE_ROWS = 4
@@ -86,6 +86,7 @@ def _layerwise_reload(vllm_config, model, modules: list[tuple[str, list[tuple[st
     layers = [model.get_submodule(name) for name, _ in modules]
     with set_current_vllm_config(vllm_config):
         for layer in layers:
+            moe_cpu.prepare_reload(layer)
             initialize_layerwise_reload(layer)
         try:
             # One module at a time, so vLLM processes each as soon as it is complete.

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from rollout_service.errors import InvalidArgument
+from rollout_service.weights.names import Mapping, NameMap, UnknownName
 from rollout_service.weights.store import safetensors_header
 
 # Wire dtypes a push may use; each is converted to the engine's dtype on arrival.
@@ -39,11 +40,13 @@ class PushHeader:
 
 
 class ParamTable:
-    """The served model's parameters in checkpoint naming: name -> shape, read from the safetensors
-    headers of the checkpoint the server started from (no tensor data is read)."""
+    """The served model's parameters in checkpoint naming (name -> shape, read from the safetensors
+    headers of the checkpoint the server started from; no tensor data is read), and the checks of a
+    push against them, in the names trainers send (weights/names.py)."""
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]]):
+    def __init__(self, shapes: dict[str, tuple[int, ...]], tied: bool = False):
         self.shapes = shapes
+        self.names = NameMap(shapes, tied)
 
     @classmethod
     def from_checkpoint(cls, model: Path) -> ParamTable:
@@ -51,26 +54,36 @@ class ParamTable:
         for f in sorted(model.glob("*.safetensors")):
             for name, info in safetensors_header(f).items():
                 shapes[name] = tuple(info["shape"])
-        return cls(shapes)
+        return cls(shapes, tied=ties_embeddings(model))
 
     def check_header(self, header: PushHeader, inflight_policies: tuple[str, ...]) -> None:
         if header.inflight and header.inflight not in inflight_policies:
             raise InvalidArgument("header.inflight", f"{header.inflight!r} is not one of {', '.join(inflight_policies)}")
 
-    def check_tensor(self, index: int, spec: TensorSpec, seen: dict[str, int]) -> None:
-        """Raise InvalidArgument naming the tensor (declared as number `index`) and its problem;
-        `seen` maps the names declared so far to their index and gains this one."""
+    def check_tensor(self, index: int, spec: TensorSpec, claimed: dict[str, int], declared: list[TensorSpec]) -> Mapping:
+        """The mapping of tensor `spec` (declared as number `index`), or InvalidArgument naming it
+        and its problem. `claimed` maps the checkpoint names earlier tensors write to their index
+        and gains this tensor's; `declared` are the earlier tensors."""
         field = f"tensors[{index}]"
-        if spec.name in seen:
-            raise InvalidArgument(f"{field}.name", f"{spec.name!r} is declared twice (also tensors[{seen[spec.name]}])")
-        if spec.name not in self.shapes:
-            raise InvalidArgument(f"{field}.name", f"{spec.name!r} is not a parameter of the served model")
+        try:
+            mapping = self.names.resolve(spec.name)
+        except UnknownName as exc:
+            raise InvalidArgument(f"{field}.name", str(exc)) from None
+        for target in mapping.targets:
+            if target in claimed:
+                other = declared[claimed[target]]
+                if other.name == spec.name:
+                    raise InvalidArgument(f"{field}.name", f"{spec.name!r} is declared twice (also tensors[{claimed[target]}])")
+                if mapping.alias_of is None and self.names.resolve(other.name).alias_of is None:
+                    raise InvalidArgument(
+                        f"{field}.name",
+                        f"{spec.name!r} and tensors[{claimed[target]}] {other.name!r} are the same parameter {target!r}",
+                    )
         if spec.dtype not in DTYPES:
             raise InvalidArgument(f"{field}.dtype", f"{spec.name}: dtype {spec.dtype!r} is not one of {', '.join(DTYPES)}")
-        expected = self.shapes[spec.name]
-        if spec.shape != expected:
+        if spec.shape != mapping.shape:
             raise InvalidArgument(
-                f"{field}.shape", f"{spec.name}: shape {list(spec.shape)} does not match the model's {list(expected)}"
+                f"{field}.shape", f"{spec.name}: shape {list(spec.shape)} does not match the model's {list(mapping.shape)}"
             )
         size = math.prod(spec.shape) * spec.torch_dtype.itemsize
         if spec.nbytes != size:
@@ -78,4 +91,15 @@ class ParamTable:
                 f"{field}.nbytes",
                 f"{spec.name}: nbytes={spec.nbytes} but shape {list(spec.shape)} of {spec.dtype} takes {size} bytes",
             )
-        seen[spec.name] = index
+        for target in mapping.targets:
+            claimed.setdefault(target, index)
+        return mapping
+
+
+def ties_embeddings(model: Path) -> bool:
+    """Whether the served model's LM head is its input embedding (`tie_word_embeddings`, with the
+    family's default where config.json leaves it out, e.g. Gemma)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model)
+    return bool(getattr(config.get_text_config(), "tie_word_embeddings", False))

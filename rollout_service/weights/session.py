@@ -20,7 +20,9 @@ import torch
 
 from rollout_service.errors import DataLoss, InvalidArgument
 from rollout_service.weights.manifest import ParamTable, PushHeader, TensorSpec
+from rollout_service.weights.names import Mapping
 from rollout_service.weights.staging import Spool
+from rollout_service.weights.versions import crc32_of
 
 Converter = Callable[[str, torch.Tensor], dict[str, torch.Tensor]]
 
@@ -30,7 +32,12 @@ class PushSession:
         self.header = header
         self.tensors: list[TensorSpec] = []
         self._table = table
-        self._seen: dict[str, int] = {}
+        self._mappings: list[Mapping] = []
+        self._claimed: dict[str, int] = {}  # checkpoint name -> the declared tensor writing it
+        # A tied LM head sent beside its embedding writes nothing; the two must be equal. Checked
+        # by the CRC-32 of their bytes (computed anyway): a trainer that unties them by mistake
+        # is caught with certainty but for a 2^-32 collision. Tensor index -> CRC-32.
+        self._embedding_crc: dict[int, int] = {}
         self.spool = spool
         self._convert = convert
         self._budget = buffer_bytes
@@ -43,14 +50,14 @@ class PushSession:
         self.started = time.monotonic()
         self.bytes_received = 0
         self.convert_s = 0.0
-        self.crc32: dict[str, int] = {}  # CRC-32 of each received tensor's bytes
+        self.crc32: dict[str, int] = {}  # checkpoint name -> CRC-32 of the tensor staged for it
         self.committed = False
         self.declare(header.tensors)
 
     def declare(self, specs: tuple[TensorSpec, ...] | list[TensorSpec]) -> None:
         """Add tensors to the push (the header's, then any PushDeclare's), checked against the model."""
         for spec in specs:
-            self._table.check_tensor(len(self.tensors), spec, self._seen)
+            self._mappings.append(self._table.check_tensor(len(self.tensors), spec, self._claimed, self.tensors))
             self.tensors.append(spec)
             self._received.append(0)
 
@@ -78,7 +85,7 @@ class PushSession:
         self.bytes_received += len(data)
         if self._received[index] == spec.nbytes:
             chunks = self._chunks.pop(index)
-            future = asyncio.get_running_loop().run_in_executor(self._pool, self._finish_tensor, spec, chunks)
+            future = asyncio.get_running_loop().run_in_executor(self._pool, self._finish_tensor, index, chunks)
             future.add_done_callback(lambda _f, n=spec.nbytes: asyncio.ensure_future(self._release(n)))
             self._pending.append(future)
 
@@ -90,6 +97,7 @@ class PushSession:
             if got != spec.nbytes:
                 raise DataLoss(f"{spec.name}: {got} of {spec.nbytes} bytes received before the commit")
         await asyncio.gather(*self._pending)
+        self._check_aliases()
         await asyncio.get_running_loop().run_in_executor(self._pool, self.spool.flush)
 
     def close(self) -> None:
@@ -97,15 +105,37 @@ class PushSession:
 
     # ---- internals ------------------------------------------------------------------------------
 
-    def _finish_tensor(self, spec: TensorSpec, chunks: list[bytes]) -> None:
+    def _writer(self, index: int) -> bool:
+        """Whether tensor `index` is the one its checkpoint names are staged from (not a tied LM
+        head's second copy)."""
+        return all(self._claimed[t] == index for t in self._mappings[index].targets)
+
+    def _check_aliases(self) -> None:
+        """A tied LM head and its embedding sent together must be equal (the model has one tensor)."""
+        for index, crc in self._embedding_crc.items():
+            writer = self._claimed[self._mappings[index].targets[0]]
+            a, b = self.tensors[writer], self.tensors[index]
+            if self._embedding_crc[writer] != crc or a.dtype != b.dtype:
+                raise InvalidArgument(
+                    f"tensors[{index}]",
+                    f"{b.name!r} and {a.name!r} differ, but the served model ties them (one tensor, "
+                    "tie_word_embeddings): send one of them, or both equal",
+                )
+
+    def _finish_tensor(self, index: int, chunks: list[bytes]) -> None:
         """On the conversion thread: join, check, convert, stage."""
         start = time.perf_counter()
+        spec, mapping = self.tensors[index], self._mappings[index]
         crc = 0
         for c in chunks:
             crc = zlib.crc32(c, crc)
         if spec.crc32 is not None and crc != spec.crc32:
             raise DataLoss(f"{spec.name}: CRC-32 of the received bytes is {crc:#010x}, the header declared {spec.crc32:#010x}")
-        self.crc32[spec.name] = crc
+        if mapping.targets == (self._table.names.embedding,):  # maybe one of a tied pair
+            self._embedding_crc[index] = crc
+        if not self._writer(index):
+            self.convert_s += time.perf_counter() - start
+            return
         with warnings.catch_warnings():  # read-only bytes: only read, or copied below
             warnings.simplefilter("ignore", UserWarning)
             if len(chunks) == 1:
@@ -117,7 +147,10 @@ class PushSession:
                     flat[pos : pos + len(c)].copy_(torch.frombuffer(c, dtype=torch.uint8))
                     pos += len(c)
         tensor = flat.view(spec.torch_dtype).reshape(spec.shape)
-        self.spool.add(self._convert(spec.name, tensor))
+        for target, part in mapping.split(tensor).items():
+            # One target is the received tensor itself (renamed at most); a split needs its own.
+            self.crc32[target] = crc if len(mapping.targets) == 1 else crc32_of(part)
+            self.spool.add(self._convert(target, part))
         self.convert_s += time.perf_counter() - start
 
     def _raise_conversion_error(self) -> None:

@@ -2,7 +2,7 @@
 
 The engine's tensors start in the checkpoint it loaded (the quantized copy for int8/fp8); each
 committed push moves its tensors to its staging directory. A push may carry any subset, but vLLM
-loads fused modules (q/k/v -> qkv_proj, gate/up -> gate_up_proj) whole, so the plan adds the
+loads fused modules (q/k/v -> qkv_proj, gate/up -> gate_up_proj, a MoE layer's experts) whole, so the plan adds the
 members of every touched module that the push did not carry, read from where they live now.
 Directories no current tensor lives in are deleted.
 """
@@ -17,13 +17,18 @@ from collections import defaultdict
 from pathlib import Path
 
 _PARAM_SUFFIX = re.compile(r"\.(weight|bias|weight_scale)$")
+# A MoE layer's experts are one vLLM module (FusedMoE: w13_weight [E, 2I, H], w2_weight [E, H, I]).
+_EXPERT = re.compile(r"^(?P<experts>.+\.experts)\.\d+\.")
 
 Plan = list[tuple[str, list[str]]]  # (safetensors file, tensor names in it)
 
 
 def module_of(name: str, packed: dict[str, list[str]]) -> str:
     """The vLLM module checkpoint tensor `name` loads into: 'model.layers.0.self_attn.k_proj.weight'
-    -> 'model.layers.0.self_attn.qkv_proj' when the model packs q/k/v into qkv_proj."""
+    -> 'model.layers.0.self_attn.qkv_proj' when the model packs q/k/v into qkv_proj, and
+    'model.layers.0.mlp.experts.3.up_proj.weight' -> 'model.layers.0.mlp.experts' (all experts)."""
+    if m := _EXPERT.match(name):
+        return m["experts"]
     path = _PARAM_SUFFIX.sub("", name)
     parent, _, leaf = path.rpartition(".")
     for fused, members in packed.items():

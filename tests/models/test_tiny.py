@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from rollout_service.models.tiny import TinyModelSpec
+from rollout_service.models.tiny import ARCHS, TinyModelSpec, make_tiny_model
+from rollout_service.weights.store import safetensors_names
 
 
 def test_tiny_model_loads_in_transformers_with_spread_logits(tiny_model):
@@ -28,3 +29,19 @@ def test_spec_rejects_inconsistent_shapes():
         TinyModelSpec(hidden=250, heads=4)
     with pytest.raises(ValueError, match="vocab"):
         TinyModelSpec(vocab=100)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_every_family_loads_in_transformers_with_its_naming(arch, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path = make_tiny_model(tmp_path, TinyModelSpec(arch=arch, layers=1, hidden=128, heads=2, kv_heads=1))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    on_disk = set(safetensors_names(path / "model.safetensors"))
+    assert ("lm_head.weight" in on_disk) is not ARCHS[arch].tied
+    assert ("lm_head.weight" in model.state_dict()) and model(torch.tensor([[5, 6, 7]])).logits.isfinite().all()
+
+
+def test_an_unknown_family_is_refused_naming_the_known_ones():
+    with pytest.raises(ValueError, match="arch='gpt5' is not one of qwen2, qwen2-tied"):
+        TinyModelSpec(arch="gpt5")

@@ -31,10 +31,11 @@ def test_param_table_reads_names_and_shapes_from_the_checkpoint(tiny_model):
 )
 def test_each_bad_declaration_names_its_tensor_and_field(bad, field, text):
     table = ParamTable({"w": (2, 2), "v": (3,)})
-    seen: dict[str, int] = {}
-    table.check_tensor(0, TensorSpec("v", "float32", (3,), 12), seen)
+    claimed: dict[str, int] = {}
+    first = TensorSpec("v", "float32", (3,), 12)
+    table.check_tensor(0, first, claimed, [])
     with pytest.raises(InvalidArgument) as info:
-        table.check_tensor(1, bad, seen)
+        table.check_tensor(1, bad, claimed, [first])
     assert info.value.field == field and text in str(info.value)
 
 
@@ -44,6 +45,7 @@ def test_module_of_maps_checkpoint_names_to_vllms_fused_modules():
     assert module_of("model.layers.3.mlp.up_proj.weight_scale", PACKED) == "model.layers.3.mlp.gate_up_proj"
     assert module_of("model.layers.3.mlp.down_proj.weight", PACKED) == "model.layers.3.mlp.down_proj"
     assert module_of("model.norm.weight", PACKED) == "model.norm"
+    assert module_of("model.layers.3.mlp.experts.7.up_proj.weight", PACKED) == "model.layers.3.mlp.experts"
 
 
 def test_plan_completes_touched_fused_modules_from_the_current_weights(tmp_path):

@@ -1,6 +1,7 @@
-"""Run by test_int8_cpu.py in a child process (vLLM engines want their own process): reloads int8
-checkpoints into a running int8 engine through int8_cpu's route and through vLLM's own
-`reload_weights`. Prints one line: RESULT <json>."""
+"""Run by test_int8_cpu.py and test_moe_cpu.py in a child process (vLLM engines want their own
+process): reloads checkpoints into a running engine through our route (`rollout_apply`, with the
+int8_cpu / moe_cpu workarounds) and through vLLM's own `reload_weights`. Prints one line:
+RESULT <json>."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def main(w0: Path, w1: Path) -> None:
         out = llm.generate([{"prompt_token_ids": [5, 6, 7, 8]}], params, use_tqdm=False)[0].outputs[0]
         return [lp[t].logprob for lp, t in zip(out.logprobs, out.token_ids)]
 
-    def ours(checkpoint: Path) -> list[float]:  # rollout_apply: int8_cpu for the W8A8 layers
+    def ours(checkpoint: Path) -> list[float]:
         files = sorted(checkpoint.glob("*.safetensors"))
         llm.collective_rpc("rollout_apply", args=([(str(f), safetensors_names(f)) for f in files],))
         return logprobs()
