@@ -49,11 +49,14 @@ class SamplingOptions(BaseModel):
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token.")
     logprobs: int = Field(0, ge=0, description="Top alternatives per generated token; 0 = sampled token only.")
     prompt_logprobs: int | None = Field(None, ge=0, description="When set: prompt token logprobs, with this many alternatives.")
+    detokenize: bool = Field(True, description="Decode samples into text; false: token ids and logprobs only.")
 
     @model_validator(mode="after")
     def _greedy_single(self) -> SamplingOptions:
         if self.temperature == 0 and self.n > 1:
             raise InvalidArgument("sampling.n", f"n={self.n} with temperature=0: greedy samples are identical; use n=1")
+        if self.stop and not self.detokenize:
+            raise InvalidArgument("sampling.stop", "stop strings are matched in decoded text: they need detokenize=true")
         return self
 
 
@@ -144,6 +147,7 @@ class Counters:
     tokens_generated: int = 0
     requests_rejected_overload: int = 0
     engine_requests_running: int = 0
+    sequences_waiting: int = 0
 
 
 @dataclass(slots=True)

@@ -27,6 +27,7 @@ def sampling_params(opts: SamplingOptions) -> SamplingParams:
         ignore_eos=opts.ignore_eos,
         logprobs=opts.logprobs,
         prompt_logprobs=opts.prompt_logprobs,
+        detokenize=opts.detokenize,
         output_kind=RequestOutputKind.FINAL_ONLY,
         # One flat list per request instead of a dict per token: far less Python work per token.
         flat_logprobs=True,

@@ -26,6 +26,7 @@ from vllm.v1.engine.exceptions import EngineDeadError
 
 from rollout_service.config import InflightPolicy, ServerConfig
 from rollout_service.engine import convert
+from rollout_service.engine.admission import SequenceBudget
 from rollout_service.errors import ConfigError, EngineUnavailable, InvalidArgument, Overloaded
 from rollout_service.types import ApplyStats, Completion, Counters, GenerateRequest, ServerStatus
 from rollout_service.weights.store import Plan
@@ -48,6 +49,14 @@ def resolve_model(config: ServerConfig) -> Path:
                 "--profile from `rollout-service profile`), so that pushed weights are requantized"
             )
         return config.model
+    hf = json.loads((config.model / "config.json").read_text())
+    experts = next((hf[k] for k in ("num_experts", "num_local_experts", "n_routed_experts") if hf.get(k)), None)
+    if experts:
+        raise ConfigError(
+            f"quantization={config.quantization!r}: {config.model} is a mixture of experts ({experts} experts), and "
+            "quantized MoE is not served yet (the router gate must stay unquantized and the quantized experts' "
+            "in-place reload is unchecked); serve it unquantized"
+        )
     if config.quantization.startswith("fp8") and current_platform.is_cpu():
         raise ConfigError(
             f"quantization={config.quantization!r} needs a GPU: vLLM's CPU backend has no FP8 kernels; use int8 on CPU"
@@ -110,6 +119,7 @@ class RolloutEngine:
         self.max_model_len: int = llm.model_config.max_model_len
         self.weight_version = 0
         self._counters = Counters()
+        self._budget = SequenceBudget(config.max_inflight_sequences)
         self._started = time.monotonic()
         # Serializes what pauses and resumes the scheduler (a push's apply, the debug hold), so a
         # resume can never restart generation on half-loaded weights.
@@ -157,30 +167,38 @@ class RolloutEngine:
 
     # ---- generation -------------------------------------------------------------------------
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[Completion]:
+    async def generate(self, request: GenerateRequest, refuse_when_full: bool = True) -> AsyncIterator[Completion]:
         """Yield one Completion per prompt, in completion order.
 
-        Raises InvalidArgument or Overloaded before any bookkeeping or engine work. Closing the
-        iterator early (or cancelling its consumer) aborts the prompts still running.
+        Raises InvalidArgument, or Overloaded when the server is full (unless `refuse_when_full`
+        is False: a part of a batch the Serve ingress split, which decided overload itself),
+        before any bookkeeping or engine work. Closing the iterator early (or cancelling its
+        consumer) aborts the prompts still running.
         """
         # Off the event loop: tokenizing a large text batch would stall every other call.
         prompts = await asyncio.to_thread(self.tokenize, request)
         params = self._sampling_params(request)
-        sequences = len(prompts) * request.sampling.n
-        c = self._counters
-        if c.sequences_running + sequences > self.config.max_inflight_sequences:
+        n = request.sampling.n
+        c, budget = self._counters, self._budget
+        if n > budget.capacity:
+            raise InvalidArgument(
+                "sampling.n", f"{n} samples of one prompt can never fit: the server holds at most "
+                f"max_inflight_sequences={budget.capacity} sequences at once"
+            )
+        if refuse_when_full and budget.full:
             c.requests_rejected_overload += 1
             raise Overloaded(
-                f"{sequences} sequences requested while {c.sequences_running} are in flight; "
-                f"the server takes at most max_inflight_sequences={self.config.max_inflight_sequences}"
+                f"the server is full ({budget.running} sequences in flight and {budget.waiting} waiting, "
+                f"at most max_inflight_sequences={budget.capacity}); retry shortly"
             )
         self._check_alive()
         c.requests_total += 1
         c.requests_running += 1
-        c.sequences_running += sequences
         call_id = f"{request.request_id or 'gen'}-{uuid.uuid4().hex[:12]}"
+        # Every prompt waits for room for its n samples (admission.py): a batch larger than the
+        # server's room runs in parts, in arrival order.
         tasks = [
-            asyncio.create_task(self._one(i, ids, params, request, f"{call_id}-{i}"))
+            asyncio.create_task(self._admitted(n, self._one(i, ids, params, request, f"{call_id}-{i}")))
             for i, ids in enumerate(prompts)
         ]
         try:
@@ -193,8 +211,14 @@ class RolloutEngine:
             # request had started.
             c.prompts_aborted += sum(t.cancel() for t in tasks)
             c.requests_running -= 1
-            c.sequences_running -= sequences
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _admitted(self, n: int, one):
+        try:
+            async with self._budget.hold(n):
+                return await one
+        finally:
+            one.close()  # never started if cancelled while waiting for room
 
     def _sampling_params(self, request: GenerateRequest):
         try:
@@ -284,6 +308,7 @@ class RolloutEngine:
 
     def status(self) -> ServerStatus:
         counters = Counters(**{k: getattr(self._counters, k) for k in Counters.__slots__})
+        counters.sequences_running, counters.sequences_waiting = self._budget.running, self._budget.waiting
         counters.engine_requests_running = self._llm.get_num_unfinished_requests()
         return ServerStatus(
             model=str(self.config.model),

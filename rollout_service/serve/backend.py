@@ -1,19 +1,22 @@
 """ServeBackend: the front ends' Backend (api/backend.py) over the engine replicas' handle.
 
-Generate goes to one replica (serve/routing.py picks it); status and health ask every replica;
+Generate goes to one replica (serve/routing.py picks it), or, for a batch larger than one engine
+step, in parts to every replica (serve/split.py); status and health ask every replica;
 pushes go through serve/push.py. Errors raised in a replica reach the client as the replica raised
 them (serve/errors.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 
 from ray.serve.handle import DeploymentHandle
 
 from rollout_service.config import ServerConfig
-from rollout_service.errors import EngineUnavailable
+from rollout_service.errors import EngineUnavailable, Overloaded
+from rollout_service.serve import split
 from rollout_service.serve.errors import broadcast, broadcast_all, unwrap
 from rollout_service.serve.push import ClusterPush
 from rollout_service.types import Completion, Counters, GenerateRequest, PushResult, ServerStatus
@@ -28,14 +31,33 @@ class ServeBackend:
         self._stream = engines.options(stream=True)
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[Completion]:
-        response = self._stream.generate_stream.remote(req)
+        runs = await self._split(req)
+        responses = [self._stream.generate_stream.remote(split.part(req, a, b), replica) for replica, a, b in runs]
+        parts = [(a, r) for (_, a, _), r in zip(runs, responses)]
         try:
-            async for completion in response:
-                yield completion
+            async with contextlib.aclosing(split.merged(parts) if len(parts) > 1 else responses[0]) as stream:
+                async for completion in stream:
+                    yield completion
         except Exception as exc:
             raise unwrap(exc) from None
         finally:
-            response.cancel()  # no-op when finished; aborts the replica's requests otherwise
+            for response in responses:
+                response.cancel()  # no-op when finished; aborts the replica's requests otherwise
+
+    async def _split(self, req: GenerateRequest) -> list[tuple[str, int, int]]:
+        """Where the batch goes: one part for Serve to route, or one part per replica with room
+        (Overloaded when no replica has any)."""
+        whole = [("", 0, len(req.prompts))]
+        if req.session_id or len(req.prompts) < 2 or len(req.prompts) * req.sampling.n <= self.config.max_num_seqs:
+            return whole
+        replicas = [r for r in await broadcast(self.engines, "served") if isinstance(r, tuple)]
+        if len(replicas) < 2:
+            return whole
+        limit = self.config.max_inflight_sequences
+        free = {i["replica_id"]: limit - s.counters.sequences_running - s.counters.sequences_waiting for i, s in replicas}
+        if max(free.values()) <= 0:
+            raise Overloaded(f"every replica is full (at most max_inflight_sequences={limit} each); retry shortly")
+        return split.shares(len(req.prompts), free)
 
     async def _replica_statuses(self) -> list[ServerStatus]:
         results = await broadcast(self.engines, "status")

@@ -73,8 +73,10 @@ class EngineReplica:
 
     # ---- data plane ---------------------------------------------------------------------------
 
-    async def generate_stream(self, req: GenerateRequest) -> AsyncIterator[Completion]:
-        async with contextlib.aclosing(self.engine.generate(req)) as stream:
+    async def generate_stream(self, req: GenerateRequest, replica_id: str = "") -> AsyncIterator[Completion]:
+        """`replica_id`: set for a part of a batch the ingress split (serve/split.py): the replica
+        the router sends it to, and the ingress has already decided the deployment has room."""
+        async with contextlib.aclosing(self.engine.generate(req, refuse_when_full=not replica_id)) as stream:
             async for c in stream:
                 yield c
 

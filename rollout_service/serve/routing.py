@@ -1,4 +1,5 @@
-"""Routing Generate calls to replicas: Serve's power-of-two-choices, plus session affinity.
+"""Routing Generate calls to replicas: Serve's power-of-two-choices, plus session affinity, plus
+parts of a split batch (serve/split.py) sent to the replica they were cut for.
 
 A request with a `session_id` (the turns of one multi-turn rollout) ranks the replicas by
 rendezvous hashing of (session, replica): the same replica comes first while the replica set is
@@ -24,6 +25,13 @@ def session_of(pending: PendingRequest | None) -> str:
     return getattr(pending.args[0], "session_id", "") or ""
 
 
+def target_of(pending: PendingRequest | None) -> str:
+    """The replica a part of a split batch was cut for (generate_stream's second argument)."""
+    if pending is None or pending.metadata.call_method != "generate_stream" or len(pending.args) < 2:
+        return ""
+    return pending.args[1] or ""
+
+
 def rank_for_session(session_id: str, replicas: list[RunningReplica]) -> list[RunningReplica]:
     return sorted(replicas, key=lambda r: _score(session_id, r.replica_id.unique_id), reverse=True)
 
@@ -32,7 +40,11 @@ class SessionAffinityRouter(PowerOfTwoChoicesRequestRouter):
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
-        session = session_of(pending_request)
+        target = target_of(pending_request)
+        chosen = [r for r in candidate_replicas if r.replica_id.unique_id == target]
+        if chosen:
+            return [chosen]
+        session = session_of(pending_request)  # a target gone meanwhile: routed as any request
         if not session or len(candidate_replicas) < 2:
             return await super().choose_replicas(candidate_replicas, pending_request)
         return [[r] for r in rank_for_session(session, candidate_replicas)]

@@ -53,6 +53,10 @@ CASES = {
         {"prompts": [{"text": "x"}], "sampling": {"n": 3, "temperature": 0}}, dict(prompts=["x"], n=3, temperature=0.0),
         "sampling.n", "n=3",
     ),
+    "stop strings without detokenizing": (
+        {"prompts": [{"text": "x"}], "sampling": {"stop": ["."], "detokenize": False}},
+        dict(prompts=["x"], stop=["."], detokenize=False), "sampling.stop", "detokenize=true",
+    ),
     "prompt with neither text nor ids": ({"prompts": [{}]}, dict(prompts=[""]), "prompts[0]", "exactly one"),
 }
 

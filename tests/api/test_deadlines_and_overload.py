@@ -8,7 +8,7 @@ import socket
 import httpx
 import pytest
 
-from rollout_client import DeadlineExceededError, ResourceExhaustedError
+from rollout_client import DeadlineExceededError, InvalidArgumentError, ResourceExhaustedError
 from tests.observe import InBackground, held, wait_until
 
 pytestmark = pytest.mark.engine
@@ -89,20 +89,38 @@ def test_grpc_stream_closed_by_client_aborts_remaining_engine_requests(bf16_serv
     assert after.tokens_generated == before.tokens_generated + len(first.samples[0].token_ids)
 
 
-def test_beyond_inflight_limit_is_resource_exhausted_and_later_calls_succeed(bf16_server, bf16_client):
-    """The bf16 test server allows 48 in-flight sequences; generation is held, so the 40 admitted
-    ones stay in flight until the checks are done."""
+def test_a_batch_beyond_the_inflight_limit_runs_in_parts_in_prompt_order(bf16_server, bf16_client):
+    """The bf16 test server holds 48 sequences at once; generation is held, so the first part stays
+    in the engine while the rest of the batch waits for room."""
+    _wait_idle(bf16_client)
+    prompts = [[10 + i, 20 + i, 30 + i] for i in range(25)]  # x n=4: 100 sequences
+    with held(bf16_server):
+        batch = InBackground(lambda: bf16_client.generate(prompt_token_ids=prompts, n=4, max_tokens=2, temperature=1.0))
+        wait_until(lambda: bf16_client.status().counters.sequences_running == 48, "48 sequences in the engine")
+        assert bf16_client.status().counters.sequences_waiting == 52
+    completions = batch.outcome()
+    assert [c.prompt_token_ids for c in completions] == prompts
+    assert all(len(c.samples) == 4 and all(len(s.token_ids) == 2 for s in c.samples) for c in completions)
+    assert _wait_idle(bf16_client).sequences_waiting == 0
+
+
+def test_a_full_server_is_resource_exhausted_and_later_calls_succeed(bf16_server, bf16_client):
+    """Generation is held, so the 48 sequences that fill the server stay in flight until the
+    checks are done; a call arriving then is refused at once (a retry helps)."""
     _wait_idle(bf16_client)
     short = dict(max_tokens=2, temperature=1.0)
     with held(bf16_server):
-        fill = InBackground(lambda: bf16_client.generate(["fill"], n=40, **short))
-        wait_until(lambda: bf16_client.status().counters.sequences_running == 40, "40 sequences in flight")
-        rejected_before = bf16_client.status().counters.requests_rejected_overload
-        with pytest.raises(ResourceExhaustedError, match="max_inflight_sequences=48"):
-            bf16_client.generate(["one more"], n=9, **short)
-        assert bf16_client.status().counters.requests_rejected_overload == rejected_before + 1
-        fits = InBackground(lambda: bf16_client.generate(["fits"], n=8, **short))  # 40 + 8 <= 48
+        fill = InBackground(lambda: bf16_client.generate(["fill"], n=48, **short))
         wait_until(lambda: bf16_client.status().counters.sequences_running == 48, "48 sequences in flight")
-    assert len(fill.outcome()[0].samples) == 40 and len(fits.outcome()[0].samples) == 8
+        rejected_before = bf16_client.status().counters.requests_rejected_overload
+        with pytest.raises(ResourceExhaustedError, match=r"full \(48 sequences in flight and 0 waiting, at most max_inflight_sequences=48\); retry"):
+            bf16_client.generate(["one more"], n=1, **short)
+        assert bf16_client.status().counters.requests_rejected_overload == rejected_before + 1
+    assert len(fill.outcome()[0].samples) == 48
     _wait_idle(bf16_client)
     bf16_client.generate(["after"], n=20, **short)
+
+
+def test_more_samples_of_one_prompt_than_ever_fit_is_invalid_argument(bf16_client):
+    with pytest.raises(InvalidArgumentError, match=r"sampling.n.*49 samples of one prompt can never fit.*=48"):
+        bf16_client.generate(["too many"], n=49, max_tokens=2)

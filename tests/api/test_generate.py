@@ -131,3 +131,11 @@ def test_http_generate_status_and_healthz_mirror_grpc(bf16_server, bf16_client):
     assert http_out[0]["samples"][0]["finish_reason"] in ("stop", "length")
     assert httpx.get(f"{bf16_server.http_url}/healthz").json() == {"status": "SERVING"}
     assert httpx.get(f"{bf16_server.http_url}/v1/status").json()["vocab_size"] == 2048
+
+
+def test_detokenize_false_returns_the_same_tokens_and_logprobs_without_text(bf16_client):
+    kwargs = dict(max_tokens=8, temperature=0.0, ignore_eos=True)
+    with_text = bf16_client.generate(prompt_token_ids=[[11, 12, 13]], **kwargs)[0].samples[0]
+    ids_only = bf16_client.generate(prompt_token_ids=[[11, 12, 13]], detokenize=False, **kwargs)[0].samples[0]
+    assert with_text.text and ids_only.text == ""
+    assert ids_only.token_ids == with_text.token_ids and (ids_only.logprobs == with_text.logprobs).all()

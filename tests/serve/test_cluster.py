@@ -171,6 +171,27 @@ def test_session_calls_go_to_one_replica(cluster):
     assert sorted(after[r] - before[r] for r in before) == [0, 6], (before, after)
 
 
+def test_a_verl_sized_batch_is_split_across_both_replicas_and_merged_in_order(cluster):
+    """512 prompts x n=8 = 4,096 sequences in one call (4x max_inflight_sequences of a replica)."""
+    def generated():
+        return {i["replica_id"]: s.counters.tokens_generated for i, s in per_replica(cluster, "served")}
+
+    prompts = [[10 + (i * 7 + j) % 2000 for j in range(6)] for i in range(512)]
+    before = generated()
+    start = time.monotonic()
+    out = cluster.client.generate(prompt_token_ids=prompts, n=8, max_tokens=4, temperature=1.0, ignore_eos=True)
+    elapsed = time.monotonic() - start
+    after = generated()
+    version = cluster.client.status().weight_version
+    assert [c.prompt_token_ids for c in out] == prompts and [c.prompt_index for c in out] == list(range(512))
+    samples = [s for c in out for s in c.samples]
+    assert len(samples) == 4096
+    assert all(len(s.token_ids) == 4 == len(s.logprobs) and s.weight_version == version for s in samples)
+    used = sorted(after[r] - before[r] for r in before)
+    assert len(used) == 2 and min(used) > 0 and sum(used) == 4096 * 4, (before, after)
+    print(f"4096 sequences x 4 tokens through 2 replicas: {elapsed:.1f} s, {4096 / elapsed:.0f} sequences/s")
+
+
 def test_generation_held_on_every_replica_waits_until_resumed(cluster):
     http = httpx.Client(base_url=cluster.http, timeout=60)
     http.post("/v1/debug/pause", params={"mode": "continue"}).raise_for_status()

@@ -33,6 +33,8 @@ export interface SamplingParams {
   ignoreEos?: boolean;
   logprobs?: number;
   promptLogprobs?: number;
+  /** false: token ids and logprobs only, no text (default true). */
+  detokenize?: boolean;
 }
 
 export interface GenerateOptions {

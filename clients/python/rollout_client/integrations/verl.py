@@ -100,7 +100,10 @@ class RolloutServiceRollout(BaseRollout):
         width = sampling["max_tokens"]
         pad_id = meta.get("pad_token_id", 0)
         prompt_ids = [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask)]
-        completions = self.client.generate(prompt_token_ids=prompt_ids, n=1, **sampling)
+        # Streamed, one completion per message: a verl batch of thousands of sequences never nears
+        # gRPC's message cap. verl reads token ids and logprobs only, so nothing is detokenized.
+        stream = self.client.generate_stream(prompt_token_ids=prompt_ids, n=1, detokenize=False, **sampling)
+        completions = sorted(stream, key=lambda c: c.prompt_index)
         samples: list[Sample] = [c.samples[0] for c in completions]
 
         responses = _pad([s.token_ids for s in samples], width, pad_id, input_ids.dtype)

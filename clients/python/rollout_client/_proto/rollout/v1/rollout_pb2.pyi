@@ -27,7 +27,7 @@ class Prompt(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
-    __slots__ = ("n", "max_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "stop_token_ids", "seed", "ignore_eos", "logprobs", "prompt_logprobs")
+    __slots__ = ("n", "max_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "stop_token_ids", "seed", "ignore_eos", "logprobs", "prompt_logprobs", "detokenize")
     N_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,7 @@ class SamplingParams(_message.Message):
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    DETOKENIZE_FIELD_NUMBER: _ClassVar[int]
     n: int
     max_tokens: int
     temperature: float
@@ -52,7 +53,8 @@ class SamplingParams(_message.Message):
     ignore_eos: bool
     logprobs: int
     prompt_logprobs: int
-    def __init__(self, n: _Optional[int] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., seed: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., logprobs: _Optional[int] = ..., prompt_logprobs: _Optional[int] = ...) -> None: ...
+    detokenize: bool
+    def __init__(self, n: _Optional[int] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., seed: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., logprobs: _Optional[int] = ..., prompt_logprobs: _Optional[int] = ..., detokenize: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("prompts", "sampling", "request_id", "session_id")
@@ -121,7 +123,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Counters(_message.Message):
-    __slots__ = ("requests_total", "requests_running", "prompts_aborted", "sequences_running", "tokens_generated", "requests_rejected_overload", "engine_requests_running")
+    __slots__ = ("requests_total", "requests_running", "prompts_aborted", "sequences_running", "tokens_generated", "requests_rejected_overload", "engine_requests_running", "sequences_waiting")
     REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_RUNNING_FIELD_NUMBER: _ClassVar[int]
     PROMPTS_ABORTED_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +131,7 @@ class Counters(_message.Message):
     TOKENS_GENERATED_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_REJECTED_OVERLOAD_FIELD_NUMBER: _ClassVar[int]
     ENGINE_REQUESTS_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_WAITING_FIELD_NUMBER: _ClassVar[int]
     requests_total: int
     requests_running: int
     prompts_aborted: int
@@ -136,7 +139,8 @@ class Counters(_message.Message):
     tokens_generated: int
     requests_rejected_overload: int
     engine_requests_running: int
-    def __init__(self, requests_total: _Optional[int] = ..., requests_running: _Optional[int] = ..., prompts_aborted: _Optional[int] = ..., sequences_running: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., requests_rejected_overload: _Optional[int] = ..., engine_requests_running: _Optional[int] = ...) -> None: ...
+    sequences_waiting: int
+    def __init__(self, requests_total: _Optional[int] = ..., requests_running: _Optional[int] = ..., prompts_aborted: _Optional[int] = ..., sequences_running: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., requests_rejected_overload: _Optional[int] = ..., engine_requests_running: _Optional[int] = ..., sequences_waiting: _Optional[int] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
     __slots__ = ("model", "quantization", "dtype", "weight_version", "max_model_len", "vocab_size", "logprobs_mode", "lm_head_fp32", "max_inflight_sequences", "engine_version", "uptime_s", "counters", "inflight_policy", "last_push", "replicas")
