@@ -8,7 +8,6 @@ them (serve/errors.py).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 
@@ -33,14 +32,15 @@ class ServeBackend:
     async def generate(self, req: GenerateRequest) -> AsyncIterator[Completion]:
         runs = await self._split(req)
         responses = [self._stream.generate_stream.remote(split.part(req, a, b), replica) for replica, a, b in runs]
-        parts = [(a, r) for (_, a, _), r in zip(runs, responses)]
+        merged = split.merged([(a, r) for (_, a, _), r in zip(runs, responses)]) if len(runs) > 1 else None
         try:
-            async with contextlib.aclosing(split.merged(parts) if len(parts) > 1 else responses[0]) as stream:
-                async for completion in stream:
-                    yield completion
+            async for completion in merged or responses[0]:
+                yield completion
         except Exception as exc:
             raise unwrap(exc) from None
         finally:
+            if merged is not None:
+                await merged.aclose()  # stops its pumps
             for response in responses:
                 response.cancel()  # no-op when finished; aborts the replica's requests otherwise
 
