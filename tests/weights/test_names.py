@@ -7,7 +7,6 @@ import asyncio
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from rollout_service.errors import InvalidArgument
 from rollout_service.weights.convert import to_engine_format
@@ -15,7 +14,7 @@ from rollout_service.weights.manifest import ParamTable, PushHeader
 from rollout_service.weights.names import NameMap, UnknownName, strip_wrappers
 from rollout_service.weights.session import PushSession
 from rollout_service.weights.staging import Spool
-from tests.weights.test_session import raw, spec
+from tests.weights.test_session import raw, spec, staged
 
 EMBED = "model.embed_tokens.weight"
 E, I, H = 3, 8, 4  # experts, expert intermediate size, hidden
@@ -71,8 +70,9 @@ def test_fused_experts_split_into_the_checkpoints_per_expert_tensors():
     assert all(torch.equal(d.split(down)[f"model.layers.0.mlp.experts.{e}.down_proj.weight"], down[e]) for e in range(E))
 
 
-def push(tmp_path, tensors: dict[str, torch.Tensor], tied: bool = True) -> dict[str, torch.Tensor]:
-    """Run a push of `tensors` through a PushSession; what it staged, in checkpoint names."""
+def push(tmp_path, tensors: dict[str, torch.Tensor], tied: bool = True, later: dict | None = None) -> dict[str, torch.Tensor]:
+    """Run a push of `tensors` through a PushSession, then of `later` declared once those are
+    received (as a PushDeclare); what it staged, in checkpoint names."""
     table = ParamTable(SHAPES, tied=tied)
 
     async def run():
@@ -82,17 +82,20 @@ def push(tmp_path, tensors: dict[str, torch.Tensor], tied: bool = True) -> dict[
         try:
             for i, t in enumerate(tensors.values()):
                 await s.add_chunk(i, 0, raw(t))
+            if later:
+                await asyncio.gather(*s._pending)  # the first tensors are converted by now
+                s.declare([spec(n, t) for n, t in later.items()])
+                for i, t in enumerate(later.values(), start=len(tensors)):
+                    await s.add_chunk(i, 0, raw(t))
             await s.finish()
         finally:
             s.close()
         return s
 
     s = asyncio.run(run())
-    staged = {}
-    for path in set(s.spool.files.values()):
-        staged.update(load_file(path))
-    assert set(s.crc32) == set(staged)
-    return staged
+    out = staged(s)
+    assert set(s.crc32) == set(out)
+    return out
 
 
 def test_a_tied_head_alone_updates_the_embedding(tmp_path):
@@ -102,14 +105,23 @@ def test_a_tied_head_alone_updates_the_embedding(tmp_path):
 
 def test_a_tied_head_sent_with_an_equal_embedding_is_accepted(tmp_path):
     e = torch.randn(32, H)
-    staged = push(tmp_path, {EMBED: e, "lm_head.weight": e.clone()})
-    assert list(staged) == [EMBED] and torch.equal(staged[EMBED], e)
+    for order in ({EMBED: e, "lm_head.weight": e.clone()}, {"lm_head.weight": e.clone(), EMBED: e}):
+        out = push(tmp_path, order)
+        assert list(out) == [EMBED] and torch.equal(out[EMBED], e)
 
 
 def test_a_tied_head_that_differs_from_its_embedding_is_refused_naming_both(tmp_path):
     e = torch.randn(32, H)
     with pytest.raises(InvalidArgument, match=r"'lm_head.weight' and 'model.embed_tokens.weight' differ.*tie"):
         push(tmp_path, {EMBED: e, "lm_head.weight": e + 1})
+
+
+def test_a_tied_head_declared_after_its_embedding_was_received_is_still_checked(tmp_path):
+    """Client buckets declare later tensors with PushDeclare, after earlier ones are converted."""
+    e = torch.randn(32, H)
+    assert list(push(tmp_path, {EMBED: e}, later={"lm_head.weight": e.clone()})) == [EMBED]
+    with pytest.raises(InvalidArgument, match="'lm_head.weight' and 'model.embed_tokens.weight' differ"):
+        push(tmp_path, {EMBED: e}, later={"lm_head.weight": e * 2})
 
 
 def test_one_parameter_under_two_names_is_refused(tmp_path):
@@ -120,9 +132,9 @@ def test_one_parameter_under_two_names_is_refused(tmp_path):
 
 def test_a_fused_expert_push_stages_per_expert_tensors(tmp_path):
     gate_up, down = torch.randn(E, 2 * I, H), torch.randn(E, H, I)
-    staged = push(tmp_path, {"model.layers.0.mlp.experts.gate_up_proj": gate_up, "model.layers.0.mlp.experts.down_proj": down})
-    assert set(staged) == set(EXPERTS)
-    assert torch.equal(staged["model.layers.0.mlp.experts.2.up_proj.weight"], gate_up[2, I:])
+    out = push(tmp_path, {"model.layers.0.mlp.experts.gate_up_proj": gate_up, "model.layers.0.mlp.experts.down_proj": down})
+    assert set(out) == set(EXPERTS)
+    assert torch.equal(out["model.layers.0.mlp.experts.2.up_proj.weight"], gate_up[2, I:])
 
 
 def test_a_fused_expert_tensor_of_the_wrong_shape_is_refused(tmp_path):

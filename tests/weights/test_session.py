@@ -28,6 +28,14 @@ def raw(t: torch.Tensor) -> bytes:
     return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
+def staged(s: PushSession) -> dict[str, torch.Tensor]:
+    """What a finished session staged, by checkpoint name."""
+    out = {}
+    for path in set(s.spool.files.values()):
+        out.update(load_file(path))
+    return out
+
+
 def session(tmp_path, tensors: dict[str, torch.Tensor], budget: int = 1 << 20, quant=None) -> PushSession:
     header = PushHeader(tuple(spec(n, t) for n, t in tensors.items()))
     recipe = Recipe(quant) if quant else None
@@ -51,10 +59,8 @@ def test_chunks_of_interleaved_tensors_assemble_convert_and_stage(tmp_path):
         return s
 
     s = asyncio.run(run())
-    staged = {}
-    for path in set(s.spool.files.values()):
-        staged.update(load_file(path))
-    assert torch.equal(staged["a.weight"], a.to(torch.bfloat16)) and torch.equal(staged["b.weight"], b)
+    out = staged(s)
+    assert torch.equal(out["a.weight"], a.to(torch.bfloat16)) and torch.equal(out["b.weight"], b)
     assert s.bytes_received == a.numel() * 4 + b.numel() * 2 and s.convert_s > 0
 
 
@@ -74,11 +80,11 @@ def test_quantized_parameters_are_staged_requantized_with_their_scale(tmp_path, 
         return s
 
     s = asyncio.run(run())
-    staged = load_file(s.spool.files["model.layers.0.mlp.up_proj.weight"])
+    part = load_file(s.spool.files["model.layers.0.mlp.up_proj.weight"])
     q, scale = quantize_weight(w, fmt)
-    assert staged["model.layers.0.mlp.up_proj.weight"].dtype == q.dtype
-    assert torch.equal(staged["model.layers.0.mlp.up_proj.weight"].view(torch.uint8), q.view(torch.uint8))
-    assert torch.equal(staged["model.layers.0.mlp.up_proj.weight_scale"], scale)
+    assert part["model.layers.0.mlp.up_proj.weight"].dtype == q.dtype
+    assert torch.equal(part["model.layers.0.mlp.up_proj.weight"].view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(part["model.layers.0.mlp.up_proj.weight_scale"], scale)
 
 
 def test_memory_in_flight_stays_within_the_budget(tmp_path):
