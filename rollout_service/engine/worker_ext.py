@@ -84,6 +84,7 @@ def _layerwise_reload(vllm_config, model, modules: list[tuple[str, list[tuple[st
     from vllm.model_executor.model_loader.reload import finalize_layerwise_processing, initialize_layerwise_reload
 
     layers = [model.get_submodule(name) for name, _ in modules]
+    tied = _sharing(model, layers)
     with set_current_vllm_config(vllm_config):
         for layer in layers:
             moe_cpu.prepare_reload(layer)
@@ -95,6 +96,23 @@ def _layerwise_reload(vllm_config, model, modules: list[tuple[str, list[tuple[st
         finally:
             for layer in layers:
                 finalize_layerwise_processing(layer, vllm_config.model_config)
+            for owner in tied:
+                owner.quant_method.process_weights_after_loading(owner)
+
+
+def _sharing(model, layers) -> list:
+    """The modules outside `layers` that hold one of their parameters: a tied LM head holds the
+    embedding's Parameter (vLLM's `tie_weights`). The reload refills that Parameter in place, but
+    on CPU the head computes with its own prepacked copy (`cpu_linear`, built when its weights were
+    processed), so the head is processed again. Measured without: a pushed tied Qwen2/Qwen3/Llama
+    served logprobs 0.3-1.4 off, from the old head."""
+    reloaded = {id(p) for layer in layers for p in layer.parameters()}
+    inside = {id(m) for layer in layers for m in layer.modules()}
+    return [
+        owner for owner in model.modules()
+        if id(owner) not in inside and getattr(owner, "quant_method", None) is not None
+        and any(id(p) in reloaded for p in owner.parameters(recurse=False))
+    ]
 
 
 def _read(entries: list[tuple[str, str]]) -> dict[str, torch.Tensor]:

@@ -17,6 +17,12 @@ EOS_TOKEN = "<|endoftext|>"
 # Std of the logits at init. Transformers' default init (std 0.02) gives near-uniform logits over
 # the vocabulary, where temperature barely matters; ~3 gives a peaked, still diverse distribution.
 LOGIT_STD = 3.0
+# A tied model's head is its embedding, and a random-init model's final hidden state is mostly its
+# input embedding (the layers add little), so the logit of "repeat the input token" is about
+# sqrt(hidden) x the other logits' std. At LOGIT_STD that token has probability ~1 and logprob 0.0
+# whatever the other weights are, and a logprob comparison could not tell two models apart. This
+# std (of each logit but the repeat one) leaves the repeat token ~5 % on a 2,048 vocabulary.
+TIED_LOGIT_STD = 0.3
 
 
 @dataclass(frozen=True)
@@ -137,9 +143,9 @@ def make_tiny_model(out_dir: str | Path, spec: TinyModelSpec = TinyModelSpec()) 
     torch.manual_seed(spec.seed)
     model = getattr(transformers, arch.model_class)(config)
     with torch.no_grad():
-        # The final norm emits ~unit-scale features, so logit std = sqrt(hidden) * weight std. A
-        # tied model's head is its embedding, which the same std leaves a fine input scale.
-        model.get_output_embeddings().weight.normal_(0.0, LOGIT_STD / spec.hidden**0.5)
+        # The final norm emits ~unit-scale features, so logit std = sqrt(hidden) * weight std.
+        std = TIED_LOGIT_STD if arch.tied else LOGIT_STD
+        model.get_output_embeddings().weight.normal_(0.0, std / spec.hidden**0.5)
     model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
     # vLLM would otherwise take default sampling parameters from this file; the service's
     # sampling parameters must be exactly the request's.
