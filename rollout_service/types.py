@@ -8,7 +8,7 @@ dataclasses (built once per sample on the hot path, where validation would only 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -50,6 +50,13 @@ class SamplingOptions(BaseModel):
     logprobs: int = Field(0, ge=0, description="Top alternatives per generated token; 0 = sampled token only.")
     prompt_logprobs: int | None = Field(None, ge=0, description="When set: prompt token logprobs, with this many alternatives.")
     detokenize: bool = Field(True, description="Decode samples into text; false: token ids and logprobs only.")
+    min_tokens: int = Field(0, ge=0, description="End-of-sequence and stop token ids get probability 0 until a sample has this many tokens.")
+    repetition_penalty: float = Field(1.0, gt=0.0, description="Logits of tokens in the prompt or sample: positive / it, negative x it; 1 = off.")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Subtracted from the logit of every token the sample contains.")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Subtracted from a token's logit once per time the sample contains it.")
+    logit_bias: dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]] = Field(
+        default_factory=dict, description="Added to the logits of these token ids.")
+    allowed_token_ids: list[int] = Field(default_factory=list, description="When not empty: only these token ids can be sampled.")
 
     @model_validator(mode="after")
     def _greedy_single(self) -> SamplingOptions:
@@ -57,6 +64,8 @@ class SamplingOptions(BaseModel):
             raise InvalidArgument("sampling.n", f"n={self.n} with temperature=0: greedy samples are identical; use n=1")
         if self.stop and not self.detokenize:
             raise InvalidArgument("sampling.stop", "stop strings are matched in decoded text: they need detokenize=true")
+        if self.min_tokens > self.max_tokens:
+            raise InvalidArgument("sampling.min_tokens", f"min_tokens={self.min_tokens} is above max_tokens={self.max_tokens}")
         return self
 
 
@@ -82,10 +91,15 @@ class GenerateRequest(BaseModel):
 
 
 def field_path(loc: tuple) -> str:
-    """('prompts', 2, 'token_ids', 5) -> 'prompts[2].token_ids[5]'."""
+    """('prompts', 2, 'token_ids', 5) -> 'prompts[2].token_ids[5]'. A map's key is bracketed too:
+    pydantic names it as a string, digits for an int key ('logit_bias', '7'), followed by '[key]'
+    when the key itself is bad."""
     path = ""
-    for part in loc:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    for i, part in enumerate(loc):
+        if part == "[key]":
+            continue
+        key = isinstance(part, int) or part.isdigit() or loc[i + 1 : i + 2] == ("[key]",)
+        path += f"[{part}]" if key else (f".{part}" if path else str(part))
     return path or "request"
 
 

@@ -29,6 +29,12 @@ def test_defaults_match_the_proto_comments():
         ({"n": 0}, "sampling.n", "0"),
         ({"top_k": -3}, "sampling.top_k", "-3"),
         ({"n": 2, "temperature": 0}, "sampling.n", "n=2"),
+        ({"min_tokens": 20, "max_tokens": 10}, "sampling.min_tokens", "max_tokens=10"),
+        ({"repetition_penalty": 0}, "sampling.repetition_penalty", "0"),
+        ({"presence_penalty": 2.5}, "sampling.presence_penalty", "2.5"),
+        ({"frequency_penalty": -3}, "sampling.frequency_penalty", "-3"),
+        ({"logit_bias": {"7": 250.0}}, "sampling.logit_bias[7]", "250"),
+        ({"logit_bias": {"seven": 1.0}}, "sampling.logit_bias[seven]", "seven"),
     ],
 )
 def test_out_of_range_sampling_names_field_and_value(sampling, field, value):

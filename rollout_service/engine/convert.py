@@ -28,6 +28,12 @@ def sampling_params(opts: SamplingOptions) -> SamplingParams:
         logprobs=opts.logprobs,
         prompt_logprobs=opts.prompt_logprobs,
         detokenize=opts.detokenize,
+        min_tokens=opts.min_tokens,
+        repetition_penalty=opts.repetition_penalty,
+        presence_penalty=opts.presence_penalty,
+        frequency_penalty=opts.frequency_penalty,
+        logit_bias=dict(opts.logit_bias) or None,
+        allowed_token_ids=list(opts.allowed_token_ids) or None,
         output_kind=RequestOutputKind.FINAL_ONLY,
         # One flat list per request instead of a dict per token: far less Python work per token.
         flat_logprobs=True,

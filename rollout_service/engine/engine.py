@@ -144,6 +144,10 @@ class RolloutEngine:
             if limit > self.config.max_logprobs:
                 raise InvalidArgument(f"sampling.{field}", f"{limit} exceeds the server's max_logprobs={self.config.max_logprobs}")
         self._check_vocab("sampling.stop_token_ids", opts.stop_token_ids)
+        self._check_vocab("sampling.allowed_token_ids", opts.allowed_token_ids)
+        for token in opts.logit_bias:  # a map: named by its key
+            if not 0 <= token < self.vocab_size:
+                raise InvalidArgument(f"sampling.logit_bias[{token}]", f"token id {token} is outside the vocabulary [0, {self.vocab_size})")
         prompts: list[list[int]] = []
         for i, prompt in enumerate(request.prompts):
             if prompt.token_ids is not None:

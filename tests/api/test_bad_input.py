@@ -45,6 +45,18 @@ CASES = {
         {"prompts": [{"text": "x"}], "sampling": {"stop_token_ids": [3, 99999]}},
         dict(prompts=["x"], stop_token_ids=[3, 99999]), "sampling.stop_token_ids[1]", "99999",
     ),
+    "allowed token outside vocabulary": (
+        {"prompts": [{"text": "x"}], "sampling": {"allowed_token_ids": [3, 4096]}},
+        dict(prompts=["x"], allowed_token_ids=[3, 4096]), "sampling.allowed_token_ids[1]", "4096",
+    ),
+    "logit bias for a token outside vocabulary": (
+        {"prompts": [{"text": "x"}], "sampling": {"logit_bias": {"70000": 1.0}}},
+        dict(prompts=["x"], logit_bias={70000: 1.0}), "sampling.logit_bias[70000]", "70000",
+    ),
+    "min_tokens above max_tokens": (
+        {"prompts": [{"text": "x"}], "sampling": {"min_tokens": 9, "max_tokens": 4}},
+        dict(prompts=["x"], min_tokens=9, max_tokens=4), "sampling.min_tokens", "max_tokens=4",
+    ),
     "too many logprobs": (
         {"prompts": [{"text": "x"}], "sampling": {"logprobs": 50}}, dict(prompts=["x"], logprobs=50),
         "sampling.logprobs", "max_logprobs=20",

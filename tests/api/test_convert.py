@@ -16,6 +16,14 @@ def test_unset_optionals_take_defaults_and_zero_values_are_kept():
     assert req.sampling.top_p == 1.0 and req.sampling.max_tokens == 16
 
 
+def test_sampling_options_arrive_with_logit_bias_keyed_by_token_id():
+    params = pb.SamplingParams(min_tokens=3, repetition_penalty=1.25, presence_penalty=-0.5, frequency_penalty=0.75,
+                               logit_bias={7: 2.5, 9: -100.0}, allowed_token_ids=[7, 9, 11])
+    s = request_from_proto(pb.GenerateRequest(prompts=[pb.Prompt(text="x")], sampling=params)).sampling
+    assert (s.min_tokens, s.repetition_penalty, s.presence_penalty, s.frequency_penalty) == (3, 1.25, -0.5, 0.75)
+    assert s.logit_bias == {7: 2.5, 9: -100.0} and s.allowed_token_ids == [7, 9, 11]
+
+
 def test_token_id_prompts_and_validation_errors_name_the_index():
     msg = pb.GenerateRequest(prompts=[pb.Prompt(token_ids=[1, 2]), pb.Prompt()])
     with pytest.raises(InvalidArgument) as info:

@@ -75,17 +75,27 @@ def test_unfinished_requests_are_read_from_the_service(engine):
     assert engine.get_num_unfinished_requests() == 0
 
 
-@pytest.mark.parametrize("field, value", [("repetition_penalty", 1.2), ("presence_penalty", 0.5), ("min_tokens", 3)])
-def test_a_sampling_setting_the_service_lacks_is_refused_by_name(field, value):
-    with pytest.raises(ValueError, match=f"SamplingParams.{field}={value}"):
-        sampling_kwargs(SamplingParams(**{field: value}))
+def test_a_sampling_setting_the_service_lacks_is_refused_by_name():
+    with pytest.raises(ValueError, match="SamplingParams.include_stop_str_in_output=True"):
+        sampling_kwargs(SamplingParams(include_stop_str_in_output=True))
 
 
 def test_vllm_defaults_map_onto_the_service_defaults():
     assert sampling_kwargs(SamplingParams(max_tokens=7)) == {
         "n": 1, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "max_tokens": 7, "stop": [],
-        "stop_token_ids": [], "ignore_eos": False,
+        "stop_token_ids": [], "ignore_eos": False, "repetition_penalty": 1.0, "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
     }
+
+
+def test_openrlhf_s_own_sampling_settings_pass_through(engine):
+    """OpenRLHF always sends min_tokens=1; penalties, logit bias and allowed ids are served as set."""
+    params = SamplingParams(max_tokens=6, temperature=1.0, min_tokens=1, repetition_penalty=1.2, presence_penalty=0.3,
+                            frequency_penalty=0.2, logit_bias={5: 1.5}, allowed_token_ids=[5, 6, 7, 8], seed=1)
+    kwargs = sampling_kwargs(params)
+    assert kwargs | {"min_tokens": 1, "repetition_penalty": 1.2, "logit_bias": {5: 1.5}, "allowed_token_ids": [5, 6, 7, 8]} == kwargs
+    sample = engine.client.generate(prompt_token_ids=[[11, 12, 13]], **kwargs)[0].samples[0]
+    assert len(sample.token_ids) >= 1 and set(sample.token_ids) <= {5, 6, 7, 8}
 
 
 def test_joining_an_nccl_group_explains_what_to_call_instead(engine):

@@ -35,6 +35,18 @@ export interface SamplingParams {
   promptLogprobs?: number;
   /** false: token ids and logprobs only, no text (default true). */
   detokenize?: boolean;
+  /** End-of-sequence and stop token ids get probability 0 until a sample has this many tokens. */
+  minTokens?: number;
+  /** > 0; 1 = off. Logits of tokens in the prompt or sample: positive divided by it, negative multiplied. */
+  repetitionPenalty?: number;
+  /** In [-2, 2]: subtracted from the logit of every token the sample contains. */
+  presencePenalty?: number;
+  /** In [-2, 2]: subtracted from a token's logit once per time the sample contains it. */
+  frequencyPenalty?: number;
+  /** Token id -> bias in [-100, 100], added to its logit. */
+  logitBias?: Record<number, number>;
+  /** When not empty, only these token ids can be sampled. */
+  allowedTokenIds?: number[];
 }
 
 export interface GenerateOptions {

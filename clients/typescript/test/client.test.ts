@@ -111,6 +111,15 @@ test("top logprobs come back as maps holding the sampled token", async () => {
   });
 });
 
+test("allowed token ids, logit bias and min tokens reach the sampler", async () => {
+  const sampling = { n: 2, maxTokens: 6, minTokens: 6, temperature: 1.0, seed: 2, allowedTokenIds: [5, 6, 7], logitBias: { 5: -100 }, repetitionPenalty: 1.1 };
+  const [c] = await client.generate({ promptTokenIds: [[9, 10, 11]], sampling });
+  for (const s of c.samples) {
+    assert.equal(s.tokenIds.length, 6);
+    assert.ok(s.tokenIds.every((t) => t === 6 || t === 7), `${s.tokenIds}`);
+  }
+});
+
 test("a bad request is a RolloutError with INVALID_ARGUMENT naming the field", async () => {
   await assert.rejects(
     client.generate({ promptTokenIds: [[1, 2]], sampling: { topP: 1.5 } }),

@@ -32,10 +32,7 @@ from rollout_client.push import PushResult
 
 ADDRESS_ENV = "ROLLOUT_SERVICE_ADDRESS"
 # vLLM SamplingParams fields the service has no equivalent for, with the value that means "off".
-_UNSUPPORTED_DEFAULTS = {
-    "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "min_tokens": 0,
-    "include_stop_str_in_output": False,
-}
+_UNSUPPORTED_DEFAULTS = {"include_stop_str_in_output": False}
 
 
 @dataclass
@@ -90,6 +87,12 @@ def sampling_kwargs(params: Any) -> dict:
         "seed": getattr(params, "seed", None),
         "ignore_eos": getattr(params, "ignore_eos", False),
         "logprobs": getattr(params, "logprobs", None) or None,  # top alternatives; 0/None: sampled token only
+        "min_tokens": getattr(params, "min_tokens", 0) or None,  # OpenRLHF always sends min_tokens=1
+        "repetition_penalty": getattr(params, "repetition_penalty", 1.0),
+        "presence_penalty": getattr(params, "presence_penalty", 0.0),
+        "frequency_penalty": getattr(params, "frequency_penalty", 0.0),
+        "logit_bias": getattr(params, "logit_bias", None) or None,
+        "allowed_token_ids": getattr(params, "allowed_token_ids", None) or None,
     }
     return {k: v for k, v in out.items() if v is not None}
 

@@ -161,9 +161,6 @@ class RolloutServiceServerManager:
         params = dict(sampling_params)
         if "logprobs" in params:  # verl asks for the sampled token's logprob; the service always returns it
             params["logprobs"] = 0
-        penalty = params.pop("repetition_penalty", None)
-        if penalty not in (None, 1.0):
-            raise ValueError(f"sampling_params.repetition_penalty={penalty} is not supported by rollout-service (only 1.0)")
         if params.get("top_k") == -1:  # verl's "no limit"; the service's is 0
             params["top_k"] = 0
         completion = (
