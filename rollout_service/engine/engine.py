@@ -54,8 +54,9 @@ def resolve_model(config: ServerConfig) -> Path:
     if experts:
         raise ConfigError(
             f"quantization={config.quantization!r}: {config.model} is a mixture of experts ({experts} experts), and "
-            "quantized MoE is not served yet (the router gate must stay unquantized and the quantized experts' "
-            "in-place reload is unchecked); serve it unquantized"
+            "quantized MoE is not served: vLLM's CPU int8 MoE kernel needs AMX (Intel Sapphire Rapids or newer; "
+            "without it vLLM finds no int8 MoE backend), and requantizing "
+            "pushed experts in place is untested; serve it unquantized"
         )
     if config.quantization.startswith("fp8") and current_platform.is_cpu():
         raise ConfigError(
