@@ -58,7 +58,8 @@ class ServerConfig(BaseSettings):
         False, description="Compute the LM head and logits in float32 (FlashRL's FLASHRL_LMHEAD_FP32)."
     )
     max_inflight_sequences: int = Field(
-        1024, ge=1, description="Most sequences (prompts x n) in flight at once; beyond it calls get RESOURCE_EXHAUSTED."
+        1024, ge=1, description="Most sequences (prompts x n) in the engine at once; a larger call runs in parts, and a call "
+        "arriving while running + waiting sequences reach it gets RESOURCE_EXHAUSTED."
     )
     max_num_seqs: int = Field(256, ge=1, description="Most sequences the engine schedules in one step (vLLM max_num_seqs).")
     max_logprobs: int = Field(20, ge=0, description="Largest `logprobs` / `prompt_logprobs` a request may ask for.")

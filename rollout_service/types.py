@@ -59,7 +59,7 @@ class SamplingOptions(BaseModel):
     allowed_token_ids: list[int] = Field(default_factory=list, description="When not empty: only these token ids can be sampled.")
 
     @model_validator(mode="after")
-    def _greedy_single(self) -> SamplingOptions:
+    def _consistent(self) -> SamplingOptions:
         if self.temperature == 0 and self.n > 1:
             raise InvalidArgument("sampling.n", f"n={self.n} with temperature=0: greedy samples are identical; use n=1")
         if self.stop and not self.detokenize:
@@ -92,13 +92,13 @@ class GenerateRequest(BaseModel):
 
 def field_path(loc: tuple) -> str:
     """('prompts', 2, 'token_ids', 5) -> 'prompts[2].token_ids[5]'. A map's key is bracketed too:
-    pydantic names it as a string, digits for an int key ('logit_bias', '7'), followed by '[key]'
-    when the key itself is bad."""
+    pydantic names it as a string ('logit_bias', '7'; not an identifier), followed by '[key]' when
+    the key itself is bad."""
     path = ""
     for i, part in enumerate(loc):
         if part == "[key]":
             continue
-        key = isinstance(part, int) or part.isdigit() or loc[i + 1 : i + 2] == ("[key]",)
+        key = isinstance(part, int) or not part.isidentifier() or loc[i + 1 : i + 2] == ("[key]",)
         path += f"[{part}]" if key else (f".{part}" if path else str(part))
     return path or "request"
 

@@ -35,6 +35,7 @@ def test_defaults_match_the_proto_comments():
         ({"frequency_penalty": -3}, "sampling.frequency_penalty", "-3"),
         ({"logit_bias": {"7": 250.0}}, "sampling.logit_bias[7]", "250"),
         ({"logit_bias": {"seven": 1.0}}, "sampling.logit_bias[seven]", "seven"),
+        ({"logit_bias": {"-5": 500.0}}, "sampling.logit_bias[-5]", "500"),
     ],
 )
 def test_out_of_range_sampling_names_field_and_value(sampling, field, value):

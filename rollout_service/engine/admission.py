@@ -3,8 +3,8 @@
 A Generate of any size is served: its prompts enter the engine as room frees up, first come first
 served across calls, so a verl batch of 4,096 sequences on a server taking 1,024 runs in parts
 instead of being refused. A call is refused (Overloaded, RESOURCE_EXHAUSTED) only when the server
-is momentarily full as it arrives -- the engine holds or the queue already waits for a full
-server's worth of sequences: a retry then helps, which the refusal says.
+is momentarily full as it arrives -- the sequences the engine holds plus those already waiting
+make a full server's worth: a retry then helps, which the refusal says.
 """
 
 from __future__ import annotations
@@ -43,12 +43,12 @@ class SequenceBudget:
             except asyncio.CancelledError:
                 if future.done() and not future.cancelled():  # granted as we were cancelled
                     self._release(n)
-                elif (n, future) in self._queue:
-                    self._queue.remove((n, future))
+                else:
+                    self.waiting -= n
+                    if (n, future) in self._queue:
+                        self._queue.remove((n, future))
                     self._grant()  # the next in line may fit now
                 raise
-            finally:
-                self.waiting -= n
         else:
             self.running += n
         try:
@@ -66,5 +66,8 @@ class SequenceBudget:
             n, future = self._queue.popleft()
             if future.done():  # cancelled, its task not yet resumed: it holds nothing
                 continue
+            # Moved from waiting to running at once: the woken task resumes later, and counting it
+            # in both meanwhile would make the server look full.
+            self.waiting -= n
             self.running += n
             future.set_result(None)

@@ -50,13 +50,14 @@ def resolve_model(config: ServerConfig) -> Path:
             )
         return config.model
     hf = json.loads((config.model / "config.json").read_text())
-    experts = next((hf[k] for k in ("num_experts", "num_local_experts", "n_routed_experts") if hf.get(k)), None)
+    text = hf.get("text_config", hf)  # a multimodal config nests the language model's
+    experts = next((text[k] for k in ("num_experts", "num_local_experts", "n_routed_experts") if text.get(k)), None)
     if experts:
         raise ConfigError(
             f"quantization={config.quantization!r}: {config.model} is a mixture of experts ({experts} experts), and "
-            "quantized MoE is not served: vLLM's CPU int8 MoE kernel needs AMX (Intel Sapphire Rapids or newer; "
-            "without it vLLM finds no int8 MoE backend), and requantizing "
-            "pushed experts in place is untested; serve it unquantized"
+            "quantized MoE (int8, fp8) is not served: requantizing pushed experts in place is untested (on CPU, "
+            "vLLM's int8 MoE kernel needs AMX, Intel Sapphire Rapids or newer; without it vLLM finds no int8 MoE "
+            "backend); serve it unquantized"
         )
     if config.quantization.startswith("fp8") and current_platform.is_cpu():
         raise ConfigError(
@@ -118,6 +119,10 @@ class RolloutEngine:
         self._tokenizer = llm.get_tokenizer()
         self.vocab_size: int = llm.model_config.get_vocab_size()
         self.max_model_len: int = llm.model_config.max_model_len
+        # What vLLM's min_tokens holds back besides a request's stop ids (SamplingParams
+        # .update_from_generation_config): the tokenizer's end-of-sequence and the generation config's.
+        eos = llm.model_config.try_get_generation_config().get("eos_token_id")
+        self._eos_ids = ({self._tokenizer.eos_token_id} | ({eos} if isinstance(eos, int) else set(eos or ()))) - {None}
         self.weight_version = 0
         self._counters = Counters()
         self._budget = SequenceBudget(config.max_inflight_sequences)
@@ -149,6 +154,13 @@ class RolloutEngine:
         for token in opts.logit_bias:  # a map: named by its key
             if not 0 <= token < self.vocab_size:
                 raise InvalidArgument(f"sampling.logit_bias[{token}]", f"token id {token} is outside the vocabulary [0, {self.vocab_size})")
+        if opts.min_tokens and opts.allowed_token_ids and set(opts.allowed_token_ids) <= set(opts.stop_token_ids) | self._eos_ids:
+            # vLLM would sample from a row of -inf logits (a token outside the allowed ids, NaN logprob).
+            raise InvalidArgument(
+                "sampling.min_tokens",
+                f"min_tokens={opts.min_tokens}, but every allowed token id {sorted(opts.allowed_token_ids)} is a stop or "
+                "end-of-sequence token, which min_tokens holds back: nothing could be sampled",
+            )
         prompts: list[list[int]] = []
         for i, prompt in enumerate(request.prompts):
             if prompt.token_ids is not None:

@@ -31,9 +31,12 @@ class ServeBackend:
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[Completion]:
         runs = await self._split(req)
-        responses = [self._stream.generate_stream.remote(split.part(req, a, b), replica) for replica, a, b in runs]
-        merged = split.merged([(a, r) for (_, a, _), r in zip(runs, responses)]) if len(runs) > 1 else None
+        responses, merged = [], None
         try:
+            for replica, a, b in runs:  # inside the try: parts already sent are cancelled if one fails
+                responses.append(self._stream.generate_stream.remote(split.part(req, a, b), replica))
+            if len(runs) > 1:
+                merged = split.merged([(a, r) for (_, a, _), r in zip(runs, responses)])
             async for completion in merged or responses[0]:
                 yield completion
         except Exception as exc:

@@ -57,6 +57,11 @@ CASES = {
         {"prompts": [{"text": "x"}], "sampling": {"min_tokens": 9, "max_tokens": 4}},
         dict(prompts=["x"], min_tokens=9, max_tokens=4), "sampling.min_tokens", "max_tokens=4",
     ),
+    "min_tokens with only stop tokens allowed": (
+        {"prompts": [{"text": "x"}], "sampling": {"min_tokens": 2, "allowed_token_ids": [3, 4], "stop_token_ids": [3, 4]}},
+        dict(prompts=["x"], min_tokens=2, allowed_token_ids=[3, 4], stop_token_ids=[3, 4]), "sampling.min_tokens",
+        "nothing could be sampled",
+    ),
     "too many logprobs": (
         {"prompts": [{"text": "x"}], "sampling": {"logprobs": 50}}, dict(prompts=["x"], logprobs=50),
         "sampling.logprobs", "max_logprobs=20",

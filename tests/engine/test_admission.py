@@ -104,3 +104,18 @@ def test_a_server_whose_queue_holds_its_capacity_is_full():
         return full
 
     assert asyncio.run(run())
+
+
+def test_a_granted_waiter_counts_as_running_only_even_before_it_resumes():
+    async def run():
+        budget = SequenceBudget(4)
+        async with budget.hold(4):
+            waiter = asyncio.create_task(budget.hold(4).__aenter__())
+            await _settle()
+            assert (budget.running, budget.waiting) == (4, 4)
+        # Released: the waiter is granted; until its task runs, its 4 sequences are running, not both.
+        counts = (budget.running, budget.waiting)
+        await waiter
+        return counts
+
+    assert asyncio.run(run()) == (4, 0)
