@@ -10,6 +10,8 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
+from rollout_service.models.tiny import ARCHS as TINY_ARCHS
+
 app = typer.Typer(help="Rollout-as-a-service for LLM reinforcement learning.", no_args_is_help=True, add_completion=False)
 err = Console(stderr=True, soft_wrap=True)  # one error per line, greppable
 
@@ -390,9 +392,7 @@ def make_tiny_model_cmd(
     layers: int = typer.Option(4, help="Decoder layers."),
     hidden: int = typer.Option(256, help="Hidden size."),
     vocab: int = typer.Option(2048, help="Vocabulary size (the BPE tokenizer is padded to it)."),
-    arch: str = typer.Option(
-        "qwen2", help="Model family: qwen2, qwen2-tied, qwen3, llama, mistral, gemma2, qwen3-moe (see README)."
-    ),
+    arch: str = typer.Option("qwen2", help="Model family (see README): " + ", ".join(TINY_ARCHS) + "."),
 ) -> None:
     """Write a random-init checkpoint of a model family with a real byte-level BPE tokenizer (no model hub needed)."""
     from rollout_service.models.tiny import TinyModelSpec, make_tiny_model

@@ -14,7 +14,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from pathlib import Path
 
 import vllm
@@ -230,7 +230,7 @@ class RolloutEngine:
             c.requests_running -= 1
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _admitted(self, n: int, one):
+    async def _admitted(self, n: int, one: Coroutine[None, None, Completion]) -> Completion:
         try:
             async with self._budget.hold(n):
                 return await one

@@ -23,6 +23,8 @@ def shares(prompts: int, free: dict[str, int]) -> list[tuple[str, int, int]]:
     its part even beyond its free room: it runs it in parts (engine/admission.py)."""
     weights = {r: max(f, 0) for r, f in free.items()}  # a full replica (<= 0) gets no part
     total = sum(weights.values())
+    if not total:
+        raise ValueError(f"no replica has free room: {free}")
     exact = {r: prompts * w / total for r, w in weights.items()}
     counts = {r: int(x) for r, x in exact.items()}
     for r in sorted(exact, key=lambda r: exact[r] - counts[r], reverse=True)[: prompts - sum(counts.values())]:
