@@ -104,6 +104,23 @@ def test_a_batch_beyond_the_inflight_limit_runs_in_parts_in_prompt_order(bf16_se
     assert _wait_idle(bf16_client).sequences_waiting == 0
 
 
+def test_a_deadline_on_a_batch_in_parts_frees_its_running_and_its_waiting_sequences(bf16_server, bf16_client):
+    """Generation is held: 48 of the 100 sequences sit in the engine and 52 wait for room when the
+    deadline passes (20 s: a bound on admitting 25 prompts, which the check below observes first)."""
+    before = _wait_idle(bf16_client)
+    prompts = [[10 + i, 20 + i, 30 + i] for i in range(25)]  # x n=4: 100 sequences
+    with held(bf16_server):
+        batch = InBackground(lambda: bf16_client.generate(prompt_token_ids=prompts, n=4, timeout=20, **LONG))
+        wait_until(lambda: (c := bf16_client.status().counters).sequences_running == 48 and c.sequences_waiting == 52,
+                   "48 sequences in the engine and 52 waiting")
+        with pytest.raises(DeadlineExceededError):
+            batch.outcome()
+        after = _wait_idle(bf16_client)
+    assert (after.sequences_running, after.sequences_waiting) == (0, 0)
+    assert after.prompts_aborted == before.prompts_aborted + 25  # waiting prompts count too
+    assert len(bf16_client.generate(prompt_token_ids=prompts, n=4, max_tokens=2)) == 25  # all room is back
+
+
 def test_a_full_server_is_resource_exhausted_and_later_calls_succeed(bf16_server, bf16_client):
     """Generation is held, so the 48 sequences that fill the server stay in flight until the
     checks are done; a call arriving then is refused at once (a retry helps)."""
