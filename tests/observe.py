@@ -29,11 +29,13 @@ _http = httpx.Client(timeout=60)
 
 
 @contextlib.contextmanager
-def held(server: ServerProcess, mode: str = "continue") -> Iterator[None]:
+def held(server: ServerProcess, mode: str = "continue", stepped: bool = False) -> Iterator[None]:
     """Generation on `server` (started with --debug-endpoints) is held inside the block: new
     requests are admitted and wait in the engine, running samples stay frozen where they are
-    (mode "continue"); all resume when the block ends."""
-    _http.post(f"{server.http_url}/v1/debug/pause", params={"mode": mode}).raise_for_status()
+    (mode "continue"); all resume when the block ends. stepped: the server holds once every
+    request in its engine has generated a token (decided there, not a round trip later)."""
+    params = {"mode": mode, "stepped": str(stepped).lower()}
+    _http.post(f"{server.http_url}/v1/debug/pause", params=params).raise_for_status()
     try:
         yield
     finally:

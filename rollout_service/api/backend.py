@@ -38,7 +38,7 @@ class Backend(Protocol):
     async def snapshot(self) -> bytes:
         """The engine's weights as it computes with them (debug endpoint)."""
 
-    async def pause(self, mode: InflightPolicy) -> None:
+    async def pause(self, mode: InflightPolicy, stepped: bool = False) -> None:
         """Hold generation until resume() (debug endpoint; see RolloutEngine.pause)."""
 
     async def resume(self) -> None: ...
@@ -72,8 +72,8 @@ class LocalBackend:
     async def snapshot(self) -> bytes:
         return await self.engine.snapshot()
 
-    async def pause(self, mode: InflightPolicy) -> None:
-        await self.engine.pause(mode)
+    async def pause(self, mode: InflightPolicy, stepped: bool = False) -> None:
+        await self.engine.pause(mode, stepped)
 
     async def resume(self) -> None:
         await self.engine.resume()

@@ -14,7 +14,8 @@ POST /v1/debug/pause?mode=      with --debug-endpoints: hold generation on every
 POST /v1/debug/resume           resume; running samples finish (drain), are aborted (abort) or stay
                     frozen (continue, the default); new requests are admitted and wait. A push
                     ends the hold (it pauses and resumes by its own policy); replicas started
-                    later are not held
+                    later are not held. &stepped=true holds only once every request in the
+                    engine has generated a token (so it is running, not queued)
 
 Errors come back as {"error": {"code": "INVALID_ARGUMENT", "message": "...", "field": "..."}}
 with the HTTP status from `errors.http_status`. An optional `X-Request-Timeout` header (seconds)
@@ -149,8 +150,11 @@ def create_app(backend: Metered, events=None) -> FastAPI:
             return Response(await backend.snapshot(), media_type="application/octet-stream")
 
         @app.post("/v1/debug/pause")
-        async def pause(mode: InflightPolicy = Query("continue", description="What running samples do meanwhile.")):
-            await backend.pause(mode)
+        async def pause(
+            mode: InflightPolicy = Query("continue", description="What running samples do meanwhile."),
+            stepped: bool = Query(False, description="Hold only once every request in the engine has a token."),
+        ):
+            await backend.pause(mode, stepped)
             return {"paused": mode}
 
         @app.post("/v1/debug/resume")

@@ -101,8 +101,8 @@ class Metered:
     async def snapshot(self) -> bytes:
         return await self.backend.snapshot()
 
-    async def pause(self, mode) -> None:
-        await self.backend.pause(mode)
+    async def pause(self, mode, stepped: bool = False) -> None:
+        await self.backend.pause(mode, stepped)
 
     async def resume(self) -> None:
         await self.backend.resume()

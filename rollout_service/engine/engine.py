@@ -27,7 +27,7 @@ from vllm.v1.engine.exceptions import EngineDeadError
 from rollout_service.config import InflightPolicy, ServerConfig
 from rollout_service.engine import convert
 from rollout_service.engine.admission import SequenceBudget
-from rollout_service.errors import ConfigError, EngineUnavailable, InvalidArgument, Overloaded
+from rollout_service.errors import ConfigError, DeadlineExceeded, EngineUnavailable, InvalidArgument, Overloaded
 from rollout_service.types import ApplyStats, Completion, Counters, GenerateRequest, ServerStatus
 from rollout_service.weights.store import Plan
 
@@ -292,14 +292,32 @@ class RolloutEngine:
             samples_in_flight=in_flight,
         )
 
-    async def pause(self, mode: InflightPolicy) -> None:
+    async def pause(self, mode: InflightPolicy, stepped: bool = False) -> None:
         """Hold generation (debug endpoint): new requests are queued, running ones finish first
         (drain), are aborted (abort) or stay frozen where they are (continue) until resume().
         A push applied meanwhile pauses per its own policy and resumes at its end, which ends
-        the hold too; a hold asked for during a push's apply starts after it."""
+        the hold too; a hold asked for during a push's apply starts after it.
+
+        stepped: hold only once every request in the engine has generated a token. Tests use it
+        to freeze samples that are surely running (a request the engine has not yet stepped is
+        queued, and a drain leaves it for the new weights) yet far from their end: the hold is
+        decided here, a few engine steps after the first token, not a client round trip later,
+        when on a fast machine a "long" generation may be over."""
         self._check_alive()
+        if stepped:
+            await self._until_stepped()
         async with self._pausing:
             await self._llm.pause_generation(mode=_PAUSE_MODE[mode], clear_cache=False)
+
+    async def _until_stepped(self, timeout: float = 120.0) -> None:
+        # vLLM exposes no per-request progress; its output processor marks a request as no
+        # longer prefilling when its first token arrives (debug path only, vLLM 0.32 internals).
+        states = self._llm.output_processor.request_states
+        deadline = time.monotonic() + timeout
+        while any(state.is_prefilling for state in list(states.values())):
+            if time.monotonic() > deadline:
+                raise DeadlineExceeded(f"requests in the engine generated no token within {timeout:.0f} s")
+            await asyncio.sleep(0.001)
 
     async def resume(self) -> None:
         async with self._pausing:  # never in the middle of a push's apply

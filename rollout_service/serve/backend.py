@@ -99,8 +99,8 @@ class ServeBackend:
         except Exception as exc:
             raise unwrap(exc) from None
 
-    async def pause(self, mode) -> None:
-        await broadcast_all(self.engines, "pause", mode)
+    async def pause(self, mode, stepped: bool = False) -> None:
+        await broadcast_all(self.engines, "pause", mode, stepped)
 
     async def resume(self) -> None:
         await broadcast_all(self.engines, "resume")

@@ -110,8 +110,8 @@ class EngineReplica:
     async def snapshot(self) -> bytes:
         return await self.engine.snapshot()
 
-    async def pause(self, mode: str) -> None:
-        await self.engine.pause(mode)
+    async def pause(self, mode: str, stepped: bool = False) -> None:
+        await self.engine.pause(mode, stepped)
 
     async def resume(self) -> None:
         await self.engine.resume()

@@ -1,8 +1,9 @@
 """The three in-flight policies, each with a long generation running when a push is applied.
 
 "Running" holds by construction on any machine: the push is received and staged first; the
-generation starts, and once the engine has stepped it (a probe, see below) generation is held, so
-it is frozen mid-way when the push's commit goes out. The push then pauses per its own policy
+generation starts, and the server holds generation as soon as every sample has its first token
+(held(stepped=True)), so the samples are frozen with ~500 steps to go when the push's commit goes
+out. The push then pauses per its own policy
 (which replaces the hold: drain steps the frozen samples to their end, abort ends them, continue
 keeps them) and resumes generation when it is applied. The push reports how many samples it found
 in the engine (PushResult.samples_in_flight)."""
@@ -42,11 +43,10 @@ def push_during_long_generation(server, client, weights, policy: str):
         generation = InBackground(lambda: client.generate(**LONG))
         wait_until(lambda: client.status().counters.engine_requests_running == SAMPLES, "the long generation in the engine")
         # Added is not yet scheduled: a request the engine has not stepped holds no KV blocks, and
-        # a drain pause keeps it queued for the new weights. vLLM schedules first come, first
-        # served, so once a one-token probe sent after it has finished, the samples have been
-        # stepped; the hold then freezes them with ~500 steps to go.
-        client.generate(prompt_token_ids=[[7, 8, 9]], max_tokens=1)
-        with held(server):
+        # a drain pause keeps it queued for the new weights. So the hold waits for every sample's
+        # first token, inside the server: a client that saw the token and then asked for the hold
+        # could be a whole generation late on a fast (or, in CI, busy) machine.
+        with held(server, stepped=True):
             commit.set()
             result = push.outcome()
     finally:
