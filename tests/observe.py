@@ -32,14 +32,21 @@ _http = httpx.Client(timeout=60)
 def held(server: ServerProcess, mode: str = "continue", stepped: bool = False) -> Iterator[None]:
     """Generation on `server` (started with --debug-endpoints) is held inside the block: new
     requests are admitted and wait in the engine, running samples stay frozen where they are
-    (mode "continue"); all resume when the block ends. stepped: the server holds once every
-    request in its engine has generated a token (decided there, not a round trip later)."""
+    (mode "continue"); all resume when the block ends. stepped: generation runs (resumed if
+    held) until every request in the engine has generated a token, then is held; decided in
+    the server, not a client round trip later."""
     params = {"mode": mode, "stepped": str(stepped).lower()}
     _http.post(f"{server.http_url}/v1/debug/pause", params=params).raise_for_status()
     try:
         yield
     finally:
         _http.post(f"{server.http_url}/v1/debug/resume").raise_for_status()
+
+
+def step(server: ServerProcess) -> None:
+    """Inside held(server): run generation until every request in the engine has generated a
+    token (at least one engine step), then hold it again."""
+    _http.post(f"{server.http_url}/v1/debug/pause", params={"mode": "continue", "stepped": "true"}).raise_for_status()
 
 
 class InBackground:

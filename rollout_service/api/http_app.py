@@ -14,8 +14,9 @@ POST /v1/debug/pause?mode=      with --debug-endpoints: hold generation on every
 POST /v1/debug/resume           resume; running samples finish (drain), are aborted (abort) or stay
                     frozen (continue, the default); new requests are admitted and wait. A push
                     ends the hold (it pauses and resumes by its own policy); replicas started
-                    later are not held. &stepped=true holds only once every request in the
-                    engine has generated a token (so it is running, not queued)
+                    later are not held. &stepped=true: generation runs (resumed if held)
+                    until every request in the engine has a token (so it is running, not
+                    queued), then is held
 
 Errors come back as {"error": {"code": "INVALID_ARGUMENT", "message": "...", "field": "..."}}
 with the HTTP status from `errors.http_status`. An optional `X-Request-Timeout` header (seconds)
@@ -152,7 +153,7 @@ def create_app(backend: Metered, events=None) -> FastAPI:
         @app.post("/v1/debug/pause")
         async def pause(
             mode: InflightPolicy = Query("continue", description="What running samples do meanwhile."),
-            stepped: bool = Query(False, description="Hold only once every request in the engine has a token."),
+            stepped: bool = Query(False, description="Run (resumed if held) until every request in the engine has a token, then hold."),
         ):
             await backend.pause(mode, stepped)
             return {"paused": mode}

@@ -298,13 +298,16 @@ class RolloutEngine:
         A push applied meanwhile pauses per its own policy and resumes at its end, which ends
         the hold too; a hold asked for during a push's apply starts after it.
 
-        stepped: hold only once every request in the engine has generated a token. Tests use it
-        to freeze samples that are surely running (a request the engine has not yet stepped is
-        queued, and a drain leaves it for the new weights) yet far from their end: the hold is
-        decided here, a few engine steps after the first token, not a client round trip later,
-        when on a fast machine a "long" generation may be over."""
+        stepped: generation runs (resumed if held) until every request in the engine has
+        generated a token, then is held. Tests use it to freeze samples that are surely running
+        (a request the engine has not yet stepped is queued, and a drain leaves it for the new
+        weights) yet far from their end: the hold is decided here, a few engine steps after the
+        first token, not a client round trip later, when on a fast machine a "long" generation
+        may be over."""
         self._check_alive()
         if stepped:
+            async with self._pausing:
+                await self._llm.resume_generation()
             await self._until_stepped()
         async with self._pausing:
             await self._llm.pause_generation(mode=_PAUSE_MODE[mode], clear_cache=False)

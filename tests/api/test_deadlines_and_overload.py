@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from rollout_client import DeadlineExceededError, InvalidArgumentError, ResourceExhaustedError
-from tests.observe import InBackground, held, wait_until
+from tests.observe import InBackground, held, step, wait_until
 
 pytestmark = pytest.mark.engine
 
@@ -77,11 +77,15 @@ def test_http_client_disconnect_aborts_engine_requests(bf16_server, bf16_client)
 def test_grpc_stream_closed_by_client_aborts_remaining_engine_requests(bf16_server, bf16_client):
     before = _wait_idle(bf16_client)
     # Prompt 0 leaves one token of the 256-token context, so it ends (finish "length") at the first
-    # step; prompt 1 has 229 steps to go when prompt 0 is back, and generation is held then.
+    # step; both prompts wait in the held engine, then run for just that step (step(): decided in the server) and
+    # are held again, with 229 steps to go for prompt 1.
     stream = bf16_client.generate_stream(prompt_token_ids=[[5] * 255, [6] * 3], **LONG)
-    first = next(stream)
     with held(bf16_server):
-        assert bf16_client.status().counters.engine_requests_running == 1, "prompt 1 is no longer running"
+        first = InBackground(lambda: next(stream))
+        wait_until(lambda: _in_engine(bf16_client, 2), "both prompts in the engine")
+        step(bf16_server)
+        first = first.outcome()
+        assert bf16_client.status().counters.engine_requests_running == 1
         stream.close()
         after = _wait_idle(bf16_client)
     assert first.prompt_index == 0 and first.samples[0].finish_reason == "length"
