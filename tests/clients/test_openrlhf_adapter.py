@@ -110,8 +110,10 @@ def test_the_adapters_can_be_built_where_no_event_loop_runs():
 
     code = (
         "from rollout_client.integrations.openrlhf import RolloutServiceEngine\n"
-        "from rollout_client.integrations.verl import RolloutServiceServerManager\n"
-        "RolloutServiceEngine('127.0.0.1:1', executor=object()); RolloutServiceServerManager('127.0.0.1:1'); print('built')\n"
+        "from verl.workers.config import RolloutConfig\n"
+        "from rollout_client.integrations.verl import Connection, RolloutServiceServer\n"
+        "RolloutServiceEngine('127.0.0.1:1', executor=object())\n"
+        "RolloutServiceServer(RolloutConfig(name='rollout_service'), 0, Connection('127.0.0.1:1')); print('built')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "built", out.stderr[-2000:]

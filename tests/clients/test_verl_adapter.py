@@ -1,6 +1,7 @@
-"""The verl adapter with the real verl 0.9.1 package (installed --no-deps, see
-clients/python/trainer-adapters.txt) against a real server: verl's DataProto and BaseRollout,
-its RolloutConfig, its TokenOutput."""
+"""The verl plugin's parts with the real verl 0.9.1 package (installed --no-deps, see
+clients/python/trainer-adapters.txt) against a real server, called directly: the trainer-side
+rollout (verl's BaseRollout, DataProto, RolloutConfig) and the server actor's class (verl's
+TokenOutput). test_verl_plugin.py drives them through verl's own managers."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from verl.workers.config import RolloutConfig  # noqa: E402
 from verl.workers.rollout.base import BaseRollout  # noqa: E402
 from verl.workers.rollout.replica import TokenOutput  # noqa: E402
 
-from rollout_client.integrations.verl import RolloutServiceRollout, RolloutServiceServerManager  # noqa: E402
+from rollout_client.integrations.verl import Connection, RolloutServiceRollout, RolloutServiceServer  # noqa: E402
 
 pytestmark = pytest.mark.engine
 PAD = 0
@@ -31,7 +32,7 @@ def base_weights(tiny_model):
 @pytest.fixture(scope="module")
 def rollout(trainer_server, base_weights):
     r = RolloutServiceRollout(
-        RolloutConfig(name="vllm", response_length=RESPONSE_LENGTH, prompt_length=6), None, None,
+        RolloutConfig(name="rollout_service", response_length=RESPONSE_LENGTH, prompt_length=6), None, None,
         address=trainer_server.grpc_address, timeout=120,
     )
     asyncio.run(r.update_weights(iter(base_weights.items())))  # the trainer's first sync
@@ -96,36 +97,68 @@ def test_sampling_settings_come_from_the_config_and_the_batch_meta_info(rollout)
     assert len({tuple(r.tolist()) for r in out.batch["responses"]}) > 1  # sampled, not greedy
 
 
-@pytest.mark.parametrize("wire_format", ["named_tensors", "delta_flush"])
-def test_update_weights_pushes_a_new_version_that_changes_the_outputs(rollout, base_weights, wire_format):
+def test_update_weights_pushes_a_new_version_labelled_with_the_global_step(rollout, base_weights):
     greedy = left_padded([[5, 6, 7, 8, 9, 10]])
     before = rollout.generate_sequences(greedy).batch["responses"]
     changed = {k: (-v if k == "model.norm.weight" else v) for k, v in base_weights.items()}
-    items = iter(changed.items())
-    weights = items if wire_format == "named_tensors" else iter([(list(items), True)])
-    version = asyncio.run(rollout.update_weights(weights, wire_format=wire_format)).version
+    pushed = asyncio.run(rollout.update_weights(iter(changed.items()), global_steps=12))
+    assert rollout.client.status().last_push.label == "12"
     out = rollout.generate_sequences(greedy)
-    assert out.non_tensor_batch["weight_version"][0] == version
+    assert out.non_tensor_batch["weight_version"][0] == pushed.version
     assert not torch.equal(out.batch["responses"], before)
     asyncio.run(rollout.update_weights(iter(base_weights.items())))
     assert torch.equal(rollout.generate_sequences(greedy).batch["responses"], before)
 
 
-def test_an_unknown_wire_format_is_refused(rollout):
-    with pytest.raises(ValueError, match="wire_format='bucketed'"):
-        asyncio.run(rollout.update_weights(iter([]), wire_format="bucketed"))
+def _untouchable():
+    raise AssertionError("the generator was stepped: a refusal must come before any gather")
+    yield
 
 
-async def test_the_agent_loop_server_interface_returns_verls_token_output(trainer_server):
-    manager = RolloutServiceServerManager(trainer_server.grpc_address, timeout=120)
-    out = await manager.generate(
-        "traj-1", prompt_ids=[5, 6, 7], sampling_params={"temperature": 1.0, "top_k": -1, "logprobs": True, "max_tokens": 6}
-    )
-    assert isinstance(out, TokenOutput) and len(out.token_ids) == len(out.log_probs) <= 6
-    assert out.stop_reason == "completed" and out.extra_fields["weight_version"] >= 1
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"wire_format": "delta_flush"}, "wire_format='delta_flush'"),
+        ({"wire_format": "bucketed"}, "wire_format='bucketed'"),
+        ({"peft_config": {"r": 8}}, "lora.merge=True"),
+    ],
+)
+def test_a_sync_the_service_cannot_apply_is_refused_before_the_generator_is_stepped(rollout, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        asyncio.run(rollout.update_weights(_untouchable(), **kwargs))
+
+
+async def test_the_server_actor_fills_max_tokens_as_verls_vllm_server_and_returns_verls_token_output(trainer_server):
+    config = RolloutConfig(name="rollout_service", prompt_length=6, response_length=20)
+    server = RolloutServiceServer(config, 0, Connection(trainer_server.grpc_address, timeout=120))
+    params = {"temperature": 1.0, "top_k": -1, "top_p": 1.0, "repetition_penalty": 1.0, "logprobs": True, "ignore_eos": True}
+    out = await server.generate(prompt_ids=[5, 6, 7], sampling_params=params, request_id="turn-1")
+    assert isinstance(out, TokenOutput) and out.stop_reason == "completed"
+    assert len(out.token_ids) == len(out.log_probs) == 20  # no max_tokens sent: the response length
+    assert out.extra_fields["weight_version"] == out.extra_fields["first_weight_version"] >= 1
+    without = await server.generate(prompt_ids=[5, 6, 7], sampling_params={**params, "logprobs": False}, request_id="turn-2")
+    assert without.log_probs is None
+
+
+async def test_aborted_calls_come_back_aborted_and_new_ones_wait_for_resume(trainer_server):
+    config = RolloutConfig(name="rollout_service", prompt_length=6, response_length=200)
+    server = RolloutServiceServer(config, 0, Connection(trainer_server.grpc_address, timeout=120))
+    params = {"temperature": 1.0, "ignore_eos": True, "logprobs": True}
+    running = asyncio.ensure_future(server.generate(prompt_ids=[5, 6, 7], sampling_params=params, request_id="long"))
+    while "long" not in server._calls:
+        await asyncio.sleep(0.01)
+    report = await server.abort_all_requests()
+    assert report == {"aborted_count": 1, "request_ids": ["long"]}
+    out = await running
+    assert out.stop_reason == "aborted" and out.token_ids == []
+    waiting = asyncio.ensure_future(server.generate(prompt_ids=[5, 6], sampling_params={**params, "max_tokens": 2}, request_id="next"))
+    await asyncio.sleep(0)  # one turn of the loop: an open gate would have started the call by now
+    assert "next" not in server._calls and not waiting.done()  # held until resume_generation
+    await server.resume_generation()
+    assert len((await waiting).token_ids) == 2
 
 
 def test_no_address_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("ROLLOUT_SERVICE_ADDRESS", raising=False)
     with pytest.raises(ValueError, match="ROLLOUT_SERVICE_ADDRESS"):
-        RolloutServiceRollout(RolloutConfig(name="vllm"), None, None)
+        RolloutServiceRollout(RolloutConfig(name="rollout_service"), None, None)

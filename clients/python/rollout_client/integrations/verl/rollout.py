@@ -1,0 +1,167 @@
+"""The trainer side of the plugin: the `BaseRollout` verl builds on every trainer rank
+(`get_rollout_class("rollout_service")`), which syncs weights into the service.
+
+verl's weight sync calls `rollout.update_weights(generator, peft_config=, base_sync_done=,
+global_steps=)` on every rank, each `next()` of the generator being a collective gather of one
+full tensor. Rank 0 streams those tensors to the service in one PushWeights (one new version,
+labelled with `global_steps`) while the other ranks step through their generators in lockstep;
+all ranks then return the same PushResult, or raise the same error.
+
+`generate_sequences` is verl's older batch interface (a left-padded DataProto in, verl's rollout
+fields out), for loops that call a rollout directly rather than through verl's agent loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from verl import DataProto
+from verl.workers.rollout.base import BaseRollout
+
+from rollout_client.client import RolloutClient
+from rollout_client.integrations.verl.connection import Connection
+from rollout_client.push import PushResult
+
+
+def _rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def _sampling(config: Any, meta: dict) -> dict:
+    """verl's sampling settings (config, overridden by the batch's meta_info) as SamplingParams."""
+    response_length = int(meta.get("response_length", config.response_length))
+    if not meta.get("do_sample", config.do_sample):
+        return {"temperature": 0.0, "max_tokens": response_length}
+    source = config.val_kwargs if meta.get("validate", False) else config
+    top_k = meta.get("top_k", source.top_k)
+    return {
+        "temperature": float(meta.get("temperature", source.temperature)),
+        "top_p": float(meta.get("top_p", source.top_p)),
+        "top_k": max(0, int(top_k)),  # verl uses -1 for "no limit", the service 0
+        "repetition_penalty": float(meta.get("repetition_penalty", config.repetition_penalty)),
+        "max_tokens": response_length,
+    }
+
+
+def _pad(rows: list[list], width: int, value, dtype) -> torch.Tensor:
+    out = torch.full((len(rows), width), value, dtype=dtype)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row[:width], dtype=dtype)
+    return out
+
+
+class RolloutServiceRollout(BaseRollout):
+    """A verl rollout whose engine is a rollout-service deployment (see the module docstring).
+
+    verl constructs it as `(config, model_config, device_mesh)` and the service's address comes
+    from `config.custom` or the environment (see connection.py); `address=` overrides both.
+    """
+
+    def __init__(self, config: Any, model_config: Any, device_mesh: Any = None, *args: Any, address: str | None = None, **kwargs: Any):
+        super().__init__(config, model_config, device_mesh)
+        custom = dict(self.config.custom or {})
+        if address is not None:
+            custom["address"] = address
+        self.connection = Connection.from_custom(custom)
+        self.bucket_bytes = self.config.checkpoint_engine.update_weights_bucket_megabytes << 20
+        self._client: RolloutClient | None = None
+        self.last_push: PushResult | None = None
+
+    @property
+    def client(self) -> RolloutClient:
+        if self._client is None:
+            self._client = RolloutClient(**self.connection.client_options())
+        return self._client
+
+    async def update_weights(
+        self,
+        weights: Iterable,
+        wire_format: str = "named_tensors",
+        *,
+        peft_config: Any = None,
+        base_sync_done: bool = True,
+        global_steps: int | None = None,
+        **kwargs: Any,
+    ) -> PushResult:
+        """One sync: rank 0 pushes the gathered tensors, every rank steps its generator; returns
+        the push's result on every rank."""
+        # Checked on every rank before the generator is touched, so a refusal hangs no gather.
+        if wire_format != "named_tensors":
+            raise ValueError(
+                f"wire_format={wire_format!r}: rollout-service takes full named tensors; delta flushes carry "
+                "patches against the engine's own copy (use checkpoint_engine.backend=naive)"
+            )
+        if peft_config is not None:
+            raise ValueError(
+                "a LoRA sync sends adapter tensors, which rollout-service cannot apply: merge the adapter "
+                "(actor_rollout_ref.model.lora.merge=True) so full weights are synced"
+            )
+        label = "" if global_steps is None else str(global_steps)
+        outcome = await asyncio.to_thread(self._sync, iter(weights), label)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        self.last_push = outcome
+        return outcome
+
+    def _sync(self, weights: Iterable, label: str) -> PushResult | BaseException:
+        outcome: PushResult | BaseException = RuntimeError("rank 0 did not report its push")
+        if _rank() == 0:
+            try:
+                outcome = self.client.push_weights(weights, bucket_bytes=self.bucket_bytes, label=label, progress=False)
+            except Exception as exc:  # raised after the other ranks have heard of it
+                outcome = exc
+            finally:
+                for _ in weights:  # a failed push stops reading: the other ranks still wait in each gather
+                    pass
+        else:
+            for _ in weights:
+                pass
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # What rank 0 saw, as plain values (an exception need not survive pickling).
+            box = [outcome if isinstance(outcome, PushResult) else f"{type(outcome).__name__}: {outcome}"]
+            torch.distributed.broadcast_object_list(box, src=0)
+            if _rank() != 0:
+                outcome = box[0] if isinstance(box[0], PushResult) else RuntimeError(f"rank 0's push failed: {box[0]}")
+        return outcome
+
+    async def resume(self, tags: list[str]) -> None:
+        """Nothing to load back: the weights and KV cache live in the service's replicas."""
+
+    async def release(self) -> None:
+        """Nothing to free here: the service's engine memory is not on the trainer's GPUs."""
+
+    def generate_sequences(self, prompts: DataProto) -> DataProto:
+        input_ids = prompts.batch["input_ids"]  # [bs, prompt_length], left-padded
+        attention_mask = prompts.batch["attention_mask"]
+        position_ids = prompts.batch["position_ids"]
+        meta = prompts.meta_info
+        sampling = _sampling(self.config, meta)
+        width = sampling["max_tokens"]
+        pad_id = meta.get("pad_token_id", 0)
+        prompt_ids = [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask)]
+        # Streamed, one completion per message: a verl batch of thousands of sequences never nears
+        # gRPC's message cap. verl reads token ids and logprobs only, so nothing is detokenized.
+        stream = self.client.generate_stream(prompt_token_ids=prompt_ids, n=1, detokenize=False, **sampling)
+        samples = [c.samples[0] for c in sorted(stream, key=lambda c: c.prompt_index)]
+
+        responses = _pad([s.token_ids for s in samples], width, pad_id, input_ids.dtype)
+        response_mask = _pad([[1] * len(s.token_ids) for s in samples], width, 0, attention_mask.dtype)
+        logprobs = _pad([s.logprobs.tolist() for s in samples], width, 0.0, torch.float32)
+        steps = torch.arange(1, width + 1, dtype=position_ids.dtype).expand(len(samples), -1)
+        batch = {
+            "prompts": input_ids,
+            "responses": responses,
+            "input_ids": torch.cat([input_ids, responses], dim=1),
+            "attention_mask": torch.cat([attention_mask, response_mask], dim=1),
+            "position_ids": torch.cat([position_ids, position_ids[:, -1:] + steps], dim=1),
+            "rollout_log_probs": logprobs,
+        }
+        non_tensor = {"weight_version": np.array([s.weight_version for s in samples], dtype=np.int64)}
+        return DataProto.from_dict(tensors=batch, non_tensors=non_tensor, meta_info=dict(meta))
