@@ -114,12 +114,14 @@ def agent_loop(llama, llama_server):
         ray.shutdown()
 
 
-def rollout(agents) -> DataProto:
+def rollout(agents, n: int = 1) -> DataProto:
+    """verl's batch for PROMPTS, each repeated n times (one uid per prompt, as verl's trainer)."""
     batch = DataProto(non_tensor_batch={
         "raw_prompt": np.array([[{"role": "user", "content": p}] for p in PROMPTS], dtype=object),
         "agent_name": np.array(["single_turn_agent"] * len(PROMPTS), dtype=object),
+        "uid": np.array([f"prompt-{i}" for i in range(len(PROMPTS))], dtype=object),
     })
-    return agents.generate_sequences(prompts=batch)
+    return agents.generate_sequences(prompts=batch.repeat(n, interleave=True))
 
 
 def reference_errors(model_dir: Path, weights: dict[str, torch.Tensor], out: DataProto) -> tuple[float, float]:
@@ -192,3 +194,42 @@ def test_b_two_ranks_sync_in_lockstep_one_version_and_the_next_rollout_uses_it(a
     assert error <= tolerance, (error, tolerance)
     stale, _ = reference_errors(llama, base, out)
     assert stale > 10 * tolerance, stale  # the outputs are the new policy's, far from the old one's
+
+
+def test_a_grpo_loop_with_verls_advantages_and_the_plugins_sync_trains_the_served_policy(agent_loop, llama, client):
+    """Two GRPO steps on verl's pieces: the agent loop's rollouts (4 prompts x n=4), verl's
+    `compute_grpo_outcome_advantage`, a plain torch policy-gradient step on the float32 policy,
+    and the plugin's `update_weights` (rank 0 alone here; Test B covers two ranks). The reward is
+    the share of response tokens divisible by 8. Each rollout must come from the previous sync."""
+    from transformers import AutoModelForCausalLM
+    from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
+
+    _, agents = agent_loop
+    policy = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=3e-3)
+    trainer = RolloutServiceRollout(RolloutConfig(name=NAME, custom={"address": client.address}), None, None)
+    synced = asyncio.run(trainer.update_weights(iter(policy.state_dict().items()), global_steps=10))  # as verl's update_weights(0)
+    for step in (11, 12):
+        out = rollout(agents, n=4)
+        b, extra = out.batch, out.non_tensor_batch
+        assert list(extra["weight_version"]) == [synced.version] * 16 and list(extra["global_steps"]) == [step - 1] * 16
+        mask = b["response_mask"].float()
+        reward = ((b["responses"] % 8 == 0).float() * mask).sum(-1) / mask.sum(-1)
+        token_rewards = torch.zeros_like(mask)
+        token_rewards[torch.arange(len(out)), mask.sum(-1).long() - 1] = reward
+        advantages, _ = compute_grpo_outcome_advantage(token_rewards, b["response_mask"], extra["uid"])
+        logits = policy(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"]).logits
+        logp = torch.log_softmax(logits[:, PROMPT_LENGTH - 1 : -1].float(), -1).gather(-1, b["responses"][..., None])[..., 0]
+        mismatch = float(((logp.detach() - b["rollout_log_probs"]).abs() * mask).sum() / mask.sum())
+        assert mismatch < 0.02, mismatch  # the trainer's float32 logprobs vs the service's bf16 ones
+        loss = -(advantages * logp * mask).sum() / mask.sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        pushed = asyncio.run(trainer.update_weights(iter(policy.state_dict().items()), global_steps=step))
+        assert pushed.version == synced.version + 1
+        synced = pushed
+        print(f"verl GRPO step {step}: reward {float(reward.mean()):.3f}, |trainer - rollout logprob| {mismatch:.2e}, "
+              f"loss {float(loss):.4f}, pushed version {pushed.version}")
+    final = rollout(agents)
+    assert list(final.non_tensor_batch["global_steps"]) == [12] * len(PROMPTS)
