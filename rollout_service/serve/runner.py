@@ -27,14 +27,16 @@ log = logging.getLogger("rollout_service")
 
 def start_ray(**kwargs) -> None:
     """`ray.init(**kwargs)`, tried twice when a new local node fails to come up. Ray gives its raylet
-    a fixed 30 s to register (ray/_private/node.py, not configurable), and on a loaded machine a
-    first start can miss it; a second start is the remedy Ray's own message suggests. The second
-    failure is raised with the machine's free memory and the node's log files, to tell why."""
+    a fixed 30 s to register (ray/_private/node.py, not configurable) and its GCS a fixed time to
+    write its port file, and on a loaded machine a first start can miss either ("... timed out
+    during startup", "Timed out waiting for file .../gcs_server_port_..."); a second start is the
+    remedy Ray's own message suggests. The second failure is raised with the machine's free
+    memory and the node's log files, to tell why."""
     try:
         ray.init(**kwargs)
         return
-    except Exception as exc:  # noqa: BLE001 -- Ray raises a bare Exception for this
-        if kwargs.get("address") or "timed out during startup" not in str(exc):
+    except Exception as exc:  # noqa: BLE001 -- Ray raises a bare Exception / RuntimeError for these
+        if kwargs.get("address") or "timed out" not in str(exc).lower():
             raise
         log.warning("Ray's node did not start (%s); shutting it down and starting again", exc)
         ray.shutdown()

@@ -71,8 +71,70 @@ def test_push_model_streams_a_torch_model_and_the_service_serves_it(engine, tiny
     assert engine.client.generate(**greedy)[0].samples[0].token_ids == before
 
 
-def test_unfinished_requests_are_read_from_the_service(engine):
+async def test_unfinished_sequences_are_this_engines_own_and_pausing_holds_new_calls(engine):
+    import asyncio
+
+    params = SamplingParams(n=3, max_tokens=4, temperature=1.0)
+    await engine.pause_generation()
+    held = asyncio.ensure_future(engine.generate([5, 6, 7], params))
+    await asyncio.sleep(0)  # one turn of the loop: an open engine would have counted the call by now
+    assert engine.get_num_unfinished_requests() == 0 and not held.done()
+    await engine.resume_generation()
+    call = asyncio.ensure_future(engine.generate([5, 6, 7], params))
+    await asyncio.sleep(0)
+    assert engine.get_num_unfinished_requests() == 6  # both calls' samples, counted without a call to the service
+    assert len((await held).outputs) == len((await call).outputs) == 3
     assert engine.get_num_unfinished_requests() == 0
+
+
+REWARD = """
+import torch
+
+def reward_func(queries, prompts, labels):
+    return {"rewards": torch.tensor([float(len(q) % 7) for q in queries]), "scores": torch.tensor([1.0] * len(queries)), "extra_logs": {}}
+"""
+
+
+def test_openrlhfs_samples_generator_drives_engine_actors_with_its_own_sampling_params(trainer_server, tiny_model, tokenizer, tmp_path):
+    """OpenRLHF's SamplesGenerator, unchanged: it balances prompts over two engine actors by their
+    unfinished counts and sends its own vllm.SamplingParams (min_tokens=1, top_k=-1, logprobs=1
+    for rollout correction) through OpenRLHF's SingleTurnAgentExecutor, with a reward function."""
+    from types import SimpleNamespace as NS
+
+    import ray
+    from openrlhf.trainer.ppo_utils.samples_generator import SamplesGenerator
+
+    from rollout_service.serve.runner import start_ray
+
+    (tmp_path / "reward.py").write_text(REWARD)
+    args = NS(
+        vllm=NS(enable_sleep=False),
+        rollout=NS(batch_size=4, n_samples_per_prompt=2, vllm_generate_batch_size=None),
+        algo=NS(dynamic_filtering_enable=False, advantage=NS(is_correction_level="seq")),
+    )
+    prompts = ["The trainer", "Every replica", "A policy", "Samples"]
+    loader = [(0, prompts[:2], ["a", "b"], [None, None]), (1, prompts[2:], ["c", "d"], [None, None])]
+    # Ray's memory monitor kills workers at 95% of the machine's memory, which the suite's engines
+    # can reach on a 24 GB machine; the kernel's limit is the one that counts here.
+    start_ray(num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="WARNING", _system_config={"memory_monitor_refresh_ms": 0})
+    try:
+        engines = [
+            ray.remote(RolloutServiceEngine).options(num_cpus=0).remote(
+                trainer_server.grpc_address, remote_rm_url=str(tmp_path / "reward.py"), timeout=120
+            )
+            for _ in range(2)
+        ]
+        generator = SamplesGenerator(NS(args=args), loader, None, tokenizer, engines)
+        samples, _, consumed, _ = generator.generate_samples(max_new_tokens=8, max_len=64, temperature=1.0)
+    finally:
+        ray.shutdown()
+    assert (len(samples), consumed) == (8, 4)
+    assert sorted(e.prompts[0] for e in samples) == sorted(prompts * 2)
+    for e in samples:
+        n = int(e.action_mask.sum())
+        assert 1 <= n <= 8 and e.rewards is not None and e.scores.item() == 1.0
+        assert e.rollout_log_probs.shape == e.action_mask.shape
+        assert (e.rollout_log_probs[e.action_mask.bool()] < 0).all() and (e.rollout_log_probs[~e.action_mask.bool()] == 0).all()
 
 
 def test_a_sampling_setting_the_service_lacks_is_refused_by_name():

@@ -32,6 +32,7 @@ from verl.workers.config import RolloutConfig  # noqa: E402
 from rollout_client import RolloutClient  # noqa: E402
 from rollout_client.integrations.verl import NAME, RolloutServiceRollout  # noqa: E402
 from rollout_service.launcher import ServerProcess  # noqa: E402
+from rollout_service.serve.runner import start_ray  # noqa: E402
 from tests.conftest import MAX_MODEL_LEN  # noqa: E402
 
 pytestmark = pytest.mark.engine
@@ -102,7 +103,12 @@ def agent_loop(llama, llama_server):
             f"actor_rollout_ref.model.custom_chat_template={json.dumps(TEMPLATE)}",
         ])
     env = {"VERL_USE_EXTERNAL_MODULES": PLUGIN, "TOKENIZERS_PARALLELISM": "false"}
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="WARNING", runtime_env={"env_vars": env})
+    # No Ray memory monitor: it kills workers at 95% of the machine's memory, which the suite's
+    # engines can reach on a 24 GB machine; the kernel's limit is the one that counts here.
+    start_ray(
+        num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="WARNING", runtime_env={"env_vars": env},
+        _system_config={"memory_monitor_refresh_ms": 0},
+    )
     try:
         from verl.experimental.agent_loop import AgentLoopManager
         from verl.workers.rollout.llm_server import LLMServerManager

@@ -11,9 +11,9 @@ each engine's workers). Here:
     await engine.generate_responses(prompt, label, params, max_length, tokenizer, num_samples=4)
     push_model(actor.model.module, engine.client)        # instead of broadcast_to_vllm()
 
-`RolloutServiceEngine` has the methods OpenRLHF's samples generator and agent executors call on
-an engine (`generate`, `generate_responses`, `get_num_unfinished_requests`, `reset_prefix_cache`,
-`sleep`, `wake_up`) and returns vLLM-shaped outputs, so OpenRLHF's own executors
+`RolloutServiceEngine` has the methods OpenRLHF's samples generator, async trainer and agent
+executors call on an engine (`generate`, `generate_responses`, `get_num_unfinished_requests`,
+`reset_prefix_cache`, `sleep`, `wake_up`, `pause_generation`, `resume_generation`) and returns vLLM-shaped outputs, so OpenRLHF's own executors
 (`openrlhf.utils.agent.SingleTurnAgentExecutor`, or a custom agent) run unchanged on it.
 The weights reach the service with one PushWeights stream (`push_model`), which the service
 fans out to all its replicas; there is no NCCL group to join (`init_process_group`).
@@ -133,6 +133,9 @@ class RolloutServiceEngine:
             executor = SingleTurnAgentExecutor(remote_rm_url)
         self.executor = executor
         self._requests = 0
+        self._unfinished = 0  # sequences of this engine's calls still in the service
+        self._open = asyncio.Event()  # cleared by pause_generation
+        self._open.set()
 
     @property
     def _aclient(self) -> AsyncRolloutClient:
@@ -146,12 +149,18 @@ class RolloutServiceEngine:
         """One prompt -> a vLLM-shaped RequestOutput (`outputs[i].logprobs[pos][token_id].logprob`)."""
         if multi_modal_data:
             raise ValueError("multi_modal_data: rollout-service serves text models only")
+        await self._open.wait()  # held while paused (PPOTrainerAsync pauses around a weight sync)
         self._requests += 1
         request_id = f"openrlhf-{self._requests}"
         want_logprobs = getattr(sampling_params, "logprobs", None) is not None
-        completion = (await self._aclient.generate(
-            prompt_token_ids=[list(prompt_token_ids)], request_id=request_id, **sampling_kwargs(sampling_params)
-        ))[0]
+        kwargs = sampling_kwargs(sampling_params)
+        self._unfinished += kwargs["n"]
+        try:
+            completion = (await self._aclient.generate(
+                prompt_token_ids=[list(prompt_token_ids)], request_id=request_id, **kwargs
+            ))[0]
+        finally:
+            self._unfinished -= kwargs["n"]
         return _request_output(completion, request_id, want_logprobs)
 
     async def generate_responses(self, prompt: str, label: str, sampling_params: Any, max_length: int,
@@ -165,8 +174,17 @@ class RolloutServiceEngine:
         return await asyncio.gather(*tasks)
 
     def get_num_unfinished_requests(self) -> int:
-        """Requests inside the service's engines right now."""
-        return int(self.client.status().counters.engine_requests_running)
+        """Sequences of this engine's calls not yet answered: what OpenRLHF balances its engines
+        by. Counted here, with no call to the service, so it never blocks the actor's loop and each
+        engine reports its own load (the service's count is all trainers' together)."""
+        return self._unfinished
+
+    async def pause_generation(self) -> None:
+        """Hold this engine's new calls until resume_generation (calls in flight finish)."""
+        self._open.clear()
+
+    async def resume_generation(self) -> None:
+        self._open.set()
 
     async def reset_prefix_cache(self) -> None:
         """The service clears its prefix cache itself whenever it applies a push."""
