@@ -303,7 +303,7 @@ class RolloutEngine:
         (a request the engine has not yet stepped is queued, and a drain leaves it for the new
         weights) yet far from their end: the hold is decided here, a few engine steps after the
         first token, not a client round trip later, when on a fast machine a "long" generation
-        may be over."""
+        may be over. If that takes over two minutes: DeadlineExceeded, generation left running."""
         self._check_alive()
         if stepped:
             async with self._pausing:

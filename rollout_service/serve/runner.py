@@ -36,7 +36,7 @@ def start_ray(**kwargs) -> None:
         ray.init(**kwargs)
         return
     except Exception as exc:  # noqa: BLE001 -- Ray raises a bare Exception / RuntimeError for these
-        if kwargs.get("address") or "timed out" not in str(exc).lower():
+        if kwargs.get("address") or not any(m in str(exc) for m in ("timed out during startup", "Timed out waiting for file")):
             raise
         log.warning("Ray's node did not start (%s); shutting it down and starting again", exc)
         ray.shutdown()

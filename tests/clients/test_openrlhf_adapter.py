@@ -75,10 +75,12 @@ async def test_unfinished_sequences_are_this_engines_own_and_pausing_holds_new_c
     import asyncio
 
     params = SamplingParams(n=3, max_tokens=4, temperature=1.0)
+    calls_before = engine.client.status().counters.requests_total
     await engine.pause_generation()
     held = asyncio.ensure_future(engine.generate([5, 6, 7], params))
-    await asyncio.sleep(0)  # one turn of the loop: an open engine would have counted the call by now
-    assert engine.get_num_unfinished_requests() == 0 and not held.done()
+    await asyncio.sleep(0)  # one turn of the loop: the call runs up to the pause
+    assert engine.get_num_unfinished_requests() == 3  # a held call is load, as in a paused vLLM
+    assert not held.done() and engine.client.status().counters.requests_total == calls_before  # not sent
     await engine.resume_generation()
     call = asyncio.ensure_future(engine.generate([5, 6, 7], params))
     await asyncio.sleep(0)

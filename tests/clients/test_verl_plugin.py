@@ -178,6 +178,29 @@ def test_a_verls_agent_loop_rolls_out_through_the_service_with_exact_logprobs_an
     print(f"verl agent loop, 4 x {RESPONSE_LENGTH} tokens: rollout_log_probs vs float32 transformers {error:.2e} (tolerance {tolerance:.2e})")
 
 
+def sync_on_two_ranks(client, weights: Path, global_steps: int, out: Path, bucket_mb: int = 2048) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.clients.verl_ranks", client.address, str(weights), str(global_steps), str(out), str(bucket_mb)],
+        capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[2],
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_b_a_push_refused_part_way_fails_on_both_ranks_without_a_hang(llama, client, tmp_path):
+    """The service refuses an unknown tensor after some 1 MB buckets have gone out: rank 0 must
+    still step its generator to the end (rank 1 waits in each gather), and both ranks raise."""
+    weights = load_file(llama / "model.safetensors")
+    names = list(weights)
+    bad = {**{k: weights[k] for k in names[:3]}, "model.layers.0.mlp.not_a_layer.weight": weights[names[3]].clone()}
+    save_file({**bad, **{k: weights[k] for k in names[3:]}}, tmp_path / "bad.safetensors")
+    before = client.status().weight_version
+    ranks = sync_on_two_ranks(client, tmp_path / "bad.safetensors", 3, tmp_path / "ranks.json", bucket_mb=1)
+    assert ranks["0"]["yielded"] == ranks["1"]["yielded"] == len(weights) + 1
+    assert "not_a_layer" in ranks["0"]["error"] and ranks["1"]["error"].startswith("RuntimeError: rank 0's push failed:")
+    assert client.status().weight_version == before  # nothing applied
+
+
 def test_b_two_ranks_sync_in_lockstep_one_version_and_the_next_rollout_uses_it(agent_loop, llama, client, tmp_path):
     _, agents = agent_loop
     g = torch.Generator().manual_seed(7)
@@ -185,12 +208,7 @@ def test_b_two_ranks_sync_in_lockstep_one_version_and_the_next_rollout_uses_it(a
     new = {k: (v.float() + 0.05 * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in base.items()}
     save_file(new, tmp_path / "step2.safetensors")
     before = client.status().weight_version
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.clients.verl_ranks", client.address, str(tmp_path / "step2.safetensors"), "2", str(tmp_path / "ranks.json")],
-        capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[2],
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    ranks = json.loads((tmp_path / "ranks.json").read_text())
+    ranks = sync_on_two_ranks(client, tmp_path / "step2.safetensors", 2, tmp_path / "ranks.json")
     assert ranks == {"0": {"version": before + 1, "yielded": len(new)}, "1": {"version": before + 1, "yielded": len(new)}}
     assert client.status().weight_version == before + 1  # one version for the sync, not one per rank
     out = rollout(agents)

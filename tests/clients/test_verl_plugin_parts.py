@@ -8,9 +8,15 @@ import pytest
 pytest.importorskip("verl", reason="make install puts verl in .venv (clients/python/trainer-adapters.txt)")
 from verl.workers.config import RolloutConfig  # noqa: E402
 
-from rollout_client.integrations.verl.connection import Connection  # noqa: E402
+from rollout_client.integrations.verl.connection import ENV, Connection  # noqa: E402
 from rollout_client.integrations.verl.server import fill_sampling  # noqa: E402
 from rollout_client.integrations.verl.sessions import TrajectorySessions  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def no_service_environment(monkeypatch):
+    for var in ENV.values():
+        monkeypatch.delenv(var, raising=False)
 
 
 def test_the_connection_comes_from_rollout_custom_then_the_environment(monkeypatch):
@@ -19,6 +25,18 @@ def test_the_connection_comes_from_rollout_custom_then_the_environment(monkeypat
     monkeypatch.setenv("ROLLOUT_SERVICE_TLS", "true")
     assert Connection.from_custom(None) == Connection("env:1", api_key="k-env", tls=True)
     assert Connection.from_custom({"address": "svc:2", "timeout": 30}) == Connection("svc:2", api_key="k-env", tls=True, timeout=30.0)
+    assert Connection.from_custom({"address": None, "tls": False}).address == "env:1"  # null: the environment's
+    assert "k-env" not in repr(Connection.from_custom(None))  # a key never lands in a log line
+
+
+def test_a_bad_tls_or_timeout_names_where_it_came_from(monkeypatch):
+    with pytest.raises(ValueError, match=r"custom.tls='maybe': expected true or false"):
+        Connection.from_custom({"address": "svc:1", "tls": "maybe"})
+    monkeypatch.setenv("ROLLOUT_SERVICE_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match=r"ROLLOUT_SERVICE_TIMEOUT='soon': expected seconds"):
+        Connection.from_custom({"address": "svc:1"})
+    with pytest.raises(ValueError, match=r"custom.timeout=0.0: must be positive"):
+        Connection.from_custom({"address": "svc:1", "timeout": 0})
 
 
 def test_an_unknown_custom_key_or_no_address_is_a_clear_error(monkeypatch):

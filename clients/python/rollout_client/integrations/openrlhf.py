@@ -149,13 +149,14 @@ class RolloutServiceEngine:
         """One prompt -> a vLLM-shaped RequestOutput (`outputs[i].logprobs[pos][token_id].logprob`)."""
         if multi_modal_data:
             raise ValueError("multi_modal_data: rollout-service serves text models only")
-        await self._open.wait()  # held while paused (PPOTrainerAsync pauses around a weight sync)
         self._requests += 1
         request_id = f"openrlhf-{self._requests}"
         want_logprobs = getattr(sampling_params, "logprobs", None) is not None
         kwargs = sampling_kwargs(sampling_params)
-        self._unfinished += kwargs["n"]
+        self._unfinished += kwargs["n"]  # a held call is load too, as a request queued in a paused vLLM
         try:
+            while not self._open.is_set():  # held while paused (PPOTrainerAsync pauses around a weight sync)
+                await self._open.wait()
             completion = (await self._aclient.generate(
                 prompt_token_ids=[list(prompt_token_ids)], request_id=request_id, **kwargs
             ))[0]
@@ -180,7 +181,9 @@ class RolloutServiceEngine:
         return self._unfinished
 
     async def pause_generation(self) -> None:
-        """Hold this engine's new calls until resume_generation (calls in flight finish)."""
+        """Hold this engine's new calls until resume_generation. Unlike vLLM's pause, calls already
+        in flight go on in the service (run it with `--inflight continue` to carry them across a
+        push, as a paused vLLM keeps its requests)."""
         self._open.clear()
 
     async def resume_generation(self) -> None:

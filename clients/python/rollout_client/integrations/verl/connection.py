@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 ENV = {
@@ -25,37 +25,59 @@ ENV = {
 }
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
 @dataclass(frozen=True)
 class Connection:
-    """Arguments of RolloutClient / AsyncRolloutClient (plain values: it travels to Ray actors)."""
+    """Arguments of RolloutClient / AsyncRolloutClient (plain values: it travels to Ray actors).
+    `timeout` bounds each Generate call (a push has no deadline)."""
 
     address: str
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)
     tls: bool = False
     root_certificates: str | None = None
     timeout: float = 600.0
 
     @classmethod
     def from_custom(cls, custom: Mapping[str, Any] | None) -> Connection:
-        """From `rollout.custom` (a dict, a DictConfig or None), each key falling back to its
-        environment variable; no address anywhere is a ValueError saying where to put one."""
+        """From `rollout.custom` (a dict, a DictConfig or None), each key unset or null falling
+        back to its environment variable; a missing address or a bad value is a ValueError naming
+        where it came from."""
         custom = dict(custom or {})
         unknown = sorted(set(custom) - set(ENV))
         if unknown:
             raise ValueError(f"actor_rollout_ref.rollout.custom: unknown key(s) {unknown}; known: {sorted(ENV)}")
-        value = {key: custom.get(key, os.environ.get(var)) for key, var in ENV.items()}
-        if not value["address"]:
+
+        def value(key: str) -> tuple[Any, str]:
+            if custom.get(key) is not None:
+                return custom[key], f"actor_rollout_ref.rollout.custom.{key}"
+            return os.environ.get(ENV[key]), ENV[key]
+
+        address, _ = value("address")
+        if not address:
             raise ValueError(
                 "rollout-service address: set +actor_rollout_ref.rollout.custom.address=HOST:PORT "
                 f"or the {ENV['address']} environment variable"
             )
-        tls = value["tls"]
+        tls, where = value("tls")
+        if not isinstance(tls, bool):
+            text = str(tls or "").strip().lower()
+            if text not in _TRUE + _FALSE:
+                raise ValueError(f"{where}={tls!r}: expected true or false")
+            tls = text in _TRUE
+        timeout, where = value("timeout")
+        try:
+            timeout = 600.0 if timeout in (None, "") else float(timeout)
+        except ValueError:
+            raise ValueError(f"{where}={timeout!r}: expected seconds, e.g. 600") from None
+        if not timeout > 0:
+            raise ValueError(f"{where}={timeout!r}: must be positive")
+        api_key, _ = value("api_key")
+        roots, _ = value("root_certificates")
         return cls(
-            address=str(value["address"]),
-            api_key=value["api_key"] or None,
-            tls=tls if isinstance(tls, bool) else str(tls or "").lower() in ("1", "true", "yes"),
-            root_certificates=str(value["root_certificates"]) if value["root_certificates"] else None,
-            timeout=float(value["timeout"] or 600.0),
+            address=str(address), api_key=api_key or None, tls=tls,
+            root_certificates=str(roots) if roots else None, timeout=timeout,
         )
 
     def client_options(self) -> dict[str, Any]:

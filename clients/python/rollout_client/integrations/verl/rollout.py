@@ -5,7 +5,8 @@ verl's weight sync calls `rollout.update_weights(generator, peft_config=, base_s
 global_steps=)` on every rank, each `next()` of the generator being a collective gather of one
 full tensor. Rank 0 streams those tensors to the service in one PushWeights (one new version,
 labelled with `global_steps`) while the other ranks step through their generators in lockstep;
-all ranks then return the same PushResult, or raise the same error.
+all ranks then return the same PushResult, or all raise. A push that fails part-way still steps
+rank 0's generator to its end, so no rank is left waiting in a gather.
 
 `generate_sequences` is verl's older batch interface (a left-padded DataProto in, verl's rollout
 fields out), for loops that call a rollout directly rather than through verl's agent loop.
@@ -13,9 +14,8 @@ fields out), for loops that call a rollout directly rather than through verl's a
 
 from __future__ import annotations
 
-import asyncio
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -23,7 +23,7 @@ import torch
 from verl import DataProto
 from verl.workers.rollout.base import BaseRollout
 
-from rollout_client.client import RolloutClient
+from rollout_client.client import AsyncRolloutClient, RolloutClient
 from rollout_client.integrations.verl.connection import Connection
 from rollout_client.push import PushResult
 
@@ -64,13 +64,18 @@ class RolloutServiceRollout(BaseRollout):
     from `config.custom` or the environment (see connection.py); `address=` overrides both.
     """
 
-    def __init__(self, config: Any, model_config: Any, device_mesh: Any = None, *args: Any, address: str | None = None, **kwargs: Any):
+    def __init__(self, config: Any, model_config: Any, device_mesh: Any = None, *, address: str | None = None):
         super().__init__(config, model_config, device_mesh)
         custom = dict(self.config.custom or {})
         if address is not None:
             custom["address"] = address
         self.connection = Connection.from_custom(custom)
         self.bucket_bytes = self.config.checkpoint_engine.update_weights_bucket_megabytes << 20
+        # Rank 0's outcome reaches the other ranks over gloo: no device to pick, and no NCCL
+        # watchdog on ranks that wait through the whole push. Every rank builds the rollout at the
+        # same point of verl's init_model, so this collective call is matched.
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self._group = torch.distributed.new_group(backend="gloo") if distributed else None
         self._client: RolloutClient | None = None
         self.last_push: PushResult | None = None
 
@@ -90,8 +95,9 @@ class RolloutServiceRollout(BaseRollout):
         global_steps: int | None = None,
         **kwargs: Any,
     ) -> PushResult:
-        """One sync: rank 0 pushes the gathered tensors, every rank steps its generator; returns
-        the push's result on every rank."""
+        """One sync: rank 0 pushes the gathered tensors while every other rank steps its generator;
+        every rank returns the push's result, or raises (rank 0 its error, the others a
+        RuntimeError quoting it)."""
         # Checked on every rank before the generator is touched, so a refusal hangs no gather.
         if wire_format != "named_tensors":
             raise ValueError(
@@ -100,35 +106,44 @@ class RolloutServiceRollout(BaseRollout):
             )
         if peft_config is not None:
             raise ValueError(
-                "a LoRA sync sends adapter tensors, which rollout-service cannot apply: merge the adapter "
-                "(actor_rollout_ref.model.lora.merge=True) so full weights are synced"
+                "peft_config: a LoRA sync sends adapter tensors, which rollout-service cannot apply; merge the "
+                "adapter (actor_rollout_ref.model.lora.merge=True) so full weights are synced"
             )
-        label = "" if global_steps is None else str(global_steps)
-        outcome = await asyncio.to_thread(self._sync, iter(weights), label)
-        if isinstance(outcome, BaseException):
-            raise outcome
-        self.last_push = outcome
-        return outcome
-
-    def _sync(self, weights: Iterable, label: str) -> PushResult | BaseException:
-        outcome: PushResult | BaseException = RuntimeError("rank 0 did not report its push")
+        weights = iter(weights)
         if _rank() == 0:
-            try:
-                outcome = self.client.push_weights(weights, bucket_bytes=self.bucket_bytes, label=label, progress=False)
-            except Exception as exc:  # raised after the other ranks have heard of it
-                outcome = exc
-            finally:
-                for _ in weights:  # a failed push stops reading: the other ranks still wait in each gather
-                    pass
+            outcome = await self._push(weights, "" if global_steps is None else str(global_steps))
         else:
+            # Each step is this rank's part of a gather; on the event loop's thread, as verl's own
+            # rollouts step it.
             for _ in weights:
                 pass
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # What rank 0 saw, as plain values (an exception need not survive pickling).
+            outcome = None
+        self.last_push = self._agree(outcome)
+        return self.last_push
+
+    async def _push(self, weights: Iterator, label: str) -> PushResult | Exception:
+        # grpc.aio reads a plain iterator on the event loop's thread, so each gather runs where
+        # verl would run it. No deadline: a push of many GB takes as long as it takes.
+        try:
+            async with AsyncRolloutClient(**{**self.connection.client_options(), "timeout": None}) as client:
+                return await client.push_weights(weights, bucket_bytes=self.bucket_bytes, label=label, progress=False)
+        except Exception as exc:  # raised by _agree, once the other ranks have it too
+            return exc
+        finally:
+            for _ in weights:  # a failed push stops reading, but the other ranks wait in each gather
+                pass
+
+    def _agree(self, outcome: PushResult | Exception | None) -> PushResult:
+        """Rank 0's outcome on every rank (an error as its text: it need not survive pickling)."""
+        if self._group is not None:
             box = [outcome if isinstance(outcome, PushResult) else f"{type(outcome).__name__}: {outcome}"]
-            torch.distributed.broadcast_object_list(box, src=0)
+            torch.distributed.broadcast_object_list(box, src=0, group=self._group)
             if _rank() != 0:
                 outcome = box[0] if isinstance(box[0], PushResult) else RuntimeError(f"rank 0's push failed: {box[0]}")
+        if isinstance(outcome, Exception):
+            raise outcome
+        if outcome is None:
+            raise RuntimeError(f"rank {_rank()} has no process group to hear rank 0's push from (torch.distributed is not initialized)")
         return outcome
 
     async def resume(self, tags: list[str]) -> None:

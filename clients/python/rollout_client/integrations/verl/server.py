@@ -66,17 +66,28 @@ def _steps_of(label: str) -> int | None:
     return int(label) if label.isdigit() else None
 
 
+_EXTRA_FIELDS = ("weight_version", "first_weight_version", "global_steps", "min_global_steps", "max_global_steps")
+
+
 class RolloutServiceServer:
-    """verl's rollout server interface over rollout-service (run as a Ray actor by the replica)."""
+    """verl's rollout server interface over rollout-service (run as a Ray actor by the replica).
+
+    Each sample's `extra_fields` carry its `weight_version` and `first_weight_version` (they
+    differ only when a push landed mid-sample under the service's "continue" policy) and the
+    verl `global_steps` of those versions (`min_global_steps`, `max_global_steps`), read from
+    the labels of the pushes that made them. An aborted call has the same keys, all None: verl
+    turns them into batch columns, which need every sample to have them.
+    """
 
     def __init__(self, config: Any, replica_rank: int, connection: Connection):
         self.config = config
         self.replica_rank = replica_rank
         self.connection = connection
         self._client: AsyncRolloutClient | None = None
-        self._max_model_len: int | None = None
+        self._max_model_len: asyncio.Future | None = None
         self._sessions = TrajectorySessions(f"verl-r{replica_rank}")
-        self._steps: dict[int, asyncio.Future | None] = {0: None}  # version -> future of its global step
+        self._steps: dict[int, int] = {}  # version -> the global step its push was labelled with
+        self._lookups: dict[int, asyncio.Future] = {}  # version -> its label being read
         self._calls: dict[str, asyncio.Future] = {}  # request id -> the call in flight
         self._aborted: set[str] = set()
         self._open = asyncio.Event()
@@ -91,9 +102,11 @@ class RolloutServiceServer:
         return self._client
 
     async def _context_length(self) -> int:
-        if self._max_model_len is None:
-            self._max_model_len = (await self.client.status()).max_model_len
-        return self._max_model_len
+        """The service's max_model_len, read once (the first calls share one GetStatus)."""
+        failed = self._max_model_len is not None and self._max_model_len.done() and (self._max_model_len.cancelled() or self._max_model_len.exception())
+        if self._max_model_len is None or failed:
+            self._max_model_len = asyncio.ensure_future(self.client.status())
+        return (await asyncio.shield(self._max_model_len)).max_model_len
 
     async def generate(
         self,
@@ -107,14 +120,16 @@ class RolloutServiceServer:
         priority: int = 0,
         **kwargs: Any,
     ) -> TokenOutput:
-        if image_data or video_data or audio_data:
-            raise ValueError("rollout-service serves text models: image, video and audio inputs are not supported")
-        if not self._open.is_set() and self._reject:
-            return TokenOutput(token_ids=[], log_probs=None, stop_reason="aborted")
-        await self._open.wait()  # closed by abort_all_requests until resume_generation
-        params, want_logprobs = fill_sampling(
-            self.config, len(prompt_ids), sampling_params, await self._context_length(), self.replica_rank
-        )
+        given = [name for name, value in (("image_data", image_data), ("video_data", video_data), ("audio_data", audio_data)) if value]
+        if given:
+            raise ValueError(f"{', '.join(given)}: rollout-service serves text models; multimodal inputs are not supported")
+        want_logprobs = bool(sampling_params.get("logprobs", False))
+        context = await self._context_length()  # before the gate: nothing may pass it unseen by an abort
+        while not self._open.is_set():  # closed by abort_all_requests until resume_generation
+            if self._reject:
+                return self._aborted_output(want_logprobs)
+            await self._open.wait()
+        params, _ = fill_sampling(self.config, len(prompt_ids), sampling_params, context, self.replica_rank)
         session = self._sessions.session_for(prompt_ids)
         call = asyncio.ensure_future(self._generate(prompt_ids, params, request_id, session))
         self._calls[request_id] = call
@@ -123,7 +138,7 @@ class RolloutServiceServer:
         except asyncio.CancelledError:
             if request_id not in self._aborted:
                 raise
-            return TokenOutput(token_ids=[], log_probs=[] if want_logprobs else None, stop_reason="aborted")
+            return self._aborted_output(want_logprobs)
         finally:
             self._calls.pop(request_id, None)
             self._aborted.discard(request_id)
@@ -140,6 +155,14 @@ class RolloutServiceServer:
                 "min_global_steps": first,
                 "max_global_steps": last,
             },
+        )
+
+    @staticmethod
+    def _aborted_output(want_logprobs: bool) -> TokenOutput:
+        # A cancelled call brings back no tokens: verl's partial-rollout resume restarts it.
+        return TokenOutput(
+            token_ids=[], log_probs=[] if want_logprobs else None, stop_reason="aborted",
+            extra_fields=dict.fromkeys(_EXTRA_FIELDS),
         )
 
     async def _generate(self, prompt_ids: list[int], params: dict, request_id: str, session: str):
@@ -159,30 +182,41 @@ class RolloutServiceServer:
                 backoff = min(2 * backoff, _BACKOFF_S[1])
 
     async def _global_steps(self, version: int) -> int | None:
-        """The verl global step whose sync produced `version` (None before the first sync): the
-        push's label, read once per version from the service's last push."""
-        if version not in self._steps:
-            self._steps[version] = asyncio.ensure_future(self._label_of(version))
-        future = self._steps[version]
-        return None if future is None else await future
+        """The verl global step whose sync produced `version`: its push's label, read from the
+        service's last push the first time a sample of that version comes back. None for the
+        weights the service started with, and for a version the service had already replaced
+        by then (its label is no longer kept); not remembered, so a later sample retries."""
+        if version == 0 or version in self._steps:
+            return self._steps.get(version)
+        lookup = self._lookups.get(version)
+        if lookup is None:
+            lookup = self._lookups[version] = asyncio.ensure_future(self._label_of(version))
+            lookup.add_done_callback(lambda _: self._lookups.pop(version, None))
+        steps = await asyncio.shield(lookup)  # one caller cancelled cancels no other's lookup
+        if steps is not None:
+            self._steps[version] = steps
+        return steps
 
     async def _label_of(self, version: int) -> int | None:
         status = await self.client.status()
         last = status.last_push if status.HasField("last_push") else None
         return _steps_of(last.label) if last is not None and last.version == version else None
 
-    # ---- lifecycle: what verl's trainer calls around a weight sync ----------------------------
+    # ---- lifecycle: what verl's trainer and replica call around a weight sync -----------------
 
     async def abort_all_requests(self, reset_prefix_cache: bool = True, reject_request: bool = False) -> dict:
-        """Cancel this server's calls (their samples come back with stop_reason "aborted") and
-        hold new ones until resume_generation (refused instead when `reject_request`)."""
+        """Cancel this server's calls (the service aborts their engine requests; they come back
+        with stop_reason "aborted" and no tokens) and hold new ones until resume_generation, or
+        answer them aborted at once when `reject_request`. Returns once the cancelled calls have
+        ended."""
         self._open.clear()
         self._reject = reject_request
-        ids = list(self._calls)
-        self._aborted.update(ids)
-        for call in self._calls.values():
+        calls = dict(self._calls)
+        self._aborted.update(calls)
+        for call in calls.values():
             call.cancel()
-        return {"aborted_count": len(ids), "request_ids": ids}
+        await asyncio.gather(*calls.values(), return_exceptions=True)
+        return {"aborted_count": len(calls), "request_ids": list(calls)}
 
     async def abort_request(self, request_id: str) -> dict:
         call = self._calls.get(request_id)
@@ -192,9 +226,8 @@ class RolloutServiceServer:
         return {"aborted": call is not None, "request_id": request_id}
 
     async def resume_generation(self) -> None:
+        self._reject = False
         self._open.set()
-
-    open_submission_gate = resume_engine_generation = resume_generation
 
     async def sleep(self) -> None:
         """No GPU memory to free here: the engines live in the service."""
@@ -205,7 +238,7 @@ class RolloutServiceServer:
     async def clear_kv_cache(self) -> None:
         """The service drops its KV and prefix caches itself when a push is applied."""
 
-    release_kv_cache = resume_kv_cache = wait_for_requests_to_drain = clear_kv_cache
+    release_kv_cache = resume_kv_cache = clear_kv_cache
 
     async def set_global_steps(self, global_steps: int) -> None:
         """Not needed: each sample's global step comes from the label of the push that made its
@@ -215,9 +248,6 @@ class RolloutServiceServer:
         """Profile the service's engines on the service's side."""
 
     stop_profile = start_profile
-
-    def get_server_address(self) -> str:
-        return self.connection.address
 
 
 class RolloutServiceReplica(RolloutReplica):
