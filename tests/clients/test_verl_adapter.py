@@ -140,27 +140,31 @@ async def test_the_server_actor_fills_max_tokens_as_verls_vllm_server_and_return
     assert without.log_probs is None
 
 
-async def test_aborted_calls_come_back_aborted_and_new_ones_wait_for_resume(trainer_server):
+async def test_aborted_calls_come_back_aborted_and_new_ones_wait_for_resume(bf16_server):
+    """Generation is held (tests/observe.py), so the call sits in the engine until it is aborted."""
+    from tests.observe import held
+
     config = RolloutConfig(name="rollout_service", prompt_length=6, response_length=200)
-    server = RolloutServiceServer(config, 0, Connection(trainer_server.grpc_address, timeout=120))
+    server = RolloutServiceServer(config, 0, Connection(bf16_server.grpc_address, timeout=120))
     params = {"temperature": 1.0, "ignore_eos": True, "logprobs": True}
     client = server.client
     aborted_before = (await client.status()).counters.prompts_aborted
-    running = asyncio.ensure_future(server.generate(prompt_ids=[5, 6, 7], sampling_params=params, request_id="long"))
-    for _ in range(6000):  # until the service has the request in its engine (200 tokens to go)
-        if (await client.status()).counters.engine_requests_running == 1 or running.done():
-            break
-        await asyncio.sleep(0.01)
-    report = await server.abort_all_requests()
-    assert report == {"aborted_count": 1, "request_ids": ["long"]}
-    out = await running
-    assert out.stop_reason == "aborted" and out.token_ids == [] and out.log_probs == []
-    assert set(out.extra_fields) == {"weight_version", "first_weight_version", "global_steps", "min_global_steps", "max_global_steps"}
-    for _ in range(1000):  # the service notices the cancelled call and aborts its engine request
-        if (await client.status()).counters.prompts_aborted == aborted_before + 1:
-            break
-        await asyncio.sleep(0.01)
-    assert (await client.status()).counters.prompts_aborted == aborted_before + 1
+    with held(bf16_server):
+        running = asyncio.ensure_future(server.generate(prompt_ids=[5, 6, 7], sampling_params=params, request_id="long"))
+        for _ in range(12000):  # until the service has the request in its (held) engine
+            if (await client.status()).counters.engine_requests_running == 1:
+                break
+            await asyncio.sleep(0.01)
+        report = await server.abort_all_requests()
+        assert report == {"aborted_count": 1, "request_ids": ["long"]}
+        out = await running
+        assert out.stop_reason == "aborted" and out.token_ids == [] and out.log_probs == []
+        assert set(out.extra_fields) == {"weight_version", "first_weight_version", "global_steps", "min_global_steps", "max_global_steps"}
+        for _ in range(12000):  # the service notices the cancelled call and aborts its engine request
+            if (await client.status()).counters.prompts_aborted == aborted_before + 1:
+                break
+            await asyncio.sleep(0.01)
+        assert (await client.status()).counters.prompts_aborted == aborted_before + 1
     waiting = asyncio.ensure_future(server.generate(prompt_ids=[5, 6], sampling_params={**params, "max_tokens": 2}, request_id="next"))
     await asyncio.sleep(0)  # one turn of the loop: an open gate would have started the call by now
     assert "next" not in server._calls and not waiting.done()  # held until resume_generation

@@ -14,7 +14,9 @@ fields out), for loops that call a rollout directly rather than through verl's a
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -23,7 +25,7 @@ import torch
 from verl import DataProto
 from verl.workers.rollout.base import BaseRollout
 
-from rollout_client.client import AsyncRolloutClient, RolloutClient
+from rollout_client.client import RolloutClient
 from rollout_client.integrations.verl.connection import Connection
 from rollout_client.push import PushResult
 
@@ -55,6 +57,26 @@ def _pad(rows: list[list], width: int, value, dtype) -> torch.Tensor:
     for i, row in enumerate(rows):
         out[i, : len(row)] = torch.tensor(row[:width], dtype=dtype)
     return out
+
+
+class _Stepped:
+    """verl's generator, stepped by whichever thread asks (gRPC's sender, then the drain after a
+    failed push), one step at a time, with the caller's CUDA device current (each step may be an
+    NCCL gather)."""
+
+    def __init__(self, weights: Iterator):
+        self._weights = weights
+        self._lock = threading.Lock()
+        self._device = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+    def __iter__(self) -> _Stepped:
+        return self
+
+    def __next__(self):
+        with self._lock:
+            if self._device is not None:
+                torch.cuda.set_device(self._device)
+            return next(self._weights)
 
 
 class RolloutServiceRollout(BaseRollout):
@@ -111,7 +133,7 @@ class RolloutServiceRollout(BaseRollout):
             )
         weights = iter(weights)
         if _rank() == 0:
-            outcome = await self._push(weights, "" if global_steps is None else str(global_steps))
+            outcome = await asyncio.to_thread(self._push, _Stepped(weights), "" if global_steps is None else str(global_steps))
         else:
             # Each step is this rank's part of a gather; on the event loop's thread, as verl's own
             # rollouts step it.
@@ -121,12 +143,14 @@ class RolloutServiceRollout(BaseRollout):
         self.last_push = self._agree(outcome)
         return self.last_push
 
-    async def _push(self, weights: Iterator, label: str) -> PushResult | Exception:
-        # grpc.aio reads a plain iterator on the event loop's thread, so each gather runs where
-        # verl would run it. No deadline: a push of many GB takes as long as it takes.
+    def _push(self, weights: _Stepped, label: str) -> PushResult | Exception:
+        # The blocking client, on a thread: it reports the service's own status for a push refused
+        # part-way (the asyncio client, whose loop each gather blocks, once reported only "INTERNAL:
+        # Internal error from Core" in tests/clients/test_verl_plugin.py). No deadline: a push of
+        # many GB takes as long as it takes.
         try:
-            async with AsyncRolloutClient(**{**self.connection.client_options(), "timeout": None}) as client:
-                return await client.push_weights(weights, bucket_bytes=self.bucket_bytes, label=label, progress=False)
+            with RolloutClient(**{**self.connection.client_options(), "timeout": None}) as client:
+                return client.push_weights(weights, bucket_bytes=self.bucket_bytes, label=label, progress=False)
         except Exception as exc:  # raised by _agree, once the other ranks have it too
             return exc
         finally:
