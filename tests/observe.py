@@ -35,8 +35,7 @@ def held(server: ServerProcess, mode: str = "continue", stepped: bool = False) -
     (mode "continue"); all resume when the block ends. stepped: generation runs (resumed if
     held) until every request in the engine has generated a token, then is held; decided in
     the server, not a client round trip later."""
-    params = {"mode": mode, "stepped": str(stepped).lower()}
-    _http.post(f"{server.http_url}/v1/debug/pause", params=params).raise_for_status()
+    _pause(server, mode, stepped)
     try:
         yield
     finally:
@@ -46,7 +45,12 @@ def held(server: ServerProcess, mode: str = "continue", stepped: bool = False) -
 def step(server: ServerProcess) -> None:
     """Inside held(server): run generation until every request in the engine has generated a
     token (at least one engine step), then hold it again."""
-    _http.post(f"{server.http_url}/v1/debug/pause", params={"mode": "continue", "stepped": "true"}).raise_for_status()
+    _pause(server, "continue", stepped=True)
+
+
+def _pause(server: ServerProcess, mode: str, stepped: bool) -> None:
+    params = {"mode": mode, "stepped": str(stepped).lower()}
+    _http.post(f"{server.http_url}/v1/debug/pause", params=params).raise_for_status()
 
 
 class InBackground:

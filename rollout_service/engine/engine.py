@@ -306,8 +306,7 @@ class RolloutEngine:
         may be over. If that takes over two minutes: DeadlineExceeded, generation left running."""
         self._check_alive()
         if stepped:
-            async with self._pausing:
-                await self._llm.resume_generation()
+            await self.resume()
             await self._until_stepped()
         async with self._pausing:
             await self._llm.pause_generation(mode=_PAUSE_MODE[mode], clear_cache=False)
