@@ -65,6 +65,22 @@ def serve(
     weights_dir: Optional[Path] = typer.Option(None, help="Weight store directory (default <cache-dir>/weights)."),
     keep_versions: Optional[int] = typer.Option(None, help="Versions the weight store keeps (default 3)."),
     redis_url: Optional[str] = typer.Option(None, help="Redis for version, registry, push lock, events (default: embedded)."),
+    redis_password_file: Optional[Path] = typer.Option(None, help="File holding the Redis password."),
+    api_keys: Optional[Path] = typer.Option(
+        None, envvar="ROLLOUT_API_KEYS_FILE", help="Keys file, one ROLE:KEY or ROLE:sha256:HEX a line (see make-key)."
+    ),
+    insecure: Optional[bool] = typer.Option(None, "--insecure", help="Allow a non-loopback --host without --api-keys."),
+    tls_cert: Optional[Path] = typer.Option(None, help="PEM server certificate: serve gRPC and HTTPS over TLS."),
+    tls_key: Optional[Path] = typer.Option(None, help="PEM private key of --tls-cert."),
+    tls_client_ca: Optional[Path] = typer.Option(None, help="PEM CA: require client certificates it signed."),
+    max_prompts_per_call: Optional[int] = typer.Option(None, help="Most prompts in one call (default 4096)."),
+    max_samples_per_call: Optional[int] = typer.Option(None, help="Most prompts x n in one call (default 65536)."),
+    max_prompt_tokens: Optional[int] = typer.Option(None, help="Longest prompt (default: the context length)."),
+    max_tokens_per_sample: Optional[int] = typer.Option(None, help="Largest max_tokens (default: the context length)."),
+    max_request_mib: Optional[int] = typer.Option(None, help="Largest request body / message, MiB (default 64)."),
+    max_push_mib: Optional[int] = typer.Option(None, help="Largest push, MiB (default: the model at float32 + 10%)."),
+    max_concurrent_generates_per_key: Optional[int] = typer.Option(None, help="Generate calls per key at once (default 1024)."),
+    max_concurrent_pushes_per_key: Optional[int] = typer.Option(None, help="Pushes per key at once (default 4)."),
     log_level: Optional[str] = typer.Option(None, help="debug | info | warning | error (default info)."),
 ) -> None:
     """Serve a model over gRPC and HTTP: on Ray Serve (engine replicas, a weight store; a local Ray
@@ -101,6 +117,29 @@ def serve(
     except ConfigError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
+
+
+@app.command("make-key")
+def make_key_cmd(
+    role: str = typer.Argument(..., help="trainer | eval | admin."),
+    append: Optional[Path] = typer.Option(None, "--append", help="Append the key's hashed line to this keys file."),
+) -> None:
+    """Print a new API key once; with --append, add its line (ROLE:sha256:HEX, the key itself not kept)
+    to a keys file, which a running server re-reads."""
+    import os
+
+    from rollout_service.api.access import ROLES, digest, new_key
+
+    if role not in ROLES:
+        err.print(f"[red]error:[/red] role {role!r}: roles are {', '.join(ROLES)}")
+        raise typer.Exit(2)
+    key = new_key()
+    if append is not None:
+        fd = os.open(append, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "a") as f:
+            f.write(f"{role}:sha256:{digest(key)}\n")
+        err.print(f"appended a {role} key to {append}; the key is shown once, below")
+    print(key)
 
 
 @app.command("profile")

@@ -6,6 +6,7 @@ Every field has a description; the CLI (`rollout-service serve`) and environment
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
@@ -19,6 +20,16 @@ DType = Literal["bfloat16", "float32"]
 LogprobsMode = Literal["processed", "raw"]
 InflightPolicy = Literal["drain", "abort", "continue"]
 Backend = Literal["ray", "local"]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` keeps the server on this machine (a name other than localhost counts as not)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class ServerConfig(BaseSettings):
@@ -124,6 +135,10 @@ class ServerConfig(BaseSettings):
         "version event stream (redis://host:6379/0); default: the same kept in the ingress process.",
     )
 
+    redis_password_file: Path | None = Field(
+        None, description="File holding the Redis password (kept out of redis_url, argv and logs)."
+    )
+
     debug_endpoints: bool = Field(
         False,
         description="Serve GET /v1/debug/engine-weights (the engine's weights as it computes with them, "
@@ -131,6 +146,61 @@ class ServerConfig(BaseSettings):
         "generation, e.g. to freeze work in flight in a test). Off by default: the first copies the whole "
         "model, the others stop generation for every client.",
     )
+
+    api_keys: Path | None = Field(
+        None,
+        description="File of API keys, one a line as ROLE:KEY or ROLE:sha256:HEX, roles trainer (generate, push, "
+        "status), eval (generate, status), admin (everything); re-read when it changes (`rollout-service make-key`). "
+        "Without it every caller may do everything, so the server binds only to a loopback address unless "
+        "insecure is set.",
+    )
+    insecure: bool = Field(
+        False, description="Allow a non-loopback host without api_keys: anyone who reaches the port can push weights."
+    )
+    tls_cert: Path | None = Field(None, description="PEM certificate (chain) of the server: gRPC and HTTP serve TLS.")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert.")
+    tls_client_ca: Path | None = Field(
+        None, description="PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)."
+    )
+    max_prompts_per_call: int = Field(4096, ge=1, description="Most prompts in one Generate call.")
+    max_samples_per_call: int = Field(65536, ge=1, description="Most samples (prompts x n) in one Generate call.")
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="Longest prompt in tokens; default: the context length."
+    )
+    max_tokens_per_sample: int | None = Field(
+        None, ge=1, description="Largest sampling.max_tokens; default: the context length."
+    )
+    max_request_mib: int = Field(
+        64, ge=1, description="Largest HTTP request body and gRPC message, MiB (pushes: max_push_mib); gRPC always "
+        "takes at least 16 MiB, the clients' push chunks being 4 MiB."
+    )
+    max_push_mib: int | None = Field(
+        None, ge=1, description="Largest push (declared tensor bytes, and an HTTP push body), MiB; default: the "
+        "model at float32 plus 10 %."
+    )
+    max_concurrent_generates_per_key: int = Field(
+        1024, ge=1, description="Generate calls one API key may have running at once (RESOURCE_EXHAUSTED beyond)."
+    )
+    max_concurrent_pushes_per_key: int = Field(
+        4, ge=1, description="Pushes one API key may have open at once (RESOURCE_EXHAUSTED beyond)."
+    )
+
+    @model_validator(mode="after")
+    def _exposure(self) -> ServerConfig:
+        for name in ("api_keys", "tls_cert", "tls_key", "tls_client_ca", "redis_password_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}={str(path)!r} is not a file")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key (client certificates are checked over TLS)")
+        if self.api_keys is None and not self.insecure and not is_loopback(self.host):
+            raise ValueError(
+                f"host={self.host!r} is not a loopback address, and without api_keys anyone who reaches it can push "
+                "weights: give --api-keys FILE (rollout-service make-key), or --insecure to serve it open"
+            )
+        return self
 
     @field_validator("autoscale")
     @classmethod

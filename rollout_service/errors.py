@@ -53,6 +53,18 @@ class ConfigError(RolloutError):
     """The server cannot start with the given settings."""
 
 
+class Unauthenticated(RolloutError):
+    """The call carries no API key, or one the server does not know."""
+
+
+class PermissionDenied(RolloutError):
+    """The caller's key is valid but its role may not do this."""
+
+
+class TooLarge(RolloutError):
+    """A request, body or push is larger than the server's configured limit (the message names it)."""
+
+
 # The one table: error type -> (gRPC code, HTTP status). Order matters only for subclasses.
 _TABLE: dict[type[BaseException], tuple[grpc.StatusCode, int]] = {
     InvalidArgument: (grpc.StatusCode.INVALID_ARGUMENT, 400),
@@ -64,6 +76,9 @@ _TABLE: dict[type[BaseException], tuple[grpc.StatusCode, int]] = {
     FailedPrecondition: (grpc.StatusCode.FAILED_PRECONDITION, 412),
     Conflict: (grpc.StatusCode.ABORTED, 409),
     ConfigError: (grpc.StatusCode.FAILED_PRECONDITION, 500),
+    Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, 401),
+    PermissionDenied: (grpc.StatusCode.PERMISSION_DENIED, 403),
+    TooLarge: (grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
 }
 _INTERNAL = (grpc.StatusCode.INTERNAL, 500)
 

@@ -11,15 +11,17 @@ import contextlib
 import logging
 import signal
 import socket
+import ssl
 
 import uvicorn
 from grpc_health.v1 import health_pb2
 
+from rollout_service.api.access import Access
 from rollout_service.api.backend import LocalBackend
 from rollout_service.api.grpc_server import SERVICE_NAME, create_server
 from rollout_service.api.http_app import create_app
 from rollout_service.api.metrics import Metered
-from rollout_service.config import ServerConfig
+from rollout_service.config import ServerConfig, is_loopback
 from rollout_service.engine import RolloutEngine
 from rollout_service.errors import ConfigError, EngineUnavailable
 from rollout_service.launcher import READY_PREFIX
@@ -31,9 +33,16 @@ SHUTDOWN_GRACE_S = 5.0
 HEALTH_POLL_S = 2.0
 
 
-async def start_http(app, host: str, port: int) -> tuple[uvicorn.Server, asyncio.Task, int]:
-    """A started uvicorn server for `app` on this loop; returns it, its task and the bound port."""
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+async def start_http(app, config: ServerConfig) -> tuple[uvicorn.Server, asyncio.Task, int]:
+    """A started uvicorn server for `app` on config.host:config.http_port (HTTPS with config.tls_*)
+    on this loop; returns it, its task and the bound port."""
+    host, port = config.host, config.http_port
+    tls = {}
+    if config.tls_cert is not None:
+        tls = {"ssl_certfile": str(config.tls_cert), "ssl_keyfile": str(config.tls_key)}
+        if config.tls_client_ca is not None:
+            tls |= {"ssl_ca_certs": str(config.tls_client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off", **tls))
     # The runner owns the signals; uvicorn would otherwise install its own handlers.
     server.install_signal_handlers = lambda: None
     task = asyncio.create_task(server.serve())
@@ -79,6 +88,17 @@ def check_ports_free(config: ServerConfig) -> None:
                 raise ConfigError(f"{name}={port}: cannot bind {config.host}:{port} ({exc.strerror})") from None
 
 
+def log_exposure(config: ServerConfig, access: Access) -> None:
+    """Say at start who may call this server."""
+    where = f"{config.host} ({'this machine only' if is_loopback(config.host) else 'the network'})"
+    if access.keys is None:
+        log.warning("no --api-keys: every caller that reaches %s may generate and push weights", where)
+    elif config.tls_cert is None and not is_loopback(config.host):
+        log.warning("API keys travel in plain text to %s: give --tls-cert/--tls-key", where)
+    else:
+        log.info("API keys required on %s%s", where, ", TLS" if config.tls_cert else "")
+
+
 async def serve(config: ServerConfig) -> None:
     """Start everything, log one ready line, run until a stop signal."""
     stop = asyncio.Event()
@@ -87,17 +107,19 @@ async def serve(config: ServerConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
 
     check_ports_free(config)
+    access = Access.from_config(config)  # a bad keys file fails here, before the engine starts
+    log_exposure(config, access)
     log.info("starting the engine on %s (dtype=%s, quantization=%s)", config.model, config.dtype, config.quantization)
     engine = await RolloutEngine.start(config)
     weights = WeightService(engine, config)
     backend = Metered(LocalBackend(engine, weights))
     grpc_server = http_server = http_task = None
     try:
-        grpc_server, grpc_port = await create_server(backend, config.host, config.port)
+        grpc_server, grpc_port = await create_server(backend, config, access)
         watchdog = asyncio.create_task(watch_health(backend, grpc_server.health))
         http_desc = "off"
         if config.http_port is not None:
-            http_server, http_task, http_port = await start_http(create_app(backend), config.host, config.http_port)
+            http_server, http_task, http_port = await start_http(create_app(backend, access), config)
             http_desc = f"{config.host}:{http_port}"
         log.info(
             "%s grpc=%s:%d http=%s model=%s dtype=%s quantization=%s logprobs=%s inflight=%s weight_version=%d",

@@ -36,12 +36,33 @@ def check_serve_config(raw: dict) -> ServeDeploySchema:
     return schema
 
 
-def test_serve_yaml_validates_against_rays_schema_and_our_config():
+FILE_FIELDS = ("api_keys", "tls_cert", "tls_key", "tls_client_ca", "redis_password_file")
+
+
+def config_from_args(args: dict, model: Path, tmp_path: Path) -> ServerConfig:
+    """The ServerConfig a deploy file's args build, with its files (not here) replaced by stand-ins."""
+    args = dict(args, model=model)
+    for field in FILE_FIELDS:
+        if field in args:
+            stand_in = tmp_path / field
+            stand_in.write_text("trainer:" + "k" * 32 + "\n")
+            args[field] = stand_in
+    return ServerConfig(**args)
+
+
+def assert_secured(args: dict) -> None:
+    """A network-facing deploy: keys, TLS and the Redis password are files, none inline."""
+    assert args["host"] == "0.0.0.0" and "insecure" not in args
+    assert {"api_keys", "tls_cert", "tls_key", "redis_password_file"} <= set(args)
+    assert "@" not in args["redis_url"], "the Redis password belongs in redis_password_file"
+
+
+def test_serve_yaml_validates_against_rays_schema_and_our_config(tiny_model, tmp_path):
     schema = check_serve_config(yaml.safe_load((DEPLOY / "serve.yaml").read_text()))
     args = schema.applications[0].args
-    for field, value in args.items():  # each value passes its field's validation (model: not here)
-        if field != "model":
-            ServerConfig.__pydantic_validator__.validate_assignment(ServerConfig.model_construct(), field, value)
+    assert_secured(args)
+    config = config_from_args(args, tiny_model, tmp_path)
+    assert config.tls_cert is not None and config.api_keys is not None
 
 
 def test_the_cli_builds_a_config_of_the_same_schema(tiny_model):
@@ -59,13 +80,38 @@ def test_compose_uses_a_dockerfile_image_its_ports_and_redis():
     assert service["image"] in images
     assert (DEPLOY / service["build"]["context"] / service["build"]["dockerfile"]).resolve().is_file()
     for mapping in service["ports"]:
-        assert int(mapping.split(":")[1]) in images[service["image"]]
+        host, published, container = mapping.split(":")
+        assert host == "127.0.0.1", f"{mapping}: published beyond this host's loopback"
+        assert int(container) in images[service["image"]]
     assert "redis" in compose["services"]
     command = service["command"]
     flags = [c.removeprefix("--").replace("-", "_") for c in command if c.startswith("--")]
     assert set(flags) <= set(ServerConfig.model_fields), flags
     redis_url = command[command.index("--redis-url") + 1]
     assert redis_url.startswith("redis://redis:")
+
+
+def test_compose_redis_has_a_password_from_a_secret_and_is_not_published():
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    redis = compose["services"]["redis"]
+    assert "ports" not in redis
+    assert "requirepass" in " ".join(redis["entrypoint"]) and "/run/secrets/redis_password" in " ".join(redis["entrypoint"])
+    assert redis.get("user") == "redis"
+    rollout = compose["services"]["rollout"]
+    command = rollout["command"]
+    assert command[command.index("--redis-password-file") + 1] == "/run/secrets/redis_password"
+    assert command[command.index("--api-keys") + 1] == "/run/secrets/rollout_api_keys"
+    assert set(rollout["secrets"]) == {"redis_password", "rollout_api_keys"} == set(compose["secrets"])
+    for secret in compose["secrets"].values():
+        assert secret["file"].startswith("./secrets/")  # deploy/secrets/, git-ignored
+    assert "deploy/secrets/" in (DEPLOY.parent / ".gitignore").read_text()
+
+
+def test_dockerfiles_expose_only_grpc_and_http_and_require_keys():
+    for tag, ports in dockerfiles().items():
+        assert ports == {50051, 8000}, f"{tag} exposes {ports}: Ray's GCS and dashboard ports stay inside"
+    for f in (DEPLOY / "docker").glob("Dockerfile.*"):
+        assert '"--api-keys"' in f.read_text() and "--insecure" not in f.read_text()
 
 
 def test_kuberay_rayservice_has_a_valid_serve_config_autoscaling_probes_and_known_ports():
@@ -81,11 +127,34 @@ def test_kuberay_rayservice_has_a_valid_serve_config_autoscaling_probes_and_know
     head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert head["image"] in images
     assert {p["containerPort"] for p in head["ports"]} <= images[head["image"]]
-    assert head["readinessProbe"]["httpGet"]["port"] == 8000 and head["livenessProbe"]["grpc"]["port"] == 50051
+    for probe in (head["readinessProbe"], head["livenessProbe"]):
+        assert probe["httpGet"] == {"path": "/healthz", "port": 8000, "scheme": "HTTPS"}
     for group in cluster["workerGroupSpecs"]:
         assert group["template"]["spec"]["containers"][0]["image"] in images
     exposed = next(d for d in docs if d["kind"] == "Service")
     assert {p["targetPort"] for p in exposed["spec"]["ports"]} <= images[head["image"]]
+
+
+def test_kuberay_takes_keys_tls_and_redis_password_from_secrets_and_fences_rays_ports(tiny_model, tmp_path):
+    docs = list(yaml.safe_load_all((DEPLOY / "kuberay" / "rayservice.yaml").read_text()))
+    service = next(d for d in docs if d["kind"] == "RayService")
+    args = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert_secured(args)
+    config_from_args(args, tiny_model, tmp_path)
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]
+    mounts = {m["mountPath"]: m["name"] for m in head["spec"]["containers"][0]["volumeMounts"]}
+    secrets = {v["name"] for v in head["spec"]["volumes"] if "secret" in v}
+    for field in ("api_keys", "tls_cert", "tls_key", "redis_password_file"):
+        folder = str(Path(args[field]).parent)
+        assert mounts.get(folder) in secrets, f"{field} ({args[field]}) is not mounted from a Secret"
+    label = head["metadata"]["labels"]
+    policy = next(d for d in docs if d["kind"] == "NetworkPolicy")
+    assert policy["spec"]["podSelector"]["matchLabels"] == label
+    open_rule, own_pods = policy["spec"]["ingress"]
+    assert {p["port"] for p in open_rule["ports"]} == {50051, 8000} and "from" not in open_rule
+    assert own_pods["from"] == [{"podSelector": {"matchLabels": label}}] and "ports" not in own_pods
+    exposed = next(d for d in docs if d["kind"] == "Service")
+    assert label.items() <= exposed["spec"]["selector"].items()
 
 
 @pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.gpu"])

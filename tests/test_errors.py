@@ -15,6 +15,9 @@ from rollout_service import errors
         (errors.Cancelled("gone"), grpc.StatusCode.CANCELLED, 499),
         (errors.EngineUnavailable("dead"), grpc.StatusCode.UNAVAILABLE, 503),
         (errors.ConfigError("no"), grpc.StatusCode.FAILED_PRECONDITION, 500),
+        (errors.Unauthenticated("no key"), grpc.StatusCode.UNAUTHENTICATED, 401),
+        (errors.PermissionDenied("eval"), grpc.StatusCode.PERMISSION_DENIED, 403),
+        (errors.TooLarge("body"), grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
         (KeyError("x"), grpc.StatusCode.INTERNAL, 500),
     ],
 )

@@ -1,7 +1,8 @@
 """The gRPC front end: rollout.v1.RolloutService, plus standard health checking and reflection.
 
 The servicer only converts messages and calls the backend (api/backend.py); every exception is turned into a status
-code by `errors.grpc_status` in `_abort_with`, the one place that does it.
+code by `errors.grpc_status` in `_abort_with`, the one place that does it. `AccessInterceptor` checks each call's
+API key and role (api/access.py) before its request is even deserialized; health stays open for probes.
 """
 
 from __future__ import annotations
@@ -17,14 +18,27 @@ from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
 from rollout_client._proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
 
 from rollout_service.api import convert
+from rollout_service.api.access import Access, Operation, grpc_operation
 from rollout_service.api.backend import Backend
-from rollout_service.errors import Cancelled, DeadlineExceeded, InvalidArgument, RolloutError, grpc_status, public_message
+from rollout_service.api.limits import MIB, PushBudget, check_generate
+from rollout_service.config import ServerConfig
+from rollout_service.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InvalidArgument,
+    RolloutError,
+    grpc_status,
+    public_message,
+)
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RolloutService"].full_name
 # Large batches of long completions exceed gRPC's 4 MiB default.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+# What the server takes in one message at least, whatever max_request_mib says: the clients send
+# pushes in 4 MiB chunks.
+MIN_RECEIVE_BYTES = 16 * MIB
 
 
 async def _abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
@@ -44,6 +58,86 @@ async def _deadline(context: grpc.aio.ServicerContext):
         raise DeadlineExceeded(f"the call's deadline ({remaining:.3f} s) passed; its engine requests were aborted") from None
 
 
+def _refusal(handler: grpc.RpcMethodHandler, exc: RolloutError) -> grpc.RpcMethodHandler:
+    """A handler of the same kind that fails with `exc` and never deserializes the request."""
+
+    async def refuse(_request, context):
+        await context.abort(grpc_status(exc), public_message(exc))
+
+    async def refuse_stream(_request, context):
+        await context.abort(grpc_status(exc), public_message(exc))
+        yield  # an async generator, as a streaming handler must be
+
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(refuse_stream)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(refuse)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(refuse_stream)
+    return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+def _holding(handler: grpc.RpcMethodHandler, access: Access, caller, operation) -> grpc.RpcMethodHandler:
+    """The same handler, holding one of the caller's concurrency slots for the whole call (a cancelled
+    call raises CancelledError inside it, which frees the slot at once)."""
+
+    async def enter(context) -> bool:
+        try:
+            return access.acquire(caller, operation)
+        except RolloutError as exc:
+            await context.abort(grpc_status(exc), public_message(exc))
+
+    if handler.response_streaming:
+        inner = handler.unary_stream or handler.stream_stream
+
+        async def behaviour(request, context):
+            taken = await enter(context)
+            try:
+                async for item in inner(request, context):
+                    yield item
+            finally:
+                if taken:
+                    access.release(caller, operation)
+    else:
+        inner = handler.unary_unary or handler.stream_unary
+
+        async def behaviour(request, context):
+            taken = await enter(context)
+            try:
+                return await inner(request, context)
+            finally:
+                if taken:
+                    access.release(caller, operation)
+
+    kind = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(handler.request_streaming, handler.response_streaming)]
+    return kind(behaviour, handler.request_deserializer, handler.response_serializer)
+
+
+class AccessInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, access: Access):
+        self.access = access
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        operation = grpc_operation(details.method)
+        authorization = next((v for k, v in details.invocation_metadata or () if k == "authorization"), None)
+        try:
+            caller = self.access.authorize(authorization, operation)
+        except RolloutError as exc:
+            log.info("refused %s: %s", details.method, exc)
+            return _refusal(handler, exc)
+        if operation not in (Operation.GENERATE, Operation.PUSH):
+            return handler
+        return _holding(handler, self.access, caller, operation)
+
+
 class RolloutServicer(pb_grpc.RolloutServiceServicer):
     def __init__(self, backend: Backend):
         self.backend = backend
@@ -51,6 +145,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
         try:
             req = convert.request_from_proto(request)
+            check_generate(req, self.backend.config)
             async with _deadline(context):
                 async with contextlib.aclosing(self.backend.generate(req)) as stream:
                     done = [c async for c in stream]
@@ -62,6 +157,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
     async def GenerateStream(self, request: pb.GenerateRequest, context):
         try:
             req = convert.request_from_proto(request)
+            check_generate(req, self.backend.config)
             async with _deadline(context):
                 async with contextlib.aclosing(self.backend.generate(req)) as stream:
                     async for c in stream:
@@ -80,13 +176,18 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
             first = await anext(aiter(request_iterator), None)
             if first is None or first.WhichOneof("kind") != "header":
                 raise InvalidArgument("header", "the first message of a push must be its header")
-            async with self.backend.begin_push(convert.push_header_from_proto(first.header)) as session:
+            header = convert.push_header_from_proto(first.header)
+            budget = PushBudget(self.backend.config)
+            budget.add(header.tensors)
+            async with self.backend.begin_push(header) as session:
                 async for msg in request_iterator:
                     kind = msg.WhichOneof("kind")
                     if kind == "chunk":
                         await session.add_chunk(msg.chunk.tensor_index, msg.chunk.offset, msg.chunk.data)
                     elif kind == "declare":
-                        session.declare([convert.tensor_spec_from_proto(t) for t in msg.declare.tensors])
+                        specs = [convert.tensor_spec_from_proto(t) for t in msg.declare.tensors]
+                        budget.add(specs)
+                        session.declare(specs)
                     elif kind == "commit":
                         result = await self.backend.commit_push(session)
                         break
@@ -99,21 +200,36 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
         return convert.push_result_to_proto(result)
 
 
-async def create_server(backend: Backend, host: str, port: int) -> tuple[grpc.aio.Server, int]:
-    """A started gRPC server on host:port (0 = a free port); returns it and the bound port."""
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS from config.tls_cert/tls_key; client certificates required when tls_client_ca is set."""
+    if config.tls_cert is None:
+        return None
+    ca = config.tls_client_ca.read_bytes() if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
+
+
+async def create_server(backend: Backend, config: ServerConfig, access: Access) -> tuple[grpc.aio.Server, int]:
+    """A started gRPC server on config.host:config.port (0 = a free port); returns it and the bound port."""
     server = grpc.aio.server(
+        interceptors=[AccessInterceptor(access)],
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ]
+            ("grpc.max_receive_message_length", max(config.max_request_mib * MIB, MIN_RECEIVE_BYTES)),
+        ],
     )
     pb_grpc.add_RolloutServiceServicer_to_server(RolloutServicer(backend), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{config.host}:{config.port}"
+    credentials = server_credentials(config)
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if bound == 0:
-        raise OSError(f"cannot bind the gRPC server to {host}:{port}")
+        raise OSError(f"cannot bind the gRPC server to {address}")
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

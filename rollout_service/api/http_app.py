@@ -19,7 +19,9 @@ POST /v1/debug/resume           resume; running samples finish (drain), are abor
                     queued), then is held
 
 Errors come back as {"error": {"code": "INVALID_ARGUMENT", "message": "...", "field": "..."}}
-with the HTTP status from `errors.http_status`. An optional `X-Request-Timeout` header (seconds)
+with the HTTP status from `errors.http_status`. `AccessMiddleware` checks the API key and role of
+every request but /healthz (api/access.py) and bounds its body (max_request_mib; a push body,
+max_push_mib) before the app reads it: 401 / 403 / 413 / 429. An optional `X-Request-Timeout` header (seconds)
 is the HTTP counterpart of a gRPC deadline; a client that disconnects has its requests aborted.
 """
 
@@ -35,6 +37,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
+from rollout_service.api.access import Access, Operation, http_operation
+from rollout_service.api.limits import MIB, PushBudget, check_generate, max_push_bytes
 from rollout_service.api.metrics import CONTENT_TYPE, Metered
 from rollout_service.config import InflightPolicy
 from rollout_service.errors import (
@@ -42,6 +46,8 @@ from rollout_service.errors import (
     DeadlineExceeded,
     InvalidArgument,
     RolloutError,
+    TooLarge,
+    Unauthenticated,
     grpc_status,
     http_status,
     public_message,
@@ -58,7 +64,87 @@ def _error_response(exc: BaseException) -> JSONResponse:
     body = {"code": grpc_status(exc).name, "message": public_message(exc)}
     if isinstance(exc, InvalidArgument):
         body["field"] = exc.field
-    return JSONResponse({"error": body}, status_code=http_status(exc))
+    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthenticated) else None
+    return JSONResponse({"error": body}, status_code=http_status(exc), headers=headers)
+
+
+class AccessMiddleware:
+    """ASGI middleware: the caller's key and role, its per-key concurrency slot, and the body limit,
+    all before the app runs. A body is read here in full (bounded) except a push's, which streams
+    through a counter that fails the push with TooLarge once it passes its limit."""
+
+    def __init__(self, app, access: Access, max_body: int, max_push: int):
+        self.app = app
+        self.access = access
+        self.max_body = max_body
+        self.max_push = max_push
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        operation = http_operation(scope["method"], scope["path"])
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        limit = self.max_push if operation is Operation.PUSH else self.max_body
+        taken = False
+        try:
+            caller = self.access.authorize(headers.get("authorization"), operation)
+            length = headers.get("content-length", "")
+            if length.isdigit() and int(length) > limit:
+                raise TooLarge(f"the body of {int(length)} bytes is over the limit of {limit // MIB} MiB")
+            if operation is Operation.PUSH:
+                receive = _bounded(receive, limit)
+            else:
+                receive = await _buffered(receive, limit)
+            taken = self.access.acquire(caller, operation)
+        except RolloutError as exc:
+            if not isinstance(exc, TooLarge):
+                log.info("refused %s %s: %s", scope["method"], scope["path"], exc)
+            return await _error_response(exc)(scope, receive, send)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if taken:
+                self.access.release(caller, operation)
+
+
+def _too_large(limit: int) -> TooLarge:
+    return TooLarge(f"the body is over the limit of {limit // MIB} MiB")
+
+
+def _bounded(receive, limit: int):
+    seen = 0
+
+    async def counting():
+        nonlocal seen
+        message = await receive()
+        seen += len(message.get("body", b""))
+        if seen > limit:
+            raise _too_large(limit)
+        return message
+
+    return counting
+
+
+async def _buffered(receive, limit: int):
+    """The whole body read now (at most `limit` bytes), replayed to the app as one message."""
+    parts, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            pending = [message]
+            break
+        parts.append(message.get("body", b""))
+        size += len(parts[-1])
+        if size > limit:
+            raise _too_large(limit)
+        if not message.get("more_body", False):
+            pending = [{"type": "http.request", "body": b"".join(parts), "more_body": False}]
+            break
+
+    async def replay():
+        return pending.pop(0) if pending else await receive()
+
+    return replay
 
 
 async def _until_disconnected(request: Request) -> None:
@@ -84,9 +170,13 @@ async def _run_cancellable(request: Request, work, timeout: float | None):
     raise DeadlineExceeded(f"X-Request-Timeout ({timeout} s) passed; its engine requests were aborted")
 
 
-def create_app(backend: Metered, events=None) -> FastAPI:
-    """The app over `backend`; `events(after, count)` serves /v1/events when given."""
+def create_app(backend: Metered, access: Access, events=None) -> FastAPI:
+    """The app over `backend` behind `access`; `events(after, count)` serves /v1/events when given."""
     app = FastAPI(title="rollout-service", version="1", summary="Rollouts with exact per-token logprobs (rollout.v1).")
+    config = backend.config
+    app.add_middleware(
+        AccessMiddleware, access=access, max_body=config.max_request_mib * MIB, max_push=max_push_bytes(config)
+    )
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_, exc: RequestValidationError):
@@ -102,6 +192,8 @@ def create_app(backend: Metered, events=None) -> FastAPI:
         request: Request,
         x_request_timeout: float | None = Header(None, gt=0, description="Deadline in seconds."),
     ):
+        check_generate(body, config)
+
         async def work():
             async with contextlib.aclosing(backend.generate(body)) as stream:
                 done = [c async for c in stream]
@@ -120,6 +212,7 @@ def create_app(backend: Metered, events=None) -> FastAPI:
         body = SafetensorsStream(request.stream())
         try:
             header = await body.header(expected_version, label, inflight)
+            PushBudget(config).add(header.tensors)
             async with backend.begin_push(header) as session:
                 async for index, offset, data in body.chunks():
                     await session.add_chunk(index, offset, data)

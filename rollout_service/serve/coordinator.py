@@ -19,10 +19,12 @@ import itertools
 import json
 import time
 from typing import Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from rollout_service.config import ServerConfig
 from rollout_service.errors import EngineUnavailable
 
 PREFIX = "rollout:"
@@ -131,9 +133,11 @@ class RedisCoordinator:
     """The same in Redis. A Redis error becomes EngineUnavailable naming the server, so a push
     while Redis is down fails fast and clearly; generation never touches Redis."""
 
-    def __init__(self, url: str):
-        self.url = url
-        self._r = aioredis.Redis.from_url(url, decode_responses=True, socket_timeout=5, socket_connect_timeout=2)
+    def __init__(self, url: str, password: str | None = None):
+        self.url = redacted(url)  # what messages and logs show
+        self._r = aioredis.Redis.from_url(
+            url, password=password, decode_responses=True, socket_timeout=5, socket_connect_timeout=2
+        )
 
     async def _call(self, what: str, coro):
         try:
@@ -196,5 +200,18 @@ class RedisCoordinator:
         await self._r.aclose()
 
 
-def make_coordinator(redis_url: str | None) -> Coordinator:
-    return RedisCoordinator(redis_url) if redis_url else EmbeddedCoordinator()
+def redacted(url: str) -> str:
+    """`url` with any password replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def make_coordinator(config: ServerConfig) -> Coordinator:
+    if not config.redis_url:
+        return EmbeddedCoordinator()
+    password = config.redis_password_file.read_text().strip() if config.redis_password_file else None
+    return RedisCoordinator(config.redis_url, password)

@@ -19,6 +19,7 @@ import logging
 
 from ray.serve.handle import DeploymentHandle
 
+from rollout_service.api.access import Access
 from rollout_service.api.grpc_server import create_server
 from rollout_service.api.http_app import create_app
 from rollout_service.api.metrics import Metered
@@ -28,7 +29,7 @@ from rollout_service.serve.backend import ServeBackend
 from rollout_service.serve.coordinator import make_coordinator
 from rollout_service.serve.errors import broadcast
 from rollout_service.serve.push import ClusterPush
-from rollout_service.server import SHUTDOWN_GRACE_S, start_http, watch_health
+from rollout_service.server import SHUTDOWN_GRACE_S, log_exposure, start_http, watch_health
 from rollout_service.weights.versions import VersionStore
 
 log = logging.getLogger("rollout_service.ingress")
@@ -41,17 +42,19 @@ class Ingress:
     async def __init__(self, config: ServerConfig, engines: DeploymentHandle):
         self.config = config
         self.engines = engines
-        self.coordinator = make_coordinator(config.redis_url)
+        self.coordinator = make_coordinator(config)
         self.store = VersionStore(config.store_dir, config.keep_versions)
         self.store.clean()
         self.push = ClusterPush(config, engines, self.coordinator, self.store)
         self.backend = Metered(ServeBackend(config, engines, self.push))
-        self.grpc_server, self.grpc_port = await create_server(self.backend, config.host, config.port)
+        access = Access.from_config(config)
+        log_exposure(config, access)
+        self.grpc_server, self.grpc_port = await create_server(self.backend, config, access)
         self.http = None
         self.http_port = None
         if config.http_port is not None:
-            app = create_app(self.backend, events=self.coordinator.events)
-            self.http, self._http_task, self.http_port = await start_http(app, config.host, config.http_port)
+            app = create_app(self.backend, access, events=self.coordinator.events)
+            self.http, self._http_task, self.http_port = await start_http(app, config)
         self._tasks = [
             asyncio.create_task(watch_health(self.backend, self.grpc_server.health)),
             asyncio.create_task(self._keep_registry()),

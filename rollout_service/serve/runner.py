@@ -15,11 +15,13 @@ from ray import serve
 from ray.serve._private import api as _private_api
 from ray.serve.schema import ServeDeploySchema
 
+from rollout_service.api.access import Access
 from rollout_service.config import ServerConfig
 from rollout_service.engine.engine import resolve_model
 from rollout_service.launcher import READY_PREFIX
 from rollout_service.errors import ConfigError
 from rollout_service.serve.app import APP_NAME, ENGINE_DEPLOYMENT, app_config
+from rollout_service.serve.coordinator import redacted
 from rollout_service.server import check_ports_free
 
 log = logging.getLogger("rollout_service")
@@ -83,6 +85,7 @@ def deploy(config: ServerConfig, timeout_s: float = 900):
 
 def run(config: ServerConfig) -> None:
     check_ports_free(config)
+    Access.from_config(config)  # a bad keys file fails here, not in the ingress replica
     # Settings errors (FP8 on CPU, a quantized checkpoint given with --quantization) surface here
     # rather than as replicas failing to start; the quantized copy is made once, before the replicas.
     resolve_model(config)
@@ -100,7 +103,7 @@ def run(config: ServerConfig) -> None:
         log.info(
             "%s grpc=%s http=%s model=%s dtype=%s quantization=%s backend=ray replicas=%s weights_dir=%s redis=%s",
             READY_PREFIX, ends["grpc"], ends["http"] or "off", config.model, config.dtype, config.quantization,
-            n, config.store_dir, config.redis_url or "embedded",
+            n, config.store_dir, redacted(config.redis_url) if config.redis_url else "embedded",
         )
         stop.wait()
         log.info("stopping: deleting the application")

@@ -9,11 +9,12 @@ safetensors itself has none.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import AsyncIterator
 
 from rollout_service.errors import DataLoss, InvalidArgument
-from rollout_service.weights.manifest import SAFETENSORS_DTYPES, PushHeader, TensorSpec
+from rollout_service.weights.manifest import DTYPES, SAFETENSORS_DTYPES, PushHeader, TensorSpec
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 
@@ -40,22 +41,17 @@ class SafetensorsStream:
             raise InvalidArgument("body", f"safetensors header of {size} bytes exceeds {MAX_HEADER_BYTES}")
         try:
             raw = json.loads(await self._take(size, "header"))
-            checksums = json.loads(raw.pop("__metadata__", {}).get("crc32", "{}"))
-        except (json.JSONDecodeError, AttributeError) as exc:
-            raise InvalidArgument("body", f"the safetensors header is not valid JSON: {exc}") from None
-        entries = sorted(raw.items(), key=lambda kv: kv[1]["data_offsets"][0])
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise InvalidArgument("body", f"the safetensors header is not valid JSON: {str(exc)[:200]}") from None
+        if not isinstance(raw, dict):
+            raise InvalidArgument("body", f"the safetensors header is a JSON {type(raw).__name__}, not an object")
+        checksums = _checksums(raw.pop("__metadata__", None) or {})
+        entries = sorted(((name, _entry(name, info)) for name, info in raw.items()), key=lambda e: e[1][2])
         tensors = []
         position = 0
-        for name, info in entries:
-            begin, end = info["data_offsets"]
+        for name, (dtype, shape, begin, end) in entries:
             if begin != position:
                 raise InvalidArgument(f"body.{name}", f"data_offsets begin at {begin}, expected {position} (no gaps)")
-            dtype = SAFETENSORS_DTYPES.get(info["dtype"])
-            if dtype is None:
-                raise InvalidArgument(
-                    f"body.{name}", f"{name}: dtype {info['dtype']} is not one of {', '.join(SAFETENSORS_DTYPES)}"
-                )
-            shape = tuple(info["shape"])
             tensors.append(TensorSpec(name, dtype, shape, end - begin, checksums.get(name)))
             self._spans.append((begin, end))
             position = end
@@ -84,3 +80,41 @@ class SafetensorsStream:
                 position += take
                 if position == end:
                     index += 1
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _entry(name: str, info) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of one header entry, every field checked."""
+    where = f"body.{name}"
+    if not isinstance(info, dict):
+        raise InvalidArgument(where, "expected an object with dtype, shape and data_offsets")
+    dtype = SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info.get("dtype"), str) else None
+    if dtype is None:
+        raise InvalidArgument(where, f"dtype {info.get('dtype')!r} is not one of {', '.join(SAFETENSORS_DTYPES)}")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise InvalidArgument(where, f"shape {shape!r} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+        raise InvalidArgument(where, f"data_offsets {offsets!r} is not [begin, end]")
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        raise InvalidArgument(where, f"data_offsets {offsets} need 0 <= begin <= end")
+    expected = math.prod(shape) * DTYPES[dtype].itemsize
+    if end - begin != expected:
+        raise InvalidArgument(where, f"data_offsets span {end - begin} bytes; shape {shape} of {dtype} is {expected}")
+    return dtype, tuple(shape), begin, end
+
+
+def _checksums(metadata) -> dict[str, int]:
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise InvalidArgument("body.__metadata__", "must be an object of strings")
+    try:
+        checksums = json.loads(metadata.get("crc32", "{}"))
+    except (ValueError, RecursionError):
+        raise InvalidArgument("body.__metadata__.crc32", "is not a JSON object of name -> CRC-32") from None
+    if not isinstance(checksums, dict) or not all(_is_int(v) and 0 <= v < 2**32 for v in checksums.values()):
+        raise InvalidArgument("body.__metadata__.crc32", "is not a JSON object of name -> CRC-32 (0 <= crc < 2**32)")
+    return checksums

@@ -63,5 +63,60 @@ def test_a_body_cut_inside_the_header_is_data_loss():
 
 
 def test_unsupported_dtypes_are_named():
-    with pytest.raises(InvalidArgument, match="a: dtype I64"):
+    with pytest.raises(InvalidArgument, match="body.a: dtype 'I64'"):
         _parse(save({"a": torch.zeros(4, dtype=torch.int64)}))
+
+
+def _with_header(header) -> bytes:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw + bytes(64)
+
+
+@pytest.mark.parametrize(
+    "header, field, words",
+    [
+        (b"\xff\xfe not utf-8", "body", "not valid JSON"),
+        (b"[" * 100_000, "body", "not valid JSON"),  # nesting beyond the parser's stack
+        ([1, 2], "body", "JSON list, not an object"),
+        ({"a": 5}, "body.a", "expected an object"),
+        ({"a": {"dtype": 7, "shape": [1], "data_offsets": [0, 4]}}, "body.a", "dtype 7"),
+        ({"a": {"dtype": "F32", "shape": "1", "data_offsets": [0, 4]}}, "body.a", "shape '1'"),
+        ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, "body.a", "non-negative"),
+        ({"a": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, "body.a", "non-negative"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0]}}, "body.a", r"is not \[begin, end\]"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [8, 4]}}, "body.a", "begin <= end"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, "body.a", "span 4 bytes"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, "body.a", "expected 0"),
+        ({"__metadata__": [1]}, "body.__metadata__", "object of strings"),
+        ({"__metadata__": {"crc32": "{"}}, "body.__metadata__.crc32", "JSON object"),
+        ({"__metadata__": {"crc32": '{"a": -1}'}}, "body.__metadata__.crc32", "CRC-32"),
+    ],
+)
+def test_a_malformed_header_is_invalid_argument_naming_the_entry(header, field, words):
+    with pytest.raises(InvalidArgument, match=words) as info:
+        _parse(_with_header(header))
+    assert info.value.field == field
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_mutated_headers_are_refused_with_client_errors_only(seed):
+    """Random byte flips, cuts and splices of a real header: every outcome is a parse or a client error."""
+    rng = random.Random(seed)
+    good = save({"w": torch.zeros(3, 5), "b": torch.zeros(5).to(torch.bfloat16)}, metadata={"crc32": '{"w": 1}'})
+    size = int.from_bytes(good[:8], "little")
+    header = good[8 : 8 + size]
+    for _ in range(300):
+        mutated = bytearray(header)
+        for _ in range(rng.randint(1, 4)):
+            at = rng.randrange(len(mutated))
+            choice = rng.random()
+            if choice < 0.5:
+                mutated[at] = rng.randrange(256)
+            elif choice < 0.75:
+                del mutated[at : at + rng.randint(1, 8)]
+            else:
+                mutated[at:at] = rng.choice([b"[", b"{", b'"', b"-1", b"1e999", b"null", b",", b"\\u0000"])
+        try:
+            _parse(_with_header(bytes(mutated)), seed)
+        except (InvalidArgument, DataLoss):
+            pass

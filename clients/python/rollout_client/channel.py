@@ -69,13 +69,21 @@ class ChannelOptions:
     """Everything about the connection itself.
 
     `tls`: use TLS with the system roots, or with `root_certificates` (PEM bytes or a path).
-    `api_key`: sent as `authorization: Bearer <key>` on every call (TLS recommended).
+    `client_certificate` / `client_key`: this client's certificate and key (PEM bytes or paths) for a
+    server that requires client certificates (mutual TLS); they imply TLS.
+    `api_key`: sent as `authorization: Bearer <key>` on every call (TLS recommended); never shown in repr.
     """
 
     retry: RetryPolicy = RetryPolicy()
     tls: bool = False
     root_certificates: bytes | str | Path | None = None
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    client_certificate: bytes | str | Path | None = None
+    client_key: bytes | str | Path | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if (self.client_certificate is None) != (self.client_key is None):
+            raise ValueError("client_certificate and client_key go together: give both or neither")
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
@@ -89,12 +97,13 @@ class ChannelOptions:
         ]
 
     def credentials(self) -> grpc.ChannelCredentials | None:
-        if not (self.tls or self.root_certificates):
+        if not (self.tls or self.root_certificates or self.client_certificate):
             return None
-        roots = self.root_certificates
-        if isinstance(roots, (str, Path)):
-            roots = Path(roots).read_bytes()
-        return grpc.ssl_channel_credentials(root_certificates=roots)
+        return grpc.ssl_channel_credentials(
+            root_certificates=_pem(self.root_certificates),
+            private_key=_pem(self.client_key),
+            certificate_chain=_pem(self.client_certificate),
+        )
 
     def channel(self, address: str) -> grpc.Channel:
         creds = self.credentials()
@@ -107,3 +116,10 @@ class ChannelOptions:
         if creds is None:
             return grpc.aio.insecure_channel(address, options=self.grpc_options())
         return grpc.aio.secure_channel(address, creds, options=self.grpc_options())
+
+
+def _pem(value: bytes | str | Path | None) -> bytes | None:
+    """PEM bytes as given, or read from a path."""
+    if value is None or isinstance(value, bytes):
+        return value
+    return Path(value).read_bytes()

@@ -64,7 +64,7 @@ class _Connection:
 
     address: "host:port". timeout: default deadline of every call, seconds (None: no deadline).
     retry: how idempotent calls retry on UNAVAILABLE (channel.NO_RETRY turns it off).
-    tls / root_certificates / api_key: see channel.ChannelOptions.
+    tls / root_certificates / api_key / client_certificate / client_key: see channel.ChannelOptions.
     """
 
     _asyncio = False
@@ -78,10 +78,15 @@ class _Connection:
         tls: bool = False,
         root_certificates: bytes | str | None = None,
         api_key: str | None = None,
+        client_certificate: bytes | str | None = None,
+        client_key: bytes | str | None = None,
     ):
         self.address = address
         self.timeout = timeout
-        options = ChannelOptions(retry=retry, tls=tls, root_certificates=root_certificates, api_key=api_key)
+        options = ChannelOptions(
+            retry=retry, tls=tls, root_certificates=root_certificates, api_key=api_key,
+            client_certificate=client_certificate, client_key=client_key,
+        )
         self._metadata = options.metadata()
         self._channel = options.aio_channel(address) if self._asyncio else options.channel(address)
         self._stub = pb_grpc.RolloutServiceStub(self._channel)

@@ -49,6 +49,18 @@ class AbortedError(RolloutClientError):
     code = grpc.StatusCode.ABORTED
 
 
+class UnauthenticatedError(RolloutClientError):
+    """No API key was sent, or the server does not know it."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDeniedError(RolloutClientError):
+    """The key's role may not make this call (e.g. an eval key pushing weights)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 _BY_CODE = {
     cls.code: cls
     for cls in (
@@ -60,6 +72,8 @@ _BY_CODE = {
         FailedPreconditionError,
         DataLossError,
         AbortedError,
+        UnauthenticatedError,
+        PermissionDeniedError,
     )
 }
 

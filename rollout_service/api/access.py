@@ -1,0 +1,218 @@
+"""Who may call what: API keys with roles, checked the same way by the gRPC and HTTP front ends.
+
+A keys file holds one key a line, `ROLE:KEY` or `ROLE:sha256:HEX` (the key's SHA-256 in hex, so the
+file need not hold the key itself); blank lines and `#` comments are skipped. Keys are kept as
+digests only and looked up in constant time (every digest is compared, with no early exit), and
+never logged: a caller is named by its role and the first 8 hex digits of its digest.
+
+The file is re-read when it changes (inode, mtime or size), so keys rotate without a restart. At
+start every line must parse; on a reload a malformed line is skipped and logged and the others
+apply, so deleting a key's line always revokes it.
+
+Operations not listed for a role are denied: an RPC or path that `grpc_operation` / `http_operation`
+does not know needs `admin`. Health (gRPC `grpc.health.v1.Health`, `GET /healthz`) is open.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+from collections import Counter
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from rollout_service.errors import ConfigError, Overloaded, PermissionDenied, Unauthenticated
+
+log = logging.getLogger(__name__)
+
+
+class Operation(str, Enum):
+    GENERATE = "generate"
+    PUSH = "push"
+    STATUS = "status"
+    ADMIN = "admin"  # debug endpoints, metrics, reflection, API docs, anything not listed
+    HEALTH = "health"  # open to anyone
+
+
+ROLES: dict[str, frozenset[Operation]] = {
+    "trainer": frozenset({Operation.GENERATE, Operation.PUSH, Operation.STATUS}),
+    "eval": frozenset({Operation.GENERATE, Operation.STATUS}),
+    "admin": frozenset(Operation),
+}
+
+_GRPC = {
+    "/rollout.v1.RolloutService/Generate": Operation.GENERATE,
+    "/rollout.v1.RolloutService/GenerateStream": Operation.GENERATE,
+    "/rollout.v1.RolloutService/GetStatus": Operation.STATUS,
+    "/rollout.v1.RolloutService/PushWeights": Operation.PUSH,
+    "/grpc.health.v1.Health/Check": Operation.HEALTH,
+    "/grpc.health.v1.Health/Watch": Operation.HEALTH,
+}
+_HTTP = {
+    ("POST", "/v1/generate"): Operation.GENERATE,
+    ("POST", "/v1/weights"): Operation.PUSH,
+    ("GET", "/v1/status"): Operation.STATUS,
+    ("GET", "/v1/events"): Operation.STATUS,
+    ("GET", "/healthz"): Operation.HEALTH,
+}
+
+
+def grpc_operation(method: str) -> Operation:
+    return _GRPC.get(method, Operation.ADMIN)
+
+
+def http_operation(method: str, path: str) -> Operation:
+    return _HTTP.get((method, path), Operation.ADMIN)
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key() -> str:
+    """A fresh key: 32 random bytes, URL-safe."""
+    return "rk_" + secrets.token_urlsafe(32)
+
+
+def parse_key_line(line: str, where: str) -> tuple[str, str] | None:
+    """(role, hex digest) of one keys-file line, None for a blank or comment line."""
+    line = line.strip()
+    if not line or line.startswith("#"):
+        return None
+    role, sep, rest = line.partition(":")
+    if not sep or not rest:
+        raise ConfigError(f"{where}: expected ROLE:KEY or ROLE:sha256:HEX")
+    if role not in ROLES:
+        raise ConfigError(f"{where}: unknown role {role!r}; roles are {', '.join(ROLES)}")
+    if rest.startswith("sha256:"):
+        hexdigest = rest.removeprefix("sha256:").lower()
+        if len(hexdigest) != 64 or any(c not in "0123456789abcdef" for c in hexdigest):
+            raise ConfigError(f"{where}: sha256: needs 64 hex digits")
+        return role, hexdigest
+    if len(rest) < 16:
+        raise ConfigError(f"{where}: a key must be at least 16 characters (make one with `rollout-service make-key`)")
+    return role, digest(rest)
+
+
+@dataclass(frozen=True)
+class Caller:
+    role: str
+    name: str  # role:first 8 hex digits of the key's digest; "anonymous" without keys
+
+    def may(self, operation: Operation) -> bool:
+        return operation in ROLES[self.role]
+
+
+ANONYMOUS = Caller("admin", "anonymous")
+
+
+class KeyRing:
+    """The keys of one file, as (digest, role), re-read when the file changes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._stamp = None
+        self._keys: list[tuple[bytes, str]] = []
+        self._load(strict=True)
+
+    def _stat(self):
+        st = os.stat(self.path)
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    def _load(self, strict: bool) -> None:
+        stamp = self._stat()
+        keys = []
+        for number, line in enumerate(self.path.read_text().splitlines(), 1):
+            try:
+                parsed = parse_key_line(line, f"{self.path}:{number}")
+            except ConfigError as exc:
+                if strict:
+                    raise
+                log.error("keys file reload: skipping a line: %s", exc)
+                continue
+            if parsed is not None:
+                keys.append((bytes.fromhex(parsed[1]), parsed[0]))
+        if not keys and strict:
+            raise ConfigError(f"{self.path}: no keys (one a line, ROLE:KEY or ROLE:sha256:HEX)")
+        self._keys, self._stamp = keys, stamp
+        log.info("API keys from %s: %s", self.path, dict(Counter(role for _, role in keys)) or "none")
+
+    def refresh(self) -> None:
+        try:
+            if self._stat() != self._stamp:
+                self._load(strict=False)
+        except OSError as exc:  # a file being replaced: keep the keys we have
+            log.error("keys file %s unreadable, keeping the previous keys: %s", self.path, exc)
+
+    def lookup(self, key: str) -> Caller | None:
+        self.refresh()
+        wanted = hashlib.sha256(key.encode()).digest()
+        found = None
+        for stored, role in self._keys:  # no early exit: the time does not depend on which key matched
+            if hmac.compare_digest(stored, wanted):
+                found = role
+        return None if found is None else Caller(found, f"{found}:{wanted.hex()[:8]}")
+
+
+class Access:
+    """Authentication, authorization and per-key concurrency caps, for both front ends of a process."""
+
+    def __init__(self, keys: KeyRing | None, max_generates: int, max_pushes: int):
+        self.keys = keys
+        self._caps = {Operation.GENERATE: max_generates, Operation.PUSH: max_pushes}
+        self._running: Counter[tuple[str, Operation]] = Counter()
+
+    @classmethod
+    def from_config(cls, config) -> Access:
+        keys = KeyRing(config.api_keys) if config.api_keys is not None else None
+        return cls(keys, config.max_concurrent_generates_per_key, config.max_concurrent_pushes_per_key)
+
+    def authorize(self, authorization: str | None, operation: Operation) -> Caller:
+        """The caller behind an `authorization` value ("Bearer KEY"), if it may do `operation`."""
+        if operation is Operation.HEALTH or self.keys is None:
+            return ANONYMOUS
+        scheme, _, key = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise Unauthenticated("no API key: send `authorization: Bearer <key>`")
+        caller = self.keys.lookup(key.strip())
+        if caller is None:
+            raise Unauthenticated("unknown API key")
+        if not caller.may(operation):
+            allowed = [role for role, ops in ROLES.items() if operation in ops]
+            raise PermissionDenied(f"role {caller.role!r} may not {operation.value}; roles that may: {', '.join(allowed)}")
+        return caller
+
+    def acquire(self, caller: Caller, operation: Operation) -> bool:
+        """Take one of the caller's concurrent calls of `operation` (generate and push are capped);
+        True when a slot was taken and must be given back with `release`."""
+        cap = self._caps.get(operation)
+        if cap is None or caller is ANONYMOUS:
+            return False
+        slot = (caller.name, operation)
+        if self._running[slot] >= cap:
+            raise Overloaded(f"{caller.name} already has {cap} {operation.value} call(s) running (the per-key limit)")
+        self._running[slot] += 1
+        return True
+
+    def release(self, caller: Caller, operation: Operation) -> None:
+        slot = (caller.name, operation)
+        self._running[slot] -= 1
+        if not self._running[slot]:
+            del self._running[slot]
+
+    @contextlib.contextmanager
+    def slot(self, caller: Caller, operation: Operation):
+        taken = self.acquire(caller, operation)
+        try:
+            yield
+        finally:
+            if taken:
+                self.release(caller, operation)
+
+    def running(self, caller_name: str, operation: Operation) -> int:
+        return self._running[(caller_name, operation)]

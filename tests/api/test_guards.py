@@ -1,0 +1,323 @@
+"""The front ends' guards (keys and roles, TLS, limits) on both protocols, in-process over a test
+double of the backend: a unit test of the API layer (the engine-backed server is tests/api/test_security.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import struct
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rollout_client import (
+    AsyncRolloutClient,
+    InvalidArgumentError,
+    NO_RETRY,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+    UnavailableError,
+)
+
+from rollout_service.api.access import Access
+from rollout_service.api.grpc_server import create_server
+from rollout_service.api.http_app import create_app
+from rollout_service.api.metrics import Metered
+from rollout_service.config import ServerConfig
+from rollout_service.server import start_http
+from rollout_service.types import Completion, Counters, PushResult, Sample, ServerStatus
+from tests.tls import Pki
+
+KEYS = {"trainer": "trainer-key-0123456789abcdef", "eval": "eval-key-0123456789abcdef", "admin": "admin-key-0123456789abcdef"}
+OTHER_TRAINER = "trainer-two-0123456789abcdef"
+
+
+class RecordingBackendDouble:
+    """Test double of api.backend.Backend: records the calls that get through the guards, and can
+    hold generation so calls stay running."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.generate_calls = 0
+        self.commits = 0
+        self.declared: list[str] = []
+        self.open = asyncio.Event()
+        self.open.set()
+
+    async def generate(self, req):
+        self.generate_calls += 1
+        await self.open.wait()
+        for i, prompt in enumerate(req.prompts):
+            sample = Sample([5, 6], "ab", [-0.5, -0.25], "length", self.commits)
+            yield Completion(i, list(prompt.token_ids or [1]), [sample] * req.sampling.n)
+
+    async def status(self) -> ServerStatus:
+        return ServerStatus("double", "none", "bfloat16", self.commits, 256, 100, "processed", False, 64, "-", 0.0,
+                            Counters(), "drain")
+
+    @contextlib.asynccontextmanager
+    async def begin_push(self, header):
+        double = self
+
+        class Session:
+            def declare(self, specs):
+                double.declared += [s.name for s in specs]
+
+            async def add_chunk(self, index, offset, data):
+                pass
+
+        self.declared += [t.name for t in header.tensors]
+        yield Session()
+
+    async def commit_push(self, session) -> PushResult:
+        self.commits += 1
+        return PushResult(self.commits, 0, len(self.declared), 0, 0, 0, 0)
+
+    async def check_health(self):
+        pass
+
+
+class FrontEnds:
+    """gRPC and HTTP servers of one config over a RecordingBackendDouble, on this loop."""
+
+    def __init__(self, config: ServerConfig, pki: Pki | None):
+        self.config, self.pki = config, pki
+        self.backend = RecordingBackendDouble(config)
+
+    async def __aenter__(self):
+        metered = Metered(self.backend)
+        access = Access.from_config(self.config)
+        self.grpc, grpc_port = await create_server(metered, self.config, access)
+        self.http, self.http_task, http_port = await start_http(create_app(metered, access), self.config)
+        self.grpc_address = f"127.0.0.1:{grpc_port}"
+        scheme = "https" if self.pki else "http"
+        self.url = f"{scheme}://127.0.0.1:{http_port}"
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.grpc.stop(0)
+        self.http.should_exit = True
+        await self.http_task
+
+    def client(self, key: str | None = None, certificate: bool = True) -> AsyncRolloutClient:
+        tls = {}
+        if self.pki:
+            tls = {"root_certificates": self.pki.ca}
+            if certificate:
+                tls |= {"client_certificate": self.pki.client_cert, "client_key": self.pki.client_key}
+        return AsyncRolloutClient(self.grpc_address, timeout=20, retry=NO_RETRY, api_key=key, **tls)
+
+    def http_client(self, key: str | None = None, certificate: bool = True) -> httpx.AsyncClient:
+        headers = {"authorization": f"Bearer {key}"} if key else {}
+        verify = self.pki.client_context(certificate) if self.pki else True
+        return httpx.AsyncClient(base_url=self.url, headers=headers, verify=verify, timeout=20)
+
+
+def make_config(tiny_model: Path, tmp_path: Path, pki: Pki | None = None, **limits) -> ServerConfig:
+    keys = tmp_path / "keys"
+    keys.write_text("".join(f"{role}:{key}\n" for role, key in KEYS.items()) + f"trainer:{OTHER_TRAINER}\n")
+    tls = {}
+    if pki:
+        tls = {"tls_cert": pki.server_cert, "tls_key": pki.server_key, "tls_client_ca": pki.ca}
+    return ServerConfig(model=tiny_model, port=0, http_port=0, api_keys=keys, max_model_len=256, **tls, **limits)
+
+
+@pytest.fixture
+async def plain(tiny_model, tmp_path):
+    config = make_config(
+        tiny_model, tmp_path, max_prompts_per_call=4, max_samples_per_call=8, max_prompt_tokens=16,
+        max_tokens_per_sample=32, max_request_mib=1, max_push_mib=1, max_concurrent_generates_per_key=2,
+        max_concurrent_pushes_per_key=1,
+    )
+    async with FrontEnds(config, None) as ends:
+        yield ends
+
+
+def weights(nbytes: int = 64) -> dict[str, np.ndarray]:
+    return {"model.embed_tokens.weight": np.zeros(nbytes // 4, np.float32)}
+
+
+def safetensors_body(declared_bytes: int, sent: int | None = None) -> bytes:
+    header = json.dumps({"w": {"dtype": "F32", "shape": [declared_bytes // 4], "data_offsets": [0, declared_bytes]}}).encode()
+    return struct.pack("<Q", len(header)) + header + bytes(declared_bytes if sent is None else sent)
+
+
+# --- keys and roles ----------------------------------------------------------------------------
+
+async def test_each_role_on_grpc_gets_exactly_its_calls(plain):
+    for role, key in KEYS.items():
+        client = plain.client(key)
+        assert len(await client.generate(prompt_token_ids=[[1, 2]], max_tokens=2)) == 1
+        assert (await client.status()).weight_version >= 0
+        if role == "eval":
+            with pytest.raises(PermissionDeniedError, match="role 'eval' may not push; roles that may: trainer, admin"):
+                await client.push_weights(weights())
+        else:
+            assert (await client.push_weights(weights())).version >= 1
+        await client.close()
+
+
+async def test_without_a_key_or_with_an_unknown_one_grpc_is_unauthenticated_but_health_answers(plain):
+    commits = plain.backend.commits
+    for key in (None, "not-a-known-key-at-all"):
+        client = plain.client(key)
+        for call in (client.status(), client.generate(prompt_token_ids=[[1]]), client.push_weights(weights())):
+            with pytest.raises(UnauthenticatedError):
+                await call
+        await client.close()
+    assert plain.backend.commits == commits
+    async with grpc.aio.insecure_channel(plain.grpc_address) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_each_role_on_http_gets_exactly_its_paths(plain):
+    body = safetensors_body(64)
+    expect = {
+        # path: statuses for (no key, trainer, eval, admin)
+        ("POST", "/v1/generate"): (401, 200, 200, 200),
+        ("POST", "/v1/weights"): (401, 200, 403, 200),
+        ("GET", "/v1/status"): (401, 200, 200, 200),
+        ("GET", "/metrics"): (401, 403, 403, 200),
+        ("GET", "/openapi.json"): (401, 403, 403, 200),
+        ("GET", "/healthz"): (200, 200, 200, 200),
+    }
+    for (method, path), statuses in expect.items():
+        for key, status in zip((None, KEYS["trainer"], KEYS["eval"], KEYS["admin"]), statuses):
+            async with plain.http_client(key) as http:
+                if path == "/v1/generate":
+                    reply = await http.post(path, json={"prompts": [{"token_ids": [1, 2]}]})
+                elif path == "/v1/weights":
+                    reply = await http.post(path, content=body)
+                else:
+                    reply = await http.request(method, path)
+            assert reply.status_code == status, (method, path, key and key[:5], reply.text)
+            if status == 401:
+                assert reply.headers["www-authenticate"] == "Bearer"
+                assert reply.json()["error"]["code"] == "UNAUTHENTICATED"
+
+
+async def test_a_refused_call_never_reaches_the_backend(plain):
+    calls = plain.backend.generate_calls
+    async with plain.http_client(None) as http:
+        await http.post("/v1/generate", json={"prompts": [{"token_ids": [1]}]})
+    client = plain.client("wrong-key-0123456789abcdef")
+    with pytest.raises(UnauthenticatedError):
+        await client.generate(prompt_token_ids=[[1]])
+    await client.close()
+    assert plain.backend.generate_calls == calls
+
+
+# --- limits ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "call, field",
+    [
+        (dict(prompt_token_ids=[[1]] * 5), "prompts"),
+        (dict(prompt_token_ids=[[1]] * 3, n=3), "sampling.n"),
+        (dict(prompt_token_ids=[[1] * 17]), "prompts[0].token_ids"),
+        (dict(prompts=["x" * (16 * 64 + 1)]), "prompts[0].text"),
+        (dict(prompt_token_ids=[[1]], max_tokens=33), "sampling.max_tokens"),
+    ],
+)
+async def test_each_generate_limit_is_invalid_argument_naming_its_field(plain, call, field):
+    calls = plain.backend.generate_calls
+    client = plain.client(KEYS["trainer"])
+    with pytest.raises(InvalidArgumentError, match=f"^INVALID_ARGUMENT: {field.replace('[', '.').replace(']', '.')}"):
+        await client.generate(**call)
+    await client.close()
+    body = {"prompts": [{"text": t} for t in call.get("prompts", [])] + [{"token_ids": t} for t in call.get("prompt_token_ids", [])],
+            "sampling": {k: v for k, v in call.items() if k in ("n", "max_tokens")}}
+    async with plain.http_client(KEYS["trainer"]) as http:
+        reply = await http.post("/v1/generate", json=body)
+    assert reply.status_code == 400 and reply.json()["error"]["field"] == field
+    assert plain.backend.generate_calls == calls
+
+
+async def test_bodies_and_pushes_over_their_limits_are_413_or_resource_exhausted(plain):
+    declared = plain.backend.declared[:]
+    async with plain.http_client(KEYS["trainer"]) as http:
+        big = {"prompts": [{"token_ids": [1]}], "request_id": "x" * (1024 * 1024)}
+        assert (await http.post("/v1/generate", json=big)).status_code == 413
+        # Without Content-Length (chunked), counted as it streams.
+        async def chunks():
+            for _ in range(3):
+                yield b" " * (512 * 1024)
+        assert (await http.post("/v1/generate", content=chunks())).status_code == 413
+        reply = await http.post("/v1/weights", content=safetensors_body(2 * 1024 * 1024, sent=0))
+        assert reply.status_code == 413 and "max_push_mib" in reply.text
+        reply = await http.post("/v1/weights", content=safetensors_body(2 * 1024 * 1024))
+        assert reply.status_code == 413
+    client = plain.client(KEYS["trainer"])
+    with pytest.raises(ResourceExhaustedError, match="max_push_mib"):
+        await client.push_weights(weights(2 * 1024 * 1024))
+    await client.close()
+    assert plain.backend.declared == declared
+
+
+async def test_per_key_concurrency_caps_hold_and_free_with_the_call(plain):
+    plain.backend.open.clear()
+    first, other = plain.client(KEYS["trainer"]), plain.client(OTHER_TRAINER)
+    held = [asyncio.create_task(first.generate(prompt_token_ids=[[1]])) for _ in range(2)]
+    while plain.backend.generate_calls < 2:
+        await asyncio.sleep(0.01)
+    with pytest.raises(ResourceExhaustedError, match="per-key limit"):
+        await first.generate(prompt_token_ids=[[1]])
+    async with plain.http_client(KEYS["trainer"]) as http:
+        reply = await http.post("/v1/generate", json={"prompts": [{"token_ids": [1]}]})
+        assert reply.status_code == 429, reply.text
+    other_call = asyncio.create_task(other.generate(prompt_token_ids=[[1]]))  # its own slots
+    while plain.backend.generate_calls < 3:
+        await asyncio.sleep(0.01)
+    held[0].cancel()  # a cancelled call gives its slot back
+    with contextlib.suppress(asyncio.CancelledError):
+        await held[0]
+    await asyncio.sleep(0.2)
+    plain.backend.open.set()
+    assert len(await first.generate(prompt_token_ids=[[1]])) == 1
+    await asyncio.gather(held[1], other_call)
+    await first.close()
+    await other.close()
+
+
+# --- TLS ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Pki:
+    return Pki.make(tmp_path_factory.mktemp("pki"))
+
+
+async def test_mutual_tls_serves_a_client_with_a_certificate_and_refuses_one_without(tiny_model, tmp_path, pki):
+    async with FrontEnds(make_config(tiny_model, tmp_path, pki), pki) as ends:
+        client = ends.client(KEYS["trainer"])
+        assert len(await client.generate(prompt_token_ids=[[1]])) == 1
+        await client.close()
+        bare = ends.client(KEYS["trainer"], certificate=False)
+        with pytest.raises(UnavailableError):
+            await bare.status()
+        await bare.close()
+        async with ends.http_client(KEYS["trainer"]) as http:
+            assert (await http.get("/v1/status")).status_code == 200
+        async with ends.http_client(KEYS["trainer"], certificate=False) as http:
+            with pytest.raises((httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)):
+                await http.get("/v1/status")
+        plaintext = AsyncRolloutClient(ends.grpc_address, timeout=5, retry=NO_RETRY, api_key=KEYS["trainer"])
+        with pytest.raises(UnavailableError):
+            await plaintext.status()
+        await plaintext.close()
+
+
+async def test_tls_without_client_certificates_serves_any_client_that_trusts_the_server(tiny_model, tmp_path, pki):
+    config = make_config(tiny_model, tmp_path, pki).model_copy(update={"tls_client_ca": None})
+    async with FrontEnds(config, pki) as ends:
+        client = ends.client(KEYS["eval"], certificate=False)
+        assert (await client.status()).weight_version == 0
+        await client.close()
+        async with ends.http_client(KEYS["eval"], certificate=False) as http:
+            assert (await http.get("/v1/status")).status_code == 200
