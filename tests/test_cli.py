@@ -49,3 +49,30 @@ def test_prequantized_checkpoint_with_quantization_flag_is_refused(tiny_model, t
     quantized = quantize_checkpoint(tiny_model, tmp_path / "q", Recipe("int8"))
     r = _serve("--model", str(quantized), "--quantization", "int8", "--port", "0", "--no-http")
     assert r.returncode == 2 and "already quantized" in r.stderr, r.stderr[-2000:]
+
+
+def test_a_network_host_without_api_keys_is_refused_naming_the_way_out(tiny_model):
+    r = _serve("--model", str(tiny_model), "--host", "0.0.0.0", "--backend", "local")
+    assert r.returncode == 2 and "not a loopback address" in r.stderr and "--insecure" in r.stderr, r.stderr
+
+
+def test_a_bad_keys_file_fails_at_start_naming_its_line(tiny_model, tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("trainer:" + "k" * 20 + "\nroot:" + "k" * 20 + "\n")
+    r = _serve("--model", str(tiny_model), "--api-keys", str(keys), "--backend", "local", "--port", "0", "--no-http")
+    assert r.returncode == 2 and f"{keys}:2: unknown role 'root'" in r.stderr, r.stderr[-2000:]
+
+
+def test_make_key_prints_a_key_once_and_appends_only_its_digest(tmp_path):
+    from rollout_service.api.access import KeyRing, Operation, digest
+
+    keys = tmp_path / "keys"
+    cmd = [sys.executable, "-m", "rollout_service.cli", "make-key", "trainer", "--append", str(keys)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True)
+    key = r.stdout.strip()
+    assert keys.read_text() == f"trainer:sha256:{digest(key)}\n"
+    assert keys.stat().st_mode & 0o777 == 0o600
+    caller = KeyRing(keys).lookup(key)
+    assert caller is not None and caller.may(Operation.PUSH)
+    bad = subprocess.run([*cmd[:4], "root"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "roles are trainer, eval, admin" in bad.stderr

@@ -29,3 +29,38 @@ def test_environment_variables_fill_unset_fields(tmp_path, monkeypatch):
     monkeypatch.setenv("ROLLOUT_MAX_INFLIGHT_SEQUENCES", "7")
     config = ServerConfig(model=tmp_path)
     assert config.dtype == "float32" and config.max_inflight_sequences == 7
+
+
+def test_binding_beyond_loopback_needs_api_keys_or_insecure(tiny_model, tmp_path):
+    import pydantic
+
+    from rollout_service.config import ServerConfig, is_loopback
+
+    assert all(map(is_loopback, ["127.0.0.1", "127.5.5.5", "::1", "[::1]", "localhost"]))
+    assert not any(map(is_loopback, ["0.0.0.0", "10.0.0.1", "::", "myhost"]))
+    with pytest.raises(pydantic.ValidationError, match="not a loopback address"):
+        ServerConfig(model=tiny_model, host="0.0.0.0")
+    assert ServerConfig(model=tiny_model, host="0.0.0.0", insecure=True).insecure
+    keys = tmp_path / "keys"
+    keys.write_text("eval:" + "k" * 20 + "\n")
+    assert ServerConfig(model=tiny_model, host="0.0.0.0", api_keys=keys).api_keys == keys
+
+
+@pytest.mark.parametrize(
+    "given, problem",
+    [
+        ({"tls_cert": "CERT"}, "tls_cert and tls_key go together"),
+        ({"tls_client_ca": "CERT"}, "tls_client_ca needs tls_cert"),
+        ({"api_keys": "MISSING"}, "is not a file"),
+    ],
+)
+def test_tls_and_key_settings_are_checked_at_start(tiny_model, tmp_path, given, problem):
+    import pydantic
+
+    from rollout_service.config import ServerConfig
+
+    cert = tmp_path / "cert.pem"
+    cert.write_text("x")
+    paths = {"CERT": cert, "MISSING": tmp_path / "missing"}
+    with pytest.raises(pydantic.ValidationError, match=problem):
+        ServerConfig(model=tiny_model, **{k: paths[v] for k, v in given.items()})

@@ -131,6 +131,15 @@ def test_the_api_key_goes_as_a_bearer_token_on_every_call(serve):
     assert [m.get("authorization") for m in servicer.metadata] == ["Bearer sk-test"] * 2
 
 
+def test_the_api_key_and_client_key_stay_out_of_repr_and_certificates_come_in_pairs():
+    from rollout_client.channel import ChannelOptions
+
+    options = ChannelOptions(api_key="sk-secret", client_certificate=b"cert", client_key=b"pem-secret")
+    assert "sk-secret" not in repr(options) and "pem-secret" not in repr(options)
+    with pytest.raises(ValueError, match="client_certificate and client_key go together"):
+        ChannelOptions(client_certificate=b"cert")
+
+
 def test_wait_for_version_polls_until_the_version_is_served(serve):
     servicer = FlakyServicerForClientUnitTest()
     with RolloutClient(serve(servicer)) as client:

@@ -53,6 +53,19 @@ async def test_openrlhfs_single_turn_executor_runs_on_the_engine(engine, tokeniz
         assert len(lps) == end and lps[:start] == [0.0] * start and all(lp < 0 for lp in lps[start:])
 
 
+async def test_the_engines_pushes_are_fenced_on_its_previous_push(trainer_server, tiny_model):
+    from rollout_client import FailedPreconditionError, RolloutClient
+
+    weights = load_file(tiny_model / "model.safetensors")
+    own = RolloutServiceEngine(trainer_server.grpc_address, timeout=120, executor=object())
+    first = await own.push_weights(weights.items())
+    assert (await own.push_weights(weights.items())).version == first.version + 1
+    with RolloutClient(trainer_server.grpc_address, timeout=120) as foreign:
+        foreign.push_weights(weights, label="someone else", progress=False)
+    with pytest.raises(FailedPreconditionError, match=f"expected_version: {first.version + 1} is stale"):
+        await own.push_weights(weights.items())
+
+
 def test_push_model_streams_a_torch_model_and_the_service_serves_it(engine, tiny_model):
     from transformers import AutoModelForCausalLM
 

@@ -59,3 +59,14 @@ def test_identical_logprobs_report_no_mismatch():
 def test_bad_inputs_are_value_errors_naming_the_problem(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_check_versions_refuses_samples_newer_than_the_trainers_last_push():
+    from types import SimpleNamespace
+
+    from rollout_client.rl import StaleRolloutError, check_versions
+
+    samples = [SimpleNamespace(weight_version=v) for v in (3, 4, 4)]
+    check_versions(samples, last_pushed=4)  # its own version and an older one are fine
+    with pytest.raises(StaleRolloutError, match=r"version\(s\) \[4\] are newer than this trainer's last push \(3\)"):
+        check_versions(samples, last_pushed=3)

@@ -176,3 +176,18 @@ def test_no_address_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("ROLLOUT_SERVICE_ADDRESS", raising=False)
     with pytest.raises(ValueError, match="ROLLOUT_SERVICE_ADDRESS"):
         RolloutServiceRollout(RolloutConfig(name="rollout_service"), None, None)
+
+
+# Last in the module: it leaves the shared server on a version the module's rollout did not push.
+def test_a_push_by_someone_else_fails_the_next_sync_and_its_samples_are_refused(rollout, trainer_server, base_weights):
+    from rollout_client import FailedPreconditionError, RolloutClient
+    from rollout_client.rl import StaleRolloutError
+
+    before = rollout.last_push.version
+    with RolloutClient(trainer_server.grpc_address, timeout=120) as foreign:
+        foreign.push_weights(base_weights, label="someone else", progress=False)
+    with pytest.raises(StaleRolloutError, match=f"newer than this trainer's last push \\({before}\\)"):
+        rollout.generate_sequences(left_padded([[5, 6, 7]]))
+    with pytest.raises(FailedPreconditionError, match=f"expected_version: {before} is stale"):
+        asyncio.run(rollout.update_weights(iter(base_weights.items()), global_steps=99))
+    assert rollout.last_push.version == before

@@ -47,6 +47,16 @@ def test_an_unknown_custom_key_or_no_address_is_a_clear_error(monkeypatch):
         Connection.from_custom({"adress": "svc:1"})
 
 
+def test_client_certificates_come_in_pairs_from_custom_or_the_environment(monkeypatch):
+    monkeypatch.setenv("ROLLOUT_SERVICE_ADDRESS", "svc:1")
+    monkeypatch.setenv("ROLLOUT_SERVICE_CLIENT_CERTIFICATE", "/c.pem")
+    with pytest.raises(ValueError, match="ROLLOUT_SERVICE_CLIENT_KEY: client_certificate and client_key go together"):
+        Connection.from_custom({})
+    connection = Connection.from_custom({"client_key": "/k.pem"})
+    assert (connection.client_certificate, connection.client_key) == ("/c.pem", "/k.pem")
+    assert "/k.pem" not in repr(connection)
+
+
 CONFIG = RolloutConfig(name="rollout_service", prompt_length=64, response_length=32)
 
 

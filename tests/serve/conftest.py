@@ -13,8 +13,9 @@ import redis
 
 
 class RedisServer:
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, password: str | None = None):
         self.workdir = workdir
+        self.password = password
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -25,13 +26,13 @@ class RedisServer:
         # No persistence: a restart loses every key, the case the service has to recover from.
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)],
+             "--dir", str(self.workdir), *(["--requirepass", self.password] if self.password else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
         while True:
             try:
-                redis.Redis.from_url(self.url).ping()
+                redis.Redis.from_url(self.url, password=self.password).ping()
                 return
             except redis.ConnectionError:
                 if time.monotonic() > deadline:

@@ -1,7 +1,8 @@
 """The Ray Serve deployment end to end: real Ray Serve, real vLLM engine replicas, a real
 redis-server. One deployment serves the whole module, so the tests run in order and build on each
 other: 1 replica -> concurrent pushes -> 3 versions -> scaled to 2 replicas -> pushes that reach
-both or neither -> Redis restarted under it.
+both or neither -> Redis restarted under it. It serves as a network deployment would: API keys and
+TLS (a server certificate; client certificates are tested on the local server, tests/api/test_security.py).
 """
 
 from __future__ import annotations
@@ -12,15 +13,18 @@ import time
 import httpx
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save
 
-from rollout_client import AbortedError, RolloutClient
+from rollout_client import AbortedError, PermissionDeniedError, RolloutClient, UnauthenticatedError
 from rollout_client import RolloutClientError as RolloutError
 from rollout_service.config import ServerConfig
 from rollout_service.types import GenerateRequest
 from tests.observe import InBackground, wait_until
+from tests.tls import Pki
 
 pytestmark = pytest.mark.engine
+
+KEYS = {"admin": "cluster-admin-key-0123456789", "trainer": "cluster-trainer-key-01234567", "eval": "cluster-eval-key-0123456789ab"}
 
 PROMPTS = [[(11 * i + 3 * j) % 2000 + 10 for j in range(10)] for i in range(3)]
 # One prompt per request: outputs compared across replicas and calls need a fixed batch schedule
@@ -51,20 +55,31 @@ def cluster(tiny_model, redis_server, tmp_path_factory):
     from rollout_service.serve.runner import deploy, start_ray
 
     root = tmp_path_factory.mktemp("serve")
+    pki = Pki.make(root / "pki")
+    keys = root / "api-keys"
+    keys.write_text("".join(f"{role}:{key}\n" for role, key in KEYS.items()))
     config = ServerConfig(
         model=tiny_model, port=0, http_port=0, max_model_len=128, replicas=1, replica_cpus=0.5,
         redis_url=redis_server.url, weights_dir=root / "weights", cache_dir=root / "cache", debug_endpoints=True,
+        api_keys=keys, tls_cert=pki.server_cert, tls_key=pki.server_key,
     )
     start_ray(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     ingress = deploy(config)
     ends = ingress.endpoints.remote().result()
-    client = RolloutClient(ends["grpc"], timeout=300)
 
     class Cluster:
-        pass
+        def rpc(self, role: str = "admin") -> RolloutClient:
+            return RolloutClient(ends["grpc"], timeout=300, api_key=KEYS[role], root_certificates=pki.ca)
+
+        def https(self, role: str | None = "admin") -> httpx.Client:
+            headers = {"authorization": f"Bearer {KEYS[role]}"} if role else {}
+            return httpx.Client(base_url=self.http, headers=headers, verify=pki.client_context(False), timeout=60)
 
     c = Cluster()
-    c.config, c.client, c.http, c.redis = config, client, f"http://{ends['http']}", redis_server
+    c.http = f"https://{ends['http']}"
+    c.client_ca = pki.ca
+    client = c.rpc()
+    c.config, c.client, c.redis = config, client, redis_server
     c.engines = serve.get_deployment_handle("EngineReplica", "rollout")
 
     def redeploy(**changes):
@@ -102,7 +117,7 @@ def test_concurrent_pushes_exactly_one_wins_the_other_is_aborted(cluster, base_w
         yield from items
 
     def push(seed):
-        with RolloutClient(cluster.client.address, timeout=300) as c:
+        with cluster.rpc() as c:
             try:
                 outcomes.append(c.push_weights(held(perturbed(base_weights, seed))).version)
             except RolloutError as err:
@@ -143,7 +158,8 @@ def test_a_push_reaches_both_replicas_which_then_agree_at_the_new_version(cluste
     assert a == b, "the replicas disagree after the push"
     assert {v for _, _, v in a} == {4}
     assert [t for t, _, _ in a] != [t for t, _, _ in before], "the push did not change the outputs"
-    metrics = httpx.get(f"{cluster.http}/metrics").text
+    with cluster.https() as http:
+        metrics = http.get("/metrics").text
     assert "rollout_replicas 2.0" in metrics and "rollout_weight_version 4.0" in metrics
 
 
@@ -193,7 +209,7 @@ def test_a_verl_sized_batch_is_split_across_both_replicas_and_merged_in_order(cl
 
 
 def test_generation_held_on_every_replica_waits_until_resumed(cluster):
-    http = httpx.Client(base_url=cluster.http, timeout=60)
+    http = cluster.https()
     http.post("/v1/debug/pause", params={"mode": "continue"}).raise_for_status()
     try:
         call = InBackground(lambda: cluster.client.generate(prompt_token_ids=PROMPTS[:1], max_tokens=2))
@@ -202,6 +218,28 @@ def test_generation_held_on_every_replica_waits_until_resumed(cluster):
     finally:
         http.post("/v1/debug/resume").raise_for_status()
     assert len(call.outcome()[0].samples[0].token_ids) == 2
+
+
+def test_every_role_on_grpc_and_https_through_the_ingress(cluster, base_weights):
+    version = cluster.client.status().weight_version
+    with cluster.rpc("eval") as evaluator:
+        assert evaluator.generate(prompt_token_ids=PROMPTS[:1], max_tokens=2)[0].samples[0].weight_version == version
+        with pytest.raises(PermissionDeniedError):
+            evaluator.push_weights(perturbed(base_weights, 9))
+    with cluster.rpc("trainer") as trainer:  # let in, and refused on its stale expected_version
+        with pytest.raises(RolloutError, match="FAILED_PRECONDITION"):
+            trainer.push_weights(perturbed(base_weights, 9), expected_version=version - 1)
+    with RolloutClient(cluster.client.address, timeout=60, root_certificates=cluster.client_ca) as stranger:
+        with pytest.raises(UnauthenticatedError):
+            stranger.status()
+    body = save({"model.norm.weight": base_weights["model.norm.weight"]})
+    for role, status, push in ((None, 401, 401), ("eval", 200, 403), ("trainer", 200, 412)):
+        with cluster.https(role) as http:
+            assert http.get("/v1/status").status_code == status
+            reply = http.post("/v1/weights", params={"expected_version": version - 1}, content=body)
+            assert reply.status_code == push, reply.text
+            assert http.get("/healthz").status_code == 200
+    assert cluster.client.status().weight_version == version
 
 
 def test_redis_restart_generation_continues_version_recovered_next_push_works(cluster, base_weights):

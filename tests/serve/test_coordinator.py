@@ -104,3 +104,33 @@ def test_unreachable_redis_is_unavailable_naming_the_server():
         await c.close()
 
     run(go())
+
+
+def test_a_password_from_a_file_reaches_redis_and_never_shows_in_messages(tiny_model, tmp_path):
+    from rollout_service.config import ServerConfig
+    from rollout_service.serve.coordinator import make_coordinator, redacted
+    from tests.serve.conftest import RedisServer
+
+    secret = "redis-password-for-the-test"
+    server = RedisServer(tmp_path, password=secret)
+    server.start()
+    try:
+        password_file = tmp_path / "password"
+        password_file.write_text(secret + "\n")
+
+        async def go():
+            good = make_coordinator(ServerConfig(model=tiny_model, redis_url=server.url, redis_password_file=password_file))
+            await good.set_version(1, "m.json", "x")
+            assert (await good.version())[0] == 1
+            await good.close()
+            wrong_url = server.url.replace("redis://", "redis://:wrong-password@")
+            wrong = make_coordinator(ServerConfig(model=tiny_model, redis_url=wrong_url))
+            with pytest.raises(EngineUnavailable) as info:
+                await wrong.version()
+            assert "wrong-password" not in str(info.value) and ":***@" in str(info.value)
+            await wrong.close()
+
+        run(go())
+    finally:
+        server.stop()
+    assert redacted("redis://user:pw@h:1/0") == "redis://user:***@h:1/0" and redacted("redis://h:1/0") == "redis://h:1/0"

@@ -94,3 +94,19 @@ def mismatch_report(
         mean_tis_weight=float(np.minimum(ratio, cap).mean()),
         fraction_clipped=float((ratio > cap).mean()),
     )
+
+
+class StaleRolloutError(RuntimeError):
+    """Samples came from weights newer than the trainer's last push: someone else pushed in between."""
+
+
+def check_versions(samples: Any, last_pushed: int) -> None:
+    """Refuse samples made by a version newer than `last_pushed` (the version the trainer's own last
+    push created): their logprobs belong to a policy this trainer never had, so importance weights
+    against it would be wrong. Older versions are the trainer's own (off-policy by design)."""
+    newer = sorted({s.weight_version for s in samples if s.weight_version > last_pushed})
+    if newer:
+        raise StaleRolloutError(
+            f"samples of weight version(s) {newer} are newer than this trainer's last push ({last_pushed}): "
+            "another client pushed weights to the service in between"
+        )

@@ -161,6 +161,10 @@ export interface ClientOptions {
   /** Use TLS (system roots, or rootCerts PEM). */
   tls?: boolean;
   rootCerts?: Buffer;
+  /** This client's certificate and private key (PEM), for a server that requires client
+   * certificates (mutual TLS); they imply TLS. */
+  clientCert?: Buffer;
+  clientKey?: Buffer;
   /** Sent as `authorization: Bearer <key>` on every call. */
   apiKey?: string;
 }
@@ -265,9 +269,12 @@ export class RolloutClient {
     options: ClientOptions = {},
   ) {
     const Service = loadService();
+    if ((options.clientCert === undefined) !== (options.clientKey === undefined)) {
+      throw new Error("clientCert and clientKey go together: give both or neither");
+    }
     const creds =
-      options.tls || options.rootCerts
-        ? grpc.credentials.createSsl(options.rootCerts ?? null)
+      options.tls || options.rootCerts || options.clientCert
+        ? grpc.credentials.createSsl(options.rootCerts ?? null, options.clientKey ?? null, options.clientCert ?? null)
         : grpc.credentials.createInsecure();
     this.stub = new Service(address, creds, {
       "grpc.max_send_message_length": MAX_MESSAGE_BYTES,

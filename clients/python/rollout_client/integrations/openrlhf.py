@@ -136,6 +136,7 @@ class RolloutServiceEngine:
         self._unfinished = 0  # sequences of this engine's calls still in the service
         self._open = asyncio.Event()  # cleared by pause_generation
         self._open.set()
+        self.last_push: PushResult | None = None
 
     @property
     def _aclient(self) -> AsyncRolloutClient:
@@ -199,7 +200,13 @@ class RolloutServiceEngine:
         """See sleep()."""
 
     async def push_weights(self, named_tensors, label: str = "openrlhf") -> PushResult:
-        return await self._aclient.push_weights(named_tensors, label=label, progress=False)
+        """Push through this engine, fenced on its previous push: if anyone else pushed in between,
+        this one fails with FAILED_PRECONDITION rather than silently replacing their version."""
+        expected = self.last_push.version if self.last_push is not None else None
+        self.last_push = await self._aclient.push_weights(
+            named_tensors, label=label, expected_version=expected, progress=False
+        )
+        return self.last_push
 
     def init_process_group(self, *args: Any, **kwargs: Any):
         raise RuntimeError(

@@ -6,7 +6,9 @@ so set it with a `+` override) carries ours, with environment variables as the f
     +actor_rollout_ref.rollout.custom={address: "svc:50051", api_key: "...", tls: true, root_certificates: /ca.pem}
 
     ROLLOUT_SERVICE_ADDRESS, ROLLOUT_SERVICE_API_KEY, ROLLOUT_SERVICE_TLS (1/true),
-    ROLLOUT_SERVICE_ROOT_CERTIFICATES (a PEM path), ROLLOUT_SERVICE_TIMEOUT (seconds)
+    ROLLOUT_SERVICE_ROOT_CERTIFICATES (a PEM path), ROLLOUT_SERVICE_TIMEOUT (seconds),
+    ROLLOUT_SERVICE_CLIENT_CERTIFICATE and ROLLOUT_SERVICE_CLIENT_KEY (PEM paths, for a service that
+    requires client certificates)
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ ENV = {
     "tls": "ROLLOUT_SERVICE_TLS",
     "root_certificates": "ROLLOUT_SERVICE_ROOT_CERTIFICATES",
     "timeout": "ROLLOUT_SERVICE_TIMEOUT",
+    "client_certificate": "ROLLOUT_SERVICE_CLIENT_CERTIFICATE",
+    "client_key": "ROLLOUT_SERVICE_CLIENT_KEY",
 }
 
 
@@ -38,6 +42,8 @@ class Connection:
     tls: bool = False
     root_certificates: str | None = None
     timeout: float = 600.0
+    client_certificate: str | None = None
+    client_key: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_custom(cls, custom: Mapping[str, Any] | None) -> Connection:
@@ -75,9 +81,14 @@ class Connection:
             raise ValueError(f"{where}={timeout!r}: must be positive")
         api_key, _ = value("api_key")
         roots, _ = value("root_certificates")
+        certificate, _ = value("client_certificate")
+        key, where = value("client_key")
+        if bool(certificate) != bool(key):
+            raise ValueError(f"{where}: client_certificate and client_key go together: set both or neither")
         return cls(
             address=str(address), api_key=api_key or None, tls=tls,
             root_certificates=str(roots) if roots else None, timeout=timeout,
+            client_certificate=str(certificate) if certificate else None, client_key=str(key) if key else None,
         )
 
     def client_options(self) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from verl.workers.rollout.base import BaseRollout
 from rollout_client.client import RolloutClient
 from rollout_client.integrations.verl.connection import Connection
 from rollout_client.push import PushResult
+from rollout_client.rl import check_versions
 
 
 def _rank() -> int:
@@ -149,8 +150,13 @@ class RolloutServiceRollout(BaseRollout):
         # Internal error from Core" in tests/clients/test_verl_plugin.py). No deadline: a push of
         # many GB takes as long as it takes.
         try:
+            # Fenced on this rollout's previous sync: a push by anyone else in between (another
+            # trainer, a stale process) fails this sync with FAILED_PRECONDITION instead of being overwritten.
+            expected = self.last_push.version if self.last_push is not None else None
             with RolloutClient(**{**self.connection.client_options(), "timeout": None}) as client:
-                return client.push_weights(weights, bucket_bytes=self.bucket_bytes, label=label, progress=False)
+                return client.push_weights(
+                    weights, bucket_bytes=self.bucket_bytes, label=label, expected_version=expected, progress=False
+                )
         except Exception as exc:  # raised by _agree, once the other ranks have it too
             return exc
         finally:
@@ -189,6 +195,8 @@ class RolloutServiceRollout(BaseRollout):
         # gRPC's message cap. verl reads token ids and logprobs only, so nothing is detokenized.
         stream = self.client.generate_stream(prompt_token_ids=prompt_ids, n=1, detokenize=False, **sampling)
         samples = [c.samples[0] for c in sorted(stream, key=lambda c: c.prompt_index)]
+        if self.last_push is not None:
+            check_versions(samples, self.last_push.version)
 
         responses = _pad([s.token_ids for s in samples], width, pad_id, input_ids.dtype)
         response_mask = _pad([[1] * len(s.token_ids) for s in samples], width, 0, attention_mask.dtype)

@@ -1,0 +1,196 @@
+"""A real server (`serve --backend local`, a vLLM engine) with API keys, mutual TLS and small limits:
+every role over gRPC and HTTPS, refusals that change nothing, malformed bodies that are never a 5xx,
+keys rotated by `make-key` while it runs, and a log that never holds a key."""
+
+from __future__ import annotations
+
+import json
+import random
+import struct
+import subprocess
+import sys
+
+import httpx
+import numpy as np
+import pytest
+from rollout_client import (
+    NO_RETRY,
+    InvalidArgumentError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    RolloutClient,
+    UnauthenticatedError,
+    UnavailableError,
+)
+from safetensors.torch import load_file, save
+
+from rollout_service.api.access import digest
+from rollout_service.launcher import ServerProcess
+from tests.tls import Pki
+
+pytestmark = pytest.mark.engine
+
+TRAINER = "trainer-key-for-the-security-test-0001"
+EVAL = "eval-key-for-the-security-test-00000002"
+ADMIN = "admin-key-for-the-security-test-0000003"
+PROMPT = [[3, 14, 15, 92, 65]]
+GREEDY = dict(max_tokens=8, temperature=0.0)
+
+
+class Secured:
+    def __init__(self, server: ServerProcess, pki: Pki, keys_path):
+        self.server, self.pki, self.keys_path = server, pki, keys_path
+        self.https = server.http_url.replace("http://", "https://")
+
+    def client(self, key: str | None, certificate: bool = True) -> RolloutClient:
+        tls = {"client_certificate": self.pki.client_cert, "client_key": self.pki.client_key} if certificate else {}
+        return RolloutClient(self.server.grpc_address, timeout=120, retry=NO_RETRY,
+                             api_key=key, root_certificates=self.pki.ca, **tls)
+
+    def http(self, key: str | None, certificate: bool = True) -> httpx.Client:
+        headers = {"authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.https, headers=headers, verify=self.pki.client_context(certificate), timeout=120)
+
+    def observed(self) -> tuple[int, list[int], list[float]]:
+        """The version and the greedy output of one prompt alone in its call (a fixed batch schedule)."""
+        with self.client(ADMIN) as c:
+            sample = c.generate(prompt_token_ids=PROMPT, **GREEDY)[0].samples[0]
+            return c.status().weight_version, sample.token_ids, sample.logprobs.tolist()
+
+
+@pytest.fixture(scope="module")
+def secured(tiny_model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("secured")
+    pki = Pki.make(folder / "pki")
+    keys = folder / "api-keys"
+    keys.write_text(f"# the test's keys\ntrainer:{TRAINER}\neval:sha256:{digest(EVAL)}\nadmin:{ADMIN}\n")
+    server = ServerProcess.start(
+        tiny_model, folder / "server.log", "--backend", "local", "--max-model-len", "256",
+        "--api-keys", str(keys), "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
+        "--tls-client-ca", str(pki.ca), "--max-prompts-per-call", "4", "--max-tokens-per-sample", "64",
+        "--max-request-mib", "1", "--max-push-mib", "8",
+    )
+    yield Secured(server, pki, keys)
+    server.stop()  # module-scoped: its engine's memory is free again for the modules after it
+
+
+def test_every_role_over_grpc_on_the_real_server(secured, tiny_model):
+    weights = load_file(tiny_model / "model.safetensors")
+    with secured.client(TRAINER) as trainer:
+        assert trainer.generate(prompt_token_ids=PROMPT, **GREEDY)[0].samples[0].weight_version == 0
+        result = trainer.push_weights(weights, expected_version=0, label="trainer push")
+        assert result.version == 1
+    with secured.client(EVAL) as evaluator:
+        assert evaluator.status().weight_version == 1
+        assert evaluator.generate(prompt_token_ids=PROMPT, **GREEDY)[0].samples[0].weight_version == 1
+        with pytest.raises(PermissionDeniedError, match="role 'eval' may not push"):
+            evaluator.push_weights(weights)
+    for key in (None, "an-unknown-key-0123456789"):
+        with secured.client(key) as stranger:
+            with pytest.raises(UnauthenticatedError):
+                stranger.status()
+            with pytest.raises(UnauthenticatedError):
+                stranger.push_weights(weights)
+    with secured.client(ADMIN) as admin:
+        assert admin.push_weights(weights, expected_version=1).version == 2
+
+
+def test_every_role_over_https_on_the_real_server(secured):
+    for key, generate, metrics in ((TRAINER, 200, 403), (EVAL, 200, 403), (ADMIN, 200, 200), (None, 401, 401)):
+        with secured.http(key) as http:
+            assert http.post("/v1/generate", json={"prompts": [{"token_ids": PROMPT[0]}]}).status_code == generate
+            assert http.get("/metrics").status_code == metrics
+            assert http.get("/healthz").status_code == 200
+    with secured.http(EVAL) as http:
+        reply = http.post("/v1/weights", content=save({}))
+        assert reply.status_code == 403 and reply.json()["error"]["code"] == "PERMISSION_DENIED"
+
+
+def test_mutual_tls_refuses_a_client_without_a_certificate_and_a_plaintext_one(secured):
+    with secured.client(ADMIN, certificate=False) as bare, pytest.raises(UnavailableError):
+        bare.status()
+    with secured.http(ADMIN, certificate=False) as http, pytest.raises(httpx.HTTPError):
+        http.get("/healthz")
+    with RolloutClient(secured.server.grpc_address, timeout=20, retry=NO_RETRY, api_key=ADMIN) as plain:
+        with pytest.raises(UnavailableError):
+            plain.status()
+
+
+def test_each_limit_over_it_is_a_clear_error_and_changes_nothing(secured):
+    before = secured.observed()
+    with secured.client(TRAINER) as c:
+        with pytest.raises(InvalidArgumentError, match="prompts: 5 prompts exceed max_prompts_per_call=4"):
+            c.generate(prompt_token_ids=PROMPT * 5, **GREEDY)
+        with pytest.raises(InvalidArgumentError, match="sampling.max_tokens: 65 exceeds the limit of 64"):
+            c.generate(prompt_token_ids=PROMPT, max_tokens=65)
+        with pytest.raises(InvalidArgumentError, match=r"prompts\[0\].token_ids: 257 tokens"):
+            c.generate(prompt_token_ids=[[1] * 257])
+        with pytest.raises(ResourceExhaustedError, match="max_push_mib"):
+            c.push_weights({"model.embed_tokens.weight": np.zeros(9 * 2**20 // 4, np.float32)})
+    with secured.http(TRAINER) as http:
+        reply = http.post("/v1/generate", json={"prompts": [{"token_ids": [1]}], "request_id": "x" * 2**20})
+        assert reply.status_code == 413 and reply.json()["error"]["code"] == "RESOURCE_EXHAUSTED"
+    assert secured.observed() == before
+
+
+def _malformed_bodies(rng: random.Random, good: bytes):
+    size = struct.unpack("<Q", good[:8])[0]
+    header = good[8 : 8 + size]
+    for i in range(400):
+        kind = i % 4
+        if kind == 0:  # random bytes
+            yield "/v1/weights", bytes(rng.randrange(256) for _ in range(rng.randint(0, 300)))
+        elif kind == 1:  # a real header, mutated
+            mutated = bytearray(header)
+            for _ in range(rng.randint(1, 6)):
+                at = rng.randrange(len(mutated))
+                mutated[at : at + rng.randint(0, 4)] = bytes([rng.randrange(256)]) * rng.randint(0, 3)
+            yield "/v1/weights", struct.pack("<Q", len(mutated)) + bytes(mutated) + good[8 + size :]
+        elif kind == 2:  # an announced header size that lies
+            yield "/v1/weights", struct.pack("<Q", rng.choice([0, 1, size + 50, 2**40, 2**64 - 1])) + header
+        else:  # generate requests of the wrong shape
+            body = rng.choice([
+                b"{", b"[]", b"null", b'{"prompts": 5}', b'{"prompts": [{"token_ids": [-1]}]}',
+                b'{"prompts": [{"text": "a"}], "sampling": {"n": 0}}', b'{"prompts": [{"token_ids": [1]}], "x": 1}',
+                json.dumps({"prompts": [{"token_ids": [rng.randrange(-5, 10**9)]}]}).encode(),
+                bytes(rng.randrange(256) for _ in range(64)),
+            ])
+            yield "/v1/generate", body
+
+
+def test_malformed_http_bodies_are_client_errors_never_5xx_and_change_nothing(secured, tiny_model):
+    before = secured.observed()
+    good = save({"model.norm.weight": load_file(tiny_model / "model.safetensors")["model.norm.weight"]})
+    statuses: dict[int, int] = {}
+    with secured.http(TRAINER) as http:
+        for path, body in _malformed_bodies(random.Random(0), good):
+            status = http.post(path, content=body, headers={"content-type": "application/json"}).status_code
+            statuses[status] = statuses.get(status, 0) + 1
+    print(f"\n400 malformed bodies: {dict(sorted(statuses.items()))}")
+    assert sum(statuses.values()) == 400
+    assert all(400 <= s < 500 for s in statuses), statuses
+    assert secured.observed() == before
+
+
+def test_keys_made_by_make_key_work_at_once_and_a_deleted_line_revokes(secured):
+    made = subprocess.run(
+        [sys.executable, "-m", "rollout_service.cli", "make-key", "eval", "--append", str(secured.keys_path)],
+        capture_output=True, text=True, check=True,
+    )
+    key = made.stdout.strip()
+    assert key and key not in secured.keys_path.read_text()  # only its digest is kept
+    with secured.client(key) as c:
+        assert c.status().weight_version >= 0
+    lines = secured.keys_path.read_text().splitlines()
+    secured.keys_path.write_text("\n".join(line for line in lines if not line.startswith("eval:")) + "\n")
+    with secured.client(key) as c, pytest.raises(UnauthenticatedError):
+        c.status()
+    with secured.client(EVAL) as c, pytest.raises(UnauthenticatedError):
+        c.status()
+
+
+def test_the_server_log_never_holds_a_key(secured):
+    log = secured.server.log_path.read_text()
+    assert "API keys required" in log
+    for key in (TRAINER, EVAL, ADMIN):
+        assert key not in log
