@@ -32,6 +32,10 @@ from rollout_service.weights.versions import VersionStore
 log = logging.getLogger("rollout_service.replica")
 
 FOLLOW_S = 2.0
+# A prepared push never applied (its ingress died between prepare and commit, or the commit failed
+# before the abort broadcast) is dropped after this long, so it cannot hold catching up back for
+# good. Safe at any age: an apply that finds its push gone loads the committed version from the store.
+PREPARED_TTL_S = 120.0
 
 
 @dataclass
@@ -39,6 +43,7 @@ class Prepared:
     version: int
     files: dict[str, Path]
     spool: Spool | None
+    at: float  # the event loop's time of the prepare
 
 
 def bind_cores(config: ServerConfig, local_rank: int) -> None:
@@ -126,20 +131,33 @@ class EngineReplica:
             message, self._fail_next_prepare = self._fail_next_prepare, None
             raise EngineUnavailable(f"replica {self.replica_id}: {message}")
         files, spool = await self.weights.stage({n: Path(p) for n, p in stored.items()})
-        self._prepared[push_id] = Prepared(version, files, spool)
+        self._prepared[push_id] = Prepared(version, files, spool, loop.time())
         return loop.time() - start
 
     async def apply(self, push_id: str, policy: str) -> ApplyStats:
-        """Load a prepared push."""
+        """Load a prepared push: version N+1 only onto N. A push carries only the tensors it
+        changed, so loaded onto any other version the engine would serve a mix labelled N+1; then
+        (and when the push is not here: this replica started after its prepare, or it expired) the
+        committed version is loaded from the store, which holds every tensor."""
         prepared = self._prepared.pop(push_id, None)
-        if prepared is None:  # this replica started after the prepare broadcast: the version is committed
-            await self.catch_up()
-            return ApplyStats()
-        async with self._apply_lock:
-            if self.engine.weight_version >= prepared.version:  # the follower got there first
+        if prepared is not None:
+            async with self._apply_lock:
+                served = self.engine.weight_version
+                if served == prepared.version - 1:
+                    try:
+                        return await self.weights.apply(prepared.files, policy, prepared.version)
+                    except BaseException:
+                        self._discard(prepared)
+                        raise
                 self._discard(prepared)
-                return ApplyStats()
-            return await self.weights.apply(prepared.files, policy, prepared.version)
+                if served >= prepared.version:  # the follower got there first
+                    return ApplyStats()
+                log.warning(
+                    "replica %s serves version %d, not %d: loading version %d from the store instead of the push",
+                    self.replica_id, served, prepared.version - 1, prepared.version,
+                )
+        await self.catch_up()
+        return ApplyStats()
 
     async def abort(self, push_id: str) -> None:
         prepared = self._prepared.pop(push_id, None)
@@ -164,13 +182,28 @@ class EngineReplica:
             start = loop.time()
             await loop.run_in_executor(None, self.store.verify, manifest)
             files, spool = await self.weights.stage(manifest.files(self.store.root))
-            await self.weights.apply(files, self.config.inflight, version)
+            try:
+                await self.weights.apply(files, self.config.inflight, version)
+            except BaseException:  # the next try stages afresh: keep no copy behind
+                if spool is not None:
+                    spool.discard()
+                raise
             log.info("replica %s caught up to version %d in %.2f s", self.replica_id, version, loop.time() - start)
             return version
+
+    def expire_prepared(self) -> None:
+        now = asyncio.get_running_loop().time()
+        for push_id, prepared in list(self._prepared.items()):
+            if now - prepared.at > PREPARED_TTL_S:
+                del self._prepared[push_id]
+                self._discard(prepared)
+                log.warning("replica %s: push %s (version %d) was prepared %.0f s ago and never applied; dropped",
+                            self.replica_id, push_id, prepared.version, now - prepared.at)
 
     async def _follow(self) -> None:
         while True:
             await asyncio.sleep(FOLLOW_S)
+            self.expire_prepared()
             if self._prepared:  # a push is between its phases: apply will come
                 continue
             try:

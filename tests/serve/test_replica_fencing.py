@@ -1,0 +1,138 @@
+"""A replica applies push N+1 only onto version N, expires prepared pushes, and leaves no staged copy
+behind a failed load: a unit test of serve/replica.py over test doubles of its engine, weight
+service and weight store (the real ones run in tests/serve/test_cluster.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from rollout_service.serve import replica as replica_module
+from rollout_service.serve.replica import EngineReplica, Prepared
+from rollout_service.types import ApplyStats
+
+
+class EngineDouble:
+    def __init__(self, version: int):
+        self.weight_version = version
+
+
+class SpoolDouble:
+    def __init__(self):
+        self.discarded = False
+
+    def discard(self):
+        self.discarded = True
+
+
+class WeightServiceDouble:
+    """Records what is loaded: ("push", version) for a prepared push, ("store", version) for a catch-up."""
+
+    def __init__(self, engine: EngineDouble):
+        self.engine = engine
+        self.loaded: list[tuple[str, int]] = []
+        self.fail = False
+        self.spools: list[SpoolDouble] = []
+
+    async def stage(self, files):
+        spool = SpoolDouble()
+        self.spools.append(spool)
+        return {"store": Path("x")}, spool
+
+    async def apply(self, files, policy, version):
+        if self.fail:
+            raise RuntimeError("engine refused the tensors")
+        self.loaded.append(("store" if "store" in files else "push", version))
+        self.engine.weight_version = version
+        return ApplyStats(apply_s=1.0)
+
+
+class StoreDouble:
+    root = Path("/store")
+
+    def __init__(self, version: int):
+        self.version = version
+
+    def current_version(self):
+        return self.version
+
+    def manifest(self, version):
+        class Manifest:
+            def files(self, root):
+                return {"store": root / f"v{version}"}
+
+        return Manifest()
+
+    def verify(self, manifest):
+        pass
+
+
+def replica_at(version: int, store_version: int) -> EngineReplica:
+    r = object.__new__(EngineReplica)
+    r.replica_id = "r1"
+    r.engine = EngineDouble(version)
+    r.weights = WeightServiceDouble(r.engine)
+    r.store = StoreDouble(store_version)
+    r.config = type("ConfigDouble", (), {"inflight": "drain"})()
+    r._prepared = {}
+    r._apply_lock = asyncio.Lock()
+    return r
+
+
+def prepare(r: EngineReplica, push_id: str, version: int, at: float | None = None) -> SpoolDouble:
+    spool = SpoolDouble()
+    r._prepared[push_id] = Prepared(version, {"push": Path("p")}, spool, asyncio.get_running_loop().time() if at is None else at)
+    return spool
+
+
+async def test_push_n_plus_1_is_applied_onto_version_n():
+    r = replica_at(4, store_version=5)
+    prepare(r, "p5", 5)
+    stats = await r.apply("p5", "drain")
+    assert r.weights.loaded == [("push", 5)] and stats.apply_s == 1.0
+
+
+async def test_a_replica_that_missed_a_version_loads_the_whole_version_from_the_store_not_the_push():
+    r = replica_at(3, store_version=5)  # missed version 4; push 5 holds only what 5 changed
+    spool = prepare(r, "p5", 5)
+    await r.apply("p5", "drain")
+    assert r.weights.loaded == [("store", 5)] and spool.discarded
+    assert r.engine.weight_version == 5
+
+
+async def test_a_push_the_replica_already_serves_is_dropped():
+    r = replica_at(5, store_version=5)
+    spool = prepare(r, "p5", 5)
+    await r.apply("p5", "drain")
+    assert r.weights.loaded == [] and spool.discarded
+
+
+async def test_an_apply_whose_push_is_gone_catches_up_from_the_store():
+    r = replica_at(4, store_version=5)
+    await r.apply("never-prepared", "drain")
+    assert r.weights.loaded == [("store", 5)]
+
+
+async def test_a_failed_load_discards_its_staged_copy():
+    r = replica_at(4, store_version=5)
+    spool = prepare(r, "p5", 5)
+    r.weights.fail = True
+    with pytest.raises(RuntimeError):
+        await r.apply("p5", "drain")
+    assert spool.discarded
+    with pytest.raises(RuntimeError):
+        await r.catch_up()
+    assert r.weights.spools[-1].discarded  # the catch-up's own staging, not left behind every retry
+
+
+async def test_prepared_pushes_expire_and_the_follower_may_then_catch_up(monkeypatch):
+    r = replica_at(4, store_version=5)
+    now = asyncio.get_running_loop().time()
+    old = prepare(r, "stale", 5, at=now - replica_module.PREPARED_TTL_S - 1)
+    fresh = prepare(r, "fresh", 5, at=now)
+    r.expire_prepared()
+    assert list(r._prepared) == ["fresh"] and old.discarded and not fresh.discarded
+    await r.apply("stale", "drain")  # a late apply of the expired push: loads the committed version
+    assert r.weights.loaded == [("store", 5)]
