@@ -199,6 +199,7 @@ class PushResult:
     drain_ms: float = 0.0
     label: str = ""
     samples_in_flight: int = 0
+    replicas_catching_up: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)

@@ -74,9 +74,11 @@ class ServeBackend:
         for s in statuses:
             for name in Counters.__slots__:
                 setattr(counters, name, getattr(counters, name) + getattr(s.counters, name))
+        # The version every replica serves: a replica still catching up holds it back, so a client
+        # that waits for version N (wait_for_version) gets no sample of an older one after.
         return dataclasses.replace(
             statuses[0],
-            weight_version=self.push.store.current_version(),
+            weight_version=min(s.weight_version for s in statuses),
             uptime_s=max(s.uptime_s for s in statuses),
             counters=counters,
             last_push=self.push.last_push,

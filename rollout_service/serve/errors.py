@@ -7,6 +7,20 @@ from __future__ import annotations
 from ray.exceptions import RayTaskError
 from ray.serve.exceptions import DeploymentUnavailableError
 
+from rollout_service.errors import EngineUnavailable
+
+
+class ApplyFailed(EngineUnavailable):
+    """A replica could not load a committed version; it names itself so the push can say which
+    replicas are catching up (they load the version from the weight store)."""
+
+    def __init__(self, replica_id: str, message: str):
+        super().__init__(message)
+        self.replica_id = replica_id
+
+    def __reduce__(self):  # pickled through Ray with both arguments
+        return ApplyFailed, (self.replica_id, str(self))
+
 
 def unwrap(exc: BaseException) -> BaseException:
     while isinstance(exc, RayTaskError) and isinstance(exc.cause, BaseException):

@@ -11,7 +11,11 @@
 
 A replica that fails to prepare fails the push: every replica drops what it prepared, the version's
 shards are deleted, and all keep serving the old version. One push runs at a time in the whole
-deployment (the coordinator's push lock, held while the push runs); a second one is ABORTED.
+deployment (the coordinator's push lock, held while the push runs); a second one is ABORTED. The
+lock is checked (and renewed) once more right before the commit point, so a push whose lock lapsed
+(its renewals failed, another ingress took it) commits nothing. After the commit point the push
+stands: a replica that fails to load it names itself in `replicas_catching_up` and loads the
+version from the store (serve/replica.py), and GetStatus reports the version once all serve it.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from ray.serve.handle import DeploymentHandle
 from rollout_service.config import ServerConfig
 from rollout_service.errors import Conflict, EngineUnavailable
 from rollout_service.serve.coordinator import Coordinator
-from rollout_service.serve.errors import broadcast_all
+from rollout_service.serve.errors import ApplyFailed, broadcast, broadcast_all
 from rollout_service.types import PushResult
 from rollout_service.weights.convert import to_engine_format
 from rollout_service.weights.manifest import ParamTable, PushHeader
@@ -51,14 +55,19 @@ class ClusterPush:
         self.store = store
         self.table = ParamTable.from_checkpoint(config.model)
         self._dtype = getattr(torch, config.dtype)
-        self._crc: dict[str, int] = {}
         self.last_push: PushResult | None = None
 
-    def _convert(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = to_engine_format(name, tensor, self._dtype, None)  # replicas requantize
-        if out[name].dtype != tensor.dtype:  # cast: the stored bytes are not the received ones
-            self._crc[name] = crc32_of(out[name])
-        return out
+    def _converter(self, cast_crc: dict[str, int]):
+        """The receive-side conversion of one push, recording the CRC-32 of each tensor it casts
+        (the stored bytes are then not the received ones) in that push's own `cast_crc`."""
+
+        def convert(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+            out = to_engine_format(name, tensor, self._dtype, None)  # replicas requantize
+            if out[name].dtype != tensor.dtype:
+                cast_crc[name] = crc32_of(out[name])
+            return out
+
+        return convert
 
     @contextlib.asynccontextmanager
     async def begin(self, header: PushHeader) -> AsyncIterator[PushSession]:
@@ -67,9 +76,11 @@ class ClusterPush:
             raise Conflict("another push is in progress in this deployment; pushes are not queued: retry once it has committed")
         keeper = asyncio.create_task(self._keep_lock(owner))
         try:
-            self._crc = {}
+            cast_crc: dict[str, int] = {}
             spool = Spool(self.store.incoming, PART_BYTES)
-            async with receiving(header, self.table, self._convert, spool, self.config, self.store.current_version()) as session:
+            convert = self._converter(cast_crc)
+            async with receiving(header, self.table, convert, spool, self.config, self.store.current_version()) as session:
+                session.push_owner, session.cast_crc = owner, cast_crc  # this push's own, not the ingress's
                 yield session
         finally:
             keeper.cancel()
@@ -81,8 +92,19 @@ class ClusterPush:
     async def _keep_lock(self, owner: str) -> None:
         while True:
             await asyncio.sleep(LOCK_TTL_S / 3)
-            with contextlib.suppress(EngineUnavailable):
-                await self.coordinator.refresh(owner, LOCK_TTL_S)
+            try:
+                if not await self.coordinator.refresh(owner, LOCK_TTL_S):
+                    log.error("push %s lost its lock (it lapsed or another push took it); it will not commit", owner[:8])
+            except EngineUnavailable as exc:
+                log.warning("could not renew the push lock: %s", exc)
+
+    async def _fence(self, owner: str) -> None:
+        """Hold the lock at the commit point, or commit nothing."""
+        if not await self.coordinator.refresh(owner, LOCK_TTL_S):
+            raise Conflict(
+                "this push lost the push lock before its commit (renewals failed or it lapsed, and another push "
+                "may be running); nothing was committed: push again"
+            )
 
     async def commit(self, session: PushSession) -> PushResult:
         receive_s = time.monotonic() - session.started
@@ -92,6 +114,7 @@ class ClusterPush:
         push_id = f"v{version}-{uuid.uuid4().hex[:8]}"
         try:
             prepare_s = await broadcast_all(self.engines, "prepare", push_id, version, {n: str(p) for n, p in files.items()})
+            await self._fence(session.push_owner)
         except BaseException as exc:
             log.warning("push %s failed to prepare (%s); every replica stays on version %d", push_id, exc, version - 1)
             with contextlib.suppress(Exception):
@@ -101,7 +124,7 @@ class ClusterPush:
         return await shielded(self._commit_and_apply(session, push_id, version, files, receive_s, max(prepare_s, default=0.0)))
 
     async def _commit_and_apply(self, session, push_id, version, files, receive_s, prepare_s) -> PushResult:
-        crc = {**session.crc32, **self._crc}
+        crc = {**session.crc32, **session.cast_crc}
         manifest = await asyncio.to_thread(self.store.commit, version, files, crc, session.header.label)
         session.committed = True
         try:
@@ -109,13 +132,12 @@ class ClusterPush:
         except EngineUnavailable as exc:  # the store has it; the ingress writes it back when Redis returns
             log.warning("version %d committed but not recorded in the coordinator: %s", version, exc)
         policy = session.header.inflight or self.config.inflight
-        try:
-            applied = await broadcast_all(self.engines, "apply", push_id, policy)
-        except Exception as exc:
-            raise EngineUnavailable(
-                f"version {version} is committed but a replica failed to load it ({exc}); it retries from the "
-                "weight store, or Serve replaces it when its health check fails"
-            ) from None
+        outcomes = await broadcast(self.engines, "apply", push_id, policy)
+        applied = [a for a in outcomes if not isinstance(a, BaseException)]
+        failed = [e for e in outcomes if isinstance(e, BaseException)]
+        for exc in failed:
+            log.warning("version %d is committed; a replica failed to load it and catches up from the store: %s", version, exc)
+        catching_up = sorted(e.replica_id if isinstance(e, ApplyFailed) else f"unknown ({e})" for e in failed)
         self.last_push = PushResult(
             version=version,
             bytes_received=session.bytes_received,
@@ -127,5 +149,6 @@ class ClusterPush:
             drain_ms=max((a.drain_ms for a in applied), default=0.0),
             label=session.header.label,
             samples_in_flight=sum(a.samples_in_flight for a in applied),
+            replicas_catching_up=catching_up,
         )
         return self.last_push

@@ -23,6 +23,7 @@ from ray import serve
 from rollout_service.config import ServerConfig
 from rollout_service.engine import RolloutEngine
 from rollout_service.errors import EngineUnavailable
+from rollout_service.serve.errors import ApplyFailed
 from rollout_service.tools.machine import usable_cores
 from rollout_service.types import ApplyStats, Completion, GenerateRequest, ServerStatus
 from rollout_service.weights.service import WeightService
@@ -72,6 +73,7 @@ class EngineReplica:
         self._prepared: dict[str, Prepared] = {}
         self._apply_lock = asyncio.Lock()
         self._fail_next_prepare: str | None = None
+        self._fail_next_apply: str | None = None
         await self.catch_up()
         self._follower = asyncio.create_task(self._follow())
         log.info("replica %s ready at weight version %d", self.replica_id, self.engine.weight_version)
@@ -145,7 +147,16 @@ class EngineReplica:
                 served = self.engine.weight_version
                 if served == prepared.version - 1:
                     try:
+                        if self._fail_next_apply is not None:
+                            message, self._fail_next_apply = self._fail_next_apply, None
+                            raise RuntimeError(message)
                         return await self.weights.apply(prepared.files, policy, prepared.version)
+                    except Exception as exc:
+                        self._discard(prepared)
+                        log.exception("replica %s failed to load version %d; it catches up from the store", self.replica_id, prepared.version)
+                        raise ApplyFailed(
+                            self.replica_id, f"replica {self.replica_id} failed to load version {prepared.version}: {exc}"
+                        ) from None
                     except BaseException:
                         self._discard(prepared)
                         raise
@@ -168,6 +179,11 @@ class EngineReplica:
         """Test-only hook, broadcast to all: the next `prepare` of replica `replica_id` fails."""
         if replica_id == self.replica_id:
             self._fail_next_prepare = message
+
+    def test_only_fail_next_apply(self, replica_id: str, message: str) -> None:
+        """Test-only hook, broadcast to all: replica `replica_id` fails to load the next push it applies."""
+        if replica_id == self.replica_id:
+            self._fail_next_apply = message
 
     # ---- catching up --------------------------------------------------------------------------
 

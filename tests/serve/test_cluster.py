@@ -242,12 +242,24 @@ def test_every_role_on_grpc_and_https_through_the_ingress(cluster, base_weights)
     assert cluster.client.status().weight_version == version
 
 
+def test_a_replica_failing_to_load_a_committed_push_catches_up_and_the_push_stands(cluster, base_weights):
+    victim = per_replica(cluster, "info")[0]["replica_id"]
+    per_replica(cluster, "test_only_fail_next_apply", victim, "injected apply failure")
+    result = cluster.client.push_weights(perturbed(base_weights, 10), label="catch-up")
+    assert result.version == 5 and result.replicas_catching_up == [victim]
+    # The client returned once every replica served version 5 (GetStatus reports the minimum).
+    assert cluster.client.status().weight_version == 5
+    assert {i["version"] for i in per_replica(cluster, "info")} == {5}
+    a, b = greedy_by_replica(cluster)
+    assert a == b and {v for _, _, v in a} == {5}
+
+
 def test_redis_restart_generation_continues_version_recovered_next_push_works(cluster, base_weights):
     import redis
 
     cluster.redis.stop()
     completions = cluster.client.generate(prompt_token_ids=PROMPTS, max_tokens=4)
-    assert all(c.samples[0].weight_version == 4 for c in completions)
+    assert all(c.samples[0].weight_version == 5 for c in completions)
     with pytest.raises(RolloutError) as err:  # no push lock without Redis: refused, clearly
         cluster.client.push_weights(perturbed(base_weights, 7))
     assert err.value.code.name == "UNAVAILABLE" and "redis" in str(err.value)
@@ -258,10 +270,10 @@ def test_redis_restart_generation_continues_version_recovered_next_push_works(cl
         assert time.monotonic() - start < 30, "the version was not written back to Redis"
         time.sleep(0.1)
     print(f"\nredis restarted: version written back after {time.monotonic() - start:.1f} s")
-    assert r.get("rollout:version") == "4"
-    assert r.get("rollout:manifest").endswith("v000004/manifest.json")
-    assert cluster.client.push_weights(perturbed(base_weights, 8)).version == 5
-    assert {i["version"] for i in per_replica(cluster, "info")} == {5}
+    assert r.get("rollout:version") == "5"
+    assert r.get("rollout:manifest").endswith("v000005/manifest.json")
+    assert cluster.client.push_weights(perturbed(base_weights, 8)).version == 6
+    assert {i["version"] for i in per_replica(cluster, "info")} == {6}
     events = r.xrange("rollout:events")
-    assert [e["version"] for _, e in events] == ["5"]
+    assert [e["version"] for _, e in events] == ["6"]
     assert len([k for k in r.scan_iter("rollout:replica:*")]) == 2

@@ -5,11 +5,13 @@ service and weight store (the real ones run in tests/serve/test_cluster.py)."""
 from __future__ import annotations
 
 import asyncio
+import pickle
 from pathlib import Path
 
 import pytest
 
 from rollout_service.serve import replica as replica_module
+from rollout_service.serve.errors import ApplyFailed
 from rollout_service.serve.replica import EngineReplica, Prepared
 from rollout_service.types import ApplyStats
 
@@ -78,6 +80,7 @@ def replica_at(version: int, store_version: int) -> EngineReplica:
     r.config = type("ConfigDouble", (), {"inflight": "drain"})()
     r._prepared = {}
     r._apply_lock = asyncio.Lock()
+    r._fail_next_apply = None
     return r
 
 
@@ -119,9 +122,10 @@ async def test_a_failed_load_discards_its_staged_copy():
     r = replica_at(4, store_version=5)
     spool = prepare(r, "p5", 5)
     r.weights.fail = True
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ApplyFailed, match="replica r1 failed to load version 5: engine refused") as info:
         await r.apply("p5", "drain")
-    assert spool.discarded
+    assert spool.discarded and info.value.replica_id == "r1"
+    assert pickle.loads(pickle.dumps(info.value)).replica_id == "r1"  # as it travels back through Ray
     with pytest.raises(RuntimeError):
         await r.catch_up()
     assert r.weights.spools[-1].discarded  # the catch-up's own staging, not left behind every retry

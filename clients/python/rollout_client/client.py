@@ -28,6 +28,9 @@ from rollout_client.push import PushResult
 from rollout_client.types import Completion, completion_from_proto
 
 WAIT_POLL_S = 0.5
+# A push whose version some replicas load from the weight store (they failed to load the push)
+# returns once they serve it, so the caller's next samples are of the version it pushed.
+CATCH_UP_WAIT_S = 300.0
 SAMPLING_FIELDS = tuple(f.name for f in pb.SamplingParams.DESCRIPTOR.fields)
 
 
@@ -169,6 +172,8 @@ class RolloutClient(_Connection):
             response = self._stub.PushWeights(iter(source), timeout=self._deadline(timeout), metadata=self._metadata)
         except grpc.RpcError as err:
             raise (source.error or from_rpc_error(err)) from None
+        if response.replicas_catching_up:  # committed; the version is served once they have it
+            self.wait_for_version(response.version, timeout=CATCH_UP_WAIT_S)
         result = push.result_from_proto(response, time.perf_counter() - start)
         if show:
             print(result, file=sys.stderr)
@@ -275,6 +280,8 @@ class AsyncRolloutClient(_Connection):
             if isinstance(err, asyncio.CancelledError):
                 raise
             raise from_rpc_error(err) from None
+        if response.replicas_catching_up:  # committed; the version is served once they have it
+            await self.wait_for_version(response.version, timeout=CATCH_UP_WAIT_S)
         result = push.result_from_proto(response, time.perf_counter() - start)
         if show:
             print(result, file=sys.stderr)

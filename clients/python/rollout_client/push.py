@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -40,6 +40,8 @@ class PushResult:
     label: str
     seconds: float  # wall time of the whole call, measured by the client
     samples_in_flight: int = 0  # samples in the engine when generation paused for the push
+    # Replicas that loaded the committed version from the store instead; the client waited for them.
+    replicas_catching_up: list[str] = field(default_factory=list)
 
     @property
     def gbps(self) -> float:
@@ -68,6 +70,7 @@ def result_from_proto(msg: pb.PushWeightsResponse, seconds: float) -> PushResult
         label=msg.label,
         seconds=seconds,
         samples_in_flight=msg.samples_in_flight,
+        replicas_catching_up=list(msg.replicas_catching_up),
     )
 
 

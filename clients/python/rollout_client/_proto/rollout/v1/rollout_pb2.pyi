@@ -254,7 +254,7 @@ class PushWeightsRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[_Union[PushChunk, _Mapping]] = ..., commit: _Optional[_Union[PushCommit, _Mapping]] = ..., declare: _Optional[_Union[PushDeclare, _Mapping]] = ...) -> None: ...
 
 class PushWeightsResponse(_message.Message):
-    __slots__ = ("version", "bytes_received", "tensors_applied", "receive_s", "requantize_s", "apply_s", "pause_ms", "label", "drain_ms", "samples_in_flight")
+    __slots__ = ("version", "bytes_received", "tensors_applied", "receive_s", "requantize_s", "apply_s", "pause_ms", "label", "drain_ms", "samples_in_flight", "replicas_catching_up")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     TENSORS_APPLIED_FIELD_NUMBER: _ClassVar[int]
@@ -265,6 +265,7 @@ class PushWeightsResponse(_message.Message):
     LABEL_FIELD_NUMBER: _ClassVar[int]
     DRAIN_MS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_CATCHING_UP_FIELD_NUMBER: _ClassVar[int]
     version: int
     bytes_received: int
     tensors_applied: int
@@ -275,4 +276,5 @@ class PushWeightsResponse(_message.Message):
     label: str
     drain_ms: float
     samples_in_flight: int
-    def __init__(self, version: _Optional[int] = ..., bytes_received: _Optional[int] = ..., tensors_applied: _Optional[int] = ..., receive_s: _Optional[float] = ..., requantize_s: _Optional[float] = ..., apply_s: _Optional[float] = ..., pause_ms: _Optional[float] = ..., label: _Optional[str] = ..., drain_ms: _Optional[float] = ..., samples_in_flight: _Optional[int] = ...) -> None: ...
+    replicas_catching_up: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, version: _Optional[int] = ..., bytes_received: _Optional[int] = ..., tensors_applied: _Optional[int] = ..., receive_s: _Optional[float] = ..., requantize_s: _Optional[float] = ..., apply_s: _Optional[float] = ..., pause_ms: _Optional[float] = ..., label: _Optional[str] = ..., drain_ms: _Optional[float] = ..., samples_in_flight: _Optional[int] = ..., replicas_catching_up: _Optional[_Iterable[str]] = ...) -> None: ...
