@@ -81,6 +81,7 @@ def serve(
     max_push_mib: Optional[int] = typer.Option(None, help="Largest push, MiB (default: the model at float32 + 10%)."),
     max_concurrent_generates_per_key: Optional[int] = typer.Option(None, help="Generate calls per key at once (default 1024)."),
     max_concurrent_pushes_per_key: Optional[int] = typer.Option(None, help="Pushes per key at once (default 4)."),
+    push_idle_timeout_s: Optional[float] = typer.Option(None, help="Abort a push silent this long, seconds (default 120)."),
     log_level: Optional[str] = typer.Option(None, help="debug | info | warning | error (default info)."),
 ) -> None:
     """Serve a model over gRPC and HTTP: on Ray Serve (engine replicas, a weight store; a local Ray

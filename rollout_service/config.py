@@ -181,6 +181,10 @@ class ServerConfig(BaseSettings):
     max_concurrent_generates_per_key: int = Field(
         1024, ge=1, description="Generate calls one API key may have running at once (RESOURCE_EXHAUSTED beyond)."
     )
+    push_idle_timeout_s: float = Field(
+        120.0, gt=0, description="A push whose sender sends nothing this long is aborted (DEADLINE_EXCEEDED / 504) "
+        "and nothing of it applied, so a silent client cannot hold the push lock."
+    )
     max_concurrent_pushes_per_key: int = Field(
         4, ge=1, description="Pushes one API key may have open at once (RESOURCE_EXHAUSTED beyond)."
     )

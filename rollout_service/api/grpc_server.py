@@ -20,6 +20,7 @@ from rollout_client._proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
 from rollout_service.api import convert
 from rollout_service.api.access import Access, Operation, grpc_operation
 from rollout_service.api.backend import Backend
+from rollout_service.api.idle import paced
 from rollout_service.api.limits import MIB, PushBudget, check_generate
 from rollout_service.config import ServerConfig
 from rollout_service.errors import (
@@ -172,8 +173,9 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
             await _abort_with(context, exc)
 
     async def PushWeights(self, request_iterator, context) -> pb.PushWeightsResponse:
+        request_iterator = paced(request_iterator, self.backend.config.push_idle_timeout_s, "the push stream")
         try:
-            first = await anext(aiter(request_iterator), None)
+            first = await anext(request_iterator, None)
             if first is None or first.WhichOneof("kind") != "header":
                 raise InvalidArgument("header", "the first message of a push must be its header")
             header = convert.push_header_from_proto(first.header)

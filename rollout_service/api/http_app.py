@@ -38,6 +38,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
 from rollout_service.api.access import Access, Operation, http_operation
+from rollout_service.api.idle import paced
 from rollout_service.api.limits import MIB, PushBudget, check_generate, max_push_bytes
 from rollout_service.api.metrics import CONTENT_TYPE, Metered
 from rollout_service.config import InflightPolicy
@@ -209,7 +210,7 @@ def create_app(backend: Metered, access: Access, events=None) -> FastAPI:
         label: str = Query("", description="Stored with the version and echoed."),
         inflight: str = Query("", description="drain | abort | continue; default: the server's."),
     ):
-        body = SafetensorsStream(request.stream())
+        body = SafetensorsStream(paced(request.stream(), config.push_idle_timeout_s, "the push body"))
         try:
             header = await body.header(expected_version, label, inflight)
             PushBudget(config).add(header.tensors)

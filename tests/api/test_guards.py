@@ -133,7 +133,7 @@ async def plain(tiny_model, tmp_path):
     config = make_config(
         tiny_model, tmp_path, max_prompts_per_call=4, max_samples_per_call=8, max_prompt_tokens=16,
         max_tokens_per_sample=32, max_request_mib=1, max_push_mib=1, max_concurrent_generates_per_key=2,
-        max_concurrent_pushes_per_key=1,
+        max_concurrent_pushes_per_key=1, push_idle_timeout_s=1.0,
     )
     async with FrontEnds(config, None) as ends:
         yield ends
@@ -284,6 +284,36 @@ async def test_per_key_concurrency_caps_hold_and_free_with_the_call(plain):
     await asyncio.gather(held[1], other_call)
     await first.close()
     await other.close()
+
+
+async def test_a_push_whose_sender_goes_silent_is_aborted_and_applies_nothing(plain):
+    from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
+    from rollout_client._proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
+
+    commits = plain.backend.commits
+    spec = pb.TensorSpec(name="model.norm.weight", dtype="float32", shape=[16], nbytes=64)
+
+    async def silent_after_header():
+        yield pb.PushWeightsRequest(header=pb.PushHeader(tensors=[spec]))
+        await asyncio.sleep(4)  # well past push_idle_timeout_s
+
+    async with grpc.aio.insecure_channel(plain.grpc_address) as channel:
+        stub = pb_grpc.RolloutServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.PushWeights(silent_after_header(), metadata=(("authorization", f"Bearer {KEYS['trainer']}"),), timeout=20)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "push_idle_timeout_s" in info.value.details()
+
+    async def silent_body():
+        yield safetensors_body(64)[:20]
+        await asyncio.sleep(4)  # well past push_idle_timeout_s
+
+    async with plain.http_client(KEYS["trainer"]) as http:
+        reply = await http.post("/v1/weights", content=silent_body())
+    assert reply.status_code == 504 and "push_idle_timeout_s" in reply.text
+    assert plain.backend.commits == commits
+    client = plain.client(KEYS["trainer"])  # the per-key push slot was given back
+    assert (await client.push_weights(weights())).version == commits + 1
+    await client.close()
 
 
 # --- TLS ---------------------------------------------------------------------------------------
