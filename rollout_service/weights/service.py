@@ -160,9 +160,20 @@ async def receiving(
     try:
         yield session
     finally:
+        await closed(session, spool)
+
+
+async def closed(session: PushSession, spool: Spool) -> None:
+    """Close `session` (waiting for the conversion running now) and drop its staging unless it
+    committed. On a thread, so a failed or cancelled push does not stall the event loop, which
+    Generate shares in the single-process server; shielded, so a second cancel cannot skip it."""
+
+    def close_and_discard() -> None:
         session.close()
         if not session.committed:
             spool.discard()
+
+    await shielded(asyncio.to_thread(close_and_discard))
 
 
 async def shielded(coro):

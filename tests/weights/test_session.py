@@ -167,3 +167,41 @@ def test_staged_files_are_safetensors_that_the_library_reads_back(tmp_path):
     back = load_file(tmp_path / "x.safetensors")
     assert back.keys() == tensors.keys()
     assert all(back[k].dtype == t.dtype and torch.equal(back[k].view(torch.uint8), t.view(torch.uint8)) for k, t in tensors.items())
+
+
+def test_closing_a_failed_push_waits_for_its_conversion_off_the_event_loop(tmp_path):
+    """A push cancelled while a tensor converts: the close waits for that conversion on a thread,
+    and the loop (which serves Generate in the single-process server) keeps running meanwhile."""
+    import threading
+
+    from rollout_service.weights.service import closed
+
+    release = threading.Event()
+    a = torch.randn(64, 32)
+
+    def slow_convert(name, t):
+        release.wait(10)
+        return to_engine_format(name, t, torch.bfloat16, None)
+
+    async def run():
+        header = PushHeader((spec("a.weight", a),))
+        s = PushSession(header, TABLE, slow_convert, Spool(tmp_path, part_bytes=4096), 1 << 20)
+        await s.add_chunk(0, 0, raw(a))  # the whole tensor: its conversion starts, and blocks
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        tick = asyncio.create_task(ticker())
+        closing = asyncio.create_task(closed(s, s.spool))
+        await asyncio.sleep(0.3)
+        assert not closing.done() and ticks >= 10  # waiting for the conversion, the loop free
+        release.set()
+        await closing
+        tick.cancel()
+        assert not s.spool.dir.exists()  # its staging dropped
+
+    asyncio.run(run())
