@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_MODEL ?= .cache/tiny-model
 PROTO_OUT := clients/python
 
-.PHONY: install proto demo grpo test test-all test-fast test-stress bench clean
+.PHONY: install proto demo grpo test test-all test-fast test-stress soak bench clean
 
 TS := clients/typescript
 
@@ -59,6 +59,10 @@ test-fast: install
 test-stress: install
 	taskset -c 0 $(PY) -m pytest -q -ra -m "engine and not slow"
 	$(PY) -m pytest -q -ra -m "engine and not slow"
+
+# Long runs kept out of `make test`: the request fuzzers with 10,000 cases each (README "Tests").
+soak: install
+	FUZZ_EXAMPLES=10000 $(PY) -m pytest -q -ra tests/api/test_fuzz_requests.py
 
 bench: install
 	$(PY) bench/generate_overhead.py --quick
