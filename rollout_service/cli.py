@@ -73,11 +73,11 @@ def serve(
     tls_cert: Optional[Path] = typer.Option(None, help="PEM server certificate: serve gRPC and HTTPS over TLS."),
     tls_key: Optional[Path] = typer.Option(None, help="PEM private key of --tls-cert."),
     tls_client_ca: Optional[Path] = typer.Option(None, help="PEM CA: require client certificates it signed."),
-    max_prompts_per_call: Optional[int] = typer.Option(None, help="Most prompts in one call (default 4096)."),
+    max_prompts_per_call: Optional[int] = typer.Option(None, help="Most prompts in one call (default 65536)."),
     max_samples_per_call: Optional[int] = typer.Option(None, help="Most prompts x n in one call (default 65536)."),
     max_prompt_tokens: Optional[int] = typer.Option(None, help="Longest prompt (default: the context length)."),
     max_tokens_per_sample: Optional[int] = typer.Option(None, help="Largest max_tokens (default: the context length)."),
-    max_request_mib: Optional[int] = typer.Option(None, help="Largest request body / message, MiB (default 64)."),
+    max_request_mib: Optional[int] = typer.Option(None, help="Largest request body / message, MiB (default 256)."),
     max_push_mib: Optional[int] = typer.Option(None, help="Largest push, MiB (default: the model at float32 + 10%)."),
     max_concurrent_generates_per_key: Optional[int] = typer.Option(None, help="Generate calls per key at once (default 1024)."),
     max_concurrent_pushes_per_key: Optional[int] = typer.Option(None, help="Pushes per key at once (default 4)."),
@@ -136,9 +136,12 @@ def make_key_cmd(
         raise typer.Exit(2)
     key = new_key()
     if append is not None:
-        fd = os.open(append, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        # A file whose last line has no newline (echo -n, an editor) would get the new line glued
+        # to its last key, revoking it.
+        glue = append.is_file() and append.stat().st_size > 0 and not append.read_bytes().endswith(b"\n")
+        fd = os.open(append, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)  # a new file: mode 600
         with os.fdopen(fd, "a") as f:
-            f.write(f"{role}:sha256:{digest(key)}\n")
+            f.write(("\n" if glue else "") + f"{role}:sha256:{digest(key)}\n")
         err.print(f"appended a {role} key to {append}; the key is shown once, below")
     print(key)
 

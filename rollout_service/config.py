@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from rollout_service.errors import ConfigError
 from rollout_service.quant.recipe import Recipe
 
 Quantization = Literal["none", "int8", "fp8", "fp8_channel"]
@@ -162,7 +163,9 @@ class ServerConfig(BaseSettings):
     tls_client_ca: Path | None = Field(
         None, description="PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)."
     )
-    max_prompts_per_call: int = Field(4096, ge=1, description="Most prompts in one Generate call.")
+    max_prompts_per_call: int = Field(
+        65536, ge=1, description="Most prompts in one Generate call (the verl plugin sends batch x n rows as prompts)."
+    )
     max_samples_per_call: int = Field(65536, ge=1, description="Most samples (prompts x n) in one Generate call.")
     max_prompt_tokens: int | None = Field(
         None, ge=1, description="Longest prompt in tokens; default: the context length."
@@ -171,7 +174,7 @@ class ServerConfig(BaseSettings):
         None, ge=1, description="Largest sampling.max_tokens; default: the context length."
     )
     max_request_mib: int = Field(
-        64, ge=1, description="Largest HTTP request body and gRPC message, MiB (pushes: max_push_mib); gRPC always "
+        256, ge=1, description="Largest HTTP request body and gRPC message, MiB (pushes: max_push_mib); gRPC always "
         "takes at least 16 MiB, the clients' push chunks being 4 MiB."
     )
     max_push_mib: int | None = Field(
@@ -189,12 +192,17 @@ class ServerConfig(BaseSettings):
         4, ge=1, description="Pushes one API key may have open at once (RESOURCE_EXHAUSTED beyond)."
     )
 
-    @model_validator(mode="after")
-    def _exposure(self) -> ServerConfig:
+    def check_secret_files(self) -> None:
+        """The keys, TLS and Redis password files exist. Checked where they are read (the server, the
+        Serve runner and ingress), not in the validator: Serve builds the app from this config on any
+        node, and the files may be mounted on the head node only."""
         for name in ("api_keys", "tls_cert", "tls_key", "tls_client_ca", "redis_password_file"):
             path = getattr(self, name)
             if path is not None and not path.is_file():
-                raise ValueError(f"{name}={str(path)!r} is not a file")
+                raise ConfigError(f"{name}={str(path)!r} is not a file")
+
+    @model_validator(mode="after")
+    def _exposure(self) -> ServerConfig:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together: give both or neither")
         if self.tls_client_ca is not None and self.tls_cert is None:

@@ -74,5 +74,9 @@ def test_make_key_prints_a_key_once_and_appends_only_its_digest(tmp_path):
     assert keys.stat().st_mode & 0o777 == 0o600
     caller = KeyRing(keys).lookup(key)
     assert caller is not None and caller.may(Operation.PUSH)
+    keys.write_text(f"admin:{'a' * 20}")  # no newline after its last line
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    ring = KeyRing(keys)
+    assert ring.lookup("a" * 20).role == "admin" and ring.lookup(second).role == "trainer"
     bad = subprocess.run([*cmd[:4], "root"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "roles are trainer, eval, admin" in bad.stderr

@@ -51,7 +51,6 @@ def test_binding_beyond_loopback_needs_api_keys_or_insecure(tiny_model, tmp_path
     [
         ({"tls_cert": "CERT"}, "tls_cert and tls_key go together"),
         ({"tls_client_ca": "CERT"}, "tls_client_ca needs tls_cert"),
-        ({"api_keys": "MISSING"}, "is not a file"),
     ],
 )
 def test_tls_and_key_settings_are_checked_at_start(tiny_model, tmp_path, given, problem):
@@ -61,6 +60,14 @@ def test_tls_and_key_settings_are_checked_at_start(tiny_model, tmp_path, given, 
 
     cert = tmp_path / "cert.pem"
     cert.write_text("x")
-    paths = {"CERT": cert, "MISSING": tmp_path / "missing"}
     with pytest.raises(pydantic.ValidationError, match=problem):
-        ServerConfig(model=tiny_model, **{k: paths[v] for k, v in given.items()})
+        ServerConfig(model=tiny_model, **{k: cert for k in given})
+
+
+def test_secret_files_are_checked_where_they_are_read_not_where_the_config_is_built(tiny_model, tmp_path):
+    from rollout_service.config import ServerConfig
+    from rollout_service.errors import ConfigError
+
+    config = ServerConfig(model=tiny_model, api_keys=tmp_path / "on-the-head-node-only")  # Serve's build task
+    with pytest.raises(ConfigError, match="api_keys=.* is not a file"):
+        config.check_secret_files()

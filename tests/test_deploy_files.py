@@ -126,7 +126,6 @@ def test_kuberay_rayservice_has_a_valid_serve_config_autoscaling_probes_and_know
     images = dockerfiles()
     head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert head["image"] in images
-    assert {p["containerPort"] for p in head["ports"]} <= images[head["image"]]
     for probe in (head["readinessProbe"], head["livenessProbe"]):
         assert probe["httpGet"] == {"path": "/healthz", "port": 8000, "scheme": "HTTPS"}
     for group in cluster["workerGroupSpecs"]:
@@ -150,9 +149,14 @@ def test_kuberay_takes_keys_tls_and_redis_password_from_secrets_and_fences_rays_
     label = head["metadata"]["labels"]
     policy = next(d for d in docs if d["kind"] == "NetworkPolicy")
     assert policy["spec"]["podSelector"]["matchLabels"] == label
-    open_rule, own_pods = policy["spec"]["ingress"]
+    open_rule, own_pods, operator = policy["spec"]["ingress"]
     assert {p["port"] for p in open_rule["ports"]} == {50051, 8000} and "from" not in open_rule
     assert own_pods["from"] == [{"podSelector": {"matchLabels": label}}] and "ports" not in own_pods
+    # KubeRay submits the Serve config through the dashboard: its head container keeps Ray's ports
+    # (the head service is built from them), and the operator's namespace reaches only the dashboard.
+    assert [p["port"] for p in operator["ports"]] == [8265] and "namespaceSelector" in operator["from"][0]
+    head_ports = {p["name"]: p["containerPort"] for p in head["spec"]["containers"][0]["ports"]}
+    assert head_ports["dashboard"] == 8265 and head_ports["gcs"] == 6379
     exposed = next(d for d in docs if d["kind"] == "Service")
     assert label.items() <= exposed["spec"]["selector"].items()
 

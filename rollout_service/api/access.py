@@ -118,6 +118,7 @@ class KeyRing:
         self.path = path
         self._stamp = None
         self._keys: list[tuple[bytes, str]] = []
+        self._last_error = ""
         self._load(strict=True)
 
     def _stat(self):
@@ -127,8 +128,12 @@ class KeyRing:
     def _load(self, strict: bool) -> None:
         stamp = self._stat()
         keys = []
-        for number, line in enumerate(self.path.read_text().splitlines(), 1):
+        for number, raw in enumerate(self.path.read_bytes().splitlines(), 1):
             try:
+                try:
+                    line = raw.decode()
+                except UnicodeDecodeError:
+                    raise ConfigError(f"{self.path}:{number}: not UTF-8") from None
                 parsed = parse_key_line(line, f"{self.path}:{number}")
             except ConfigError as exc:
                 if strict:
@@ -143,11 +148,16 @@ class KeyRing:
         log.info("API keys from %s: %s", self.path, dict(Counter(role for _, role in keys)) or "none")
 
     def refresh(self) -> None:
+        """Re-read the file if it changed. A file that cannot be read (being replaced, removed) keeps
+        the keys there are: revoke a key by deleting its line, not the file."""
         try:
             if self._stat() != self._stamp:
                 self._load(strict=False)
-        except OSError as exc:  # a file being replaced: keep the keys we have
-            log.error("keys file %s unreadable, keeping the previous keys: %s", self.path, exc)
+            self._last_error = ""
+        except OSError as exc:
+            if str(exc) != self._last_error:  # once, not on every call
+                log.error("keys file %s unreadable, keeping the previous keys: %s", self.path, exc)
+                self._last_error = str(exc)
 
     def lookup(self, key: str) -> Caller | None:
         self.refresh()
@@ -169,6 +179,7 @@ class Access:
 
     @classmethod
     def from_config(cls, config) -> Access:
+        config.check_secret_files()
         keys = KeyRing(config.api_keys) if config.api_keys is not None else None
         return cls(keys, config.max_concurrent_generates_per_key, config.max_concurrent_pushes_per_key)
 

@@ -79,36 +79,31 @@ def _refusal(handler: grpc.RpcMethodHandler, exc: RolloutError) -> grpc.RpcMetho
 
 
 def _holding(handler: grpc.RpcMethodHandler, access: Access, caller, operation) -> grpc.RpcMethodHandler:
-    """The same handler, holding one of the caller's concurrency slots for the whole call (a cancelled
-    call raises CancelledError inside it, which frees the slot at once)."""
+    """The same handler, holding one of the caller's concurrency slots until the call is done. The
+    call's done callback gives it back, however the call ends: a streaming handler cancelled while
+    suspended at a `yield` would otherwise keep it until garbage collection."""
 
-    async def enter(context) -> bool:
+    async def enter(context) -> None:
         try:
-            return access.acquire(caller, operation)
+            taken = access.acquire(caller, operation)
         except RolloutError as exc:
             await context.abort(grpc_status(exc), public_message(exc))
+        if taken:
+            context.add_done_callback(lambda _: access.release(caller, operation))
 
     if handler.response_streaming:
         inner = handler.unary_stream or handler.stream_stream
 
         async def behaviour(request, context):
-            taken = await enter(context)
-            try:
-                async for item in inner(request, context):
-                    yield item
-            finally:
-                if taken:
-                    access.release(caller, operation)
+            await enter(context)
+            async for item in inner(request, context):
+                yield item
     else:
         inner = handler.unary_unary or handler.stream_unary
 
         async def behaviour(request, context):
-            taken = await enter(context)
-            try:
-                return await inner(request, context)
-            finally:
-                if taken:
-                    access.release(caller, operation)
+            await enter(context)
+            return await inner(request, context)
 
     kind = {
         (False, False): grpc.unary_unary_rpc_method_handler,

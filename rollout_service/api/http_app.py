@@ -74,11 +74,12 @@ class AccessMiddleware:
     all before the app runs. A body is read here in full (bounded) except a push's, which streams
     through a counter that fails the push with TooLarge once it passes its limit."""
 
-    def __init__(self, app, access: Access, max_body: int, max_push: int):
+    def __init__(self, app, access: Access, max_body: int, max_push: int, body_idle_s: float):
         self.app = app
         self.access = access
         self.max_body = max_body
         self.max_push = max_push
+        self.body_idle_s = body_idle_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -92,12 +93,14 @@ class AccessMiddleware:
             length = headers.get("content-length", "")
             if length.isdigit() and int(length) > limit:
                 raise TooLarge(f"the body of {int(length)} bytes is over the limit of {limit // MIB} MiB")
+            taken = self.access.acquire(caller, operation)  # before buffering: a capped key holds no memory
             if operation is Operation.PUSH:
                 receive = _bounded(receive, limit)
             else:
-                receive = await _buffered(receive, limit)
-            taken = self.access.acquire(caller, operation)
+                receive = await _buffered(receive, limit, self.body_idle_s)
         except RolloutError as exc:
+            if taken:
+                self.access.release(caller, operation)
             if not isinstance(exc, TooLarge):
                 log.info("refused %s %s: %s", scope["method"], scope["path"], exc)
             return await _error_response(exc)(scope, receive, send)
@@ -126,11 +129,16 @@ def _bounded(receive, limit: int):
     return counting
 
 
-async def _buffered(receive, limit: int):
-    """The whole body read now (at most `limit` bytes), replayed to the app as one message."""
+async def _buffered(receive, limit: int, idle_s: float):
+    """The whole body read now (at most `limit` bytes, each piece within `idle_s`), replayed to the
+    app as one message."""
     parts, size = [], 0
     while True:
-        message = await receive()
+        try:
+            async with asyncio.timeout(idle_s):
+                message = await receive()
+        except TimeoutError:
+            raise DeadlineExceeded(f"the request body stalled for {idle_s:g} s (push_idle_timeout_s)") from None
         if message["type"] != "http.request":
             pending = [message]
             break
@@ -176,7 +184,8 @@ def create_app(backend: Metered, access: Access, events=None) -> FastAPI:
     app = FastAPI(title="rollout-service", version="1", summary="Rollouts with exact per-token logprobs (rollout.v1).")
     config = backend.config
     app.add_middleware(
-        AccessMiddleware, access=access, max_body=config.max_request_mib * MIB, max_push=max_push_bytes(config)
+        AccessMiddleware, access=access, max_body=config.max_request_mib * MIB, max_push=max_push_bytes(config),
+        body_idle_s=config.push_idle_timeout_s,
     )
 
     @app.exception_handler(RequestValidationError)

@@ -168,6 +168,9 @@ class RolloutEngine:
                 self._check_vocab(f"prompts[{i}].token_ids", ids)
             else:
                 ids = self._tokenizer.encode(prompt.text)
+                limit = self.config.max_prompt_tokens
+                if limit is not None and len(ids) > limit:
+                    raise InvalidArgument(f"prompts[{i}].text", f"{len(ids)} tokens exceed max_prompt_tokens={limit}")
             if len(ids) >= self.max_model_len:
                 raise InvalidArgument(
                     f"prompts[{i}]",

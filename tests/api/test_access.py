@@ -102,6 +102,15 @@ def test_the_keys_file_is_reread_when_it_changes_and_a_deleted_line_revokes(tmp_
         access.authorize(f"Bearer {ADMIN}", Operation.STATUS)  # its line is gone
 
 
+def test_a_line_that_is_not_utf8_is_skipped_on_reload_and_refused_at_start(tmp_path, access):
+    path = access.keys.path
+    path.write_bytes(b"# caf\xe9\n" + f"trainer:{TRAINER}\n".encode())
+    os.utime(path, ns=(2, 2))
+    assert access.authorize(f"Bearer {TRAINER}", Operation.PUSH).role == "trainer"
+    with pytest.raises(ConfigError, match="keys:1: not UTF-8"):
+        KeyRing(path)
+
+
 def test_an_unreadable_keys_file_keeps_the_previous_keys(tmp_path, access):
     access.keys.path.unlink()
     assert access.authorize(f"Bearer {TRAINER}", Operation.PUSH).role == "trainer"

@@ -92,7 +92,7 @@ class FrontEnds:
 
     async def __aenter__(self):
         metered = Metered(self.backend)
-        access = Access.from_config(self.config)
+        self.access = access = Access.from_config(self.config)
         self.grpc, grpc_port = await create_server(metered, self.config, access)
         self.http, self.http_task, http_port = await start_http(create_app(metered, access), self.config)
         self.grpc_address = f"127.0.0.1:{grpc_port}"
@@ -261,27 +261,40 @@ async def test_bodies_and_pushes_over_their_limits_are_413_or_resource_exhausted
     assert plain.backend.declared == declared
 
 
-async def test_per_key_concurrency_caps_hold_and_free_with_the_call(plain):
-    plain.backend.open.clear()
-    first, other = plain.client(KEYS["trainer"]), plain.client(OTHER_TRAINER)
-    held = [asyncio.create_task(first.generate(prompt_token_ids=[[1]])) for _ in range(2)]
-    while plain.backend.generate_calls < 2:
+async def until(condition, what: str, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"not reached in {timeout} s: {what}"
         await asyncio.sleep(0.01)
+
+
+async def test_per_key_concurrency_caps_hold_and_free_with_the_call(plain):
+    from rollout_service.api.access import Operation
+
+    name = plain.access.authorize(f"Bearer {KEYS['trainer']}", Operation.GENERATE).name
+    running = lambda: plain.access.running(name, Operation.GENERATE)  # noqa: E731
+    plain.backend.open.clear()  # every call stays in the backend until it opens
+    first, other = plain.client(KEYS["trainer"]), plain.client(OTHER_TRAINER)
+    unary = asyncio.create_task(first.generate(prompt_token_ids=[[1]]))
+    stream = asyncio.create_task(anext(aiter(first.generate_stream(prompt_token_ids=[[1]]))))
+    await until(lambda: running() == 2, "both calls hold a slot")
     with pytest.raises(ResourceExhaustedError, match="per-key limit"):
         await first.generate(prompt_token_ids=[[1]])
     async with plain.http_client(KEYS["trainer"]) as http:
         reply = await http.post("/v1/generate", json={"prompts": [{"token_ids": [1]}]})
         assert reply.status_code == 429, reply.text
-    other_call = asyncio.create_task(other.generate(prompt_token_ids=[[1]]))  # its own slots
-    while plain.backend.generate_calls < 3:
-        await asyncio.sleep(0.01)
-    held[0].cancel()  # a cancelled call gives its slot back
-    with contextlib.suppress(asyncio.CancelledError):
-        await held[0]
-    await asyncio.sleep(0.2)
+    other_call = asyncio.create_task(other.generate(prompt_token_ids=[[1]]))  # another key: its own slots
+    await until(lambda: plain.backend.generate_calls >= 3, "the other key's call admitted")
+    for call in (unary, stream):  # cancelled calls, unary and streaming, give their slots back
+        call.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await call
+    await until(lambda: running() == 0, "the cancelled calls' slots freed")
+    again = asyncio.create_task(first.generate(prompt_token_ids=[[1]]))
+    await until(lambda: running() == 1, "a new call of the same key admitted")
     plain.backend.open.set()
-    assert len(await first.generate(prompt_token_ids=[[1]])) == 1
-    await asyncio.gather(held[1], other_call)
+    assert len(await again) == 1 and len(await other_call) == 1
+    await until(lambda: running() == 0, "finished calls' slots freed")
     await first.close()
     await other.close()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+import warnings
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -55,6 +56,16 @@ def _completions(response: pb.GenerateResponse) -> list[Completion]:
 def _show_progress(progress: bool | None) -> bool:
     """None (the default) shows the push bar only when stderr is a terminal."""
     return sys.stderr.isatty() if progress is None else progress
+
+
+def _still_catching_up(response: pb.PushWeightsResponse, exc: Exception) -> None:
+    """The push is committed (its result says so and a fenced trainer must record it), but some
+    replicas still load it: say so rather than fail."""
+    warnings.warn(
+        f"weight version {response.version} is committed, but replica(s) {list(response.replicas_catching_up)} "
+        f"still load it from the weight store ({exc}); they serve older samples until then",
+        stacklevel=3,
+    )
 
 
 def _version_reached(status: pb.GetStatusResponse, version: int) -> bool:
@@ -173,7 +184,10 @@ class RolloutClient(_Connection):
         except grpc.RpcError as err:
             raise (source.error or from_rpc_error(err)) from None
         if response.replicas_catching_up:  # committed; the version is served once they have it
-            self.wait_for_version(response.version, timeout=CATCH_UP_WAIT_S)
+            try:
+                self.wait_for_version(response.version, timeout=CATCH_UP_WAIT_S)
+            except DeadlineExceededError as exc:
+                _still_catching_up(response, exc)
         result = push.result_from_proto(response, time.perf_counter() - start)
         if show:
             print(result, file=sys.stderr)
@@ -281,7 +295,10 @@ class AsyncRolloutClient(_Connection):
                 raise
             raise from_rpc_error(err) from None
         if response.replicas_catching_up:  # committed; the version is served once they have it
-            await self.wait_for_version(response.version, timeout=CATCH_UP_WAIT_S)
+            try:
+                await self.wait_for_version(response.version, timeout=CATCH_UP_WAIT_S)
+            except DeadlineExceededError as exc:
+                _still_catching_up(response, exc)
         result = push.result_from_proto(response, time.perf_counter() - start)
         if show:
             print(result, file=sys.stderr)

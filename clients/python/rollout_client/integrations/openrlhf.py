@@ -230,5 +230,8 @@ def gathered_parameters(model: Any) -> Iterator[tuple[str, Any]]:
 
 def push_model(model: Any, client: RolloutClient, label: str = "openrlhf", **push_options: Any) -> PushResult:
     """The replacement for PPOActor.broadcast_to_vllm: stream the actor's parameters to the
-    service (pass `actor.model.module`); returns the new version once every replica serves it."""
+    service (pass `actor.model.module`); returns the new version once every replica serves it.
+
+    Fence it as RolloutServiceEngine.push_weights does: pass `expected_version=` the version of
+    your previous push, so a push by anyone else in between fails with FAILED_PRECONDITION."""
     return client.push_weights(gathered_parameters(model), label=label, **push_options)
