@@ -4,6 +4,9 @@ Reports calls/s, tokens/s, latency percentiles and every error by gRPC code. Bou
 count, and only for servers on this machine (loopback), as this project's rules require.
 
     python load_tests/generate_load.py --address 127.0.0.1:50051 --concurrency 8 --seconds 30
+
+A server started with --api-keys needs a key (`--api-key`, or ROLLOUT_API_KEY); one with TLS
+needs `--root-certificates CA.pem` (and, for mutual TLS, `--client-certificate` / `--client-key`).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import time
 from collections import Counter
 from ipaddress import ip_address
@@ -44,7 +48,13 @@ async def run(args) -> dict:
     latencies: list[float] = []
     tokens: list[int] = []
     errors: Counter = Counter()
-    async with AsyncRolloutClient(args.address, timeout=args.call_timeout) as client:
+    tls = {
+        "root_certificates": args.root_certificates, "client_certificate": args.client_certificate,
+        "client_key": args.client_key,
+    }
+    async with AsyncRolloutClient(
+        args.address, timeout=args.call_timeout, api_key=args.api_key, **{k: v for k, v in tls.items() if v}
+    ) as client:
         t0 = time.monotonic()
         stop_at = t0 + args.seconds
         await asyncio.gather(*(caller(client, args, stop_at, latencies, errors, tokens) for _ in range(args.concurrency)))
@@ -76,6 +86,10 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--call-timeout", type=float, default=120.0)
+    parser.add_argument("--api-key", default=os.environ.get("ROLLOUT_API_KEY"), help="a trainer or eval key")
+    parser.add_argument("--root-certificates", help="CA (PEM) of a TLS server")
+    parser.add_argument("--client-certificate", help="this client's certificate (PEM), for mutual TLS")
+    parser.add_argument("--client-key", help="its private key (PEM)")
     print(json.dumps(asyncio.run(run(parser.parse_args())), indent=2))
 
 

@@ -172,6 +172,89 @@ def test_malformed_http_bodies_are_client_errors_never_5xx_and_change_nothing(se
     assert secured.observed() == before
 
 
+CLIENT_CODES = {"INVALID_ARGUMENT", "DATA_LOSS", "FAILED_PRECONDITION", "CANCELLED", "RESOURCE_EXHAUSTED"}
+DEFECTS = ("unknown name", "wrong shape", "bad dtype", "nbytes off", "bad crc", "bytes missing", "bytes beyond",
+           "gap", "undeclared index", "duplicate", "stale version", "no commit", "chunk first", "nan", "bad policy")
+
+
+def _defective_push(rng: random.Random, weights: dict, version: int, defect: str) -> list:
+    """The messages of a push of 1-3 real tensors (zeros, bf16) with exactly one `defect`."""
+    import zlib
+
+    from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
+
+    names = rng.sample(sorted(weights), rng.randint(1, 3))
+    specs, datas = [], []
+    for name in names:
+        shape = list(weights[name].shape)
+        data = bytearray(2 * int(np.prod(shape)))
+        if defect == "nan" and not datas:
+            data[0:2] = b"\xc0\x7f"
+        specs.append(pb.TensorSpec(name=name, dtype="bfloat16", shape=shape, nbytes=len(data), crc32=zlib.crc32(data)))
+        datas.append(bytes(data))
+    first = specs[0]
+    if defect == "unknown name":
+        first.name = rng.choice(["model.x.weight", "", "model.layers.99.mlp.up_proj.weight", "lm_head.bias"])
+    elif defect == "wrong shape":
+        first.shape[rng.randrange(len(first.shape))] += rng.choice([1, 7])
+        first.nbytes = 2 * int(np.prod(first.shape))
+    elif defect == "bad dtype":
+        first.dtype = rng.choice(["float64", "int8", "", "bf16", "uint8"])
+    elif defect == "nbytes off":
+        first.nbytes += rng.choice([-2, -1, 1, 2, 1000])
+    elif defect == "bad crc":
+        first.crc32 = (first.crc32 + rng.randint(1, 2**31)) % 2**32
+    elif defect == "duplicate":
+        specs.append(pb.TensorSpec(name=first.name, dtype="bfloat16", shape=list(first.shape), nbytes=first.nbytes))
+        datas.append(datas[0])
+    header = pb.PushHeader(tensors=specs, label="fuzz", inflight="later" if defect == "bad policy" else "")
+    if defect == "stale version":
+        header.expected_version = version + rng.randint(1, 5)
+    chunks = []
+    for index, data in enumerate(datas):
+        if defect == "bytes missing" and index == 0:
+            data = data[: len(data) // 2]
+        if defect == "bytes beyond" and index == 0:
+            data = data + b"xx"
+        step = max(1, len(data) // (2 if defect == "gap" and index == 0 else rng.randint(1, 4)))
+        for offset in range(0, len(data), step):
+            at = offset + (8 if defect == "gap" and index == 0 and offset else 0)
+            chunks.append(pb.PushWeightsRequest(chunk=pb.PushChunk(tensor_index=index, offset=at, data=data[offset : offset + step])))
+    if defect == "undeclared index":
+        chunks.append(pb.PushWeightsRequest(chunk=pb.PushChunk(tensor_index=len(specs) + 3, offset=0, data=b"ab")))
+    messages = [pb.PushWeightsRequest(header=header), *chunks]
+    if defect == "chunk first":
+        messages = chunks[:1] + messages
+    if defect != "no commit":
+        messages.append(pb.PushWeightsRequest(commit=pb.PushCommit()))
+    return messages
+
+
+def test_defective_grpc_pushes_are_client_errors_and_change_nothing(secured, tiny_model):
+    import grpc
+    from rollout_client._proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
+
+    weights = load_file(tiny_model / "model.safetensors")
+    weights = {n: t for n, t in weights.items() if t.numel() <= 1 << 16}  # small tensors: many pushes
+    before = secured.observed()
+    pki = secured.pki
+    credentials = grpc.ssl_channel_credentials(pki.ca.read_bytes(), pki.client_key.read_bytes(), pki.client_cert.read_bytes())
+    rng = random.Random(1)
+    codes: dict[str, int] = {}
+    with grpc.secure_channel(secured.server.grpc_address, credentials) as channel:
+        stub = pb_grpc.RolloutServiceStub(channel)
+        for i in range(150):
+            defect = DEFECTS[i % len(DEFECTS)]
+            with pytest.raises(grpc.RpcError) as info:
+                stub.PushWeights(iter(_defective_push(rng, weights, before[0], defect)), timeout=60,
+                                 metadata=(("authorization", f"Bearer {TRAINER}"),))
+            code = info.value.code().name
+            assert code in CLIENT_CODES, (defect, code, info.value.details())
+            codes[code] = codes.get(code, 0) + 1
+    print(f"\n150 defective pushes: {dict(sorted(codes.items()))}")
+    assert secured.observed() == before
+
+
 def test_keys_made_by_make_key_work_at_once_and_a_deleted_line_revokes(secured):
     made = subprocess.run(
         [sys.executable, "-m", "rollout_service.cli", "make-key", "eval", "--append", str(secured.keys_path)],
