@@ -330,11 +330,25 @@ def report_cmd(
               f"{figures.greedy_identical:.0%}, TIS clipped {figures.tis_clipped:.2%}, tokens/s ratio {figures.tokens_per_s_ratio:.2f}")
 
 
+API_KEY = typer.Option(None, "--api-key", envvar="ROLLOUT_API_KEY", help="Key of a server run with --api-keys.")
+ROOTS = typer.Option(None, "--root-certificates", help="CA (PEM) of a TLS server.")
+CLIENT_CERT = typer.Option(None, "--client-certificate", help="This client's certificate (PEM), for mutual TLS.")
+CLIENT_KEY = typer.Option(None, "--client-key", help="Its private key (PEM).")
+
+
+def _connection(api_key: str | None, roots: Path | None, cert: Path | None, key: Path | None) -> dict:
+    return {"api_key": api_key, "root_certificates": roots, "client_certificate": cert, "client_key": key}
+
+
 @app.command("status")
 def status_cmd(
     address: str = typer.Option("localhost:50051", "--address", "-a", help="The service's gRPC address."),
     interval: float = typer.Option(2.0, help="Seconds between the two readings that give the current tokens/s."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object instead of a table."),
+    api_key: Optional[str] = API_KEY,
+    root_certificates: Optional[Path] = ROOTS,
+    client_certificate: Optional[Path] = CLIENT_CERT,
+    client_key: Optional[Path] = CLIENT_KEY,
 ) -> None:
     """Model, weight version, replicas, the last push and current throughput of a running service."""
     import json
@@ -346,7 +360,7 @@ def status_cmd(
     from rollout_client import RolloutClient, RolloutClientError
 
     try:
-        with RolloutClient(address, timeout=10) as client:
+        with RolloutClient(address, timeout=10, **_connection(api_key, root_certificates, client_certificate, client_key)) as client:
             first, t0 = client.status(), time.monotonic()
             time.sleep(interval)
             second, t1 = client.status(), time.monotonic()
@@ -365,7 +379,7 @@ def status_cmd(
         ("model", second.model),
         ("engine", f"{second.quantization}, {second.dtype}, logprobs {second.logprobs_mode}, vLLM {second.engine_version}"),
         ("weight version", str(second.weight_version)),
-        ("replicas", str(second.replicas)),
+        ("replicas", f"{second.replicas}: " + ", ".join(f"{r[:8]} v{v}" for r, v in sorted(second.replica_versions.items()))),
         ("throughput", f"{tokens_per_s:.1f} tokens/s over {interval:g} s; {second.counters.requests_running} calls running"),
         ("since start", f"{second.counters.requests_total} calls, {second.counters.tokens_generated} tokens, "
                         f"{second.counters.requests_rejected_overload} rejected (overload), up {second.uptime_s:.0f} s"),
@@ -387,6 +401,10 @@ def chat_cmd(
     max_tokens: int = typer.Option(64, help="Tokens per answer."),
     temperature: float = typer.Option(0.7, help="Sampling temperature (0 = greedy)."),
     show_logprobs: bool = typer.Option(True, "--logprobs/--no-logprobs", help="Colour each token by its probability."),
+    api_key: Optional[str] = API_KEY,
+    root_certificates: Optional[Path] = ROOTS,
+    client_certificate: Optional[Path] = CLIENT_CERT,
+    client_key: Optional[Path] = CLIENT_KEY,
 ) -> None:
     """Type prompts, read completions (each token coloured by its sampled probability) with the
     weight version that produced them. An empty line or Ctrl-D ends."""
@@ -397,7 +415,7 @@ def chat_cmd(
     from rollout_client import RolloutClient, RolloutClientError
 
     out = Console()
-    with RolloutClient(address, timeout=120) as client:
+    with RolloutClient(address, timeout=120, **_connection(api_key, root_certificates, client_certificate, client_key)) as client:
         try:
             status = client.status()
         except RolloutClientError as exc:

@@ -183,6 +183,7 @@ class ServerStatus:
     inflight_policy: str
     last_push: PushResult | None = None
     replicas: int = 1
+    replica_versions: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

@@ -58,6 +58,7 @@ class LocalBackend:
     async def status(self) -> ServerStatus:
         result = self.engine.status()
         result.last_push = self.weights.last_push
+        result.replica_versions = {"local": result.weight_version}
         return result
 
     def begin_push(self, header: PushHeader) -> AsyncContextManager[PushSession]:

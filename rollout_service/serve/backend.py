@@ -67,7 +67,8 @@ class ServeBackend:
         return [r for r in results if isinstance(r, ServerStatus)]
 
     async def status(self) -> ServerStatus:
-        statuses = await self._replica_statuses()
+        served = [r for r in await broadcast(self.engines, "served") if isinstance(r, tuple)]
+        statuses = [status for _, status in served]
         if not statuses:
             raise EngineUnavailable("no engine replica is serving yet (engines take about a minute to start)")
         counters = Counters()
@@ -83,6 +84,7 @@ class ServeBackend:
             counters=counters,
             last_push=self.push.last_push,
             replicas=len(statuses),
+            replica_versions={info["replica_id"]: status.weight_version for info, status in served},
         )
 
     def begin_push(self, header: PushHeader):

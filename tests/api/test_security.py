@@ -272,6 +272,18 @@ def test_keys_made_by_make_key_work_at_once_and_a_deleted_line_revokes(secured):
         c.status()
 
 
+def test_the_status_command_reaches_a_secured_server_with_key_and_certificates(secured):
+    pki = secured.pki
+    base = [sys.executable, "-m", "rollout_service.cli", "status", "-a", secured.server.grpc_address, "--json",
+            "--interval", "0.1", "--root-certificates", str(pki.ca)]
+    certs = ["--client-certificate", str(pki.client_cert), "--client-key", str(pki.client_key)]
+    out = subprocess.run([*base, *certs, "--api-key", ADMIN], capture_output=True, text=True, timeout=60, check=True)
+    data = json.loads(out.stdout)
+    assert data["replica_versions"] == {"local": data.get("weight_version", "0")}
+    refused = subprocess.run([*base, *certs], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
+
+
 def test_the_server_log_never_holds_a_key(secured):
     log = secured.server.log_path.read_text()
     assert "API keys required" in log

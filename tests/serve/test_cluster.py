@@ -248,7 +248,8 @@ def test_a_replica_failing_to_load_a_committed_push_catches_up_and_the_push_stan
     result = cluster.client.push_weights(perturbed(base_weights, 10), label="catch-up")
     assert result.version == 5 and result.replicas_catching_up == [victim]
     # The client returned once every replica served version 5 (GetStatus reports the minimum).
-    assert cluster.client.status().weight_version == 5
+    status = cluster.client.status()
+    assert status.weight_version == 5 and dict(status.replica_versions) == {i["replica_id"]: 5 for i in per_replica(cluster, "info")}
     assert {i["version"] for i in per_replica(cluster, "info")} == {5}
     a, b = greedy_by_replica(cluster)
     assert a == b and {v for _, _, v in a} == {5}
