@@ -78,7 +78,7 @@ def serve(
     max_prompt_tokens: Optional[int] = typer.Option(None, help="Longest prompt (default: the context length)."),
     max_tokens_per_sample: Optional[int] = typer.Option(None, help="Largest max_tokens (default: the context length)."),
     max_request_mib: Optional[int] = typer.Option(None, help="Largest request body / message, MiB (default 256)."),
-    max_push_mib: Optional[int] = typer.Option(None, help="Largest push, MiB (default: the model at float32 + 10%)."),
+    max_push_mib: Optional[int] = typer.Option(None, help="Largest push, MiB (default: twice the model at float32)."),
     max_concurrent_generates_per_key: Optional[int] = typer.Option(None, help="Generate calls per key at once (default 1024)."),
     max_concurrent_pushes_per_key: Optional[int] = typer.Option(None, help="Pushes per key at once (default 4)."),
     push_idle_timeout_s: Optional[float] = typer.Option(None, help="Abort a push silent this long, seconds (default 120)."),

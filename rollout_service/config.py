@@ -179,7 +179,7 @@ class ServerConfig(BaseSettings):
     )
     max_push_mib: int | None = Field(
         None, ge=1, description="Largest push (declared tensor bytes, and an HTTP push body), MiB; default: the "
-        "model at float32 plus 10 %."
+        "model at float32, twice (a tied LM head sent separately, float32 extras)."
     )
     max_concurrent_generates_per_key: int = Field(
         1024, ge=1, description="Generate calls one API key may have running at once (RESOURCE_EXHAUSTED beyond)."

@@ -23,7 +23,9 @@ MIB = 1024 * 1024
 # A prompt text is refused before tokenizing when it is this many characters a token over the
 # limit: no tokenizer makes tokens that long, so the limit cannot be dodged with long text.
 CHARS_PER_TOKEN_BOUND = 64
-PUSH_MARGIN = 1.10
+# Twice the model at float32: room for a tied LM head sent as its own copy and any float32 extras a
+# trainer's state_dict holds, while a runaway push (a wrong model, a loop) is still refused.
+PUSH_MARGIN = 2.0
 
 
 @functools.cache
