@@ -76,7 +76,7 @@ def serve(
     max_prompts_per_call: Optional[int] = typer.Option(None, help="Most prompts in one call (default 65536)."),
     max_samples_per_call: Optional[int] = typer.Option(None, help="Most prompts x n in one call (default 65536)."),
     max_prompt_tokens: Optional[int] = typer.Option(None, help="Longest prompt (default: the context length)."),
-    max_tokens_per_sample: Optional[int] = typer.Option(None, help="Largest max_tokens (default: the context length)."),
+    max_tokens_per_sample: Optional[int] = typer.Option(None, help="Largest max_tokens (default: none beyond the context)."),
     max_request_mib: Optional[int] = typer.Option(None, help="Largest request body / message, MiB (default 256)."),
     max_push_mib: Optional[int] = typer.Option(None, help="Largest push, MiB (default: twice the model at float32)."),
     max_concurrent_generates_per_key: Optional[int] = typer.Option(None, help="Generate calls per key at once (default 1024)."),

@@ -168,10 +168,12 @@ class ServerConfig(BaseSettings):
     )
     max_samples_per_call: int = Field(65536, ge=1, description="Most samples (prompts x n) in one Generate call.")
     max_prompt_tokens: int | None = Field(
-        None, ge=1, description="Longest prompt in tokens; default: the context length."
+        None, ge=1, description="Longest prompt in tokens; default: the context's (the engine refuses a prompt that "
+        "leaves no room to generate, naming max_model_len)."
     )
     max_tokens_per_sample: int | None = Field(
-        None, ge=1, description="Largest sampling.max_tokens; default: the context length."
+        None, ge=1, description="Largest sampling.max_tokens; default: none beyond the context (generation stops "
+        "at its end)."
     )
     max_request_mib: int = Field(
         256, ge=1, description="Largest HTTP request body and gRPC message, MiB (pushes: max_push_mib); gRPC always "

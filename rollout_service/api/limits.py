@@ -64,14 +64,16 @@ def check_generate(req: GenerateRequest, config: ServerConfig) -> None:
             "sampling.n", f"{len(req.prompts)} prompts x n={req.sampling.n} = {samples} samples exceed "
             f"max_samples_per_call={config.max_samples_per_call}"
         )
-    context = context_length(config.model, config.max_model_len)
-    max_tokens = config.max_tokens_per_sample or context
-    if req.sampling.max_tokens > max_tokens:
-        raise InvalidArgument("sampling.max_tokens", f"{req.sampling.max_tokens} exceeds the limit of {max_tokens}")
-    max_prompt = config.max_prompt_tokens or context
+    # Unset, the token limits are the context's, which the engine enforces itself (a prompt that
+    # leaves no room is refused naming max_model_len; generation stops at the context's end).
+    limit = config.max_tokens_per_sample
+    if limit is not None and req.sampling.max_tokens > limit:
+        raise InvalidArgument("sampling.max_tokens", f"{req.sampling.max_tokens} exceeds max_tokens_per_sample={limit}")
+    limit = config.max_prompt_tokens
+    max_prompt = limit or context_length(config.model, config.max_model_len)
     for i, prompt in enumerate(req.prompts):
-        if prompt.token_ids is not None and len(prompt.token_ids) > max_prompt:
-            raise InvalidArgument(f"prompts[{i}].token_ids", f"{len(prompt.token_ids)} tokens exceed the limit of {max_prompt}")
+        if limit is not None and prompt.token_ids is not None and len(prompt.token_ids) > limit:
+            raise InvalidArgument(f"prompts[{i}].token_ids", f"{len(prompt.token_ids)} tokens exceed max_prompt_tokens={limit}")
         if prompt.text is not None and len(prompt.text) > max_prompt * CHARS_PER_TOKEN_BOUND:
             raise InvalidArgument(
                 f"prompts[{i}].text", f"{len(prompt.text)} characters are beyond any tokenization within {max_prompt} tokens"

@@ -68,6 +68,7 @@ def secured(tiny_model, tmp_path_factory):
         tiny_model, folder / "server.log", "--backend", "local", "--max-model-len", "256",
         "--api-keys", str(keys), "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
         "--tls-client-ca", str(pki.ca), "--max-prompts-per-call", "4", "--max-tokens-per-sample", "64",
+        "--max-prompt-tokens", "40",
         "--max-request-mib", "1", "--max-push-mib", "8",
     )
     yield Secured(server, pki, keys)
@@ -121,10 +122,10 @@ def test_each_limit_over_it_is_a_clear_error_and_changes_nothing(secured):
     with secured.client(TRAINER) as c:
         with pytest.raises(InvalidArgumentError, match="prompts: 5 prompts exceed max_prompts_per_call=4"):
             c.generate(prompt_token_ids=PROMPT * 5, **GREEDY)
-        with pytest.raises(InvalidArgumentError, match="sampling.max_tokens: 65 exceeds the limit of 64"):
+        with pytest.raises(InvalidArgumentError, match="sampling.max_tokens: 65 exceeds max_tokens_per_sample=64"):
             c.generate(prompt_token_ids=PROMPT, max_tokens=65)
-        with pytest.raises(InvalidArgumentError, match=r"prompts\[0\].token_ids: 257 tokens"):
-            c.generate(prompt_token_ids=[[1] * 257])
+        with pytest.raises(InvalidArgumentError, match=r"prompts\[0\].token_ids: 41 tokens exceed max_prompt_tokens=40"):
+            c.generate(prompt_token_ids=[[1] * 41])
         with pytest.raises(ResourceExhaustedError, match="max_push_mib"):
             c.push_weights({"model.embed_tokens.weight": np.zeros(9 * 2**20 // 4, np.float32)})
     with secured.http(TRAINER) as http:

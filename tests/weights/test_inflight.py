@@ -14,7 +14,7 @@ import threading
 
 import pytest
 
-from tests.observe import InBackground, held, wait_until
+from tests.observe import InBackground, held, step, wait_until
 from tests.weights.conftest import LONG_CONTEXT, PROMPTS, perturb
 
 pytestmark = pytest.mark.engine
@@ -40,13 +40,18 @@ def push_during_long_generation(server, client, weights, policy: str):
         wait_until(lambda: staged.is_set() or push.done(), "the push's tensors to be sent")
         if push.done():
             push.outcome()  # the push failed early: raise its error
-        generation = InBackground(lambda: client.generate(**LONG))
-        wait_until(lambda: client.status().counters.engine_requests_running == SAMPLES, "the long generation in the engine")
-        # Added is not yet scheduled: a request the engine has not stepped holds no KV blocks, and
-        # a drain pause keeps it queued for the new weights. So the hold waits for every sample's
-        # first token, inside the server: a client that saw the token and then asked for the hold
-        # could be a whole generation late on a fast (or, in CI, busy) machine.
-        with held(server, stepped=True):
+        # Held before the call is made, so the generation cannot end before it is seen in the
+        # engine, however fast the machine or slow the polling (a busy CI machine).
+        with held(server):
+            generation = InBackground(lambda: client.generate(**LONG))
+            wait_until(lambda: generation.done() or client.status().counters.engine_requests_running == SAMPLES,
+                       "the long generation in the engine")
+            if generation.done():
+                generation.outcome()  # the call failed before reaching the engine: raise its error
+            # Added is not yet scheduled: a request the engine has not stepped holds no KV blocks,
+            # and a drain pause keeps it queued for the new weights. So every sample first gets its
+            # first token, decided inside the server, and is held again.
+            step(server)
             commit.set()
             result = push.outcome()
     finally:
