@@ -23,6 +23,7 @@ import grpc
 from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
 from rollout_client._proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
 from rollout_client import push
+from rollout_client.blocking_push import BlockingPush
 from rollout_client.channel import ChannelOptions, RetryPolicy
 from rollout_client.errors import DeadlineExceededError, from_rpc_error
 from rollout_client.push import PushResult
@@ -101,6 +102,7 @@ class _Connection:
             retry=retry, tls=tls, root_certificates=root_certificates, api_key=api_key,
             client_certificate=client_certificate, client_key=client_key,
         )
+        self._options = options
         self._metadata = options.metadata()
         self._channel = options.aio_channel(address) if self._asyncio else options.channel(address)
         self._stub = pb_grpc.RolloutServiceStub(self._channel)
@@ -225,9 +227,14 @@ class RolloutClient(_Connection):
 
 
 class AsyncRolloutClient(_Connection):
-    """asyncio client with the same methods and options as RolloutClient."""
+    """asyncio client with the same methods and options as RolloutClient. Its pushes run on a
+    blocking channel of their own (see blocking_push: grpc.aio misreports a refused push)."""
 
     _asyncio = True
+
+    def __init__(self, address: str, *args, **kwargs):
+        super().__init__(address, *args, **kwargs)
+        self._push = BlockingPush(self._options, address)
 
     async def generate(
         self,
@@ -287,7 +294,7 @@ class AsyncRolloutClient(_Connection):
         )
         source = push.SourceErrors(stream)
         try:
-            response = await self._stub.PushWeights(iter(source), timeout=self._deadline(timeout), metadata=self._metadata)
+            response = await self._push(iter(source), timeout=self._deadline(timeout), metadata=self._metadata)
         except (grpc.RpcError, asyncio.CancelledError) as err:
             if source.error is not None:
                 raise source.error from None
@@ -328,6 +335,7 @@ class AsyncRolloutClient(_Connection):
 
     async def close(self) -> None:
         await self._channel.close()
+        self._push.close()
 
     async def __aenter__(self) -> AsyncRolloutClient:
         return self
