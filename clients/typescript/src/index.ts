@@ -18,6 +18,9 @@ const PROTO_ROOT = path.resolve(__dirname, "..", "..", "proto");
 const SERVICE = "rollout.v1.RolloutService";
 const MAX_MESSAGE_BYTES = 256 * 1024 * 1024;
 export const DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024;
+/** How long push() waits for replicas still loading a committed version (replicasCatchingUp). */
+export const CATCH_UP_WAIT_MS = 300_000;
+const WAIT_POLL_MS = 500;
 
 /** Sampling parameters (SamplingParams in the proto); unset fields take the server's defaults. */
 export interface SamplingParams {
@@ -117,6 +120,12 @@ export interface PushResult {
   drainMs: number;
   /** Samples in the engine when generation paused for the push (see the proto). */
   samplesInFlight: number;
+  /**
+   * Replicas that failed to load the push and load it from the weight store instead (Ray Serve).
+   * The push is committed; push() resolves once every replica serves it (up to CATCH_UP_WAIT_MS,
+   * then it warns and resolves).
+   */
+  replicasCatchingUp: string[];
   label: string;
   /** Wall time of the call measured by the client. */
   seconds: number;
@@ -126,7 +135,10 @@ export interface Status {
   model: string;
   quantization: string;
   dtype: string;
+  /** The version every replica serves (their minimum). */
   weightVersion: number;
+  /** The version each replica serves, by replica id ("local" for the single-process server). */
+  replicaVersions: Record<string, number>;
   maxModelLen: number;
   vocabSize: number;
   logprobsMode: string;
@@ -321,6 +333,7 @@ export class RolloutClient {
       quantization: s.quantization,
       dtype: s.dtype,
       weightVersion: s.weightVersion,
+      replicaVersions: s.replicaVersions ?? {},
       maxModelLen: s.maxModelLen,
       vocabSize: s.vocabSize,
       logprobsMode: s.logprobsMode,
@@ -387,6 +400,19 @@ export class RolloutClient {
       throw err;
     }
     const r = await done;
+    const catchingUp: string[] = r.replicasCatchingUp ?? [];
+    if (catchingUp.length > 0) {
+      // Committed; the version is served once they have it, so the caller's next samples are of it.
+      try {
+        await this.waitForVersion(r.version, CATCH_UP_WAIT_MS);
+      } catch (err) {
+        if (!(err instanceof RolloutError && err.code === grpc.status.DEADLINE_EXCEEDED)) throw err;
+        console.warn(
+          `weight version ${r.version} is committed, but replica(s) ${catchingUp.join(", ")} still load it ` +
+            `from the weight store (${err.details}); they serve older samples until then`,
+        );
+      }
+    }
     return {
       version: r.version,
       bytesReceived: r.bytesReceived,
@@ -397,9 +423,29 @@ export class RolloutClient {
       pauseMs: r.pauseMs,
       drainMs: r.drainMs,
       samplesInFlight: r.samplesInFlight,
+      replicasCatchingUp: catchingUp,
       label: r.label,
       seconds: (performance.now() - started) / 1000,
     };
+  }
+
+  /**
+   * Resolve once the server serves weight version >= `version` on every replica (for example a
+   * version pushed by another process), with that status; DEADLINE_EXCEEDED after `timeoutMs`.
+   */
+  async waitForVersion(version: number, timeoutMs = 300_000, pollMs = WAIT_POLL_MS): Promise<Status> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const status = await this.status(Math.max(deadline - Date.now(), 1));
+      if (status.weightVersion >= version) return status;
+      if (Date.now() + pollMs > deadline) {
+        throw new RolloutError(
+          grpc.status.DEADLINE_EXCEEDED,
+          `weight version ${version} not served after ${timeoutMs / 1000} s (serving ${status.weightVersion})`,
+        );
+      }
+      await new Promise((resolve) => setTimeout(resolve, pollMs));
+    }
   }
 
   close(): void {

@@ -27,7 +27,10 @@ async function startServer(): Promise<string> {
   execFileSync(python, ["-c", `from rollout_service.models.tiny import make_tiny_model; make_tiny_model(${JSON.stringify(modelDir)})`]);
   const proc = spawn(
     python,
-    ["-m", "rollout_service.cli", "serve", "--backend", "local", "--model", modelDir, "--port", "0", "--no-http", "--max-model-len", "256"],
+    [
+      "-m", "rollout_service.cli", "serve", "--backend", "local", "--model", modelDir, "--port", "0", "--no-http",
+      "--max-model-len", "256", "--weights-dir", path.join(work, "weights"), // not the default store: start from the checkpoint
+    ],
     { stdio: ["ignore", "pipe", "pipe"], cwd: REPO },
   );
   server = proc;
