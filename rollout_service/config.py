@@ -126,8 +126,8 @@ class ServerConfig(BaseSettings):
     weights_dir: Path | None = Field(
         None,
         description="Weight store: every committed version as safetensors shards + manifest.json, where "
-        "late replicas load the current version from (shared storage across nodes); default: "
-        "<cache_dir>/weights.",
+        "late replicas and a restarted server load the current version from (shared storage across "
+        "nodes); bound to the model's checkpoint. Default: <cache_dir>/weights/<model>-<checkpoint id>.",
     )
     keep_versions: int = Field(3, ge=1, description="Versions the weight store keeps (older ones are deleted).")
     redis_url: str | None = Field(
@@ -241,10 +241,6 @@ class ServerConfig(BaseSettings):
     def recipe(self) -> Recipe | None:
         """How the engine holds its parameters; None when it is not quantized."""
         return self._recipe
-
-    @property
-    def store_dir(self) -> Path:
-        return self.weights_dir or self.cache_dir / "weights"
 
     @field_validator("model")
     @classmethod

@@ -65,6 +65,14 @@ class TooLarge(RolloutError):
     """A request, body or push is larger than the server's configured limit (the message names it)."""
 
 
+class StorageFull(RolloutError):
+    """The disk holding the weight store or the staging has no space left for a push (refused)."""
+
+
+class StorageUnavailable(RolloutError):
+    """The weight store or the staging cannot be written (read-only, permissions, I/O error)."""
+
+
 # The one table: error type -> (gRPC code, HTTP status). Order matters only for subclasses.
 _TABLE: dict[type[BaseException], tuple[grpc.StatusCode, int]] = {
     InvalidArgument: (grpc.StatusCode.INVALID_ARGUMENT, 400),
@@ -79,6 +87,8 @@ _TABLE: dict[type[BaseException], tuple[grpc.StatusCode, int]] = {
     Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, 401),
     PermissionDenied: (grpc.StatusCode.PERMISSION_DENIED, 403),
     TooLarge: (grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
+    StorageFull: (grpc.StatusCode.RESOURCE_EXHAUSTED, 507),
+    StorageUnavailable: (grpc.StatusCode.UNAVAILABLE, 503),
 }
 _INTERNAL = (grpc.StatusCode.INTERNAL, 500)
 

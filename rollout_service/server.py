@@ -1,6 +1,8 @@
 """The embedded single-process server: one engine, a grpc.aio server and a FastAPI app on one loop.
 
-No Ray and no Redis are needed. `run()` blocks until SIGINT/SIGTERM, then stops gracefully:
+No Ray and no Redis are needed. Pushes go through the weight store as on Ray Serve
+(weights/local.py), which this server holds alone; at start it loads the store's current version,
+so a restart resumes where it stopped. `run()` blocks until SIGINT/SIGTERM, then stops gracefully:
 health goes NOT_SERVING, in-flight calls get a grace period, the engine shuts down.
 """
 
@@ -25,7 +27,9 @@ from rollout_service.config import ServerConfig, is_loopback
 from rollout_service.engine import RolloutEngine
 from rollout_service.errors import ConfigError, EngineUnavailable
 from rollout_service.launcher import READY_PREFIX
+from rollout_service.weights.local import LocalPush
 from rollout_service.weights.service import WeightService
+from rollout_service.weights.versions import open_store
 
 log = logging.getLogger("rollout_service")
 
@@ -109,12 +113,17 @@ async def serve(config: ServerConfig) -> None:
     check_ports_free(config)
     access = Access.from_config(config)  # a bad keys file fails here, before the engine starts
     log_exposure(config, access)
+    store = open_store(config)
+    store.lock()  # a second server on this store fails here, before the engine starts
+    store.clean()
     log.info("starting the engine on %s (dtype=%s, quantization=%s)", config.model, config.dtype, config.quantization)
     engine = await RolloutEngine.start(config)
     weights = WeightService(engine, config)
-    backend = Metered(LocalBackend(engine, weights))
+    push = LocalPush(weights, store, config)
     grpc_server = http_server = http_task = None
     try:
+        await push.resume()
+        backend = Metered(LocalBackend(engine, push))
         grpc_server, grpc_port = await create_server(backend, config, access)
         watchdog = asyncio.create_task(watch_health(backend, grpc_server.health))
         http_desc = "off"
@@ -122,9 +131,9 @@ async def serve(config: ServerConfig) -> None:
             http_server, http_task, http_port = await start_http(create_app(backend, access), config)
             http_desc = f"{config.host}:{http_port}"
         log.info(
-            "%s grpc=%s:%d http=%s model=%s dtype=%s quantization=%s logprobs=%s inflight=%s weight_version=%d",
+            "%s grpc=%s:%d http=%s model=%s dtype=%s quantization=%s logprobs=%s inflight=%s weight_version=%d weights_dir=%s",
             READY_PREFIX, config.host, grpc_port, http_desc, config.model, config.dtype,
-            config.quantization, config.logprobs_mode, config.inflight, engine.weight_version,
+            config.quantization, config.logprobs_mode, config.inflight, engine.weight_version, store.root,
         )
         await stop.wait()
         watchdog.cancel()
@@ -139,6 +148,7 @@ async def serve(config: ServerConfig) -> None:
                 await asyncio.wait_for(http_task, SHUTDOWN_GRACE_S)
         engine.shutdown()
         weights.close()
+        store.unlock()
         log.info("stopped")
 
 

@@ -18,6 +18,8 @@ from rollout_service import errors
         (errors.Unauthenticated("no key"), grpc.StatusCode.UNAUTHENTICATED, 401),
         (errors.PermissionDenied("eval"), grpc.StatusCode.PERMISSION_DENIED, 403),
         (errors.TooLarge("body"), grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
+        (errors.StorageFull("disk"), grpc.StatusCode.RESOURCE_EXHAUSTED, 507),
+        (errors.StorageUnavailable("read-only"), grpc.StatusCode.UNAVAILABLE, 503),
         (KeyError("x"), grpc.StatusCode.INTERNAL, 500),
     ],
 )

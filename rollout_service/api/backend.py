@@ -14,8 +14,8 @@ from typing import AsyncContextManager, Protocol
 from rollout_service.config import InflightPolicy, ServerConfig
 from rollout_service.engine import RolloutEngine
 from rollout_service.types import Completion, GenerateRequest, PushResult, ServerStatus
+from rollout_service.weights.local import LocalPush
 from rollout_service.weights.manifest import PushHeader
-from rollout_service.weights.service import WeightService
 from rollout_service.weights.session import PushSession
 
 
@@ -45,9 +45,9 @@ class Backend(Protocol):
 
 
 class LocalBackend:
-    def __init__(self, engine: RolloutEngine, weights: WeightService):
+    def __init__(self, engine: RolloutEngine, push: LocalPush):
         self.engine = engine
-        self.weights = weights
+        self.push = push
         self.config = engine.config
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[Completion]:
@@ -57,15 +57,15 @@ class LocalBackend:
 
     async def status(self) -> ServerStatus:
         result = self.engine.status()
-        result.last_push = self.weights.last_push
+        result.last_push = self.push.last_push
         result.replica_versions = {"local": result.weight_version}
         return result
 
     def begin_push(self, header: PushHeader) -> AsyncContextManager[PushSession]:
-        return self.weights.begin(header)
+        return self.push.begin(header)
 
     async def commit_push(self, session: PushSession) -> PushResult:
-        return await self.weights.commit(session)
+        return await self.push.commit(session)
 
     async def check_health(self) -> None:
         await self.engine.check_health()

@@ -30,7 +30,7 @@ from rollout_service.serve.coordinator import make_coordinator
 from rollout_service.serve.errors import broadcast
 from rollout_service.serve.push import ClusterPush
 from rollout_service.server import SHUTDOWN_GRACE_S, log_exposure, start_http, watch_health
-from rollout_service.weights.versions import VersionStore
+from rollout_service.weights.versions import open_store
 
 log = logging.getLogger("rollout_service.ingress")
 
@@ -43,7 +43,7 @@ class Ingress:
         self.config = config
         self.engines = engines
         self.coordinator = make_coordinator(config)
-        self.store = VersionStore(config.store_dir, config.keep_versions)
+        self.store = open_store(config)
         self.store.clean()
         self.push = ClusterPush(config, engines, self.coordinator, self.store)
         self.backend = Metered(ServeBackend(config, engines, self.push))

@@ -35,12 +35,12 @@ from rollout_service.errors import Conflict, EngineUnavailable
 from rollout_service.serve.coordinator import Coordinator
 from rollout_service.serve.errors import ApplyFailed, broadcast, broadcast_all
 from rollout_service.types import PushResult
-from rollout_service.weights.convert import to_engine_format
+from rollout_service.weights.convert import store_converter
 from rollout_service.weights.manifest import ParamTable, PushHeader
 from rollout_service.weights.service import PART_BYTES, receiving, shielded
 from rollout_service.weights.session import PushSession
 from rollout_service.weights.staging import Spool
-from rollout_service.weights.versions import VersionStore, crc32_of
+from rollout_service.weights.versions import VersionStore
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +57,6 @@ class ClusterPush:
         self._dtype = getattr(torch, config.dtype)
         self.last_push: PushResult | None = None
 
-    def _converter(self, cast_crc: dict[str, int]):
-        """The receive-side conversion of one push, recording the CRC-32 of each tensor it casts
-        (the stored bytes are then not the received ones) in that push's own `cast_crc`."""
-
-        def convert(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-            out = to_engine_format(name, tensor, self._dtype, None)  # replicas requantize
-            if out[name].dtype != tensor.dtype:
-                cast_crc[name] = crc32_of(out[name])
-            return out
-
-        return convert
-
     @contextlib.asynccontextmanager
     async def begin(self, header: PushHeader) -> AsyncIterator[PushSession]:
         owner = uuid.uuid4().hex
@@ -78,7 +66,7 @@ class ClusterPush:
         try:
             cast_crc: dict[str, int] = {}
             spool = Spool(self.store.incoming, PART_BYTES)
-            convert = self._converter(cast_crc)
+            convert = store_converter(self._dtype, cast_crc)  # replicas requantize
             async with receiving(header, self.table, convert, spool, self.config, self.store.current_version()) as session:
                 session.push_owner, session.cast_crc = owner, cast_crc  # this push's own, not the ingress's
                 yield session
@@ -125,7 +113,13 @@ class ClusterPush:
 
     async def _commit_and_apply(self, session, push_id, version, files, receive_s, prepare_s) -> PushResult:
         crc = {**session.crc32, **session.cast_crc}
-        manifest = await asyncio.to_thread(self.store.commit, version, files, crc, session.header.label)
+        try:
+            manifest = await asyncio.to_thread(self.store.commit, version, files, crc, session.header.label)
+        except BaseException:  # e.g. the disk is full: nothing committed, every replica drops its prepared push
+            with contextlib.suppress(Exception):
+                await broadcast_all(self.engines, "abort", push_id)
+            self.store.discard(version)
+            raise
         session.committed = True
         try:
             await self.coordinator.set_version(version, self.store.manifest_path(version), manifest.label)

@@ -28,7 +28,7 @@ from rollout_service.tools.machine import usable_cores
 from rollout_service.types import ApplyStats, Completion, GenerateRequest, ServerStatus
 from rollout_service.weights.service import WeightService
 from rollout_service.weights.staging import Spool
-from rollout_service.weights.versions import VersionStore
+from rollout_service.weights.versions import open_store
 
 log = logging.getLogger("rollout_service.replica")
 
@@ -67,7 +67,7 @@ class EngineReplica:
         self.replica_id = context.replica_id.unique_id
         bind_cores(config, context.rank.local_rank)
         self.config = config
-        self.store = VersionStore(config.store_dir, config.keep_versions)
+        self.store = open_store(config)
         self.engine = await RolloutEngine.start(config)
         self.weights = WeightService(self.engine, config)
         self._prepared: dict[str, Prepared] = {}
@@ -193,18 +193,9 @@ class EngineReplica:
             version = self.store.current_version()
             if version <= self.engine.weight_version:
                 return self.engine.weight_version
-            manifest = self.store.manifest(version)
-            loop = asyncio.get_running_loop()
-            start = loop.time()
-            await loop.run_in_executor(None, self.store.verify, manifest)
-            files, spool = await self.weights.stage(manifest.files(self.store.root))
-            try:
-                await self.weights.apply(files, self.config.inflight, version)
-            except BaseException:  # the next try stages afresh: keep no copy behind
-                if spool is not None:
-                    spool.discard()
-                raise
-            log.info("replica %s caught up to version %d in %.2f s", self.replica_id, version, loop.time() - start)
+            start = asyncio.get_running_loop().time()
+            await self.weights.load_version(self.store, version, self.config.inflight)
+            log.info("replica %s caught up to version %d in %.2f s", self.replica_id, version, asyncio.get_running_loop().time() - start)
             return version
 
     def expire_prepared(self) -> None:

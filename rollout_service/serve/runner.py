@@ -23,6 +23,7 @@ from rollout_service.errors import ConfigError
 from rollout_service.serve.app import APP_NAME, ENGINE_DEPLOYMENT, app_config
 from rollout_service.serve.coordinator import redacted
 from rollout_service.server import check_ports_free
+from rollout_service.weights.versions import store_root
 
 log = logging.getLogger("rollout_service")
 
@@ -103,7 +104,7 @@ def run(config: ServerConfig) -> None:
         log.info(
             "%s grpc=%s http=%s model=%s dtype=%s quantization=%s backend=ray replicas=%s weights_dir=%s redis=%s",
             READY_PREFIX, ends["grpc"], ends["http"] or "off", config.model, config.dtype, config.quantization,
-            n, config.store_dir, redacted(config.redis_url) if config.redis_url else "embedded",
+            n, store_root(config), redacted(config.redis_url) if config.redis_url else "embedded",
         )
         stop.wait()
         log.info("stopping: deleting the application")

@@ -4,10 +4,13 @@ quantized. Output is in checkpoint naming: 'x.weight' and, when quantized, 'x.we
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from rollout_service.errors import InvalidArgument
 from rollout_service.quant import Recipe, quantize_weight
+from rollout_service.weights.versions import crc32_of
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
@@ -33,3 +36,17 @@ def to_engine_format(
         q, scale = quantize_weight(tensor, recipe.fn)
         return {name: q, name + "_scale": scale}
     return {name: tensor.to(dtype)}
+
+
+def store_converter(dtype: torch.dtype, cast_crc: dict[str, int]) -> Callable[[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The receive-side conversion of a push into the weight store: checked and cast to the engine
+    dtype only (each engine requantizes the stored version when it prepares it), recording the
+    CRC-32 of each tensor it casts in `cast_crc` (the stored bytes are then not the received ones)."""
+
+    def convert(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = to_engine_format(name, tensor, dtype, None)
+        if out[name].dtype != tensor.dtype:
+            cast_crc[name] = crc32_of(out[name])
+        return out
+
+    return convert

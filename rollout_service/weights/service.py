@@ -1,10 +1,10 @@
-"""WeightService: runs pushes against one engine, one at a time.
+"""WeightService: new weights into one engine -- convert (stage), load (apply), or load a whole
+version from the weight store -- and `receiving`, the checked push session both push protocols
+(weights/local.py, serve/push.py) receive a stream into.
 
-`begin(header)` checks the header and opens a PushSession; the API layer feeds it chunks and calls
-`commit`. Anything else -- an error, a cancelled call, a stream that ends without its commit --
-leaves through `begin`'s exit, which deletes what was staged: the engine never saw any of it.
-A second push while one runs is rejected (ABORTED), not queued: a trainer that pushes twice at
-once has a bug, and queueing would hide it behind a long wait.
+A push session that ends any way but committed -- an error, a cancelled call, a stream that ends
+without its commit -- leaves through `receiving`'s exit, which deletes what was staged: the engine
+never saw any of it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 import typing
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,13 +23,14 @@ import safetensors
 import torch
 
 from rollout_service.config import InflightPolicy, ServerConfig
-from rollout_service.errors import Conflict, FailedPrecondition
-from rollout_service.types import ApplyStats, PushResult
+from rollout_service.errors import FailedPrecondition
+from rollout_service.types import ApplyStats
 from rollout_service.weights.convert import to_engine_format
 from rollout_service.weights.manifest import ParamTable, PushHeader
 from rollout_service.weights.session import PushSession
 from rollout_service.weights.staging import Spool
 from rollout_service.weights.store import WeightSet
+from rollout_service.weights.versions import VersionStore, storage_errors
 
 if typing.TYPE_CHECKING:
     from rollout_service.engine import RolloutEngine
@@ -57,46 +57,9 @@ class WeightService:
         # spin against the gRPC threads), see BENCHMARKS.md.
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
         self._recipe = config.recipe()
-        self._busy = False
-        self.last_push: PushResult | None = None
 
     def _convert(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         return to_engine_format(name, tensor, self._dtype, self._recipe)
-
-    @contextlib.asynccontextmanager
-    async def begin(self, header: PushHeader) -> AsyncIterator[PushSession]:
-        if self._busy:
-            raise Conflict("another push is in progress; pushes are not queued: retry once it has committed")
-        self._busy = True
-        try:
-            spool = Spool(self._root, PART_BYTES)
-            async with receiving(header, self.table, self._convert, spool, self.config, self.engine.weight_version) as session:
-                yield session
-        finally:
-            self._busy = False
-
-    async def commit(self, session: PushSession) -> PushResult:
-        """Finish receiving, then load the push into the engine: version + 1."""
-        receive_s = time.monotonic() - session.started
-        await session.finish()
-        policy = session.header.inflight or self.config.inflight
-        # The commit point: from here the push completes even if the caller goes away, so the
-        # engine never holds weights without the version that names them.
-        stats = await shielded(self.apply(session.spool.files, policy, self.engine.weight_version + 1))
-        session.committed = True
-        self.last_push = PushResult(
-            version=self.engine.weight_version,
-            bytes_received=session.bytes_received,
-            tensors_applied=len(session.tensors),
-            receive_s=receive_s,
-            requantize_s=session.convert_s,
-            apply_s=stats.apply_s,
-            pause_ms=stats.pause_ms,
-            drain_ms=stats.drain_ms,
-            label=session.header.label,
-            samples_in_flight=stats.samples_in_flight,
-        )
-        return self.last_push
 
     async def apply(self, pushed: dict[str, Path], policy: str, version: int | None) -> ApplyStats:
         """Load tensors already in the engine's format (name -> staged file) and label further
@@ -137,6 +100,19 @@ class WeightService:
             raise
         return spool.files, spool
 
+    async def load_version(self, store: VersionStore, version: int, policy: str) -> None:
+        """Load committed version `version` whole from the weight store, after checking its bytes
+        against the manifest's CRC-32s (a replica catching up, a restarted server resuming)."""
+        manifest = store.manifest(version)
+        await asyncio.to_thread(store.verify, manifest)
+        files, spool = await self.stage(manifest.files(store.root))
+        try:
+            await self.apply(files, policy, version)
+        except BaseException:  # the next try stages afresh: keep no copy behind
+            if spool is not None:
+                spool.discard()
+            raise
+
     def close(self) -> None:
         shutil.rmtree(self._root, ignore_errors=True)
 
@@ -158,7 +134,8 @@ async def receiving(
         spool.discard()
         raise
     try:
-        yield session
+        with storage_errors():
+            yield session
     finally:
         await closed(session, spool)
 

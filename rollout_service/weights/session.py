@@ -52,8 +52,9 @@ class PushSession:
         self.convert_s = 0.0
         self.crc32: dict[str, int] = {}  # checkpoint name -> CRC-32 of the tensor staged for it
         self.committed = False
-        # Set by the Ray Serve push (serve/push.py): the push lock's owner and the CRC-32s of the
-        # tensors it cast, per push (a lapsed push must not see the next one's).
+        # Set by the pushes through the weight store (serve/push.py, weights/local.py): the push
+        # lock's owner (Serve) and the CRC-32s of the tensors cast, per push (a lapsed push must
+        # not see the next one's).
         self.push_owner = ""
         self.cast_crc: dict[str, int] = {}
         self.declare(header.tensors)

@@ -5,20 +5,32 @@
                                           base checkpoint: name -> file, dtype, shape, CRC-32
     <weights-dir>/v000003/part-*.safetensors   the tensors pushed in version 3
     <weights-dir>/incoming/push-*/        a push being received (deleted if it fails)
+    <weights-dir>/BASE.json               the checkpoint the versions were pushed onto (identity)
+    <weights-dir>/LOCK                    held by a single-process server while it runs
 
 A version's manifest lists the tensors of every push so far (a push may carry any subset), each
 pointing at the version directory that holds its newest bytes; tensors never pushed come from the
 checkpoint the service started from. The last `keep` versions are kept, with every directory their
 manifests point into; older ones are deleted. A version directory without a manifest is a push
 that never committed. Writing the manifest, then CURRENT, is the commit point.
+
+A store belongs to one base checkpoint: its versions overlay that checkpoint's tensors, so it is
+refused to a server loading another (`bind`); the default directory is one per checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import hashlib
 import json
 import os
 import shutil
+import struct
+import threading
 import time
+import typing
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,8 +38,14 @@ from pathlib import Path
 import safetensors
 import torch
 
-from rollout_service.errors import DataLoss
+from rollout_service.errors import ConfigError, DataLoss, StorageFull, StorageUnavailable
 from rollout_service.weights.store import safetensors_header
+
+if typing.TYPE_CHECKING:
+    from rollout_service.config import ServerConfig
+
+# Bytes read from the start and the end of each shard's tensor data for a checkpoint's identity.
+IDENTITY_SAMPLE = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -53,12 +71,96 @@ def crc32_of(tensor: torch.Tensor) -> int:
     return zlib.crc32(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
+@contextlib.contextmanager
+def storage_errors():
+    """A push's disk writes failing for want of space or of write access (the weight store on a
+    full or read-only disk) as the typed errors a client is told: the push is refused."""
+    try:
+        yield
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageFull(f"no space left on the disk of the weight store{where}: the push is refused") from exc
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO):
+            raise StorageUnavailable(f"the weight store cannot be written{where}: {exc.strerror}; the push is refused") from exc
+        raise
+
+
+def base_identity(model: Path) -> str:
+    """What ties a weight store to the checkpoint its versions overlay: config.json, every shard's
+    header (names, dtypes, shapes) and size, and a sample of its bytes at both ends (two fine-tunes
+    of one architecture differ there). Not paths or mtimes: a copied checkpoint is the same base."""
+    h = hashlib.sha256((model / "config.json").read_bytes())
+    for shard in sorted(model.glob("*.safetensors")):
+        size = shard.stat().st_size
+        with open(shard, "rb") as fh:
+            (header_bytes,) = struct.unpack("<Q", fh.read(8))
+            h.update(fh.read(header_bytes))
+            data = 8 + header_bytes
+            h.update(fh.read(IDENTITY_SAMPLE))
+            fh.seek(max(data, size - IDENTITY_SAMPLE))
+            h.update(fh.read(IDENTITY_SAMPLE))
+        h.update(f"{shard.name}:{size}".encode())
+    return h.hexdigest()[:16]
+
+
+def store_root(config: ServerConfig, identity: str | None = None) -> Path:
+    """`weights_dir`, or by default one directory per base checkpoint under <cache_dir>/weights."""
+    if config.weights_dir is not None:
+        return config.weights_dir
+    identity = identity or base_identity(config.model)
+    return config.cache_dir / "weights" / f"{config.model.resolve().name}-{identity}"
+
+
+def open_store(config: ServerConfig) -> VersionStore:
+    """The weight store of `config`, bound to its model's checkpoint."""
+    identity = base_identity(config.model)
+    store = VersionStore(store_root(config, identity), config.keep_versions)
+    store.bind(identity, config.model)
+    return store
+
+
 class VersionStore:
     def __init__(self, root: Path, keep: int):
         self.root = root
         self.keep = keep
         self.incoming = root / "incoming"
         self.incoming.mkdir(parents=True, exist_ok=True)
+        self._lock_fd: int | None = None
+
+    def bind(self, identity: str, model: Path) -> None:
+        """Record the base checkpoint of a new store; refuse one whose versions overlay another."""
+        path = self.root / "BASE.json"
+        try:
+            recorded = json.loads(path.read_text())
+        except FileNotFoundError:
+            _write_atomic(path, json.dumps({"identity": identity, "model": str(model.resolve())}))
+            return
+        if recorded["identity"] != identity:
+            raise ConfigError(
+                f"weights_dir {self.root}: its versions were pushed onto {recorded['model']} (identity "
+                f"{recorded['identity']}), not onto {model} (identity {identity}); give another --weights-dir, "
+                f"or delete {self.root} to start from the checkpoint"
+            )
+
+    def lock(self) -> None:
+        """Hold the store alone while this process lives (a single-process server: a second one on
+        the same store would number its pushes over the first's). Serve's processes share a store
+        and do not lock it (their pushes are ordered by the coordinator's push lock)."""
+        fd = os.open(self.root / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(
+                f"weights_dir {self.root} is in use by another running server; give each server its own --weights-dir"
+            ) from None
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
 
     def _dir(self, version: int) -> Path:
         return self.root / f"v{version:06d}"
@@ -136,6 +238,7 @@ class VersionStore:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(".tmp")
+    # A temporary name of this writer's own: the ingress and the replicas bind a new store at once.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)

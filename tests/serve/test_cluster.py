@@ -173,7 +173,7 @@ def test_a_replica_failing_to_prepare_leaves_every_replica_on_the_old_version(cl
     assert {i["version"] for i in per_replica(cluster, "info")} == {4}
     assert greedy_by_replica(cluster) == before
     assert cluster.client.status().weight_version == 4
-    assert not (cluster.config.store_dir / "v000005").exists()
+    assert not (cluster.config.weights_dir / "v000005").exists()
 
 
 def test_session_calls_go_to_one_replica(cluster):

@@ -14,6 +14,7 @@ from rollout_service.serve import replica as replica_module
 from rollout_service.serve.errors import ApplyFailed
 from rollout_service.serve.replica import EngineReplica, Prepared
 from rollout_service.types import ApplyStats
+from rollout_service.weights.service import WeightService
 
 
 class EngineDouble:
@@ -49,6 +50,8 @@ class WeightServiceDouble:
         self.loaded.append(("store" if "store" in files else "push", version))
         self.engine.weight_version = version
         return ApplyStats(apply_s=1.0)
+
+    load_version = WeightService.load_version  # the real one, over this double's stage and apply
 
 
 class StoreDouble:

@@ -1,13 +1,18 @@
-"""The weight store: versions as shards + manifest, overlaid pushes, the last K kept, checksums."""
+"""The weight store: versions as shards + manifest, overlaid pushes, the last K kept, checksums, the
+checkpoint a store belongs to, and the lock a single-process server holds on it."""
 
 from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from rollout_service.errors import DataLoss
+from rollout_service.errors import ConfigError, DataLoss
 from rollout_service.weights.staging import Spool
-from rollout_service.weights.versions import VersionStore, crc32_of
+from rollout_service.weights.versions import VersionStore, base_identity, crc32_of, store_root
 
 
 def push(store: VersionStore, tensors: dict[str, torch.Tensor], label: str = ""):
@@ -69,3 +74,42 @@ def test_clean_drops_interrupted_and_uncommitted_pushes(tmp_path):
     assert list(store.incoming.iterdir()) == []
     assert sorted(d.name for d in tmp_path.glob("v*")) == ["v000001"]
     assert store.current_version() == 1
+
+
+def _checkpoint(path, value: float):
+    from safetensors.torch import save_file
+
+    path.mkdir()
+    (path / "config.json").write_text('{"model_type": "llama"}')
+    save_file({"w": torch.full((64, 64), value)}, str(path / "model.safetensors"))
+    return path
+
+
+def test_a_store_is_refused_to_a_server_loading_another_checkpoint(tmp_path):
+    base, other = _checkpoint(tmp_path / "base", 1.0), _checkpoint(tmp_path / "other", 2.0)
+    copied = tmp_path / "copied"
+    shutil.copytree(base, copied)
+    store = VersionStore(tmp_path / "store", keep=2)
+    store.bind(base_identity(base), base)
+    store.bind(base_identity(copied), copied)  # a copy is the same checkpoint
+    with pytest.raises(ConfigError, match=r"weights_dir .*store: its versions were pushed onto .*base .*not onto .*other"):
+        VersionStore(tmp_path / "store", keep=2).bind(base_identity(other), other)
+
+
+def test_the_default_store_is_one_per_checkpoint(tmp_path):
+    from rollout_service.config import ServerConfig
+
+    a, b = _checkpoint(tmp_path / "a", 1.0), _checkpoint(tmp_path / "b", 2.0)
+    roots = {store_root(ServerConfig(model=m, cache_dir=tmp_path / "cache")) for m in (a, a, b)}
+    assert len(roots) == 2 and all(r.parent == tmp_path / "cache" / "weights" for r in roots)
+    assert store_root(ServerConfig(model=a, weights_dir=tmp_path / "mine")) == tmp_path / "mine"
+
+
+def test_a_store_is_held_by_one_single_process_server_at_a_time(tmp_path):
+    first = VersionStore(tmp_path, keep=2)
+    first.lock()
+    script = f"from pathlib import Path; from rollout_service.weights.versions import VersionStore; VersionStore(Path({str(tmp_path)!r}), 2).lock()"
+    second = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert second.returncode != 0 and "is in use by another running server" in second.stderr
+    first.unlock()
+    assert subprocess.run([sys.executable, "-c", script]).returncode == 0

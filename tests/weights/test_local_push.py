@@ -1,0 +1,141 @@
+"""The single-process server's push protocol (weights/local.py) without an engine: receive into the
+weight store, commit, then load; a full or read-only store refuses the push and keeps the version;
+a committed push the engine fails to load is loaded whole from the store, or stands for the restart.
+
+The engine side is a test double (it records what it is given to load, and fails on cue); the
+store, the push session and the protocol are the real ones."""
+
+from __future__ import annotations
+
+import errno
+import zlib
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rollout_service.errors import EngineUnavailable, FailedPrecondition, StorageFull, StorageUnavailable
+from rollout_service.types import ApplyStats
+from rollout_service.weights import staging
+from rollout_service.weights.local import LocalPush
+from rollout_service.weights.manifest import ParamTable, PushHeader, TensorSpec
+from rollout_service.weights.service import WeightService
+from rollout_service.weights.versions import VersionStore
+
+TABLE = ParamTable({"a.weight": (8, 4), "b.weight": (4, 4)})
+CONFIG = SimpleNamespace(dtype="bfloat16", inflight="drain", push_buffer_mib=1)
+
+
+class WeightServiceDoubleForLocalPushTest:
+    """An unquantized engine's side: staging hands back the stored shards; apply records (names,
+    version, the store's version at that moment) and fails the next `fail_apply` times."""
+
+    def __init__(self, store: VersionStore):
+        self.engine = SimpleNamespace(weight_version=0)
+        self.table = TABLE
+        self.store = store
+        self.loaded: list[tuple[list[str], int, int]] = []
+        self.fail_apply = 0
+
+    async def stage(self, files):
+        return dict(files), None
+
+    async def apply(self, files, policy, version):
+        if self.fail_apply:
+            self.fail_apply -= 1
+            raise RuntimeError("the engine refused the tensors")
+        self.loaded.append((sorted(files), version, self.store.current_version()))
+        self.engine.weight_version = version
+        return ApplyStats(apply_s=0.5)
+
+    load_version = WeightService.load_version  # the real one, over this double's stage and apply
+
+
+def tensors(value: float) -> dict[str, torch.Tensor]:
+    return {"a.weight": torch.full((8, 4), value, dtype=torch.bfloat16), "b.weight": torch.full((4, 4), -value, dtype=torch.bfloat16)}
+
+
+async def push(local: LocalPush, weights: dict[str, torch.Tensor], **header):
+    raw = {n: t.contiguous().view(torch.uint8).numpy().tobytes() for n, t in weights.items()}
+    specs = tuple(TensorSpec(n, "bfloat16", tuple(t.shape), len(raw[n]), zlib.crc32(raw[n])) for n, t in weights.items())
+    async with local.begin(PushHeader(specs, **header)) as session:
+        for i, name in enumerate(weights):
+            await session.add_chunk(i, 0, raw[name])
+        return await local.commit(session)
+
+
+@pytest.fixture
+def store(tmp_path) -> VersionStore:
+    return VersionStore(tmp_path / "store", keep=3)
+
+
+@pytest.fixture
+def engine(store) -> WeightServiceDoubleForLocalPushTest:
+    return WeightServiceDoubleForLocalPushTest(store)
+
+
+def leftovers(store: VersionStore) -> list[str]:
+    return sorted(p.name for p in store.incoming.iterdir())
+
+
+async def test_a_push_is_committed_to_the_store_and_then_loaded(store, engine):
+    result = await push(LocalPush(engine, store, CONFIG), tensors(1.0), label="step 1")
+    assert result.version == 1 and store.current_version() == 1 and store.current().label == "step 1"
+    assert engine.loaded == [(["a.weight", "b.weight"], 1, 1)]  # loaded after the commit point
+    store.verify(store.current())
+    assert leftovers(store) == []
+
+
+async def test_a_full_disk_refuses_the_push_and_the_version_stays(store, engine, monkeypatch):
+    local = LocalPush(engine, store, CONFIG)
+    await push(local, tensors(1.0))
+
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(store.root / "v000002" / "manifest.json"))
+
+    with monkeypatch.context() as m:
+        m.setattr(store, "commit", disk_full)
+        with pytest.raises(StorageFull, match=r"no space left on the disk of the weight store \(.*v000002"):
+            await push(local, tensors(2.0))
+    assert store.current_version() == 1 and engine.engine.weight_version == 1 and len(engine.loaded) == 1
+    assert not (store.root / "v000002").exists() and leftovers(store) == []
+    assert (await push(local, tensors(2.0))).version == 2  # the next push, once there is room
+
+
+async def test_a_read_only_store_refuses_the_push_while_receiving(store, engine, monkeypatch):
+    def read_only(tensors, path):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(staging, "write_safetensors", read_only)
+    with pytest.raises(StorageUnavailable, match="the weight store cannot be written .*Read-only file system"):
+        await push(LocalPush(engine, store, CONFIG), tensors(1.0))
+    assert store.current_version() == 0 and engine.loaded == [] and leftovers(store) == []
+
+
+async def test_a_committed_push_the_engine_fails_to_load_is_loaded_whole_from_the_store(store, engine):
+    local = LocalPush(engine, store, CONFIG)
+    await push(local, tensors(1.0))
+    engine.fail_apply = 1
+    result = await push(local, {"a.weight": tensors(2.0)["a.weight"]})  # a partial push
+    assert result.version == 2 and engine.engine.weight_version == 2
+    assert engine.loaded[-1] == (["a.weight", "b.weight"], 2, 2)  # the whole version, not the push
+
+
+async def test_a_committed_version_the_engine_cannot_load_stands_and_loads_at_restart(store, engine):
+    engine.fail_apply = 2  # the push, and the reload from the store
+    with pytest.raises(EngineUnavailable, match="weight version 1 is committed, but the engine failed to load it"):
+        await push(LocalPush(engine, store, CONFIG), tensors(1.0))
+    assert store.current_version() == 1 and engine.engine.weight_version == 0
+    restarted = WeightServiceDoubleForLocalPushTest(store)
+    assert await LocalPush(restarted, store, CONFIG).resume() == 1
+    assert restarted.loaded == [(["a.weight", "b.weight"], 1, 1)]
+
+
+async def test_a_push_onto_an_engine_behind_the_store_first_loads_the_stores_version(store, engine):
+    await push(LocalPush(engine, store, CONFIG), tensors(1.0))
+    behind = WeightServiceDoubleForLocalPushTest(store)  # e.g. its reload failed after a commit
+    local = LocalPush(behind, store, CONFIG)
+    with pytest.raises(FailedPrecondition, match="expected_version: 0 is stale, the server serves version 1"):
+        await push(local, tensors(2.0), expected_version=0)
+    assert (await push(local, tensors(2.0), expected_version=1)).version == 2
+    assert [(v, at) for _, v, at in behind.loaded] == [(1, 1), (2, 2)]
