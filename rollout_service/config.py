@@ -101,8 +101,9 @@ class ServerConfig(BaseSettings):
     )
     staging_dir: Path | None = Field(
         None,
-        description="Where converted pushed tensors wait for the commit and where the current version's "
-        "pushed tensors are kept; default: <cache_dir>/staging.",
+        description="Where an int8/fp8 engine's requantized pushed tensors wait for the commit and are kept "
+        "while served, and where a single-process server without weights_dir keeps its temporary weight "
+        "store; default: <cache_dir>/staging.",
     )
 
     backend: Backend = Field(
@@ -127,9 +128,14 @@ class ServerConfig(BaseSettings):
         None,
         description="Weight store: every committed version as safetensors shards + manifest.json, where "
         "late replicas and a restarted server load the current version from (shared storage across "
-        "nodes); bound to the model's checkpoint. Default: <cache_dir>/weights/<model>-<checkpoint id>.",
+        "nodes); bound to the model's checkpoint. Ray Serve's default: <cache_dir>/weights/<model>-<checkpoint "
+        "id>. The single-process server keeps and resumes versions only when it is set (otherwise its store is "
+        "temporary and a restart starts from the checkpoint).",
     )
-    keep_versions: int = Field(3, ge=1, description="Versions the weight store keeps (older ones are deleted).")
+    keep_versions: int = Field(
+        3, ge=2, description="Versions the weight store keeps (older ones are deleted; at least 2: a load that "
+        "fails puts back the previous version's tensors)."
+    )
     redis_url: str | None = Field(
         None,
         description="Redis holding the current version, the replica registry, the push lock and the "
@@ -241,6 +247,10 @@ class ServerConfig(BaseSettings):
     def recipe(self) -> Recipe | None:
         """How the engine holds its parameters; None when it is not quantized."""
         return self._recipe
+
+    @property
+    def staging_root(self) -> Path:
+        return self.staging_dir or self.cache_dir / "staging"
 
     @field_validator("model")
     @classmethod

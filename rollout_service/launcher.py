@@ -1,20 +1,15 @@
 """Start the real `rollout-service serve` as a child process and wait for its ready line.
 
 Used by the demo, the benchmarks and the tests, which all want the server exactly as users run it.
-Each server so started gets a weight store of its own, deleted when it stops, unless the arguments
-name one (`--weights-dir`): several may run side by side on one model, and none resumes on the
-versions an earlier run pushed.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -34,15 +29,10 @@ class ServerProcess:
     log_path: Path
     grpc_address: str
     http_url: str | None
-    own_store: Path | None = None  # deleted at stop
 
     @classmethod
     def start(cls, model: Path, log_path: Path, *args: str) -> ServerProcess:
         """Run `serve --model MODEL --port 0 --http-port 0 ARGS`, logging to `log_path`."""
-        own_store = None
-        if not any(a == "--weights-dir" or a.startswith("--weights-dir=") for a in args):
-            own_store = Path(tempfile.mkdtemp(prefix="rollout-weights-"))
-            args = (*args, "--weights-dir", str(own_store))
         cmd = [
             sys.executable, "-m", "rollout_service.cli", "serve", "--model", str(model),
             "--port", "0", "--http-port", "0", *args,
@@ -54,13 +44,11 @@ class ServerProcess:
             text = log_path.read_text()
             if m := READY.search(text):
                 host, port, http = m.group(1), m.group(2), m.group(3)
-                return cls(proc, log_path, f"{host}:{port}", None if http == "off" else f"http://{http}", own_store)
+                return cls(proc, log_path, f"{host}:{port}", None if http == "off" else f"http://{http}")
             if proc.poll() is not None:
-                _remove(own_store)
                 raise RuntimeError(f"server exited with {proc.returncode} before ready:\n{text[-4000:]}")
             time.sleep(0.5)
         proc.kill()
-        _remove(own_store)
         raise TimeoutError(f"server not ready after {START_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
 
     def stop(self) -> int:
@@ -72,13 +60,7 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
-        _remove(self.own_store)
         return self.proc.returncode
-
-
-def _remove(store: Path | None) -> None:
-    if store is not None:
-        shutil.rmtree(store, ignore_errors=True)
 
 
 def start_side_by_side(stack: ExitStack, starts: dict[str, Callable[[], ServerProcess]]) -> dict[str, ServerProcess]:

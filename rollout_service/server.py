@@ -1,9 +1,10 @@
 """The embedded single-process server: one engine, a grpc.aio server and a FastAPI app on one loop.
 
-No Ray and no Redis are needed. Pushes go through the weight store as on Ray Serve
-(weights/local.py), which this server holds alone; at start it loads the store's current version,
-so a restart resumes where it stopped. `run()` blocks until SIGINT/SIGTERM, then stops gracefully:
-health goes NOT_SERVING, in-flight calls get a grace period, the engine shuts down.
+No Ray and no Redis are needed. Pushes go through a weight store as on Ray Serve
+(weights/local.py), which this server holds alone; given --weights-dir it loads the store's current
+version at start, so a restart resumes where it stopped (without, the store is temporary).
+`run()` blocks until SIGINT/SIGTERM, then stops gracefully: health goes NOT_SERVING, in-flight
+calls get a grace period, the engine shuts down.
 """
 
 from __future__ import annotations
@@ -27,9 +28,8 @@ from rollout_service.config import ServerConfig, is_loopback
 from rollout_service.engine import RolloutEngine
 from rollout_service.errors import ConfigError, EngineUnavailable
 from rollout_service.launcher import READY_PREFIX
-from rollout_service.weights.local import LocalPush
+from rollout_service.weights.local import LocalPush, local_store
 from rollout_service.weights.service import WeightService
-from rollout_service.weights.versions import open_store
 
 log = logging.getLogger("rollout_service")
 
@@ -113,11 +113,14 @@ async def serve(config: ServerConfig) -> None:
     check_ports_free(config)
     access = Access.from_config(config)  # a bad keys file fails here, before the engine starts
     log_exposure(config, access)
-    store = open_store(config)
-    store.lock()  # a second server on this store fails here, before the engine starts
+    store = local_store(config)  # a second server on a --weights-dir fails here, before the engine starts
     store.clean()
     log.info("starting the engine on %s (dtype=%s, quantization=%s)", config.model, config.dtype, config.quantization)
-    engine = await RolloutEngine.start(config)
+    try:
+        engine = await RolloutEngine.start(config)
+    except BaseException:
+        store.close()
+        raise
     weights = WeightService(engine, config)
     push = LocalPush(weights, store, config)
     grpc_server = http_server = http_task = None
@@ -148,7 +151,7 @@ async def serve(config: ServerConfig) -> None:
                 await asyncio.wait_for(http_task, SHUTDOWN_GRACE_S)
         engine.shutdown()
         weights.close()
-        store.unlock()
+        store.close()
         log.info("stopped")
 
 

@@ -43,7 +43,7 @@ class Ingress:
         self.config = config
         self.engines = engines
         self.coordinator = make_coordinator(config)
-        self.store = open_store(config)
+        self.store = open_store(config, shared=True)
         self.store.clean()
         self.push = ClusterPush(config, engines, self.coordinator, self.store)
         self.backend = Metered(ServeBackend(config, engines, self.push))

@@ -132,17 +132,5 @@ class ClusterPush:
         for exc in failed:
             log.warning("version %d is committed; a replica failed to load it and catches up from the store: %s", version, exc)
         catching_up = sorted(e.replica_id if isinstance(e, ApplyFailed) else f"unknown ({e})" for e in failed)
-        self.last_push = PushResult(
-            version=version,
-            bytes_received=session.bytes_received,
-            tensors_applied=len(session.tensors),
-            receive_s=receive_s,
-            requantize_s=session.convert_s + prepare_s,
-            apply_s=max((a.apply_s for a in applied), default=0.0),
-            pause_ms=max((a.pause_ms for a in applied), default=0.0),
-            drain_ms=max((a.drain_ms for a in applied), default=0.0),
-            label=session.header.label,
-            samples_in_flight=sum(a.samples_in_flight for a in applied),
-            replicas_catching_up=catching_up,
-        )
+        self.last_push = session.result(version, receive_s, prepare_s, applied, catching_up)
         return self.last_push

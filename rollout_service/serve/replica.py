@@ -67,7 +67,7 @@ class EngineReplica:
         self.replica_id = context.replica_id.unique_id
         bind_cores(config, context.rank.local_rank)
         self.config = config
-        self.store = open_store(config)
+        self.store = open_store(config, shared=True)
         self.engine = await RolloutEngine.start(config)
         self.weights = WeightService(self.engine, config)
         self._prepared: dict[str, Prepared] = {}

@@ -38,15 +38,21 @@ def to_engine_format(
     return {name: tensor.to(dtype)}
 
 
-def store_converter(dtype: torch.dtype, cast_crc: dict[str, int]) -> Callable[[str, torch.Tensor], dict[str, torch.Tensor]]:
+def store_converter(
+    dtype: torch.dtype, cast_crc: dict[str, int], prepare: Callable[[str, torch.Tensor], None] | None = None
+) -> Callable[[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The receive-side conversion of a push into the weight store: checked and cast to the engine
-    dtype only (each engine requantizes the stored version when it prepares it), recording the
-    CRC-32 of each tensor it casts in `cast_crc` (the stored bytes are then not the received ones)."""
+    dtype only, recording the CRC-32 of each tensor it casts in `cast_crc` (the stored bytes are
+    then not the received ones). Engines requantize the stored tensors: on Ray Serve each replica
+    when it prepares the version; the single-process server as they arrive (`prepare`, given each
+    stored tensor), so that both quantize the same bf16 values and a restart reproduces them."""
 
     def convert(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         out = to_engine_format(name, tensor, dtype, None)
         if out[name].dtype != tensor.dtype:
             cast_crc[name] = crc32_of(out[name])
+        if prepare is not None:
+            prepare(name, out[name])
         return out
 
     return convert

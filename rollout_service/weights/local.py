@@ -3,11 +3,12 @@ engine as the only replica, so both backends keep the same weight store and a re
 comes back on the last committed version (`resume`).
 
     receive  the stream once: checked, cast to the engine dtype, CRC-32'd, written as shards to the
-             weight store's incoming/ (weights/session.py)
-    prepare  the shards converted into the engine's format (requantized for int8/fp8); nothing loaded
+             weight store's incoming/ (weights/session.py); for an int8/fp8 engine each tensor is
+             also requantized as it arrives (prepare, overlapped with receiving); nothing loaded
     commit   the manifest, then CURRENT, written: the commit point
     apply    the engine loads the prepared tensors and labels further tokens with the new version
 
+Without `weights_dir` the store is temporary (`local_store`): versions are not kept across restarts.
 A push that fails before the commit leaves the store and the engine as they were. After it the push
 stands: an engine that fails to load it is given the whole version from the store once more; if
 that fails too the push reports UNAVAILABLE, and the server loads the version when it restarts.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -34,9 +36,22 @@ from rollout_service.weights.manifest import PushHeader
 from rollout_service.weights.service import PART_BYTES, WeightService, receiving, shielded
 from rollout_service.weights.session import PushSession
 from rollout_service.weights.staging import Spool
-from rollout_service.weights.versions import VersionStore
+from rollout_service.weights.versions import VersionStore, open_store
 
 log = logging.getLogger(__name__)
+
+
+def local_store(config: ServerConfig) -> VersionStore:
+    """The single-process server's weight store, held alone while it runs: `weights_dir` (kept,
+    resumed from at start), or without it a temporary one under the staging directory, deleted at
+    stop, so a new run starts from the checkpoint and never on an earlier run's pushes."""
+    if config.weights_dir is not None:
+        return open_store(config, shared=False)
+    config.staging_root.mkdir(parents=True, exist_ok=True)
+    store = VersionStore(Path(tempfile.mkdtemp(prefix="store-", dir=config.staging_root)), config.keep_versions, temporary=True)
+    store.lock()
+    log.info("pushed versions are not kept across restarts: give --weights-dir to resume on them after one")
+    return store
 
 
 class LocalPush:
@@ -47,6 +62,7 @@ class LocalPush:
         self.config = config
         self._dtype = getattr(torch, config.dtype)
         self._busy = False
+        self._prepared: Spool | None = None  # the running push's requantized tensors (int8/fp8)
         self.last_push: PushResult | None = None
 
     async def resume(self) -> int:
@@ -55,8 +71,14 @@ class LocalPush:
         version = self.store.current_version()
         if version > self.engine.weight_version:
             start = time.monotonic()
-            await self.weights.load_version(self.store, version, self.config.inflight)
-            log.info("loaded weight version %d from %s in %.1f s", version, self.store.root, time.monotonic() - start)
+            # Shielded: a load cut off half-way would leave modules of two versions under one number.
+            await shielded(self.weights.load_version(self.store, version, self.config.inflight))
+            manifest = self.store.current()
+            log.warning(
+                "serving weight version %d (%r, committed %s) from %s, loaded in %.1f s", version, manifest.label,
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(manifest.created)), self.store.root,
+                time.monotonic() - start,
+            )
         return self.engine.weight_version
 
     @contextlib.asynccontextmanager
@@ -64,15 +86,21 @@ class LocalPush:
         if self._busy:
             raise Conflict("another push is in progress; pushes are not queued: retry once it has committed")
         self._busy = True
+        session: PushSession | None = None
         try:
             await self.resume()  # the next version is numbered after the store's, which the engine must serve
             cast_crc: dict[str, int] = {}
             spool = Spool(self.store.incoming, PART_BYTES)
-            convert = store_converter(self._dtype, cast_crc)
+            prepare, self._prepared = self.weights.preparer()
+            convert = store_converter(self._dtype, cast_crc, prepare)
             async with receiving(header, self.weights.table, convert, spool, self.config, self.engine.weight_version) as session:
                 session.cast_crc = cast_crc
                 yield session
         finally:
+            # After receiving's exit, which waited for the conversion running now.
+            if self._prepared is not None and not (session is not None and session.committed):
+                self._prepared.discard()
+            self._prepared = None
             self._busy = False
 
     async def commit(self, session: PushSession) -> PushResult:
@@ -82,24 +110,25 @@ class LocalPush:
         files = self.store.adopt(session.spool.dir, session.spool.files, version)
         start = time.monotonic()
         try:
-            prepared, spool = await self.weights.stage(files)
+            prepared = files
+            if self._prepared is not None:
+                await asyncio.to_thread(self._prepared.flush)
+                prepared = self._prepared.files
         except BaseException:
             self.store.discard(version)
             raise
         prepare_s = time.monotonic() - start
-        return await shielded(self._commit_and_apply(session, version, files, prepared, spool, receive_s, prepare_s))
+        return await shielded(self._commit_and_apply(session, version, files, prepared, receive_s, prepare_s))
 
     async def _commit_and_apply(
         self, session: PushSession, version: int, files: dict[str, Path], prepared: dict[str, Path],
-        spool: Spool | None, receive_s: float, prepare_s: float,
+        receive_s: float, prepare_s: float,
     ) -> PushResult:
         crc = {**session.crc32, **session.cast_crc}
         try:
             await asyncio.to_thread(self.store.commit, version, files, crc, session.header.label)
         except BaseException:  # e.g. the disk is full: nothing committed, the old version serves on
             self.store.discard(version)
-            if spool is not None:
-                spool.discard()
             raise
         session.committed = True
         policy = session.header.inflight or self.config.inflight
@@ -115,17 +144,6 @@ class LocalPush:
                     f"from the weight store ({again}); it serves version {self.engine.weight_version} until the "
                     f"server restarts, which loads version {version}"
                 ) from None
-            stats = ApplyStats()
-        self.last_push = PushResult(
-            version=version,
-            bytes_received=session.bytes_received,
-            tensors_applied=len(session.tensors),
-            receive_s=receive_s,
-            requantize_s=session.convert_s + prepare_s,
-            apply_s=stats.apply_s,
-            pause_ms=stats.pause_ms,
-            drain_ms=stats.drain_ms,
-            label=session.header.label,
-            samples_in_flight=stats.samples_in_flight,
-        )
+            stats = ApplyStats()  # the whole version's load is not this push's
+        self.last_push = session.result(version, receive_s, prepare_s, [stats], [])
         return self.last_push

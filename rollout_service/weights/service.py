@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import typing
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import safetensors
@@ -47,9 +47,8 @@ class WeightService:
         self.engine = engine
         self.config = config
         self.table = ParamTable.from_checkpoint(config.model)
-        base = config.staging_dir or config.cache_dir / "staging"
-        base.mkdir(parents=True, exist_ok=True)
-        self._root = Path(tempfile.mkdtemp(prefix="server-", dir=base))
+        config.staging_root.mkdir(parents=True, exist_ok=True)
+        self._root = Path(tempfile.mkdtemp(prefix="server-", dir=config.staging_root))
         self.weights = WeightSet(engine.checkpoint, self._root, engine.packed_modules)
         self._dtype = getattr(torch, config.dtype)
         # Conversions use torch in this process; the engine and the front end need the other cores.
@@ -74,6 +73,16 @@ class WeightService:
             raise
         self.weights.commit(pushed)
         return result
+
+    def preparer(self) -> tuple[Callable[[str, torch.Tensor], None] | None, Spool | None]:
+        """For a push received into the weight store: what the receive thread calls with each
+        tensor as stored (cast to the engine dtype) to requantize it into a staging spool as it
+        arrives -- `stage`'s work, overlapped with receiving -- and that spool. (None, None) for an
+        unquantized engine, which loads the stored shards themselves."""
+        if self._recipe is None:
+            return None, None
+        spool = Spool(self._root, PART_BYTES)
+        return (lambda name, tensor: spool.add(self._convert(name, tensor))), spool
 
     async def stage(self, stored: dict[str, Path]) -> tuple[dict[str, Path], Spool | None]:
         """Tensors of a weight-store version (name -> shard, in the engine's dtype) in the engine's

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 
 from rollout_service.errors import DataLoss, InvalidArgument
+from rollout_service.types import ApplyStats, PushResult
 from rollout_service.weights.manifest import ParamTable, PushHeader, TensorSpec
 from rollout_service.weights.names import Mapping
 from rollout_service.weights.staging import Spool
@@ -93,6 +94,26 @@ class PushSession:
             future = asyncio.get_running_loop().run_in_executor(self._pool, self._finish_tensor, index, chunks)
             future.add_done_callback(lambda _f, n=spec.nbytes: asyncio.ensure_future(self._release(n)))
             self._pending.append(future)
+
+    def result(
+        self, version: int, receive_s: float, prepare_s: float, applied: list[ApplyStats], catching_up: list[str]
+    ) -> PushResult:
+        """What this push reports once committed as `version`: its receive and preparation times
+        and what loading it cost the engines that did (each figure's maximum over them, samples in
+        flight summed), with the replicas still catching up."""
+        return PushResult(
+            version=version,
+            bytes_received=self.bytes_received,
+            tensors_applied=len(self.tensors),
+            receive_s=receive_s,
+            requantize_s=self.convert_s + prepare_s,
+            apply_s=max((a.apply_s for a in applied), default=0.0),
+            pause_ms=max((a.pause_ms for a in applied), default=0.0),
+            drain_ms=max((a.drain_ms for a in applied), default=0.0),
+            label=self.header.label,
+            samples_in_flight=sum(a.samples_in_flight for a in applied),
+            replicas_catching_up=catching_up,
+        )
 
     async def finish(self) -> None:
         """At the commit: every tensor complete, checked, converted and on disk."""

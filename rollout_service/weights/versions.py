@@ -6,7 +6,8 @@
     <weights-dir>/v000003/part-*.safetensors   the tensors pushed in version 3
     <weights-dir>/incoming/push-*/        a push being received (deleted if it fails)
     <weights-dir>/BASE.json               the checkpoint the versions were pushed onto (identity)
-    <weights-dir>/LOCK                    held by a single-process server while it runs
+    <weights-dir>/LOCK                    locked while a server uses the store: alone by a
+                                          single-process server, shared by a Serve deployment's processes
 
 A version's manifest lists the tensors of every push so far (a push may carry any subset), each
 pointing at the version directory that holds its newest bytes; tensors never pushed come from the
@@ -25,6 +26,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import struct
@@ -43,6 +45,8 @@ from rollout_service.weights.store import safetensors_header
 
 if typing.TYPE_CHECKING:
     from rollout_service.config import ServerConfig
+
+log = logging.getLogger(__name__)
 
 # Bytes read from the start and the end of each shard's tensor data for a checkpoint's identity.
 IDENTITY_SAMPLE = 1 << 16
@@ -112,18 +116,21 @@ def store_root(config: ServerConfig, identity: str | None = None) -> Path:
     return config.cache_dir / "weights" / f"{config.model.resolve().name}-{identity}"
 
 
-def open_store(config: ServerConfig) -> VersionStore:
-    """The weight store of `config`, bound to its model's checkpoint."""
+def open_store(config: ServerConfig, *, shared: bool) -> VersionStore:
+    """The weight store of `config`, bound to its model's checkpoint and locked (`shared` by the
+    processes of a Serve deployment, else held alone)."""
     identity = base_identity(config.model)
     store = VersionStore(store_root(config, identity), config.keep_versions)
     store.bind(identity, config.model)
+    store.lock(shared=shared)
     return store
 
 
 class VersionStore:
-    def __init__(self, root: Path, keep: int):
+    def __init__(self, root: Path, keep: int, temporary: bool = False):
         self.root = root
         self.keep = keep
+        self.temporary = temporary  # deleted by close()
         self.incoming = root / "incoming"
         self.incoming.mkdir(parents=True, exist_ok=True)
         self._lock_fd: int | None = None
@@ -134,6 +141,8 @@ class VersionStore:
         try:
             recorded = json.loads(path.read_text())
         except FileNotFoundError:
+            if self.current_version():
+                log.warning("weights_dir %s holds versions but no record of their checkpoint: taking them as %s's", self.root, model)
             _write_atomic(path, json.dumps({"identity": identity, "model": str(model.resolve())}))
             return
         if recorded["identity"] != identity:
@@ -143,24 +152,31 @@ class VersionStore:
                 f"or delete {self.root} to start from the checkpoint"
             )
 
-    def lock(self) -> None:
-        """Hold the store alone while this process lives (a single-process server: a second one on
-        the same store would number its pushes over the first's). Serve's processes share a store
-        and do not lock it (their pushes are ordered by the coordinator's push lock)."""
+    def lock(self, shared: bool = False) -> None:
+        """Lock the store while this process lives: alone (a single-process server: a second
+        server on it would number its pushes over the first's) or `shared` (a Serve deployment's
+        ingress and replicas, whose pushes the coordinator's push lock orders)."""
         fd = os.open(self.root / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            # lockf, not flock: a POSIX lock is this process's own, so vLLM's engine process, forked
+            # from it, does not inherit it and cannot hold it after this process was killed.
+            fcntl.lockf(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except OSError as exc:
             os.close(fd)
-            raise ConfigError(
-                f"weights_dir {self.root} is in use by another running server; give each server its own --weights-dir"
-            ) from None
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):  # e.g. a filesystem without locks
+                log.warning("weights_dir %s cannot be locked (%s): a second server on it is not detected", self.root, exc)
+                return
+            holder = "a single-process server, which holds it alone" if shared else "another running server"
+            raise ConfigError(f"weights_dir {self.root} is in use by {holder}; give each server its own --weights-dir") from None
         self._lock_fd = fd
 
-    def unlock(self) -> None:
+    def close(self) -> None:
+        """Release the lock; delete a temporary store."""
         if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the flock
+            os.close(self._lock_fd)
             self._lock_fd = None
+        if self.temporary:
+            shutil.rmtree(self.root, ignore_errors=True)
 
     def _dir(self, version: int) -> Path:
         return self.root / f"v{version:06d}"

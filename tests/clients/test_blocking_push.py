@@ -28,11 +28,13 @@ class RefusingServicerForClientUnitTest(pb_grpc.RolloutServiceServicer):
     reads any other push to its end, and records when that push's stream ended."""
 
     def __init__(self):
+        self.unfenced_push_started = asyncio.Event()
         self.unfenced_push_ended = asyncio.Event()
 
     async def PushWeights(self, request_iterator, context):
         try:
             async for request in request_iterator:
+                self.unfenced_push_started.set()
                 if request.header.HasField("expected_version"):
                     await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "expected_version: 1 is stale (serving 2)")
         finally:
@@ -77,12 +79,15 @@ async def test_grpc_aio_itself_misreports_a_refused_push_sometimes(refusing_serv
 
 
 async def test_cancelling_an_awaited_push_cancels_the_call(refusing_server, servicer):
-    """A push awaited under a timeout that fires is cancelled, not left running on its thread."""
+    """Cancelling an awaited push cancels the call, which does not go on streaming on its thread."""
     def endless():
         for i in range(1_000_000):
             yield f"w{i}", np.zeros((256, 256), dtype=np.float32)
 
     async with AsyncRolloutClient(refusing_server, timeout=60) as client:
-        with pytest.raises(asyncio.TimeoutError):
-            await asyncio.wait_for(client.push_weights(endless(), progress=False), 1)
-        await asyncio.wait_for(servicer.unfenced_push_ended.wait(), 10)
+        task = asyncio.ensure_future(client.push_weights(endless(), progress=False))
+        await asyncio.wait_for(servicer.unfenced_push_started.wait(), 60)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.wait_for(servicer.unfenced_push_ended.wait(), 30)

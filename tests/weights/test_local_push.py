@@ -13,10 +13,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from rollout_service.errors import EngineUnavailable, FailedPrecondition, StorageFull, StorageUnavailable
 from rollout_service.types import ApplyStats
 from rollout_service.weights import staging
+from rollout_service.weights.staging import Spool
 from rollout_service.weights.local import LocalPush
 from rollout_service.weights.manifest import ParamTable, PushHeader, TensorSpec
 from rollout_service.weights.service import WeightService
@@ -27,15 +29,26 @@ CONFIG = SimpleNamespace(dtype="bfloat16", inflight="drain", push_buffer_mib=1)
 
 
 class WeightServiceDoubleForLocalPushTest:
-    """An unquantized engine's side: staging hands back the stored shards; apply records (names,
-    version, the store's version at that moment) and fails the next `fail_apply` times."""
+    """The engine's side. Unquantized, it loads the stored shards; `quantized`, it prepares each
+    tensor as it arrives into a spool of its own (its "format": float32). apply records (names,
+    version, the store's version at that moment) and the files, and fails the next `fail_apply` times."""
 
-    def __init__(self, store: VersionStore):
+    def __init__(self, store: VersionStore, quantized: bool = False):
         self.engine = SimpleNamespace(weight_version=0)
         self.table = TABLE
         self.store = store
+        self.quantized = quantized
+        self.spools: list[Spool] = []
         self.loaded: list[tuple[list[str], int, int]] = []
+        self.files: dict = {}
         self.fail_apply = 0
+
+    def preparer(self):
+        if not self.quantized:
+            return None, None
+        spool = Spool(self.store.root.parent / "staging", 1 << 20)
+        self.spools.append(spool)
+        return (lambda name, tensor: spool.add({name: tensor.to(torch.float32)})), spool
 
     async def stage(self, files):
         return dict(files), None
@@ -44,6 +57,7 @@ class WeightServiceDoubleForLocalPushTest:
         if self.fail_apply:
             self.fail_apply -= 1
             raise RuntimeError("the engine refused the tensors")
+        self.files = dict(files)
         self.loaded.append((sorted(files), version, self.store.current_version()))
         self.engine.weight_version = version
         return ApplyStats(apply_s=0.5)
@@ -81,9 +95,26 @@ def leftovers(store: VersionStore) -> list[str]:
 async def test_a_push_is_committed_to_the_store_and_then_loaded(store, engine):
     result = await push(LocalPush(engine, store, CONFIG), tensors(1.0), label="step 1")
     assert result.version == 1 and store.current_version() == 1 and store.current().label == "step 1"
+    assert (result.label, result.tensors_applied, result.bytes_received, result.apply_s) == ("step 1", 2, 96, 0.5)
     assert engine.loaded == [(["a.weight", "b.weight"], 1, 1)]  # loaded after the commit point
     store.verify(store.current())
     assert leftovers(store) == []
+
+
+async def test_a_quantized_engine_loads_what_it_prepared_as_the_tensors_arrived(store):
+    engine = WeightServiceDoubleForLocalPushTest(store, quantized=True)
+    await push(LocalPush(engine, store, CONFIG), tensors(1.0))
+    prepared = engine.spools[0]
+    assert engine.files == prepared.files and all(p.parent == prepared.dir for p in engine.files.values())
+    assert torch.equal(load_file(engine.files["a.weight"])["a.weight"], torch.full((8, 4), 1.0))
+    assert store.current().tensors["a.weight"].dtype == "BF16"  # the store keeps the engine dtype
+
+
+async def test_a_refused_push_drops_what_it_prepared(store, monkeypatch):
+    engine = WeightServiceDoubleForLocalPushTest(store, quantized=True)
+    with pytest.raises(FailedPrecondition):
+        await push(LocalPush(engine, store, CONFIG), tensors(1.0), expected_version=4)
+    assert not engine.spools[0].dir.exists() and leftovers(store) == []
 
 
 async def test_a_full_disk_refuses_the_push_and_the_version_stays(store, engine, monkeypatch):

@@ -3,9 +3,11 @@ checkpoint a store belongs to, and the lock a single-process server holds on it.
 
 from __future__ import annotations
 
+import multiprocessing
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -105,11 +107,43 @@ def test_the_default_store_is_one_per_checkpoint(tmp_path):
     assert store_root(ServerConfig(model=a, weights_dir=tmp_path / "mine")) == tmp_path / "mine"
 
 
-def test_a_store_is_held_by_one_single_process_server_at_a_time(tmp_path):
-    first = VersionStore(tmp_path, keep=2)
-    first.lock()
-    script = f"from pathlib import Path; from rollout_service.weights.versions import VersionStore; VersionStore(Path({str(tmp_path)!r}), 2).lock()"
-    second = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert second.returncode != 0 and "is in use by another running server" in second.stderr
-    first.unlock()
-    assert subprocess.run([sys.executable, "-c", script]).returncode == 0
+LOCKER = (
+    "import sys; from pathlib import Path; from rollout_service.weights.versions import VersionStore; "
+    "VersionStore(Path(sys.argv[1]), 2).lock(shared=sys.argv[2] == 'shared')"
+)
+
+
+def lock_elsewhere(root, shared: bool = False) -> subprocess.CompletedProcess:
+    """Lock `root` from another process (as another server would)."""
+    return subprocess.run([sys.executable, "-c", LOCKER, str(root), "shared" if shared else "alone"], capture_output=True, text=True)
+
+
+def test_a_single_process_server_holds_its_store_alone(tmp_path):
+    store = VersionStore(tmp_path, keep=2)
+    store.lock()
+    for shared in (False, True):
+        other = lock_elsewhere(tmp_path, shared)
+        assert other.returncode != 0 and f"weights_dir {tmp_path} is in use by" in other.stderr
+    store.close()
+    assert lock_elsewhere(tmp_path).returncode == 0
+
+
+def test_a_deployments_processes_share_a_store_and_keep_a_single_process_server_out(tmp_path):
+    VersionStore(tmp_path, keep=2).lock(shared=True)  # kept: the store object lives on in the lock's fd
+    assert lock_elsewhere(tmp_path, shared=True).returncode == 0
+    assert "is in use by another running server" in lock_elsewhere(tmp_path).stderr
+
+
+def test_the_lock_is_not_inherited_by_a_forked_process(tmp_path):
+    """vLLM forks its engine process from the server: killed, the server must not leave its store
+    locked by an engine that outlives it."""
+    store = VersionStore(tmp_path, keep=2)
+    store.lock()
+    child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+    child.start()
+    try:
+        store.close()
+        assert lock_elsewhere(tmp_path).returncode == 0
+    finally:
+        child.kill()
+        child.join()

@@ -24,7 +24,8 @@ from rollout_client.channel import ChannelOptions
 
 class BlockingPush:
     """PushWeights for AsyncRolloutClient: the call runs on a blocking channel (opened on the
-    first push) and is awaited without blocking the event loop; cancelling the await cancels it."""
+    first push) and is awaited without blocking the event loop; cancelling the await cancels it
+    (the weights generator may still be finishing its current item on gRPC's thread for a moment)."""
 
     def __init__(self, options: ChannelOptions, address: str):
         self._options = options

@@ -25,11 +25,14 @@ from rollout_client._proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
 from rollout_client import push
 from rollout_client.blocking_push import BlockingPush
 from rollout_client.channel import ChannelOptions, RetryPolicy
-from rollout_client.errors import DeadlineExceededError, from_rpc_error
+from rollout_client.errors import DeadlineExceededError, RolloutClientError, from_rpc_error
 from rollout_client.push import PushResult
 from rollout_client.types import Completion, completion_from_proto
 
 WAIT_POLL_S = 0.5
+# wait_for_version's last status call may outlast its deadline by this much, rather than fail with
+# a deadline too short to reach the server (its own DEADLINE_EXCEEDED would hide the version served).
+MIN_STATUS_TIMEOUT_S = 1.0
 # A push whose version some replicas load from the weight store (they failed to load the push)
 # returns once they serve it, so the caller's next samples are of the version it pushed.
 CATCH_UP_WAIT_S = 300.0
@@ -188,7 +191,7 @@ class RolloutClient(_Connection):
         if response.replicas_catching_up:  # committed; the version is served once they have it
             try:
                 self.wait_for_version(response.version, timeout=CATCH_UP_WAIT_S)
-            except DeadlineExceededError as exc:
+            except RolloutClientError as exc:  # the push is committed: never fail it now
                 _still_catching_up(response, exc)
         result = push.result_from_proto(response, time.perf_counter() - start)
         if show:
@@ -207,7 +210,7 @@ class RolloutClient(_Connection):
         by another process); returns that status. DeadlineExceededError after `timeout` seconds."""
         deadline = time.monotonic() + timeout
         while True:
-            status = self.status(timeout=max(deadline - time.monotonic(), 0.001))
+            status = self.status(timeout=max(deadline - time.monotonic(), MIN_STATUS_TIMEOUT_S))
             if _version_reached(status, version):
                 return status
             if time.monotonic() + poll_s > deadline:
@@ -304,7 +307,7 @@ class AsyncRolloutClient(_Connection):
         if response.replicas_catching_up:  # committed; the version is served once they have it
             try:
                 await self.wait_for_version(response.version, timeout=CATCH_UP_WAIT_S)
-            except DeadlineExceededError as exc:
+            except RolloutClientError as exc:  # the push is committed: never fail it now
                 _still_catching_up(response, exc)
         result = push.result_from_proto(response, time.perf_counter() - start)
         if show:
@@ -324,7 +327,7 @@ class AsyncRolloutClient(_Connection):
     ) -> pb.GetStatusResponse:
         deadline = time.monotonic() + timeout
         while True:
-            status = await self.status(timeout=max(deadline - time.monotonic(), 0.001))
+            status = await self.status(timeout=max(deadline - time.monotonic(), MIN_STATUS_TIMEOUT_S))
             if _version_reached(status, version):
                 return status
             if time.monotonic() + poll_s > deadline:

@@ -21,6 +21,9 @@ export const DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024;
 /** How long push() waits for replicas still loading a committed version (replicasCatchingUp). */
 export const CATCH_UP_WAIT_MS = 300_000;
 const WAIT_POLL_MS = 500;
+// waitForVersion's last status call may outlast its deadline by this much, rather than fail with a
+// deadline too short to reach the server (its own DEADLINE_EXCEEDED would hide the version served).
+const MIN_STATUS_TIMEOUT_MS = 1_000;
 
 /** Sampling parameters (SamplingParams in the proto); unset fields take the server's defaults. */
 export interface SamplingParams {
@@ -406,7 +409,7 @@ export class RolloutClient {
       try {
         await this.waitForVersion(r.version, CATCH_UP_WAIT_MS);
       } catch (err) {
-        if (!(err instanceof RolloutError && err.code === grpc.status.DEADLINE_EXCEEDED)) throw err;
+        if (!(err instanceof RolloutError)) throw err; // the push is committed: never fail it now
         console.warn(
           `weight version ${r.version} is committed, but replica(s) ${catchingUp.join(", ")} still load it ` +
             `from the weight store (${err.details}); they serve older samples until then`,
@@ -436,7 +439,7 @@ export class RolloutClient {
   async waitForVersion(version: number, timeoutMs = 300_000, pollMs = WAIT_POLL_MS): Promise<Status> {
     const deadline = Date.now() + timeoutMs;
     for (;;) {
-      const status = await this.status(Math.max(deadline - Date.now(), 1));
+      const status = await this.status(Math.max(deadline - Date.now(), MIN_STATUS_TIMEOUT_MS));
       if (status.weightVersion >= version) return status;
       if (Date.now() + pollMs > deadline) {
         throw new RolloutError(

@@ -27,10 +27,7 @@ async function startServer(): Promise<string> {
   execFileSync(python, ["-c", `from rollout_service.models.tiny import make_tiny_model; make_tiny_model(${JSON.stringify(modelDir)})`]);
   const proc = spawn(
     python,
-    [
-      "-m", "rollout_service.cli", "serve", "--backend", "local", "--model", modelDir, "--port", "0", "--no-http",
-      "--max-model-len", "256", "--weights-dir", path.join(work, "weights"), // not the default store: start from the checkpoint
-    ],
+    ["-m", "rollout_service.cli", "serve", "--backend", "local", "--model", modelDir, "--port", "0", "--no-http", "--max-model-len", "256"],
     { stdio: ["ignore", "pipe", "pipe"], cwd: REPO },
   );
   server = proc;
