@@ -378,7 +378,7 @@ def status_cmd(
     rows = [
         ("model", second.model),
         ("engine", f"{second.quantization}, {second.dtype}, logprobs {second.logprobs_mode}, vLLM {second.engine_version}"),
-        ("weight version", str(second.weight_version)),
+        ("weight version", f"{second.weight_version} served by every replica, {second.committed_version} committed"),
         ("replicas", f"{second.replicas}: " + ", ".join(f"{r[:8]} v{v}" for r, v in sorted(second.replica_versions.items()))),
         ("throughput", f"{tokens_per_s:.1f} tokens/s over {interval:g} s; {second.counters.requests_running} calls running"),
         ("since start", f"{second.counters.requests_total} calls, {second.counters.tokens_generated} tokens, "

@@ -184,6 +184,7 @@ class ServerStatus:
     last_push: PushResult | None = None
     replicas: int = 1
     replica_versions: dict[str, int] = field(default_factory=dict)
+    committed_version: int = 0
 
 
 @dataclass(slots=True)

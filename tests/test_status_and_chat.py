@@ -22,7 +22,7 @@ def test_status_reports_version_replicas_last_push_and_throughput(trainer_server
     out = subprocess.run([*CLI, "status", "-a", trainer_server.grpc_address, "--interval", "0.2", "--json"],
                          capture_output=True, text=True, timeout=120, check=True)
     data = json.loads(out.stdout)
-    assert int(data["weight_version"]) == pushed.version and data["replicas"] == 1
+    assert int(data["weight_version"]) == int(data["committed_version"]) == pushed.version and data["replicas"] == 1
     assert {k: int(v) for k, v in data["replica_versions"].items()} == {"local": pushed.version}
     assert data["last_push"]["label"] == "status check" and data["tokens_per_s"] >= 0
     table = subprocess.run([*CLI, "status", "-a", trainer_server.grpc_address, "--interval", "0.2"],

@@ -59,6 +59,7 @@ class LocalBackend:
         result = self.engine.status()
         result.last_push = self.push.last_push
         result.replica_versions = {"local": result.weight_version}
+        result.committed_version = self.push.store.current_version()
         return result
 
     def begin_push(self, header: PushHeader) -> AsyncContextManager[PushSession]:

@@ -85,6 +85,7 @@ class ServeBackend:
             last_push=self.push.last_push,
             replicas=len(statuses),
             replica_versions={info["replica_id"]: status.weight_version for info, status in served},
+            committed_version=self.push.store.current_version(),
         )
 
     def begin_push(self, header: PushHeader):

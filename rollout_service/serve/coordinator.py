@@ -6,10 +6,12 @@ Redis keys (prefix `rollout:`):
     version             current version number          manifest   its manifest's path
     replica:<id>        JSON of one replica, expires unless refreshed (the heartbeat)
     push-lock           owner token of the running push, expires unless refreshed
+    fence               the last fencing token issued with the push lock (each lock: one more)
     events              stream of {kind, version, label, manifest, time}; a trainer can XREAD it
 
 The weight store on disk is the durable record of versions: after Redis loses its data (a restart
-without persistence) the ingress writes the current version back (`ensure_version`).
+without persistence) the ingress writes the current version back (`ensure_version`), and the next
+lock's token starts above the one the store's current version was committed under (`floor`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,17 @@ from rollout_service.errors import EngineUnavailable
 PREFIX = "rollout:"
 EVENTS_KEPT = 1000
 
+# Take the lock and issue its fencing token: one more than the last, and above ARGV[3] (the token the
+# store's current version holds), so a Redis that lost its data cannot issue a token the store refuses.
+_LOCK = """
+if not redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+local token = redis.call('incr', KEYS[2])
+if token <= tonumber(ARGV[3]) then
+  token = tonumber(ARGV[3]) + 1
+  redis.call('set', KEYS[2], token)
+end
+return token
+"""
 # Compare-and-delete / compare-and-extend: only the lock's owner may release or refresh it.
 _UNLOCK = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
 _REFRESH = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"
@@ -49,8 +62,10 @@ class Coordinator(Protocol):
 
     async def replicas(self) -> dict[str, dict]: ...
 
-    async def lock(self, owner: str, ttl_s: float) -> bool:
-        """Take the push lock for `ttl_s` unless another owner holds it."""
+    async def lock(self, owner: str, ttl_s: float, floor: int) -> int:
+        """Take the push lock for `ttl_s` unless another owner holds it (then 0). Returns its
+        fencing token: larger than every token issued before and than `floor`. The weight store
+        commits a version only with a token no older than its current version's."""
 
     async def refresh(self, owner: str, ttl_s: float) -> bool: ...
 
@@ -74,6 +89,7 @@ class EmbeddedCoordinator:
         self._lock: tuple[str, float] | None = None
         self._events: collections.deque[tuple[str, dict]] = collections.deque(maxlen=EVENTS_KEPT)
         self._ids = itertools.count(1)
+        self._fence = 0
 
     async def version(self):
         return self._version
@@ -97,12 +113,13 @@ class EmbeddedCoordinator:
         now = time.monotonic()
         return {rid: info for rid, (expires, info) in self._replicas.items() if expires > now}
 
-    async def lock(self, owner, ttl_s):
+    async def lock(self, owner, ttl_s, floor):
         now = time.monotonic()
-        if self._lock is not None and self._lock[1] > now and self._lock[0] != owner:
-            return False
+        if self._lock is not None and self._lock[1] > now:
+            return 0
         self._lock = (owner, now + ttl_s)
-        return True
+        self._fence = max(self._fence, floor) + 1
+        return self._fence
 
     async def refresh(self, owner, ttl_s):
         # As Redis's: only a lock this owner still holds is extended; a lapsed one is not retaken.
@@ -183,8 +200,9 @@ class RedisCoordinator:
         keys, values = await self._call("read registry", read())
         return {k.removeprefix(PREFIX + "replica:"): json.loads(v) for k, v in zip(keys, values) if v}
 
-    async def lock(self, owner, ttl_s):
-        return bool(await self._call("push lock", self._r.set(PREFIX + "push-lock", owner, nx=True, px=int(ttl_s * 1000))))
+    async def lock(self, owner, ttl_s, floor):
+        keys = (PREFIX + "push-lock", PREFIX + "fence")
+        return int(await self._call("push lock", self._r.eval(_LOCK, 2, *keys, owner, int(ttl_s * 1000), floor)))
 
     async def refresh(self, owner, ttl_s):
         return bool(await self._call("push lock", self._r.eval(_REFRESH, 1, PREFIX + "push-lock", owner, int(ttl_s * 1000))))

@@ -13,7 +13,9 @@ A replica that fails to prepare fails the push: every replica drops what it prep
 shards are deleted, and all keep serving the old version. One push runs at a time in the whole
 deployment (the coordinator's push lock, held while the push runs); a second one is ABORTED. The
 lock is checked (and renewed) once more right before the commit point, so a push whose lock lapsed
-(its renewals failed, another ingress took it) commits nothing. After the commit point the push
+(its renewals failed, another ingress took it) commits nothing; and the weight store commits only
+with a fencing token (issued with the lock) no older than its current version's, so neither does a
+push that stalled between that check and its commit. After the commit point the push
 stands: a replica that fails to load it names itself in `replicas_catching_up` and loads the
 version from the store (serve/replica.py), and GetStatus reports the version once all serve it.
 """
@@ -60,7 +62,8 @@ class ClusterPush:
     @contextlib.asynccontextmanager
     async def begin(self, header: PushHeader) -> AsyncIterator[PushSession]:
         owner = uuid.uuid4().hex
-        if not await self.coordinator.lock(owner, LOCK_TTL_S):
+        fence = await self.coordinator.lock(owner, LOCK_TTL_S, floor=self.store.current_fence())
+        if not fence:
             raise Conflict("another push is in progress in this deployment; pushes are not queued: retry once it has committed")
         keeper = asyncio.create_task(self._keep_lock(owner))
         try:
@@ -68,7 +71,7 @@ class ClusterPush:
             spool = Spool(self.store.incoming, PART_BYTES)
             convert = store_converter(self._dtype, cast_crc)  # replicas requantize
             async with receiving(header, self.table, convert, spool, self.config, self.store.current_version()) as session:
-                session.push_owner, session.cast_crc = owner, cast_crc  # this push's own, not the ingress's
+                session.push_owner, session.fence, session.cast_crc = owner, fence, cast_crc  # this push's own
                 yield session
         finally:
             keeper.cancel()
@@ -107,18 +110,18 @@ class ClusterPush:
             log.warning("push %s failed to prepare (%s); every replica stays on version %d", push_id, exc, version - 1)
             with contextlib.suppress(Exception):
                 await broadcast_all(self.engines, "abort", push_id)
-            self.store.discard(version)
+            self.store.discard(files)
             raise
         return await shielded(self._commit_and_apply(session, push_id, version, files, receive_s, max(prepare_s, default=0.0)))
 
     async def _commit_and_apply(self, session, push_id, version, files, receive_s, prepare_s) -> PushResult:
         crc = {**session.crc32, **session.cast_crc}
         try:
-            manifest = await asyncio.to_thread(self.store.commit, version, files, crc, session.header.label)
-        except BaseException:  # e.g. the disk is full: nothing committed, every replica drops its prepared push
+            manifest = await asyncio.to_thread(self.store.commit, version, files, crc, session.header.label, session.fence)
+        except BaseException:  # e.g. the disk is full, or fenced off: nothing committed, every replica drops its prepared push
             with contextlib.suppress(Exception):
                 await broadcast_all(self.engines, "abort", push_id)
-            self.store.discard(version)
+            self.store.discard(files)
             raise
         session.committed = True
         try:

@@ -93,7 +93,7 @@ class LocalPush:
             spool = Spool(self.store.incoming, PART_BYTES)
             prepare, self._prepared = self.weights.preparer()
             convert = store_converter(self._dtype, cast_crc, prepare)
-            async with receiving(header, self.weights.table, convert, spool, self.config, self.engine.weight_version) as session:
+            async with receiving(header, self.weights.table, convert, spool, self.config, self.store.current_version()) as session:
                 session.cast_crc = cast_crc
                 yield session
         finally:
@@ -115,7 +115,7 @@ class LocalPush:
                 await asyncio.to_thread(self._prepared.flush)
                 prepared = self._prepared.files
         except BaseException:
-            self.store.discard(version)
+            self.store.discard(files)
             raise
         prepare_s = time.monotonic() - start
         return await shielded(self._commit_and_apply(session, version, files, prepared, receive_s, prepare_s))
@@ -128,7 +128,7 @@ class LocalPush:
         try:
             await asyncio.to_thread(self.store.commit, version, files, crc, session.header.label)
         except BaseException:  # e.g. the disk is full: nothing committed, the old version serves on
-            self.store.discard(version)
+            self.store.discard(files)
             raise
         session.committed = True
         policy = session.header.inflight or self.config.inflight

@@ -128,15 +128,15 @@ class WeightService:
 
 @contextlib.asynccontextmanager
 async def receiving(
-    header: PushHeader, table: ParamTable, convert, spool: Spool, config: ServerConfig, served_version: int
+    header: PushHeader, table: ParamTable, convert, spool: Spool, config: ServerConfig, committed_version: int
 ) -> AsyncIterator[PushSession]:
     """A checked push session staging into `spool`; whatever it staged is deleted unless the
-    session ends committed."""
+    session ends committed. `committed_version`: the store's, which expected_version must name."""
     try:
         table.check_header(header, POLICIES)
-        if header.expected_version is not None and header.expected_version != served_version:
+        if header.expected_version is not None and header.expected_version != committed_version:
             raise FailedPrecondition(
-                f"header.expected_version: {header.expected_version} is stale, the server serves version {served_version}"
+                f"header.expected_version: {header.expected_version} is stale, the last committed version is {committed_version}"
             )
         session = PushSession(header, table, convert, spool, config.push_buffer_mib << 20)
     except BaseException:

@@ -1,9 +1,9 @@
 """The weight store: every committed version on disk, the source late replicas load from.
 
     <weights-dir>/CURRENT                 the current version number (replaced atomically)
-    <weights-dir>/v000003/manifest.json   version, label, time, and every tensor pushed since the
-                                          base checkpoint: name -> file, dtype, shape, CRC-32
-    <weights-dir>/v000003/part-*.safetensors   the tensors pushed in version 3
+    <weights-dir>/v000003/manifest.json   version, label, time, fencing token, and every tensor
+                                          pushed since the base checkpoint: name -> file, dtype, shape, CRC-32
+    <weights-dir>/v000003-push-*/part-*.safetensors   the tensors pushed in version 3
     <weights-dir>/incoming/push-*/        a push being received (deleted if it fails)
     <weights-dir>/BASE.json               the checkpoint the versions were pushed onto (identity)
     <weights-dir>/LOCK                    locked while a server uses the store: alone by a
@@ -14,6 +14,12 @@ pointing at the version directory that holds its newest bytes; tensors never pus
 checkpoint the service started from. The last `keep` versions are kept, with every directory their
 manifests point into; older ones are deleted. A version directory without a manifest is a push
 that never committed. Writing the manifest, then CURRENT, is the commit point.
+
+A commit is compare-and-set, under a lock on the store: version N+1 commits only onto N, and (in a
+Serve deployment) only with a fencing token from the coordinator's push lock no older than N's. So a
+push whose lock lapsed while it ran (paused, partitioned from Redis) commits nothing, even when it
+reaches the commit after another push took the lock; and each push's tensors go into a directory of
+its own, so no push can overwrite another's.
 
 A store belongs to one base checkpoint: its versions overlay that checkpoint's tensors, so it is
 refused to a server loading another (`bind`); the default directory is one per checkpoint.
@@ -40,7 +46,7 @@ from pathlib import Path
 import safetensors
 import torch
 
-from rollout_service.errors import ConfigError, DataLoss, StorageFull, StorageUnavailable
+from rollout_service.errors import ConfigError, Conflict, DataLoss, StorageFull, StorageUnavailable
 from rollout_service.weights.store import safetensors_header
 
 if typing.TYPE_CHECKING:
@@ -66,6 +72,8 @@ class Manifest:
     label: str
     created: float
     tensors: dict[str, StoredTensor]
+    # The coordinator's fencing token of the push lock that committed it (0: none, single process).
+    fence: int = 0
 
     def files(self, root: Path) -> dict[str, Path]:
         return {name: root / t.file for name, t in self.tensors.items()}
@@ -134,6 +142,7 @@ class VersionStore:
         self.incoming = root / "incoming"
         self.incoming.mkdir(parents=True, exist_ok=True)
         self._lock_fd: int | None = None
+        self._commit_lock = threading.Lock()  # lockf excludes other processes, this one's threads not
 
     def bind(self, identity: str, model: Path) -> None:
         """Record the base checkpoint of a new store; refuse one whose versions overlay another."""
@@ -202,30 +211,61 @@ class VersionStore:
         return str(self._dir(version) / "manifest.json") if version else ""
 
     def adopt(self, staged: Path, files: dict[str, Path], version: int) -> dict[str, Path]:
-        """Move a received push's directory to version `version`'s place (not yet committed)."""
-        target = self._dir(version)
-        if target.exists():  # a leftover of a push that failed before its manifest was written
-            shutil.rmtree(target)
+        """Move a received push's directory into the store as a candidate for `version`, under a
+        name of its own (`v000003-push-<id>`); it is part of the store once committed."""
+        target = self.root / f"{self._dir(version).name}-{staged.name}"
         os.replace(staged, target)
         return {name: target / path.name for name, path in files.items()}
 
-    def commit(self, version: int, files: dict[str, Path], crc32: dict[str, int], label: str) -> Manifest:
-        """Make `version` (tensors `files`, already in its directory) the current one."""
-        previous = self.current()
-        tensors = dict(previous.tensors) if previous else {}
-        headers = {path: safetensors_header(path) for path in set(files.values())}
-        for name, path in files.items():
-            info = headers[path][name]
-            tensors[name] = StoredTensor(str(path.relative_to(self.root)), info["dtype"], info["shape"], crc32[name])
-        manifest = Manifest(version, label, time.time(), tensors)
-        body = {**asdict(manifest), "tensors": {n: asdict(t) for n, t in tensors.items()}}
-        _write_atomic(self._dir(version) / "manifest.json", json.dumps(body, indent=1))
-        _write_atomic(self.root / "CURRENT", str(version))
-        self._collect()
+    def commit(
+        self, version: int, files: dict[str, Path], crc32: dict[str, int], label: str, fence: int | None = None
+    ) -> Manifest:
+        """Make `version` (tensors `files`, adopted) the current one, if the current one is still
+        `version - 1` and `fence` (the push lock's token; None: a single-process server, which holds
+        the store alone) is no older than its; else Conflict, and nothing is written."""
+        with self._committing():
+            current = self.current_version()
+            if current != version - 1:
+                raise Conflict(
+                    f"weight store {self.root}: version {current} was committed while this push ran (it was to "
+                    f"be version {version}, onto {version - 1}); nothing was committed: push again"
+                )
+            previous = self.manifest(current)
+            last_fence = previous.fence if previous else 0
+            if fence is not None and fence < last_fence:
+                raise Conflict(
+                    f"weight store {self.root}: this push's lock (fencing token {fence}) is older than the one "
+                    f"version {current} was committed under ({last_fence}): it lapsed while the push ran, and "
+                    f"nothing was committed: push again"
+                )
+            tensors = dict(previous.tensors) if previous else {}
+            headers = {path: safetensors_header(path) for path in set(files.values())}
+            for name, path in files.items():
+                info = headers[path][name]
+                tensors[name] = StoredTensor(str(path.relative_to(self.root)), info["dtype"], info["shape"], crc32[name])
+            manifest = Manifest(version, label, time.time(), tensors, last_fence if fence is None else fence)
+            body = {**asdict(manifest), "tensors": {n: asdict(t) for n, t in tensors.items()}}
+            self._dir(version).mkdir(exist_ok=True)
+            _write_atomic(self._dir(version) / "manifest.json", json.dumps(body, indent=1))
+            _write_atomic(self.root / "CURRENT", str(version))
+            self._collect()
         return manifest
 
-    def discard(self, version: int) -> None:
-        shutil.rmtree(self._dir(version), ignore_errors=True)
+    def current_fence(self) -> int:
+        """The fencing token the current version was committed under (0 before any)."""
+        current = self.current()
+        return current.fence if current else 0
+
+    @contextlib.contextmanager
+    def _committing(self):
+        with self._commit_lock, open(self.root / "COMMIT.lock", "a") as fh:
+            fcntl.lockf(fh, fcntl.LOCK_EX)
+            yield
+
+    def discard(self, files: dict[str, Path]) -> None:
+        """Delete an adopted push that did not commit."""
+        for d in {path.parent for path in files.values()}:
+            shutil.rmtree(d, ignore_errors=True)
 
     def verify(self, manifest: Manifest) -> None:
         """Raise DataLoss naming the first stored tensor whose bytes do not match its CRC-32."""

@@ -64,17 +64,34 @@ def test_ensure_version_writes_back_only_a_missing_or_older_record(coordinator):
 
 def test_push_lock_excludes_other_owners_until_released_or_expired(coordinator):
     async def go():
-        assert await coordinator.lock("a", 30)
-        assert not await coordinator.lock("b", 30)
+        assert await coordinator.lock("a", 30, 0)
+        assert not await coordinator.lock("b", 30, 0)
         await coordinator.unlock("b")  # not the owner: no effect
-        assert not await coordinator.lock("b", 30)
+        assert not await coordinator.lock("b", 30, 0)
         assert not await coordinator.refresh("b", 30)  # not the owner: no effect
         assert await coordinator.refresh("a", 30)
         await coordinator.unlock("a")
-        assert await coordinator.lock("b", 0.2)
-        await until(lambda: coordinator.lock("c", 30), "b's lock to expire")  # b never refreshed
+        assert await coordinator.lock("b", 0.2, 0)
+        await until(lambda: coordinator.lock("c", 30, 0), "b's lock to expire")  # b never refreshed
         assert not await coordinator.refresh("b", 30)  # a lapsed lock is not retaken by a refresh
-        assert not await coordinator.lock("b", 30)
+        assert not await coordinator.lock("b", 30, 0)
+        await coordinator.close()
+
+    run(go())
+
+
+def test_each_lock_gets_a_larger_fencing_token_above_the_stores(coordinator):
+    """The token orders pushes for the weight store, which refuses a commit under an older one;
+    `floor` (the store's last token) keeps it ordered after Redis lost its data."""
+    async def go():
+        first = await coordinator.lock("a", 30, 0)
+        await coordinator.unlock("a")
+        second = await coordinator.lock("b", 30, 0)
+        await coordinator.unlock("b")
+        assert 0 < first < second
+        assert await coordinator.lock("c", 30, second + 40) == second + 41
+        await coordinator.unlock("c")
+        assert await coordinator.lock("d", 30, 0) == second + 42
         await coordinator.close()
 
     run(go())
@@ -100,7 +117,7 @@ def test_unreachable_redis_is_unavailable_naming_the_server():
     async def go():
         c = RedisCoordinator("redis://127.0.0.1:1/0")
         with pytest.raises(EngineUnavailable, match="redis at redis://127.0.0.1:1/0 is unreachable"):
-            await c.lock("a", 1)
+            await c.lock("a", 1, 0)
         await c.close()
 
     run(go())

@@ -12,18 +12,23 @@ import time
 import pytest
 import torch
 
-from rollout_service.errors import ConfigError, DataLoss
+from rollout_service.errors import ConfigError, Conflict, DataLoss
 from rollout_service.weights.staging import Spool
 from rollout_service.weights.versions import VersionStore, base_identity, crc32_of, store_root
 
 
-def push(store: VersionStore, tensors: dict[str, torch.Tensor], label: str = ""):
+def received(store: VersionStore, tensors: dict[str, torch.Tensor], version: int):
+    """A push received and adopted as a candidate for `version`, not committed."""
     spool = Spool(store.incoming, 1 << 20)
     spool.add(tensors)
     spool.flush()
+    return store.adopt(spool.dir, spool.files, version), {n: crc32_of(t) for n, t in tensors.items()}
+
+
+def push(store: VersionStore, tensors: dict[str, torch.Tensor], label: str = "", fence: int | None = None):
     version = store.current_version() + 1
-    files = store.adopt(spool.dir, spool.files, version)
-    return store.commit(version, files, {n: crc32_of(t) for n, t in tensors.items()}, label)
+    files, crc = received(store, tensors, version)
+    return store.commit(version, files, crc, label, fence)
 
 
 def t(value: float, shape=(4, 3)) -> torch.Tensor:
@@ -36,8 +41,8 @@ def test_manifest_overlays_partial_pushes_and_names_dtype_shape_crc(tmp_path):
     push(store, {"a.weight": t(1), "b.weight": t(2)}, "step-1")
     m = push(store, {"b.weight": t(3)}, "step-2")
     assert store.current_version() == 2 and m.label == "step-2"
-    assert m.tensors["a.weight"].file.startswith("v000001/")
-    assert m.tensors["b.weight"].file.startswith("v000002/")
+    assert m.tensors["a.weight"].file.startswith("v000001-push-")
+    assert m.tensors["b.weight"].file.startswith("v000002-push-")
     assert m.tensors["b.weight"].dtype == "BF16" and m.tensors["b.weight"].shape == [4, 3]
     assert m.tensors["b.weight"].crc32 == crc32_of(t(3))
     assert store.current() == m  # read back from disk
@@ -49,8 +54,8 @@ def test_only_the_last_k_versions_and_what_they_reference_are_kept(tmp_path):
     push(store, {"a.weight": t(1), "b.weight": t(1)})  # v1: a stays referenced by every later manifest
     for v in range(2, 6):
         push(store, {"b.weight": t(v)})
-    kept = sorted(d.name for d in tmp_path.glob("v*"))
-    assert kept == ["v000001", "v000004", "v000005"]
+    kept = sorted(d.name.split("-")[0] for d in tmp_path.glob("v*"))  # manifest and tensor directories
+    assert kept == ["v000001", "v000004", "v000004", "v000005", "v000005"]  # v1: its tensors only
 
 
 def test_verify_names_a_tensor_whose_bytes_changed(tmp_path):
@@ -74,7 +79,7 @@ def test_clean_drops_interrupted_and_uncommitted_pushes(tmp_path):
     store.adopt(spool.dir, spool.files, 2)  # prepared, never committed
     store.clean()
     assert list(store.incoming.iterdir()) == []
-    assert sorted(d.name for d in tmp_path.glob("v*")) == ["v000001"]
+    assert sorted(d.name.split("-")[0] for d in tmp_path.glob("v*")) == ["v000001", "v000001"]
     assert store.current_version() == 1
 
 
@@ -147,3 +152,29 @@ def test_the_lock_is_not_inherited_by_a_forked_process(tmp_path):
     finally:
         child.kill()
         child.join()
+
+
+def test_a_push_numbered_before_another_committed_commits_nothing(tmp_path):
+    """Two pushes both numbered version 2 (the first's lock lapsed while it ran): the later commit
+    is refused, and neither its tensors nor its discard touch the version that did commit."""
+    store = VersionStore(tmp_path, keep=3)
+    push(store, {"a.weight": t(1)})
+    stale, stale_crc = received(store, {"a.weight": t(2)}, 2)
+    fresh, fresh_crc = received(store, {"a.weight": t(3)}, 2)
+    committed = store.commit(2, fresh, fresh_crc, "fresh")
+    with pytest.raises(Conflict, match="version 2 was committed while this push ran"):
+        store.commit(2, stale, stale_crc, "stale")
+    store.discard(stale)
+    assert store.current_version() == 2 and store.current() == committed
+    store.verify(committed)
+
+
+def test_a_commit_under_an_older_fencing_token_is_refused(tmp_path):
+    store = VersionStore(tmp_path, keep=3)
+    push(store, {"a.weight": t(1)}, fence=7)
+    assert store.current_fence() == 7
+    with pytest.raises(Conflict, match=r"fencing token 6\) is older than the one version 1 was committed under \(7\)"):
+        push(store, {"a.weight": t(2)}, fence=6)
+    assert store.current_version() == 1
+    assert push(store, {"a.weight": t(2)}, fence=7).version == 2  # a lock's token may commit again
+    assert push(store, {"a.weight": t(3)}).fence == 7  # a single-process server keeps the last token

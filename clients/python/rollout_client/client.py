@@ -172,7 +172,7 @@ class RolloutClient(_Connection):
         (name, tensor), e.g. a generator gathering sharded parameters one by one) into the server;
         returns once they serve as the new version. Never retried: a failed push changed nothing.
 
-        `expected_version`: fail (FailedPrecondition) unless the server serves this version.
+        `expected_version`: fail (FailedPrecondition) unless this is the last committed version.
         `inflight`: "drain" | "abort" | "continue" for this push (default: the server's setting).
         `progress`: a byte progress bar (needs tqdm) and a one-line summary on stderr; by default
         only when stderr is a terminal.

@@ -101,7 +101,7 @@ export interface Tensor {
 }
 
 export interface PushOptions {
-  /** Reject (FAILED_PRECONDITION) unless the server serves this version. */
+  /** Reject (FAILED_PRECONDITION) unless this is the last committed version (Status.committedVersion). */
   expectedVersion?: number;
   label?: string;
   /** "drain" | "abort" | "continue"; empty: the server's setting. */
@@ -142,6 +142,9 @@ export interface Status {
   weightVersion: number;
   /** The version each replica serves, by replica id ("local" for the single-process server). */
   replicaVersions: Record<string, number>;
+  /** The last committed version: what `expectedVersion` is compared with; ahead of
+   * weightVersion only while a replica still loads it. */
+  committedVersion: number;
   maxModelLen: number;
   vocabSize: number;
   logprobsMode: string;
@@ -337,6 +340,7 @@ export class RolloutClient {
       dtype: s.dtype,
       weightVersion: s.weightVersion,
       replicaVersions: s.replicaVersions ?? {},
+      committedVersion: s.committedVersion ?? 0,
       maxModelLen: s.maxModelLen,
       vocabSize: s.vocabSize,
       logprobsMode: s.logprobsMode,

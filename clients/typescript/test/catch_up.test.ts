@@ -34,7 +34,7 @@ async function catchingUpServerDouble(): Promise<{ address: string; statusCalls:
     GetStatus: (_call: unknown, callback: grpc.sendUnaryData<object>) => {
       calls += 1;
       const b = calls < 3 ? 4 : 5;
-      callback(null, { weightVersion: Math.min(5, b), replicaVersions: { "replica-a": 5, "replica-b": b } });
+      callback(null, { weightVersion: Math.min(5, b), committedVersion: 5, replicaVersions: { "replica-a": 5, "replica-b": b } });
     },
   });
   const port = await new Promise<number>((resolve, reject) =>
@@ -51,7 +51,9 @@ test("a push some replicas still load resolves once every replica serves its ver
     assert.equal(result.version, 5);
     assert.deepEqual(result.replicasCatchingUp, ["replica-b"]);
     assert.equal(double.statusCalls(), 3);
-    assert.deepEqual((await client.status()).replicaVersions, { "replica-a": 5, "replica-b": 5 });
+    const status = await client.status();
+    assert.deepEqual(status.replicaVersions, { "replica-a": 5, "replica-b": 5 });
+    assert.equal(status.committedVersion, 5);
   } finally {
     client.close();
     double.stop();

@@ -162,7 +162,7 @@ class Counters(_message.Message):
     def __init__(self, requests_total: _Optional[int] = ..., requests_running: _Optional[int] = ..., prompts_aborted: _Optional[int] = ..., sequences_running: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., requests_rejected_overload: _Optional[int] = ..., engine_requests_running: _Optional[int] = ..., sequences_waiting: _Optional[int] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("model", "quantization", "dtype", "weight_version", "max_model_len", "vocab_size", "logprobs_mode", "lm_head_fp32", "max_inflight_sequences", "engine_version", "uptime_s", "counters", "inflight_policy", "last_push", "replicas", "replica_versions")
+    __slots__ = ("model", "quantization", "dtype", "weight_version", "max_model_len", "vocab_size", "logprobs_mode", "lm_head_fp32", "max_inflight_sequences", "engine_version", "uptime_s", "counters", "inflight_policy", "last_push", "replicas", "replica_versions", "committed_version")
     class ReplicaVersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -186,6 +186,7 @@ class GetStatusResponse(_message.Message):
     LAST_PUSH_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     REPLICA_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_VERSION_FIELD_NUMBER: _ClassVar[int]
     model: str
     quantization: str
     dtype: str
@@ -202,7 +203,8 @@ class GetStatusResponse(_message.Message):
     last_push: PushWeightsResponse
     replicas: int
     replica_versions: _containers.ScalarMap[str, int]
-    def __init__(self, model: _Optional[str] = ..., quantization: _Optional[str] = ..., dtype: _Optional[str] = ..., weight_version: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., logprobs_mode: _Optional[str] = ..., lm_head_fp32: _Optional[bool] = ..., max_inflight_sequences: _Optional[int] = ..., engine_version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., counters: _Optional[_Union[Counters, _Mapping]] = ..., inflight_policy: _Optional[str] = ..., last_push: _Optional[_Union[PushWeightsResponse, _Mapping]] = ..., replicas: _Optional[int] = ..., replica_versions: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    committed_version: int
+    def __init__(self, model: _Optional[str] = ..., quantization: _Optional[str] = ..., dtype: _Optional[str] = ..., weight_version: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., logprobs_mode: _Optional[str] = ..., lm_head_fp32: _Optional[bool] = ..., max_inflight_sequences: _Optional[int] = ..., engine_version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., counters: _Optional[_Union[Counters, _Mapping]] = ..., inflight_policy: _Optional[str] = ..., last_push: _Optional[_Union[PushWeightsResponse, _Mapping]] = ..., replicas: _Optional[int] = ..., replica_versions: _Optional[_Mapping[str, int]] = ..., committed_version: _Optional[int] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape", "nbytes", "crc32")
