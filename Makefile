@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_MODEL ?= .cache/tiny-model
 PROTO_OUT := clients/python
 
-.PHONY: install proto demo grpo test test-all test-fast test-stress soak bench clean
+.PHONY: install proto demo grpo test test-all test-fast test-stress soak load bench clean
 
 TS := clients/typescript
 
@@ -63,6 +63,11 @@ test-stress: install
 # Long runs kept out of `make test`: the request fuzzers with 10,000 cases each (README "Tests").
 soak: install
 	FUZZ_EXAMPLES=10000 $(PY) -m pytest -q -ra tests/api/test_fuzz_requests.py
+
+# Locust load on a fresh tiny-model server (load_tests/run_load.py): two bounded phases, without
+# and with weight pushes, p50/p99 and tokens/s side by side. LOAD_ARGS=--quick: 20 s phases.
+load: install
+	$(PY) load_tests/run_load.py --model $(DEMO_MODEL) $(LOAD_ARGS)
 
 bench: install
 	$(PY) bench/generate_overhead.py --quick

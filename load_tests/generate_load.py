@@ -17,17 +17,9 @@ import json
 import os
 import time
 from collections import Counter
-from ipaddress import ip_address
 
+from loopback import loopback_host  # this folder's; run as a script: python load_tests/generate_load.py
 from rollout_client import AsyncRolloutClient, RolloutClientError
-
-LOOPBACK_NAMES = {"localhost"}
-
-
-def _check_loopback(address: str) -> None:
-    host = address.rsplit(":", 1)[0].strip("[]")
-    if host not in LOOPBACK_NAMES and not ip_address(host).is_loopback:
-        raise SystemExit(f"--address {address}: load tests only target servers on this machine (loopback)")
 
 
 async def caller(client: AsyncRolloutClient, args, stop_at: float, latencies: list, errors: Counter, tokens: list):
@@ -44,7 +36,7 @@ async def caller(client: AsyncRolloutClient, args, stop_at: float, latencies: li
 
 
 async def run(args) -> dict:
-    _check_loopback(args.address)
+    loopback_host(args.address, "--address")
     latencies: list[float] = []
     tokens: list[int] = []
     errors: Counter = Counter()

@@ -73,4 +73,4 @@ def bf16_client(bf16_server):
 def trainer_server(request, tiny_model, tmp_path_factory) -> ServerProcess:
     """bf16 engine that the client, adapter and GRPO tests push to; each test first pushes the
     weights it needs (as a trainer syncs before its first rollout), so their order does not matter."""
-    return _server(request, tiny_model, tmp_path_factory, "trainer", "--no-http")
+    return _server(request, tiny_model, tmp_path_factory, "trainer")
