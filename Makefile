@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_MODEL ?= .cache/tiny-model
 PROTO_OUT := clients/python
 
-.PHONY: install proto demo grpo test test-all test-fast test-stress soak load bench clean
+.PHONY: install proto demo grpo test test-all test-fast test-stress reliability soak load bench clean
 
 TS := clients/typescript
 
@@ -60,9 +60,19 @@ test-stress: install
 	taskset -c 0 $(PY) -m pytest -q -ra -m "engine and not slow"
 	$(PY) -m pytest -q -ra -m "engine and not slow"
 
-# Long runs kept out of `make test`: the request fuzzers with 10,000 cases each (README "Tests").
-soak: install
-	FUZZ_EXAMPLES=10000 $(PY) -m pytest -q -ra tests/api/test_fuzz_requests.py
+# The fault, fuzz and load tests (those marked `reliability` in these files), the fuzzers at
+# FUZZ_EXAMPLES cases each, writing RELIABILITY.md with their figures (tests/reliability.py).
+RELIABILITY_TESTS := tests/serve/test_cluster.py tests/weights/test_restart.py tests/weights/test_bad_pushes.py \
+	tests/weights/test_local_push.py tests/test_server_engine_death.py tests/api/test_fuzz_requests.py \
+	tests/api/test_fuzz_server.py tests/api/test_security.py tests/load/test_locust.py
+FUZZ_EXAMPLES ?= 10000
+reliability: install
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_SERVER_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -ra \
+		-p tests.reliability --reliability-report RELIABILITY.md $(RELIABILITY_TESTS)
+
+# Long runs kept out of `make test`: the fault, fuzz and load tests with 10,000 cases per fuzzer
+# (README "Tests"), which also rewrites RELIABILITY.md.
+soak: reliability
 
 # Locust load on a fresh tiny-model server (load_tests/run_load.py): two bounded phases, without
 # and with weight pushes, p50/p99 and tokens/s side by side. LOAD_ARGS=--quick: 20 s phases.

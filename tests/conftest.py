@@ -3,6 +3,7 @@ once per test session, lazily, by the first test that needs it."""
 
 from __future__ import annotations
 
+import collections
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,15 @@ FIRST = ("tests/serve/test_cluster.py",)
 
 def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: not item.nodeid.startswith(FIRST))  # stable: order kept otherwise
+
+
+@pytest.fixture
+def cases(record_property) -> collections.Counter:
+    """Counts a fuzz test's cases by outcome; the counts are its figures in RELIABILITY.md."""
+    counted: collections.Counter = collections.Counter()
+    yield counted
+    for outcome, n in sorted(counted.items()):
+        record_property(f"cases: {outcome}", n)
 
 
 @pytest.fixture(scope="session")

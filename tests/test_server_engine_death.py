@@ -22,7 +22,10 @@ def _health(address: str) -> int:
         return health_pb2_grpc.HealthStub(channel).Check(request, timeout=10).status
 
 
-def test_killed_engine_core_makes_the_server_report_not_serving(tiny_model, tmp_path):
+@pytest.mark.reliability("fault")
+def test_killed_engine_core_makes_the_server_report_not_serving(tiny_model, tmp_path, record_property):
+    """SIGKILL the engine process of a single-process server: its health check turns NOT_SERVING
+    (HTTP /healthz 503) and calls get UNAVAILABLE, so an orchestrator replaces it."""
     server = ServerProcess.start(tiny_model, tmp_path / "server.log", "--backend", "local", "--max-model-len", "128")
     try:
         assert _health(server.grpc_address) == health_pb2.HealthCheckResponse.SERVING
@@ -31,11 +34,13 @@ def test_killed_engine_core_makes_the_server_report_not_serving(tiny_model, tmp_
             cores = [p for p in psutil.Process(server.proc.pid).children(recursive=True) if "EngineCor" in p.name()]
             assert cores, "no EngineCore process found"
             cores[0].send_signal(signal.SIGKILL)
+            killed = time.monotonic()
 
             deadline = time.monotonic() + 60
             while _health(server.grpc_address) != health_pb2.HealthCheckResponse.NOT_SERVING:
                 assert time.monotonic() < deadline, "health still SERVING a minute after the engine died"
                 time.sleep(0.5)
+            record_property("engine killed to NOT_SERVING (s)", time.monotonic() - killed)
             with pytest.raises(UnavailableError):
                 client.generate(["dead"], max_tokens=2)
         r = httpx.get(f"{server.http_url}/healthz", timeout=10)

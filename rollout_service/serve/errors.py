@@ -4,7 +4,7 @@ errors.py and show its message."""
 
 from __future__ import annotations
 
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import DeploymentUnavailableError
 
 from rollout_service.errors import EngineUnavailable
@@ -25,6 +25,10 @@ class ApplyFailed(EngineUnavailable):
 def unwrap(exc: BaseException) -> BaseException:
     while isinstance(exc, RayTaskError) and isinstance(exc.cause, BaseException):
         exc = exc.cause
+    if isinstance(exc, RayActorError):  # the replica's process died during the call (killed, OOM)
+        return EngineUnavailable(
+            f"an engine replica died during the call ({type(exc).__name__}); Serve replaces it: retry the call"
+        )
     return exc
 
 

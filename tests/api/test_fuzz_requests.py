@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from google.protobuf.descriptor import FieldDescriptor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -73,12 +74,17 @@ def messages(descriptor, depth: int = 0):
     return build()
 
 
+@pytest.mark.reliability("fuzz")
 @given(messages(pb.GenerateRequest.DESCRIPTOR))
 @CASES
-def test_any_generate_request_is_valid_or_invalid_argument_naming_a_field(tiny_model, request_message):
+def test_any_generate_request_is_valid_or_invalid_argument_naming_a_field(tiny_model, cases, request_message):
+    """GenerateRequest messages drawn from the proto's descriptors (random subsets of fields, edge
+    values) through the request checks: each is valid or an InvalidArgument naming a field."""
     config = ServerConfig(model=tiny_model, max_model_len=256, max_prompts_per_call=4)
     try:
         req = request_from_proto(request_message)
         check_generate(req, config)
+        cases["valid"] += 1
     except InvalidArgument as exc:
         assert exc.field and str(exc).startswith(exc.field)
+        cases["INVALID_ARGUMENT"] += 1

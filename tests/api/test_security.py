@@ -159,7 +159,10 @@ def _malformed_bodies(rng: random.Random, good: bytes):
             yield "/v1/generate", body
 
 
-def test_malformed_http_bodies_are_client_errors_never_5xx_and_change_nothing(secured, tiny_model):
+@pytest.mark.reliability("fuzz")
+def test_malformed_http_bodies_are_client_errors_never_5xx_and_change_nothing(secured, tiny_model, record_property):
+    """400 malformed bodies (random bytes, mutated and lying safetensors headers, generate requests
+    of the wrong shape) against a server with keys, mutual TLS and limits: all 4xx, nothing changed."""
     before = secured.observed()
     good = save({"model.norm.weight": load_file(tiny_model / "model.safetensors")["model.norm.weight"]})
     statuses: dict[int, int] = {}
@@ -168,6 +171,8 @@ def test_malformed_http_bodies_are_client_errors_never_5xx_and_change_nothing(se
             status = http.post(path, content=body, headers={"content-type": "application/json"}).status_code
             statuses[status] = statuses.get(status, 0) + 1
     print(f"\n400 malformed bodies: {dict(sorted(statuses.items()))}")
+    for status, n in sorted(statuses.items()):
+        record_property(f"cases: {status}", n)
     assert sum(statuses.values()) == 400
     assert all(400 <= s < 500 for s in statuses), statuses
     assert secured.observed() == before
@@ -231,7 +236,11 @@ def _defective_push(rng: random.Random, weights: dict, version: int, defect: str
     return messages
 
 
-def test_defective_grpc_pushes_are_client_errors_and_change_nothing(secured, tiny_model):
+@pytest.mark.reliability("fuzz")
+def test_defective_grpc_pushes_are_client_errors_and_change_nothing(secured, tiny_model, record_property):
+    """150 pushes of real tensors, each with one of 15 defects (unknown name, wrong shape or dtype,
+    bad CRC, missing or extra bytes, gaps, duplicates, stale version, no commit, NaN, ...): each is
+    a client error, and the version and outputs are unchanged."""
     import grpc
     from rollout_client._proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
 
@@ -253,6 +262,8 @@ def test_defective_grpc_pushes_are_client_errors_and_change_nothing(secured, tin
             assert code in CLIENT_CODES, (defect, code, info.value.details())
             codes[code] = codes.get(code, 0) + 1
     print(f"\n150 defective pushes: {dict(sorted(codes.items()))}")
+    for code, n in sorted(codes.items()):
+        record_property(f"cases: {code}", n)
     assert secured.observed() == before
 
 

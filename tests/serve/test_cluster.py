@@ -52,6 +52,7 @@ def cluster(tiny_model, redis_server, tmp_path_factory):
     import ray
     from ray import serve
 
+    from rollout_service.serve.app import APP_NAME
     from rollout_service.serve.runner import deploy, start_ray
 
     root = tmp_path_factory.mktemp("serve")
@@ -69,14 +70,14 @@ def cluster(tiny_model, redis_server, tmp_path_factory):
 
     class Cluster:
         def rpc(self, role: str = "admin") -> RolloutClient:
-            return RolloutClient(ends["grpc"], timeout=300, api_key=KEYS[role], root_certificates=pki.ca)
+            return RolloutClient(self.grpc, timeout=300, api_key=KEYS[role], root_certificates=pki.ca)
 
         def https(self, role: str | None = "admin") -> httpx.Client:
             headers = {"authorization": f"Bearer {KEYS[role]}"} if role else {}
             return httpx.Client(base_url=self.http, headers=headers, verify=pki.client_context(False), timeout=60)
 
     c = Cluster()
-    c.http = f"https://{ends['http']}"
+    c.grpc, c.http = ends["grpc"], f"https://{ends['http']}"
     c.client_ca = pki.ca
     client = c.rpc()
     c.config, c.client, c.redis = config, client, redis_server
@@ -86,9 +87,17 @@ def cluster(tiny_model, redis_server, tmp_path_factory):
         c.config = c.config.model_copy(update=changes)
         deploy(c.config)
 
-    c.redeploy = redeploy
+    def reconnect():
+        """Point the clients at the ingress's endpoints (a restarted ingress listens on new ports)."""
+        found = serve.get_app_handle(APP_NAME).endpoints.remote().result(timeout_s=120)
+        c.grpc, c.http = found["grpc"], f"https://{found['http']}"
+        c.client.close()
+        c.client = c.rpc()
+        c.engines = serve.get_deployment_handle("EngineReplica", APP_NAME)
+
+    c.redeploy, c.reconnect = redeploy, reconnect
     yield c
-    client.close()
+    c.client.close()
     serve.shutdown()
     ray.shutdown()
 
@@ -163,7 +172,10 @@ def test_a_push_reaches_both_replicas_which_then_agree_at_the_new_version(cluste
     assert "rollout_replicas 2.0" in metrics and "rollout_weight_version 4.0" in metrics
 
 
+@pytest.mark.reliability("fault")
 def test_a_replica_failing_to_prepare_leaves_every_replica_on_the_old_version(cluster, base_weights):
+    """One of two replicas fails to prepare a push: the push fails UNAVAILABLE naming it, both
+    replicas stay on the old version with the same outputs, and nothing is left in the store."""
     before = greedy_by_replica(cluster)
     victim = per_replica(cluster, "info")[0]["replica_id"]
     per_replica(cluster, "test_only_fail_next_prepare", victim, "injected prepare failure")
@@ -242,7 +254,11 @@ def test_every_role_on_grpc_and_https_through_the_ingress(cluster, base_weights)
     assert cluster.client.status().weight_version == version
 
 
+@pytest.mark.reliability("fault")
 def test_a_replica_failing_to_load_a_committed_push_catches_up_and_the_push_stands(cluster, base_weights):
+    """One of two replicas fails to load a push after its commit: the push stands, names the
+    replica in replicas_catching_up, and the client returns once it has loaded the version from
+    the weight store; both replicas then agree."""
     victim = per_replica(cluster, "info")[0]["replica_id"]
     per_replica(cluster, "test_only_fail_next_apply", victim, "injected apply failure")
     result = cluster.client.push_weights(perturbed(base_weights, 10), label="catch-up")
@@ -256,7 +272,10 @@ def test_a_replica_failing_to_load_a_committed_push_catches_up_and_the_push_stan
     assert a == b and {v for _, _, v in a} == {5}
 
 
-def test_redis_restart_generation_continues_version_recovered_next_push_works(cluster, base_weights):
+@pytest.mark.reliability("fault")
+def test_redis_restart_generation_continues_version_recovered_next_push_works(cluster, base_weights, record_property):
+    """Redis killed under the deployment: generation goes on, a push is refused UNAVAILABLE
+    naming Redis; Redis restarted empty: the ingress writes the version back, and pushes go on."""
     import redis
 
     cluster.redis.stop()
@@ -272,6 +291,7 @@ def test_redis_restart_generation_continues_version_recovered_next_push_works(cl
         assert time.monotonic() - start < 30, "the version was not written back to Redis"
         time.sleep(0.1)
     print(f"\nredis restarted: version written back after {time.monotonic() - start:.1f} s")
+    record_property("Redis restarted to version written back (s)", time.monotonic() - start)
     assert r.get("rollout:version") == "5"
     assert r.get("rollout:manifest").endswith("v000005/manifest.json")
     assert cluster.client.push_weights(perturbed(base_weights, 8)).version == 6
@@ -279,3 +299,168 @@ def test_redis_restart_generation_continues_version_recovered_next_push_works(cl
     events = r.xrange("rollout:events")
     assert [e["version"] for _, e in events] == ["6"]
     assert len([k for k in r.scan_iter("rollout:replica:*")]) == 2
+
+
+# ---- faults with real processes: a replica, the ingress, the whole service ---------------------
+
+
+def running(deployment: str) -> int:
+    from ray import serve
+
+    from rollout_service.serve.app import APP_NAME
+
+    app = serve.status().applications.get(APP_NAME)
+    states = app.deployments[deployment].replica_states if app and deployment in app.deployments else {}
+    return states.get("RUNNING", 0)
+
+
+def live_replicas(cluster) -> list[dict]:
+    """The registry entries of the engine replicas that answer (a dead one Serve has not yet
+    removed fails its call and is left out)."""
+    from rollout_service.serve.errors import broadcast
+
+    async def ask():
+        return [i for i in await broadcast(cluster.engines, "info") if isinstance(i, dict)]
+
+    import asyncio
+
+    return asyncio.run(ask())
+
+
+def generate_until(cluster, stop: threading.Event, outcomes: list) -> None:
+    """Generate calls in a loop until `stop`: each one's (version of its samples) or its error code."""
+    with cluster.rpc() as c:
+        while not stop.is_set():
+            try:
+                out = c.generate(prompt_token_ids=PROMPTS, max_tokens=16, temperature=1.0)
+                outcomes.append({s.weight_version for comp in out for s in comp.samples})
+            except RolloutError as err:
+                outcomes.append(err.code.name)
+
+
+@pytest.mark.reliability("fault")
+def test_a_replica_sigkilled_under_generation_and_a_push_is_replaced_and_catches_up(cluster, base_weights, record_property):
+    """SIGKILL one of two engine replicas while calls run, then push at once. A call the dead
+    replica held ends UNAVAILABLE (retried, it succeeds on the survivor); the push either fails
+    cleanly (UNAVAILABLE, nothing committed: it reached the dead replica) or commits on every
+    survivor; Serve starts a replacement, which loads the committed version before serving."""
+    import os
+    import signal
+
+    victim = live_replicas(cluster)[0]
+    stop, outcomes = threading.Event(), []
+    callers = [threading.Thread(target=generate_until, args=(cluster, stop, outcomes)) for _ in range(2)]
+    for t in callers:
+        t.start()
+    wait_until(lambda: len(outcomes) >= 2, "generation to run on the replicas")
+    killed_at = time.monotonic()
+    os.kill(victim["pid"], signal.SIGKILL)
+    try:
+        committed = cluster.client.push_weights(perturbed(base_weights, 9), label="replica killed").version
+    except RolloutError as err:
+        assert err.code.name == "UNAVAILABLE", err
+        committed = 6
+    assert committed in (6, 7)
+    assert cluster.client.status().committed_version == committed
+    wait_until(lambda: victim["replica_id"] not in {i["replica_id"] for i in live_replicas(cluster)}
+               and len(live_replicas(cluster)) == 2 and running("EngineReplica") == 2,
+               "Serve to replace the killed replica", timeout=600)
+    recovered_s = time.monotonic() - killed_at
+    stop.set()
+    for t in callers:
+        t.join(300)
+    replicas = live_replicas(cluster)
+    print(f"\nreplica SIGKILLed: push {'committed v7' if committed == 7 else 'failed cleanly'}; replacement serving "
+          f"v{replicas[0]['version']} after {recovered_s:.1f} s; calls meanwhile: {len(outcomes)}, "
+          f"failed: {sum(isinstance(o, str) for o in outcomes)}")
+    record_property("push during the kill", "committed on the survivor" if committed == 7 else "failed UNAVAILABLE, nothing committed")
+    record_property("killed to replacement serving the committed version (s)", recovered_s)
+    record_property("calls during / failed", f"{len(outcomes)} / {sum(isinstance(o, str) for o in outcomes)}")
+    assert {i["version"] for i in replicas} == {committed}
+    errors = {o for o in outcomes if isinstance(o, str)}
+    assert errors <= {"UNAVAILABLE"}, errors
+    assert set().union(*(o for o in outcomes if isinstance(o, set))) <= {6, committed}
+    a, b = greedy_by_replica(cluster)
+    assert a == b and {v for _, _, v in a} == {committed}
+
+
+def ingress_pids() -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["cmdline"]) if "ServeReplica:rollout:Ingress" in " ".join(p.info["cmdline"] or [])]
+
+
+@pytest.mark.reliability("fault")
+def test_the_ingress_sigkilled_mid_push_comes_back_on_the_last_committed_version(cluster, base_weights, record_property):
+    """SIGKILL the ingress while a push streams in: the push fails UNAVAILABLE, Serve restarts the
+    ingress, which serves the last committed version with nothing of the push left in the store;
+    a trainer fenced on that version pushes on once the dead ingress's push lock has lapsed (until
+    then a push is ABORTED: the lock cannot tell a dead holder from a slow one)."""
+    import os
+    import signal
+
+    before = cluster.client.status().committed_version
+    store = cluster.config.weights_dir
+    sent, release = threading.Event(), threading.Event()
+
+    def held(weights):
+        items = iter(weights.items())
+        yield next(items)
+        sent.set()
+        release.wait(120)
+        yield from items
+
+    with cluster.rpc() as pusher:
+        pushing = InBackground(lambda: pusher.push_weights(held(perturbed(base_weights, 11)), progress=False))
+        assert sent.wait(120)
+        wait_until(lambda: any((store / "incoming").iterdir()), "the push to reach the ingress")
+        [pid] = ingress_pids()
+        killed_at = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        release.set()
+        with pytest.raises(RolloutError) as err:
+            pushing.outcome()
+    assert err.value.code.name == "UNAVAILABLE", err.value
+    wait_until(lambda: running("Ingress") == 1 and ingress_pids() not in ([], [pid]), "Serve to restart the ingress", timeout=300)
+    cluster.reconnect()
+    wait_until(lambda: not any((store / "incoming").iterdir()), "the new ingress to drop the half-received push")
+    status = cluster.client.status()
+    print(f"\ningress SIGKILLed mid-push: serving again after {time.monotonic() - killed_at:.1f} s at v{status.committed_version}")
+    record_property("killed to serving again (s)", time.monotonic() - killed_at)
+    assert status.committed_version == status.weight_version == before
+    assert {d.name.split("-")[0] for d in store.glob("v*")} <= {f"v{v:06d}" for v in range(1, before + 1)}
+    pushed = []
+
+    def fenced_push() -> bool:
+        try:
+            pushed.append(cluster.client.push_weights(perturbed(base_weights, 12), expected_version=before))
+            return True
+        except AbortedError:  # the killed ingress's push lock, until it lapses (LOCK_TTL_S)
+            time.sleep(0.5)
+            return False
+
+    wait_until(fenced_push, "the killed ingress's push lock to lapse", timeout=180)
+    record_property("killed to the next push committed (s)", time.monotonic() - killed_at)
+    assert pushed[0].version == before + 1
+
+
+@pytest.mark.reliability("fault")
+def test_the_whole_service_restarted_comes_back_on_the_last_committed_version_with_the_same_outputs(cluster, record_property):
+    """The application deleted and deployed again on the same weight store: both replicas serve
+    the last committed version with the same greedy tokens and logprobs as before."""
+    from ray import serve
+
+    from rollout_service.serve.app import APP_NAME
+    from rollout_service.serve.runner import deploy
+
+    version = cluster.client.status().committed_version
+    before = greedy_by_replica(cluster)
+    serve.delete(APP_NAME)
+    start = time.monotonic()
+    deploy(cluster.config)
+    cluster.reconnect()
+    print(f"\nwhole service restarted: serving v{version} again after {time.monotonic() - start:.1f} s")
+    record_property("deployed again to serving the last committed version (s)", time.monotonic() - start)
+    status = cluster.client.status()
+    assert status.committed_version == status.weight_version == version and status.replicas == cluster.config.replicas
+    assert greedy_by_replica(cluster) == before

@@ -149,3 +149,16 @@ async def test_status_names_the_committed_version_a_trainer_may_fence_on_while_a
     assert served.replica_versions == {"r1": 1, "r2": 0}
     fenced = await receive(ingress, 2.0, expected_version=served.committed_version)
     assert (await commit(ingress, *fenced)).version == 2
+
+
+def test_a_replica_dying_during_a_call_is_unavailable_to_the_client():
+    """Ray reports a replica process that died during a call (SIGKILL, OOM) as ActorDiedError;
+    the client must get UNAVAILABLE (retry: Serve replaces the replica), not INTERNAL."""
+    from ray.exceptions import ActorDiedError
+
+    from rollout_service.errors import EngineUnavailable, grpc_status
+    from rollout_service.serve.errors import unwrap
+
+    mapped = unwrap(ActorDiedError())
+    assert isinstance(mapped, EngineUnavailable) and grpc_status(mapped).name == "UNAVAILABLE"
+    assert "an engine replica died during the call (ActorDiedError)" in str(mapped)

@@ -4,6 +4,7 @@ the served version and outputs exactly as they were."""
 from __future__ import annotations
 
 import threading
+import time
 import zlib
 
 import grpc
@@ -153,7 +154,10 @@ def test_bad_push_is_rejected_and_changes_nothing(stub, bf16_target, bf16_target
     assert_unchanged(bf16_target, bf16_target_client, baseline)
 
 
-def test_client_cancelling_mid_push_changes_nothing_and_frees_the_server(stub, bf16_target, bf16_target_client, baseline):
+@pytest.mark.reliability("fault")
+def test_client_cancelling_mid_push_changes_nothing_and_frees_the_server(stub, bf16_target, bf16_target_client, baseline, record_property):
+    """A client cancels its push midway: the version, weights and outputs are unchanged, and the
+    server takes the next push once it has seen the cancel."""
     sent, never = threading.Event(), threading.Event()
 
     def messages():
@@ -166,6 +170,7 @@ def test_client_cancelling_mid_push_changes_nothing_and_frees_the_server(stub, b
     future = stub.PushWeights.future(messages(), timeout=60)
     assert sent.wait(10)
     future.cancel()
+    cancelled = time.monotonic()
     assert_unchanged(bf16_target, bf16_target_client, baseline)
     # The server is free again once it has seen the cancel: a good push goes through.
     good = {NAME: np.frombuffer(tensor_bytes(), np.float32).reshape(SHAPE)}
@@ -179,6 +184,7 @@ def test_client_cancelling_mid_push_changes_nothing_and_frees_the_server(stub, b
         return True
 
     wait_until(pushed, "the server to take a push after the cancelled one")
+    record_property("cancel to the next push committed (s)", time.monotonic() - cancelled)
     assert results[0].version == baseline[0] + 1
 
 

@@ -117,7 +117,10 @@ async def test_a_refused_push_drops_what_it_prepared(store, monkeypatch):
     assert not engine.spools[0].dir.exists() and leftovers(store) == []
 
 
+@pytest.mark.reliability("fault")
 async def test_a_full_disk_refuses_the_push_and_the_version_stays(store, engine, monkeypatch):
+    """The weight store's disk is full at the commit (ENOSPC): the push is refused with
+    RESOURCE_EXHAUSTED naming the file, the old version stays, and the next push commits."""
     local = LocalPush(engine, store, CONFIG)
     await push(local, tensors(1.0))
 
@@ -133,7 +136,10 @@ async def test_a_full_disk_refuses_the_push_and_the_version_stays(store, engine,
     assert (await push(local, tensors(2.0))).version == 2  # the next push, once there is room
 
 
+@pytest.mark.reliability("fault")
 async def test_a_read_only_store_refuses_the_push_while_receiving(store, engine, monkeypatch):
+    """The weight store turns read-only (EROFS) while a push is received: refused UNAVAILABLE,
+    naming the error; nothing is committed or loaded."""
     def read_only(tensors, path):
         raise OSError(errno.EROFS, "Read-only file system", str(path))
 
