@@ -60,8 +60,9 @@ test-stress: install
 	taskset -c 0 $(PY) -m pytest -q -ra -m "engine and not slow"
 	$(PY) -m pytest -q -ra -m "engine and not slow"
 
-# The fault, fuzz and load tests (those marked `reliability` in these files), the fuzzers at
-# FUZZ_EXAMPLES cases each, writing RELIABILITY.md with their figures (tests/reliability.py).
+# The fault, fuzz and load tests, the fuzzers at FUZZ_EXAMPLES cases each, writing RELIABILITY.md
+# with their figures (tests/reliability.py lists the tests marked `reliability`). Whole files run:
+# the Ray Serve tests build on each other in order.
 RELIABILITY_TESTS := tests/serve/test_cluster.py tests/weights/test_restart.py tests/weights/test_bad_pushes.py \
 	tests/weights/test_local_push.py tests/test_server_engine_death.py tests/api/test_fuzz_requests.py \
 	tests/api/test_fuzz_server.py tests/api/test_security.py tests/load/test_locust.py

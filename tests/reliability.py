@@ -9,11 +9,15 @@ pyproject.toml, so the tests run the same without this plugin.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import inspect
+import os
 import platform
 import subprocess
 from pathlib import Path
+
+import pytest
 
 
 KINDS = {
@@ -53,6 +57,8 @@ class Report:
         for item in items:
             marker = item.get_closest_marker("reliability")
             if marker is not None:
+                if not marker.args or marker.args[0] not in KINDS:
+                    raise pytest.UsageError(f"{item.nodeid}: mark it reliability(kind), kind one of {', '.join(KINDS)}")
                 doc = inspect.getdoc(getattr(item, "function", None)) or ""
                 what = " ".join(doc.split("\n\n")[0].split()) or item.name.removeprefix("test_").replace("_", " ")
                 self.rows[item.nodeid] = {"kind": marker.args[0], "what": what, "outcome": "not run", "figures": []}
@@ -62,17 +68,16 @@ class Report:
 
     def render(self) -> str:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        ran = [r for r in self.rows.values() if r["outcome"] != "not run"]
-        passed = sum(r["outcome"] == "passed" for r in ran)
+        outcomes = collections.Counter(r["outcome"].split(" ")[0] for r in self.rows.values())
         lines = [
             "# Reliability",
             "",
             f"Written by `make reliability` (`pytest {self.args}`) on {datetime.date.today()}, commit "
             f"{commit or 'unknown'}, {_cpu()}. Do not edit by hand.",
             "",
-            f"{passed} of {len(ran)} tests passed."
-            + (" Data lost: none (each test checks that the versions and outputs served afterwards are the "
-               "committed ones)." if passed == len(ran) else " A test that failed proves nothing about data loss."),
+            "Results: " + ", ".join(f"{n} {outcome}" for outcome, n in sorted(outcomes.items())) + ". A test that "
+            "checks that nothing committed was lost (the versions and outputs served afterwards are the committed "
+            "ones) says so in its figures (`data lost`).",
         ]
         for kind, title in KINDS.items():
             rows = [(nodeid, r) for nodeid, r in self.rows.items() if r["kind"] == kind]
@@ -82,8 +87,12 @@ class Report:
             for nodeid, r in rows:
                 figures = "; ".join(f"{k}: {_fmt(v)}" for k, v in r["figures"]) or "-"
                 result = r["outcome"] + (f", {r['seconds']:.1f} s" if "seconds" in r else "")
-                lines.append(f"| `{nodeid}` | {r['what']} | {result} | {figures} |")
+                lines.append(f"| `{nodeid}` | {_cell(r['what'])} | {result} | {_cell(figures)} |")
         return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
 
 
 def _fmt(value) -> str:
@@ -94,7 +103,7 @@ def _cpu() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {len(__import__('os').sched_getaffinity(0))} cores"
+                return f"{line.split(':', 1)[1].strip()}, {len(os.sched_getaffinity(0))} cores"
     except OSError:
         pass
     return platform.processor() or platform.machine()

@@ -8,7 +8,8 @@ cores (FACTS.md, "Transport reference figures"; bench/serve_scaling.py measures 
 ingress replica serves a node's port; with Redis, more ingresses (one per node) share the push lock.
 
 Every few seconds it writes the replica registry (heartbeats) and, after Redis lost its data,
-writes the weight store's current version back.
+writes the weight store's current version back. Once after it starts, as soon as no push runs
+(another ingress may be pushing), it drops what a push cut off by a crash left in the store.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ class Ingress:
         self.engines = engines
         self.coordinator = make_coordinator(config)
         self.store = open_store(config, shared=True)
-        self.store.clean()
         self.push = ClusterPush(config, engines, self.coordinator, self.store)
+        self._cleaned = False  # what a push cut off by a crash left in the store; done under the push lock
         self.backend = Metered(ServeBackend(config, engines, self.push))
         access = Access.from_config(config)
         log_exposure(config, access)
@@ -89,6 +90,8 @@ class Ingress:
         version = self.store.current_version()
         if version and await self.coordinator.ensure_version(version, self.store.manifest_path(version)):
             log.info("wrote version %d back to the coordinator", version)
+        if not self._cleaned:
+            self._cleaned = await self.push.clean_store()
 
     async def check_health(self) -> None:
         """Serve's health check of the ingress itself (its servers run); replica health is separate."""

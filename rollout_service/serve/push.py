@@ -14,8 +14,9 @@ shards are deleted, and all keep serving the old version. One push runs at a tim
 deployment (the coordinator's push lock, held while the push runs); a second one is ABORTED. The
 lock is checked (and renewed) once more right before the commit point, so a push whose lock lapsed
 (its renewals failed, another ingress took it) commits nothing; and the weight store commits only
-with a fencing token (issued with the lock) no older than its current version's, so neither does a
-push that stalled between that check and its commit. After the commit point the push
+under the newest fencing token (issued with the lock, recorded in the store as a push begins) and
+only onto the version the push was numbered after, so neither does a push that stalled between
+that check and its commit. After the commit point the push
 stands: a replica that fails to load it names itself in `replicas_catching_up` and loads the
 version from the store (serve/replica.py), and GetStatus reports the version once all serve it.
 """
@@ -42,7 +43,7 @@ from rollout_service.weights.manifest import ParamTable, PushHeader
 from rollout_service.weights.service import PART_BYTES, receiving, shielded
 from rollout_service.weights.session import PushSession
 from rollout_service.weights.staging import Spool
-from rollout_service.weights.versions import VersionStore
+from rollout_service.weights.versions import VersionStore, storage_errors
 
 log = logging.getLogger(__name__)
 
@@ -62,16 +63,22 @@ class ClusterPush:
     @contextlib.asynccontextmanager
     async def begin(self, header: PushHeader) -> AsyncIterator[PushSession]:
         owner = uuid.uuid4().hex
-        fence = await self.coordinator.lock(owner, LOCK_TTL_S, floor=self.store.current_fence())
+        fence = await self.coordinator.lock(owner, LOCK_TTL_S, floor=self.store.fence_mark())
         if not fence:
             raise Conflict("another push is in progress in this deployment; pushes are not queued: retry once it has committed")
         keeper = asyncio.create_task(self._keep_lock(owner))
         try:
+            with storage_errors():
+                await asyncio.to_thread(self.store.raise_fence, fence)  # a push under an older lock cannot commit now
+            # This push becomes the version after the one committed now, or nothing: numbered here,
+            # where expected_version is checked, so the commit cannot land on another version.
+            committed = self.store.current_version()
             cast_crc: dict[str, int] = {}
             spool = Spool(self.store.incoming, PART_BYTES)
             convert = store_converter(self._dtype, cast_crc)  # replicas requantize
-            async with receiving(header, self.table, convert, spool, self.config, self.store.current_version()) as session:
-                session.push_owner, session.fence, session.cast_crc = owner, fence, cast_crc  # this push's own
+            async with receiving(header, self.table, convert, spool, self.config, committed) as session:
+                session.push_owner, session.fence, session.version = owner, fence, committed + 1  # this push's own
+                session.cast_crc = cast_crc
                 yield session
         finally:
             keeper.cancel()
@@ -89,6 +96,18 @@ class ClusterPush:
             except EngineUnavailable as exc:
                 log.warning("could not renew the push lock: %s", exc)
 
+    async def clean_store(self) -> bool:
+        """Drop what pushes cut off mid-way (their ingress killed) left in the weight store, if no
+        push is running now (it takes the push lock for that); True when done."""
+        owner = uuid.uuid4().hex
+        if not await self.coordinator.lock(owner, LOCK_TTL_S, floor=self.store.fence_mark()):
+            return False
+        try:
+            await asyncio.to_thread(self.store.clean)
+        finally:
+            await self.coordinator.unlock(owner)
+        return True
+
     async def _fence(self, owner: str) -> None:
         """Hold the lock at the commit point, or commit nothing."""
         if not await self.coordinator.refresh(owner, LOCK_TTL_S):
@@ -100,7 +119,7 @@ class ClusterPush:
     async def commit(self, session: PushSession) -> PushResult:
         receive_s = time.monotonic() - session.started
         await session.finish()
-        version = self.store.current_version() + 1
+        version = session.version
         files = self.store.adopt(session.spool.dir, session.spool.files, version)
         push_id = f"v{version}-{uuid.uuid4().hex[:8]}"
         try:

@@ -54,10 +54,11 @@ class PushSession:
         self.crc32: dict[str, int] = {}  # checkpoint name -> CRC-32 of the tensor staged for it
         self.committed = False
         # Set by the pushes through the weight store (serve/push.py, weights/local.py): the push
-        # lock's owner and fencing token (Serve) and the CRC-32s of the tensors cast, per push (a
-        # lapsed push must not see the next one's).
+        # lock's owner, fencing token and the version it is numbered (Serve), and the CRC-32s of
+        # the tensors cast, per push (a lapsed push must not see the next one's).
         self.push_owner = ""
         self.fence: int | None = None
+        self.version = 0
         self.cast_crc: dict[str, int] = {}
         self.declare(header.tensors)
 

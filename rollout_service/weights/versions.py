@@ -3,8 +3,10 @@
     <weights-dir>/CURRENT                 the current version number (replaced atomically)
     <weights-dir>/v000003/manifest.json   version, label, time, fencing token, and every tensor
                                           pushed since the base checkpoint: name -> file, dtype, shape, CRC-32
-    <weights-dir>/v000003-push-*/part-*.safetensors   the tensors pushed in version 3
+    <weights-dir>/v000003-push-*/part-*.safetensors   the tensors pushed in version 3 (a store
+                                          written before fencing keeps them in v000003/)
     <weights-dir>/incoming/push-*/        a push being received (deleted if it fails)
+    <weights-dir>/FENCE                   the newest fencing token issued to a push (Serve)
     <weights-dir>/BASE.json               the checkpoint the versions were pushed onto (identity)
     <weights-dir>/LOCK                    locked while a server uses the store: alone by a
                                           single-process server, shared by a Serve deployment's processes
@@ -16,10 +18,12 @@ manifests point into; older ones are deleted. A version directory without a mani
 that never committed. Writing the manifest, then CURRENT, is the commit point.
 
 A commit is compare-and-set, under a lock on the store: version N+1 commits only onto N, and (in a
-Serve deployment) only with a fencing token from the coordinator's push lock no older than N's. So a
-push whose lock lapsed while it ran (paused, partitioned from Redis) commits nothing, even when it
-reaches the commit after another push took the lock; and each push's tensors go into a directory of
-its own, so no push can overwrite another's.
+Serve deployment) only with the newest fencing token: each push records the token of its push lock
+in FENCE as it begins (`raise_fence`), and a commit under an older token is refused. So a push whose
+lock lapsed while it ran (paused, cut off from Redis) commits nothing once another push has begun,
+even when it reaches the commit after its last lock check; and each push's tensors go into a
+directory of its own, which only `clean` (run when no push can be running) and a commit of a later
+version delete, so no push can overwrite or delete another's.
 
 A store belongs to one base checkpoint: its versions overlay that checkpoint's tensors, so it is
 refused to a server loading another (`bind`); the default directory is one per checkpoint.
@@ -72,7 +76,8 @@ class Manifest:
     label: str
     created: float
     tensors: dict[str, StoredTensor]
-    # The coordinator's fencing token of the push lock that committed it (0: none, single process).
+    # The fencing token of the push lock it was committed under (Serve); a single-process server's
+    # commits carry the last one on (0 before any).
     fence: int = 0
 
     def files(self, root: Path) -> dict[str, Path]:
@@ -142,7 +147,8 @@ class VersionStore:
         self.incoming = root / "incoming"
         self.incoming.mkdir(parents=True, exist_ok=True)
         self._lock_fd: int | None = None
-        self._commit_lock = threading.Lock()  # lockf excludes other processes, this one's threads not
+        # lockf excludes other processes, not this one's threads: one lock per store directory.
+        self._commit_lock = _COMMIT_LOCKS.setdefault(root.resolve(), threading.Lock())
 
     def bind(self, identity: str, model: Path) -> None:
         """Record the base checkpoint of a new store; refuse one whose versions overlay another."""
@@ -222,7 +228,7 @@ class VersionStore:
     ) -> Manifest:
         """Make `version` (tensors `files`, adopted) the current one, if the current one is still
         `version - 1` and `fence` (the push lock's token; None: a single-process server, which holds
-        the store alone) is no older than its; else Conflict, and nothing is written."""
+        the store alone) is the newest issued (`raise_fence`); else Conflict, and nothing is written."""
         with self._committing():
             current = self.current_version()
             if current != version - 1:
@@ -232,11 +238,10 @@ class VersionStore:
                 )
             previous = self.manifest(current)
             last_fence = previous.fence if previous else 0
-            if fence is not None and fence < last_fence:
+            if fence is not None and fence < (newest := self.fence_mark()):
                 raise Conflict(
-                    f"weight store {self.root}: this push's lock (fencing token {fence}) is older than the one "
-                    f"version {current} was committed under ({last_fence}): it lapsed while the push ran, and "
-                    f"nothing was committed: push again"
+                    f"weight store {self.root}: this push's lock (fencing token {fence}) lapsed while it ran and "
+                    f"a newer push (token {newest}) has begun; nothing was committed: push again"
                 )
             tensors = dict(previous.tensors) if previous else {}
             headers = {path: safetensors_header(path) for path in set(files.values())}
@@ -251,10 +256,20 @@ class VersionStore:
             self._collect()
         return manifest
 
-    def current_fence(self) -> int:
-        """The fencing token the current version was committed under (0 before any)."""
-        current = self.current()
-        return current.fence if current else 0
+    def fence_mark(self) -> int:
+        """The newest fencing token a push began under (0 before any)."""
+        try:
+            return int((self.root / "FENCE").read_text())
+        except FileNotFoundError:
+            current = self.current()  # a store written before FENCE existed
+            return current.fence if current else 0
+
+    def raise_fence(self, token: int) -> None:
+        """Record that a push holds the lock with fencing token `token`: from now on a push under an
+        older token commits nothing."""
+        with self._committing():
+            if token > self.fence_mark():
+                _write_atomic(self.root / "FENCE", str(token))
 
     @contextlib.contextmanager
     def _committing(self):
@@ -276,12 +291,16 @@ class VersionStore:
                 raise DataLoss(f"weight store: {name} in {t.file} has CRC-32 {crc:#010x}, the manifest says {t.crc32:#010x}")
 
     def clean(self) -> None:
-        """Drop what no committed version refers to: interrupted pushes and uncommitted versions."""
+        """Drop what no committed version refers to: interrupted pushes and uncommitted versions.
+        Only while no push can be running (a single-process server starting; an ingress holding
+        the push lock): a running push's files would go too."""
         for d in self.incoming.iterdir():
             shutil.rmtree(d, ignore_errors=True)
-        self._collect()
+        self._collect(running=False)
 
-    def _collect(self) -> None:
+    def _collect(self, running: bool = True) -> None:
+        """Delete the versions older than the last `keep` and what only they refer to; with
+        `running`, keep the candidates of later versions (a push in flight may be preparing them)."""
         current = self.current_version()
         kept = [v for v in range(max(1, current - self.keep + 1), current + 1)]
         live = {self._dir(v) for v in kept}
@@ -289,8 +308,14 @@ class VersionStore:
             m = self.manifest(v)
             live |= {(self.root / t.file).parent for t in m.tensors.values()} if m else set()
         for d in self.root.glob("v*"):
+            candidate = "-" in d.name  # v000004-push-*: adopted, maybe not committed yet
+            if running and candidate and int(d.name[1:7]) > current:
+                continue
             if d.is_dir() and d not in live:
                 shutil.rmtree(d, ignore_errors=True)
+
+
+_COMMIT_LOCKS: dict[Path, threading.Lock] = {}
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -45,7 +45,12 @@ def test_trainers_pushing_and_evaluators_fail_no_request_and_see_only_committed_
         trainer_server, tiny_model, tmp_path, "-u", "4", "-r", "4", "--run-time", "20s", "--stop-timeout", "30",
         "--push-every", "3", "--max-requests", "5000",
     )
-    assert proc.wait(120) == 0, log.read_text()[-4000:]
+    try:  # the run (20 s), its stop timeout (30 s) and a last push answering (PUSH_JOIN_S) at most
+        assert proc.wait(20 + 30 + 120 + 30) == 0, log.read_text()[-4000:]
+    finally:  # never left pushing into the shared server after this test
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     s = json.loads(summary.read_text())
     assert s["ok"] and s["failures"] == 0, s
     assert set(s["by_name"]) == NAMES and all(v["requests"] > 0 for v in s["by_name"].values()), s["by_name"]

@@ -173,7 +173,7 @@ def test_a_push_reaches_both_replicas_which_then_agree_at_the_new_version(cluste
 
 
 @pytest.mark.reliability("fault")
-def test_a_replica_failing_to_prepare_leaves_every_replica_on_the_old_version(cluster, base_weights):
+def test_a_replica_failing_to_prepare_leaves_every_replica_on_the_old_version(cluster, base_weights, record_property):
     """One of two replicas fails to prepare a push: the push fails UNAVAILABLE naming it, both
     replicas stay on the old version with the same outputs, and nothing is left in the store."""
     before = greedy_by_replica(cluster)
@@ -186,6 +186,7 @@ def test_a_replica_failing_to_prepare_leaves_every_replica_on_the_old_version(cl
     assert greedy_by_replica(cluster) == before
     assert cluster.client.status().weight_version == 4
     assert not list(cluster.config.weights_dir.glob("v000005*"))
+    record_property("data lost", "none")
 
 
 def test_session_calls_go_to_one_replica(cluster):
@@ -255,7 +256,7 @@ def test_every_role_on_grpc_and_https_through_the_ingress(cluster, base_weights)
 
 
 @pytest.mark.reliability("fault")
-def test_a_replica_failing_to_load_a_committed_push_catches_up_and_the_push_stands(cluster, base_weights):
+def test_a_replica_failing_to_load_a_committed_push_catches_up_and_the_push_stands(cluster, base_weights, record_property):
     """One of two replicas fails to load a push after its commit: the push stands, names the
     replica in replicas_catching_up, and the client returns once it has loaded the version from
     the weight store; both replicas then agree."""
@@ -270,6 +271,7 @@ def test_a_replica_failing_to_load_a_committed_push_catches_up_and_the_push_stan
     assert {i["version"] for i in per_replica(cluster, "info")} == {5}
     a, b = greedy_by_replica(cluster)
     assert a == b and {v for _, _, v in a} == {5}
+    record_property("data lost", "none")
 
 
 @pytest.mark.reliability("fault")
@@ -299,6 +301,7 @@ def test_redis_restart_generation_continues_version_recovered_next_push_works(cl
     events = r.xrange("rollout:events")
     assert [e["version"] for _, e in events] == ["6"]
     assert len([k for k in r.scan_iter("rollout:replica:*")]) == 2
+    record_property("data lost", "none")
 
 
 # ---- faults with real processes: a replica, the ingress, the whole service ---------------------
@@ -328,14 +331,16 @@ def live_replicas(cluster) -> list[dict]:
 
 
 def generate_until(cluster, stop: threading.Event, outcomes: list) -> None:
-    """Generate calls in a loop until `stop`: each one's (version of its samples) or its error code."""
+    """Generate calls in a loop until `stop`: each one's (start time, versions of its samples) or
+    (start time, its error code)."""
     with cluster.rpc() as c:
         while not stop.is_set():
+            started = time.monotonic()
             try:
                 out = c.generate(prompt_token_ids=PROMPTS, max_tokens=16, temperature=1.0)
-                outcomes.append({s.weight_version for comp in out for s in comp.samples})
+                outcomes.append((started, {s.weight_version for comp in out for s in comp.samples}))
             except RolloutError as err:
-                outcomes.append(err.code.name)
+                outcomes.append((started, err.code.name))
 
 
 @pytest.mark.reliability("fault")
@@ -347,6 +352,7 @@ def test_a_replica_sigkilled_under_generation_and_a_push_is_replaced_and_catches
     import os
     import signal
 
+    before = cluster.client.status().committed_version
     victim = live_replicas(cluster)[0]
     stop, outcomes = threading.Event(), []
     callers = [threading.Thread(target=generate_until, args=(cluster, stop, outcomes)) for _ in range(2)]
@@ -359,8 +365,9 @@ def test_a_replica_sigkilled_under_generation_and_a_push_is_replaced_and_catches
         committed = cluster.client.push_weights(perturbed(base_weights, 9), label="replica killed").version
     except RolloutError as err:
         assert err.code.name == "UNAVAILABLE", err
-        committed = 6
-    assert committed in (6, 7)
+        committed = before
+    pushed_at = time.monotonic()
+    assert committed in (before, before + 1)
     assert cluster.client.status().committed_version == committed
     wait_until(lambda: victim["replica_id"] not in {i["replica_id"] for i in live_replicas(cluster)}
                and len(live_replicas(cluster)) == 2 and running("EngineReplica") == 2,
@@ -370,16 +377,19 @@ def test_a_replica_sigkilled_under_generation_and_a_push_is_replaced_and_catches
     for t in callers:
         t.join(300)
     replicas = live_replicas(cluster)
-    print(f"\nreplica SIGKILLed: push {'committed v7' if committed == 7 else 'failed cleanly'}; replacement serving "
-          f"v{replicas[0]['version']} after {recovered_s:.1f} s; calls meanwhile: {len(outcomes)}, "
-          f"failed: {sum(isinstance(o, str) for o in outcomes)}")
-    record_property("push during the kill", "committed on the survivor" if committed == 7 else "failed UNAVAILABLE, nothing committed")
+    failed = [o for _, o in outcomes if isinstance(o, str)]
+    print(f"\nreplica SIGKILLed: push {'committed' if committed > before else 'failed cleanly'}; replacement serving "
+          f"v{replicas[0]['version']} after {recovered_s:.1f} s; calls meanwhile: {len(outcomes)}, failed: {len(failed)}")
+    record_property("push during the kill", "committed on the survivor" if committed > before else "failed UNAVAILABLE, nothing committed")
     record_property("killed to replacement serving the committed version (s)", recovered_s)
-    record_property("calls during / failed", f"{len(outcomes)} / {sum(isinstance(o, str) for o in outcomes)}")
+    record_property("calls during / failed", f"{len(outcomes)} / {len(failed)}")
     assert {i["version"] for i in replicas} == {committed}
-    errors = {o for o in outcomes if isinstance(o, str)}
-    assert errors <= {"UNAVAILABLE"}, errors
-    assert set().union(*(o for o in outcomes if isinstance(o, set))) <= {6, committed}
+    assert set(failed) <= {"UNAVAILABLE"}, failed
+    # Every sample is of a committed version, and each call begun after the push returned of its version.
+    assert set().union(*(o for _, o in outcomes if isinstance(o, set))) <= {before, committed}
+    late = [o for started, o in outcomes if started > pushed_at and isinstance(o, set)]
+    assert late and set().union(*late) == {committed}, late[:5]
+    record_property("data lost", "none")
     a, b = greedy_by_replica(cluster)
     assert a == b and {v for _, _, v in a} == {committed}
 
@@ -442,6 +452,7 @@ def test_the_ingress_sigkilled_mid_push_comes_back_on_the_last_committed_version
     wait_until(fenced_push, "the killed ingress's push lock to lapse", timeout=180)
     record_property("killed to the next push committed (s)", time.monotonic() - killed_at)
     assert pushed[0].version == before + 1
+    record_property("data lost", "none")
 
 
 @pytest.mark.reliability("fault")
@@ -464,3 +475,4 @@ def test_the_whole_service_restarted_comes_back_on_the_last_committed_version_wi
     status = cluster.client.status()
     assert status.committed_version == status.weight_version == version and status.replicas == cluster.config.replicas
     assert greedy_by_replica(cluster) == before
+    record_property("data lost", "none")

@@ -8,11 +8,13 @@ would); the push protocol, the weight store and the coordinator are the real one
 from __future__ import annotations
 
 import asyncio
+import threading
 import zlib
 from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from rollout_service.errors import Conflict
 from rollout_service.serve import push as push_module
@@ -92,42 +94,59 @@ def deployment(tiny_model, tmp_path, monkeypatch):
     )
 
 
-async def test_a_push_that_stalled_past_its_lock_commits_nothing(deployment, monkeypatch):
-    """Ingress A stalls after receiving (no renewals: a paused process) and even after its last
-    lock check: B takes the lock and commits version 1. A's commit is refused by the store, whose
-    current version B committed under a newer fencing token; B's version and tensors stand."""
+async def paused(owner):
+    """A paused process's lock keeper: it renews nothing."""
+    await asyncio.Event().wait()
+
+
+async def test_a_push_stalled_between_its_lock_check_and_its_commit_commits_nothing(deployment, monkeypatch):
+    """Ingress A passes its last lock check, then stalls (a paused process) before it writes its
+    commit; its lock lapses and ingress B begins a push. A's commit is refused by the store (B's
+    fencing token is newer) although B has not committed; B then commits version 1."""
     stalled, fresh = deployment.ingresses
+    at_commit, resume = threading.Event(), threading.Event()
+    real_commit, real_refresh = stalled.store.commit, stalled.coordinator.refresh
 
-    async def paused(owner):  # no renewals while "paused"
-        await asyncio.Event().wait()
+    def stalls(*args):  # on a thread (asyncio.to_thread): A has passed its lock check
+        at_commit.set()
+        resume.wait(60)
+        return real_commit(*args)
 
-    monkeypatch.setattr(stalled, "_keep_lock", paused)
+    async def refresh(owner, ttl_s):  # once A stalls, nothing renews its lock
+        return False if at_commit.is_set() and owner == session_a.push_owner else await real_refresh(owner, ttl_s)
+
+    monkeypatch.setattr(stalled.store, "commit", stalls)
+    monkeypatch.setattr(stalled.coordinator, "refresh", refresh)
     cm_a, session_a = await receive(stalled, 1.0)
-    await asyncio.sleep(0.5)  # A's lock lapses
+    committing = asyncio.create_task(commit(stalled, cm_a, session_a))
+    assert await asyncio.to_thread(at_commit.wait, 60)
+    began = []
 
-    cm_b, session_b = await receive(fresh, 2.0)
-    assert (await commit(fresh, cm_b, session_b)).version == 1
+    async def b_began() -> bool:  # once A's lock has lapsed
+        try:
+            began.append(await receive(fresh, 2.0))
+            return True
+        except Conflict:
+            await asyncio.sleep(0.05)
+            return False
+
+    while not await b_began():
+        pass
+    resume.set()
+    with pytest.raises(Conflict, match=r"fencing token 1\) lapsed while it ran and a newer push \(token 2\) has begun"):
+        await committing
+    assert (await commit(fresh, *began[0])).version == 1
     committed = deployment.store.current()
-
-    async def passed(owner):  # A stalled right after its last lock check, so it passed it
-        return None
-
-    monkeypatch.setattr(stalled, "_fence", passed)
-    with pytest.raises(Conflict, match=r"fencing token 1\) is older than the one version 1 was committed under \(2\)"):
-        await commit(stalled, cm_a, session_a)
-    assert deployment.store.current_version() == 1 and deployment.store.current() == committed
     deployment.store.verify(committed)
-    assert [m for m, _ in deployment.replicas.calls] == ["prepare", "apply", "prepare", "abort"]
+    assert committed.fence == 2
+    assert load_file(deployment.store.root / committed.tensors[NAME].file)[NAME].view(torch.uint8).numpy().tobytes() == norm(2.0)
+    assert [m for m, _ in deployment.replicas.calls] == ["prepare", "abort", "prepare", "apply"]
     assert sorted(d.name.split("-")[0] for d in deployment.store.root.glob("v*")) == ["v000001", "v000001"]
     assert list(deployment.store.incoming.iterdir()) == []
 
 
 async def test_a_push_whose_lock_lapsed_is_refused_at_its_lock_check(deployment, monkeypatch):
     stalled, fresh = deployment.ingresses
-
-    async def paused(owner):
-        await asyncio.Event().wait()
-
     monkeypatch.setattr(stalled, "_keep_lock", paused)
     cm_a, session_a = await receive(stalled, 1.0)
     await asyncio.sleep(0.5)

@@ -169,12 +169,29 @@ def test_a_push_numbered_before_another_committed_commits_nothing(tmp_path):
     store.verify(committed)
 
 
-def test_a_commit_under_an_older_fencing_token_is_refused(tmp_path):
+def test_a_push_under_a_lock_older_than_a_begun_push_commits_nothing(tmp_path):
+    """Push A (token 1) stalls past its lock; push B takes the lock (token 2) and has not committed
+    yet: A's commit is refused all the same, and B commits."""
     store = VersionStore(tmp_path, keep=3)
-    push(store, {"a.weight": t(1)}, fence=7)
-    assert store.current_fence() == 7
-    with pytest.raises(Conflict, match=r"fencing token 6\) is older than the one version 1 was committed under \(7\)"):
-        push(store, {"a.weight": t(2)}, fence=6)
-    assert store.current_version() == 1
-    assert push(store, {"a.weight": t(2)}, fence=7).version == 2  # a lock's token may commit again
-    assert push(store, {"a.weight": t(3)}).fence == 7  # a single-process server keeps the last token
+    store.raise_fence(1)
+    a, a_crc = received(store, {"a.weight": t(1)}, 1)
+    store.raise_fence(2)
+    b, b_crc = received(store, {"a.weight": t(2)}, 1)
+    with pytest.raises(Conflict, match=r"fencing token 1\) lapsed while it ran and a newer push \(token 2\) has begun"):
+        store.commit(1, a, a_crc, "a", fence=1)
+    store.discard(a)
+    assert store.commit(1, b, b_crc, "b", fence=2).fence == 2
+    store.raise_fence(1)  # never lowered
+    assert store.fence_mark() == 2
+    assert push(store, {"a.weight": t(3)}).fence == 2  # a single-process server carries the last token on
+
+
+def test_a_commit_keeps_the_files_of_a_later_push_in_flight_and_clean_drops_them(tmp_path):
+    store = VersionStore(tmp_path, keep=2)
+    push(store, {"a.weight": t(1)})
+    in_flight, _ = received(store, {"a.weight": t(9)}, 3)  # being prepared while version 2 commits
+    push(store, {"a.weight": t(2)})
+    assert all(path.exists() for path in in_flight.values())
+    store.clean()  # no push running: what none committed goes
+    assert not any(path.exists() for path in in_flight.values())
+    assert store.current_version() == 2
