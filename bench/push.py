@@ -9,7 +9,8 @@ For the same bytes (a bench model's bf16 state_dict), interleaved round by round
              reference.
 Also: requantization GB/s per format (quant.quantize_weight over the model's linear weights),
 the generation pause per push while a generate load runs (and the drain before it), the server's peak extra memory during
-a push (RSS of the server and its engine processes), and, without --quick, push into an int8
+a push (RSS of the server and its engine processes), the same for a push the client cancels half
+way and what is left after it (with the version unchanged), and, without --quick, push into an int8
 server (requantize on arrival).
 """
 
@@ -148,6 +149,39 @@ class RssSampler:
         self._thread.join()
 
 
+def cancelled_push(client, stub, weights: dict, pid: int) -> dict:
+    """Push `weights` and cancel the call half way: the server's extra RSS at its peak and 3 s
+    after the cancel (the staged half dropped), and whether the served version stayed."""
+    from rollout_client.push import requests
+
+    messages = list(requests(weights, chunk_bytes=CHUNK))
+    half, never = threading.Event(), threading.Event()
+
+    def stream():
+        for i, message in enumerate(messages):
+            if i == len(messages) // 2:
+                half.set()
+                never.wait(120)  # cancelled meanwhile
+            yield message
+
+    version = client.status().weight_version
+    sampler = RssSampler(pid)
+    base = sampler.rss()
+    with sampler:
+        call = stub.PushWeights.future(stream(), timeout=600)
+        half.wait(120)
+        time.sleep(0.5)  # the messages before the half reach the server
+        call.cancel()
+        never.set()
+        time.sleep(3)
+    after = sampler.rss()
+    return {
+        "cancelled_push_peak_extra_mb": (sampler.peak - base) / 1e6,
+        "cancelled_push_after_extra_mb": (after - base) / 1e6,
+        "cancelled_push_version_kept": client.status().weight_version == version,
+    }
+
+
 def generate_load(address: str, stop: threading.Event) -> None:
     from rollout_client import RolloutClient
 
@@ -215,6 +249,8 @@ def main() -> None:
         results["ratio_vs_tcp"] = statistics.median(t / p for p, t in zip(push_s, tcp_s))
         results["peak_extra_mb"] = max(extra_mb)
         results["apply_ms"] = result.apply_s * 1e3
+        service = pb_grpc.RolloutServiceStub(grpc.insecure_channel(server.grpc_address, options=[("grpc.max_send_message_length", 256 << 20)]))
+        results.update(cancelled_push(client, service, weights, server.proc.pid))
 
         # Pause per push while a generate load runs (the default drain policy).
         stop = threading.Event()

@@ -187,11 +187,6 @@ def sync_on_two_ranks(client, weights: Path, global_steps: int, out: Path, bucke
     return json.loads(out.read_text())
 
 
-# Test B runs in `make test-all`, not `make test`, for now: it passes alone and with this module,
-# but its two rank processes twice hung at import (faulthandler dump at 300 s) in longer runs on a
-# machine whose memory another full suite run beside it had filled; until a quiet full run clears
-# it, it stays out of the CI suite (see the issue 15 note).
-@pytest.mark.slow
 def test_b_a_push_refused_part_way_fails_on_both_ranks_without_a_hang(llama, client, tmp_path):
     """The service refuses an unknown tensor after some 1 MB buckets have gone out: rank 0 must
     still step its generator to the end (rank 1 waits in each gather), and both ranks raise."""
@@ -206,7 +201,6 @@ def test_b_a_push_refused_part_way_fails_on_both_ranks_without_a_hang(llama, cli
     assert client.status().weight_version == before  # nothing applied
 
 
-@pytest.mark.slow
 def test_b_two_ranks_sync_in_lockstep_one_version_and_the_next_rollout_uses_it(agent_loop, llama, client, tmp_path):
     _, agents = agent_loop
     g = torch.Generator().manual_seed(7)
