@@ -11,7 +11,7 @@ Redis keys (prefix `rollout:`):
 
 The weight store on disk is the durable record of versions: after Redis loses its data (a restart
 without persistence) the ingress writes the current version back (`ensure_version`), and the next
-lock's token starts above the one the store's current version was committed under (`floor`).
+lock's token starts above the newest one the store has recorded (`floor`, its FENCE).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from rollout_service.errors import EngineUnavailable
 PREFIX = "rollout:"
 EVENTS_KEPT = 1000
 
-# Take the lock and issue its fencing token: one more than the last, and above ARGV[3] (the token the
-# store's current version holds), so a Redis that lost its data cannot issue a token the store refuses.
+# Take the lock and issue its fencing token: one more than the last, and above ARGV[3] (the newest token
+# the weight store recorded), so a Redis that lost its data cannot issue a token the store refuses.
 _LOCK = """
 if not redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
 local token = redis.call('incr', KEYS[2])
@@ -65,7 +65,7 @@ class Coordinator(Protocol):
     async def lock(self, owner: str, ttl_s: float, floor: int) -> int:
         """Take the push lock for `ttl_s` unless another owner holds it (then 0). Returns its
         fencing token: larger than every token issued before and than `floor`. The weight store
-        commits a version only with a token no older than its current version's."""
+        commits a version only under the newest token a push began with (VersionStore.raise_fence)."""
 
     async def refresh(self, owner: str, ttl_s: float) -> bool: ...
 

@@ -16,9 +16,9 @@ lock is checked (and renewed) once more right before the commit point, so a push
 (its renewals failed, another ingress took it) commits nothing; and the weight store commits only
 under the newest fencing token (issued with the lock, recorded in the store as a push begins) and
 only onto the version the push was numbered after, so neither does a push that stalled between
-that check and its commit. After the commit point the push
-stands: a replica that fails to load it names itself in `replicas_catching_up` and loads the
-version from the store (serve/replica.py), and GetStatus reports the version once all serve it.
+that check and its commit. After the commit point the push stands: a replica that fails to load it
+names itself in `replicas_catching_up` and loads the version from the store (serve/replica.py),
+and GetStatus reports the version once all serve it.
 """
 
 from __future__ import annotations
