@@ -11,7 +11,9 @@ from safetensors.torch import load_file
 pytest.importorskip("openrlhf", reason="make install puts openrlhf in .venv (clients/python/trainer-adapters.txt)")
 from vllm import SamplingParams  # noqa: E402
 
+from rollout_client.integrations.connection import Connection  # noqa: E402
 from rollout_client.integrations.openrlhf import RolloutServiceEngine, push_model, sampling_kwargs  # noqa: E402
+from rollout_client.integrations.openrlhf_train import main, service_engines  # noqa: E402
 
 pytestmark = pytest.mark.engine
 
@@ -110,10 +112,12 @@ def reward_func(queries, prompts, labels):
 """
 
 
-def test_openrlhfs_samples_generator_drives_engine_actors_with_its_own_sampling_params(trainer_server, tiny_model, tokenizer, tmp_path):
+def test_openrlhfs_samples_generator_drives_the_launchers_engine_actors_with_its_own_sampling_params(trainer_server, tiny_model, tokenizer, tmp_path):
     """OpenRLHF's SamplesGenerator, unchanged: it balances prompts over two engine actors by their
     unfinished counts and sends its own vllm.SamplingParams (min_tokens=1, top_k=-1, logprobs=1
-    for rollout correction) through OpenRLHF's SingleTurnAgentExecutor, with a reward function."""
+    for rollout correction) through OpenRLHF's SingleTurnAgentExecutor, with a reward function.
+    The actors come from the launcher's `service_engines`, called as OpenRLHF's `train()` calls
+    `create_vllm_engines`."""
     from types import SimpleNamespace as NS
 
     import ray
@@ -133,12 +137,11 @@ def test_openrlhfs_samples_generator_drives_engine_actors_with_its_own_sampling_
     # can reach on a 24 GB machine; the kernel's limit is the one that counts here.
     start_ray(num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="WARNING", _system_config={"memory_monitor_refresh_ms": 0})
     try:
-        engines = [
-            ray.remote(RolloutServiceEngine).options(num_cpus=0).remote(
-                trainer_server.grpc_address, remote_rm_url=str(tmp_path / "reward.py"), timeout=120
-            )
-            for _ in range(2)
-        ]
+        engines = service_engines(
+            2, 1, str(tiny_model), 42, False, False, True, 64, None, 0.9, False, "processed_logprobs",
+            agent_func_path=None, remote_rm_url=str(tmp_path / "reward.py"), max_images_per_prompt=0,
+            connection=Connection(trainer_server.grpc_address, timeout=120),
+        )
         generator = SamplesGenerator(NS(args=args), loader, None, tokenizer, engines)
         samples, _, consumed, _ = generator.generate_samples(max_new_tokens=8, max_len=64, temperature=1.0)
     finally:
@@ -194,3 +197,42 @@ def test_the_adapters_can_be_built_where_no_event_loop_runs():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "built", out.stderr[-2000:]
+
+
+def test_the_launchers_sync_from_two_actor_ranks_makes_one_version_that_both_ranks_return(engine, tiny_model, tmp_path):
+    """push_actor, as the launcher's broadcast_to_vllm calls it on every actor rank (two gloo
+    processes, tests/clients/openrlhf_ranks.py): one new service version, serving the pushed model."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    greedy = dict(prompt_token_ids=[[9, 8, 7, 6]], max_tokens=6, temperature=0.0, ignore_eos=True)
+    before = engine.client.generate(**greedy)[0].samples[0]
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.clients.openrlhf_ranks", engine.address, str(tiny_model), str(tmp_path / "ranks.json")],
+        capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[2],
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = json.loads((tmp_path / "ranks.json").read_text())
+    tensors = len(load_file(tiny_model / "model.safetensors"))
+    assert ranks == {"0": {"version": before.weight_version + 1, "tensors": tensors}, "1": {"version": before.weight_version + 1, "tensors": tensors}}
+    after = engine.client.generate(**greedy)[0].samples[0]
+    assert after.weight_version == before.weight_version + 1 and after.token_ids != before.token_ids  # the negated norm is served
+    engine.client.push_weights(load_file(tiny_model / "model.safetensors"), progress=False)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--actor.model_name_or_path", "m"], "--vllm.num_engines N is required"),
+    (["--vllm.num_engines", "2", "--train.colocate_all"], "not on the trainer's GPUs"),
+    (["--vllm.num_engines", "2", "--vllm.enable_sleep"], "not on the trainer's GPUs"),
+])
+def test_the_launcher_refuses_flags_that_cannot_work_with_remote_engines(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        main(argv)
+
+
+def test_the_launcher_needs_the_services_address_before_it_starts_anything(monkeypatch):
+    monkeypatch.delenv("ROLLOUT_SERVICE_ADDRESS", raising=False)
+    with pytest.raises(ValueError, match="set the ROLLOUT_SERVICE_ADDRESS environment variable"):
+        main(["--vllm.num_engines", "2"])

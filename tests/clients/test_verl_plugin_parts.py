@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("verl", reason="make install puts verl in .venv (clients/python/trainer-adapters.txt)")
 from verl.workers.config import RolloutConfig  # noqa: E402
 
-from rollout_client.integrations.verl.connection import ENV, Connection  # noqa: E402
+from rollout_client.integrations.connection import ENV, Connection  # noqa: E402
 from rollout_client.integrations.verl.server import fill_sampling  # noqa: E402
 from rollout_client.integrations.verl.sessions import TrajectorySessions  # noqa: E402
 

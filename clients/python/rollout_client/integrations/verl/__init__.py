@@ -23,7 +23,7 @@ from __future__ import annotations
 from verl.workers.rollout.base import _ROLLOUT_REGISTRY
 from verl.workers.rollout.replica import RolloutReplicaRegistry
 
-from rollout_client.integrations.verl.connection import Connection
+from rollout_client.integrations.connection import Connection
 from rollout_client.integrations.verl.rollout import RolloutServiceRollout
 from rollout_client.integrations.verl.server import RolloutServiceReplica, RolloutServiceServer
 

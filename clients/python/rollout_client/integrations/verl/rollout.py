@@ -5,8 +5,7 @@ verl's weight sync calls `rollout.update_weights(generator, peft_config=, base_s
 global_steps=)` on every rank, each `next()` of the generator being a collective gather of one
 full tensor. Rank 0 streams those tensors to the service in one PushWeights (one new version,
 labelled with `global_steps`) while the other ranks step through their generators in lockstep;
-all ranks then return the same PushResult, or all raise. A push that fails part-way still steps
-rank 0's generator to its end, so no rank is left waiting in a gather.
+all ranks then return the same PushResult, or all raise (see `lockstep`).
 
 `generate_sequences` is verl's older batch interface (a left-padded DataProto in, verl's rollout
 fields out), for loops that call a rollout directly rather than through verl's agent loop.
@@ -15,9 +14,7 @@ fields out), for loops that call a rollout directly rather than through verl's a
 from __future__ import annotations
 
 import asyncio
-import os
-import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -26,15 +23,10 @@ from verl import DataProto
 from verl.workers.rollout.base import BaseRollout
 
 from rollout_client.client import RolloutClient
-from rollout_client.integrations.verl.connection import Connection
+from rollout_client.integrations import lockstep
+from rollout_client.integrations.connection import Connection
 from rollout_client.push import PushResult
 from rollout_client.rl import check_versions
-
-
-def _rank() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return int(os.environ.get("RANK", "0"))
 
 
 def _sampling(config: Any, meta: dict) -> dict:
@@ -60,26 +52,6 @@ def _pad(rows: list[list], width: int, value, dtype) -> torch.Tensor:
     return out
 
 
-class _Stepped:
-    """verl's generator, stepped by whichever thread asks (gRPC's sender, then the drain after a
-    failed push), one step at a time, with the caller's CUDA device current (each step may be an
-    NCCL gather)."""
-
-    def __init__(self, weights: Iterator):
-        self._weights = weights
-        self._lock = threading.Lock()
-        self._device = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-
-    def __iter__(self) -> _Stepped:
-        return self
-
-    def __next__(self):
-        with self._lock:
-            if self._device is not None:
-                torch.cuda.set_device(self._device)
-            return next(self._weights)
-
-
 class RolloutServiceRollout(BaseRollout):
     """A verl rollout whose engine is a rollout-service deployment (see the module docstring).
 
@@ -94,11 +66,9 @@ class RolloutServiceRollout(BaseRollout):
             custom["address"] = address
         self.connection = Connection.from_custom(custom)
         self.bucket_bytes = self.config.checkpoint_engine.update_weights_bucket_megabytes << 20
-        # Rank 0's outcome reaches the other ranks over gloo: no device to pick, and no NCCL
-        # watchdog on ranks that wait through the whole push. Every rank builds the rollout at the
-        # same point of verl's init_model, so this collective call is matched.
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        self._group = torch.distributed.new_group(backend="gloo") if distributed else None
+        # Every rank builds the rollout at the same point of verl's init_model, so this collective
+        # call is matched.
+        self._group = lockstep.gloo_group()
         self._client: RolloutClient | None = None
         self.last_push: PushResult | None = None
 
@@ -133,48 +103,27 @@ class RolloutServiceRollout(BaseRollout):
                 "adapter (actor_rollout_ref.model.lora.merge=True) so full weights are synced"
             )
         weights = iter(weights)
-        if _rank() == 0:
-            outcome = await asyncio.to_thread(self._push, _Stepped(weights), "" if global_steps is None else str(global_steps))
+        label = "" if global_steps is None else str(global_steps)
+        if lockstep.rank() == 0:
+            outcome = await asyncio.to_thread(lockstep.lead, lockstep.Stepped(weights), lambda w: self._push(w, label))
         else:
-            # Each step is this rank's part of a gather; on the event loop's thread, as verl's own
-            # rollouts step it.
-            for _ in weights:
-                pass
+            lockstep.follow(weights)  # on the event loop's thread, as verl's own rollouts step it
             outcome = None
-        self.last_push = self._agree(outcome)
+        self.last_push = lockstep.agree(outcome, self._group)
         return self.last_push
 
-    def _push(self, weights: _Stepped, label: str) -> PushResult | Exception:
+    def _push(self, weights: lockstep.Stepped, label: str) -> PushResult:
         # The blocking client, on a thread: it reports the service's own status for a push refused
         # part-way (the asyncio client, whose loop each gather blocks, once reported only "INTERNAL:
         # Internal error from Core" in tests/clients/test_verl_plugin.py). No deadline: a push of
         # many GB takes as long as it takes.
-        try:
-            # Fenced on this rollout's previous sync: a push by anyone else in between (another
-            # trainer, a stale process) fails this sync with FAILED_PRECONDITION instead of being overwritten.
-            expected = self.last_push.version if self.last_push is not None else None
-            with RolloutClient(**{**self.connection.client_options(), "timeout": None}) as client:
-                return client.push_weights(
-                    weights, bucket_bytes=self.bucket_bytes, label=label, expected_version=expected, progress=False
-                )
-        except Exception as exc:  # raised by _agree, once the other ranks have it too
-            return exc
-        finally:
-            for _ in weights:  # a failed push stops reading, but the other ranks wait in each gather
-                pass
-
-    def _agree(self, outcome: PushResult | Exception | None) -> PushResult:
-        """Rank 0's outcome on every rank (an error as its text: it need not survive pickling)."""
-        if self._group is not None:
-            box = [outcome if isinstance(outcome, PushResult) else f"{type(outcome).__name__}: {outcome}"]
-            torch.distributed.broadcast_object_list(box, src=0, group=self._group)
-            if _rank() != 0:
-                outcome = box[0] if isinstance(box[0], PushResult) else RuntimeError(f"rank 0's push failed: {box[0]}")
-        if isinstance(outcome, Exception):
-            raise outcome
-        if outcome is None:
-            raise RuntimeError(f"rank {_rank()} has no process group to hear rank 0's push from (torch.distributed is not initialized)")
-        return outcome
+        # Fenced on this rollout's previous sync: a push by anyone else in between (another
+        # trainer, a stale process) fails this sync with FAILED_PRECONDITION instead of being overwritten.
+        expected = self.last_push.version if self.last_push is not None else None
+        with RolloutClient(**{**self.connection.client_options(), "timeout": None}) as client:
+            return client.push_weights(
+                weights, bucket_bytes=self.bucket_bytes, label=label, expected_version=expected, progress=False
+            )
 
     async def resume(self, tags: list[str]) -> None:
         """Nothing to load back: the weights and KV cache live in the service's replicas."""

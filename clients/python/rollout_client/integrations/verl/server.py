@@ -21,7 +21,7 @@ from verl.workers.rollout.replica import RolloutMode, RolloutReplica, TokenOutpu
 
 from rollout_client.client import SAMPLING_FIELDS, AsyncRolloutClient
 from rollout_client.errors import ResourceExhaustedError
-from rollout_client.integrations.verl.connection import Connection
+from rollout_client.integrations.connection import Connection
 from rollout_client.integrations.verl.sessions import TrajectorySessions
 
 # The service answers RESOURCE_EXHAUSTED while its engines are full; verl sends every sequence

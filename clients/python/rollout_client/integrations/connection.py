@@ -1,7 +1,8 @@
-"""Where the service is and how to reach it, from verl's `actor_rollout_ref.rollout.custom`.
+"""Where the service is and how to reach it, for the trainer integrations.
 
 verl passes a rollout no address of its own; its `RolloutConfig.custom` dict (not in verl's yaml,
-so set it with a `+` override) carries ours, with environment variables as the fallback:
+so set it with a `+` override) carries ours, with environment variables as the fallback (the
+OpenRLHF launcher reads the environment only):
 
     +actor_rollout_ref.rollout.custom={address: "svc:50051", api_key: "...", tls: true, root_certificates: /ca.pem}
 
@@ -46,26 +47,23 @@ class Connection:
     client_key: str | None = field(default=None, repr=False)
 
     @classmethod
-    def from_custom(cls, custom: Mapping[str, Any] | None) -> Connection:
-        """From `rollout.custom` (a dict, a DictConfig or None), each key unset or null falling
-        back to its environment variable; a missing address or a bad value is a ValueError naming
-        where it came from."""
-        custom = dict(custom or {})
+    def from_custom(cls, custom: Mapping[str, Any] | None, where: str = "actor_rollout_ref.rollout.custom") -> Connection:
+        """From `custom` (a dict, a DictConfig or None: verl's `rollout.custom`, named by `where`),
+        each key unset or null falling back to its environment variable; a missing address or a bad
+        value is a ValueError naming where it came from."""
+        custom, prefix = dict(custom or {}), where
         unknown = sorted(set(custom) - set(ENV))
         if unknown:
-            raise ValueError(f"actor_rollout_ref.rollout.custom: unknown key(s) {unknown}; known: {sorted(ENV)}")
+            raise ValueError(f"{prefix}: unknown key(s) {unknown}; known: {sorted(ENV)}")
 
         def value(key: str) -> tuple[Any, str]:
             if custom.get(key) is not None:
-                return custom[key], f"actor_rollout_ref.rollout.custom.{key}"
+                return custom[key], f"{prefix}.{key}"
             return os.environ.get(ENV[key]), ENV[key]
 
         address, _ = value("address")
         if not address:
-            raise ValueError(
-                "rollout-service address: set +actor_rollout_ref.rollout.custom.address=HOST:PORT "
-                f"or the {ENV['address']} environment variable"
-            )
+            raise ValueError(f"rollout-service address: set +{prefix}.address=HOST:PORT or the {ENV['address']} environment variable")
         tls, where = value("tls")
         if not isinstance(tls, bool):
             text = str(tls or "").strip().lower()
@@ -90,6 +88,13 @@ class Connection:
             root_certificates=str(roots) if roots else None, timeout=timeout,
             client_certificate=str(certificate) if certificate else None, client_key=str(key) if key else None,
         )
+
+    @classmethod
+    def from_env(cls) -> Connection:
+        """From the environment variables alone; a missing address is a ValueError naming its variable."""
+        if not os.environ.get(ENV["address"]):
+            raise ValueError(f"rollout-service address: set the {ENV['address']} environment variable (HOST:PORT)")
+        return cls.from_custom({}, where="environment")
 
     def client_options(self) -> dict[str, Any]:
         return asdict(self)
