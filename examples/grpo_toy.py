@@ -52,6 +52,7 @@ class Settings:
     lr: float = 3e-5
     tis_cap: float = 2.0
     seed: int = 0
+    delta: bool = False  # push each step as its changes since the last push (push_weights(delta=True))
 
 
 @dataclass
@@ -65,6 +66,7 @@ class StepRecord:
     tis_clipped: float
     push_s: float
     step_s: float
+    wire_ratio: float  # bytes the push sent / the model's bf16 bytes (1.0 unless --delta)
 
 
 def reward(token_ids: list[int]) -> float:
@@ -108,7 +110,7 @@ def train(client: RolloutClient, model_dir: Path, run: str, s: Settings, log=pri
     g = torch.Generator().manual_seed(s.seed)
     prompts = torch.randint(10, vocab, (s.prompts, s.prompt_len), generator=g).tolist()
     # Step 0 of every run: the server serves exactly the trainer's starting weights.
-    version = client.push_weights(bf16_weights(policy), label=f"{run} start", progress=False).version
+    version = client.push_weights(bf16_weights(policy), label=f"{run} start", progress=False, delta=s.delta).version
     records = []
     for step in range(s.steps):
         t0 = time.perf_counter()
@@ -133,18 +135,18 @@ def train(client: RolloutClient, model_dir: Path, run: str, s: Settings, log=pri
         optimizer.step()
         report = mismatch_report(torch.cat([lp.detach() for lp in trainer_lp]), torch.cat(rollout_lp), cap=s.tis_cap)
         t1 = time.perf_counter()
-        result = client.push_weights(bf16_weights(policy), label=f"{run} step {step + 1}", progress=False)
+        result = client.push_weights(bf16_weights(policy), label=f"{run} step {step + 1}", progress=False, delta=s.delta)
         version = result.version
         records.append(StepRecord(
             run=run, step=step, reward=float(rewards.mean()),
             weight_version=completions[0].samples[0].weight_version,
             mean_abs_dlogprob=report.mean_abs_diff, kl=report.kl, tis_clipped=report.fraction_clipped,
-            push_s=time.perf_counter() - t1, step_s=time.perf_counter() - t0,
+            push_s=time.perf_counter() - t1, step_s=time.perf_counter() - t0, wire_ratio=result.wire_ratio,
         ))
         r = records[-1]
         log(f"[{run}] step {step:3d} reward {r.reward:.3f}  |Δlogprob| {r.mean_abs_dlogprob:.4f}  "
             f"KL {r.kl:.1e}  clipped {r.tis_clipped:.1%}  served v{r.weight_version} -> pushed v{version} "
-            f"({r.push_s:.2f} s)  step {r.step_s:.1f} s")
+            f"({r.push_s:.2f} s{f', {r.wire_ratio:.3f} of its bytes' if s.delta else ''})  step {r.step_s:.1f} s")
     return records
 
 
@@ -210,6 +212,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=Settings.steps)
     parser.add_argument("--lr", type=float, default=Settings.lr)
     parser.add_argument("--seed", type=int, default=Settings.seed)
+    parser.add_argument("--delta", action="store_true", help="push each step as its changes since the last push")
     parser.add_argument("--out", type=Path, default=Path("docs"), help="where grpo_toy.csv and grpo_toy.png go")
     parser.add_argument("--json", action="store_true", help="print one JSON summary as the last line")
     args = parser.parse_args()
@@ -217,7 +220,7 @@ def main() -> None:
     unknown = [r for r in runs if r not in RUNS]
     if unknown:
         parser.error(f"--runs: unknown {unknown}; choose from {RUNS}")
-    settings = Settings(steps=args.steps, lr=args.lr, seed=args.seed)
+    settings = Settings(steps=args.steps, lr=args.lr, seed=args.seed, delta=args.delta)
     log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
 
     from rollout_service.launcher import start_side_by_side

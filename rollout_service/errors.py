@@ -45,6 +45,11 @@ class FailedPrecondition(RolloutError):
     """The request assumes a server state that does not hold (a stale expected_version)."""
 
 
+class DeltaBaseUnavailable(FailedPrecondition):
+    """A delta push's base is not what the server holds: a version no longer kept, or a tensor
+    whose value there differs from the client's. The client pushes the whole tensors instead."""
+
+
 class Conflict(RolloutError):
     """Another operation that excludes this one is in progress (a second push)."""
 
@@ -91,6 +96,10 @@ _TABLE: dict[type[BaseException], tuple[grpc.StatusCode, int]] = {
     StorageUnavailable: (grpc.StatusCode.UNAVAILABLE, 503),
 }
 _INTERNAL = (grpc.StatusCode.INTERNAL, 500)
+# Errors a client tells apart from others of the same code, by the trailing metadata
+# "rollout-error: <tag>" (gRPC) -- a refused delta base from a stale expected_version.
+_TAGS: dict[type[BaseException], str] = {DeltaBaseUnavailable: "delta-base"}
+TAG_KEY = "rollout-error"
 
 
 def _lookup(exc: BaseException) -> tuple[grpc.StatusCode, int]:
@@ -108,6 +117,12 @@ def grpc_status(exc: BaseException) -> grpc.StatusCode:
 def http_status(exc: BaseException) -> int:
     """The HTTP status for `exc`; anything not a RolloutError is 500."""
     return _lookup(exc)[1]
+
+
+def grpc_trailers(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata that tells `exc` apart from others of its code (usually none)."""
+    tag = next((_TAGS[k] for k in type(exc).__mro__ if k in _TAGS), None)
+    return ((TAG_KEY, tag),) if tag else ()
 
 
 def public_message(exc: BaseException) -> str:

@@ -185,6 +185,7 @@ class ServerStatus:
     replicas: int = 1
     replica_versions: dict[str, int] = field(default_factory=dict)
     committed_version: int = 0
+    delta_codecs: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -192,7 +193,7 @@ class PushResult:
     """A committed push (see PushWeightsResponse in the proto)."""
 
     version: int
-    bytes_received: int
+    bytes_received: int  # on the wire
     tensors_applied: int
     receive_s: float
     requantize_s: float
@@ -202,6 +203,8 @@ class PushResult:
     label: str = ""
     samples_in_flight: int = 0
     replicas_catching_up: list[str] = field(default_factory=list)
+    dense_bytes: int = 0  # the tensors whole (more than bytes_received when some came as deltas)
+    delta_tensors: int = 0
 
 
 @dataclass(slots=True)

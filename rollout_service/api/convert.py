@@ -8,7 +8,7 @@ from google.protobuf.json_format import MessageToDict
 from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
 
 from rollout_service.types import Completion, GenerateRequest, PushResult, Sample, ServerStatus, TopLogprobs
-from rollout_service.weights.manifest import PushHeader, TensorSpec
+from rollout_service.weights.manifest import DeltaSpec, PushHeader, TensorSpec
 
 _FINISH = {
     "stop": pb.FINISH_REASON_STOP,
@@ -67,13 +67,18 @@ def status_to_proto(s: ServerStatus) -> pb.GetStatusResponse:
 
 def tensor_spec_from_proto(t: pb.TensorSpec) -> TensorSpec:
     crc32 = t.crc32 if t.HasField("crc32") else None
-    return TensorSpec(name=t.name, dtype=t.dtype, shape=tuple(t.shape), nbytes=t.nbytes, crc32=crc32)
+    delta = None
+    if t.HasField("delta"):
+        d = t.delta
+        delta = DeltaSpec(codec=d.codec, base_crc32=d.base_crc32, changed=d.changed, wire_nbytes=d.wire_nbytes)
+    return TensorSpec(name=t.name, dtype=t.dtype, shape=tuple(t.shape), nbytes=t.nbytes, crc32=crc32, delta=delta)
 
 
 def push_header_from_proto(msg: pb.PushHeader) -> PushHeader:
     tensors = tuple(tensor_spec_from_proto(t) for t in msg.tensors)
     expected = msg.expected_version if msg.HasField("expected_version") else None
-    return PushHeader(tensors=tensors, expected_version=expected, label=msg.label, inflight=msg.inflight)
+    base = msg.delta_base_version if msg.HasField("delta_base_version") else None
+    return PushHeader(tensors=tensors, expected_version=expected, label=msg.label, inflight=msg.inflight, delta_base_version=base)
 
 
 def push_result_to_proto(r: PushResult) -> pb.PushWeightsResponse:

@@ -29,6 +29,7 @@ from rollout_service.errors import (
     InvalidArgument,
     RolloutError,
     grpc_status,
+    grpc_trailers,
     public_message,
 )
 
@@ -45,7 +46,7 @@ MIN_RECEIVE_BYTES = 16 * MIB
 async def _abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     if not isinstance(exc, RolloutError):
         log.exception("internal error in a gRPC call", exc_info=exc)
-    await context.abort(grpc_status(exc), public_message(exc))
+    await context.abort(grpc_status(exc), public_message(exc), trailing_metadata=grpc_trailers(exc))
 
 
 @contextlib.asynccontextmanager

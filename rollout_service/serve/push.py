@@ -76,7 +76,7 @@ class ClusterPush:
             cast_crc: dict[str, int] = {}
             spool = Spool(self.store.incoming, PART_BYTES)
             convert = store_converter(self._dtype, cast_crc)  # replicas requantize
-            async with receiving(header, self.table, convert, spool, self.config, committed) as session:
+            async with receiving(header, self.table, convert, spool, self.config, self.store, committed) as session:
                 session.push_owner, session.fence, session.version = owner, fence, committed + 1  # this push's own
                 session.cast_crc = cast_crc
                 yield session

@@ -93,7 +93,7 @@ class LocalPush:
             spool = Spool(self.store.incoming, PART_BYTES)
             prepare, self._prepared = self.weights.preparer()
             convert = store_converter(self._dtype, cast_crc, prepare)
-            async with receiving(header, self.weights.table, convert, spool, self.config, self.store.current_version()) as session:
+            async with receiving(header, self.weights.table, convert, spool, self.config, self.store, self.store.current_version()) as session:
                 session.cast_crc = cast_crc
                 yield session
         finally:

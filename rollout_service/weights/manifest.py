@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from rollout_client.delta import CODECS
 from rollout_service.errors import InvalidArgument
 from rollout_service.weights.names import Mapping, NameMap, UnknownName
 from rollout_service.weights.store import safetensors_header
@@ -19,16 +20,32 @@ SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
 @dataclass(frozen=True, slots=True)
+class DeltaSpec:
+    """How a delta tensor's bytes encode it against its base (rollout_client.delta)."""
+
+    codec: str
+    base_crc32: int
+    changed: int
+    wire_nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
 class TensorSpec:
     name: str
     dtype: str
     shape: tuple[int, ...]
-    nbytes: int
-    crc32: int | None = None
+    nbytes: int  # of the whole tensor, also when it comes as a delta
+    crc32: int | None = None  # of the whole tensor
+    delta: DeltaSpec | None = None
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def wire_nbytes(self) -> int:
+        """Bytes its chunks carry."""
+        return self.delta.wire_nbytes if self.delta is not None else self.nbytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +54,7 @@ class PushHeader:
     expected_version: int | None = None
     label: str = ""
     inflight: str = ""
+    delta_base_version: int | None = None
 
 
 class ParamTable:
@@ -91,9 +109,24 @@ class ParamTable:
                 f"{field}.nbytes",
                 f"{spec.name}: nbytes={spec.nbytes} but shape {list(spec.shape)} of {spec.dtype} takes {size} bytes",
             )
+        if spec.delta is not None:
+            self._check_delta(field, spec)
         for target in mapping.targets:
             claimed.setdefault(target, index)
         return mapping
+
+    def _check_delta(self, field: str, spec: TensorSpec) -> None:
+        delta = spec.delta
+        if spec.dtype != "bfloat16":
+            raise InvalidArgument(f"{field}.dtype", f"{spec.name}: a delta tensor is bfloat16, not {spec.dtype}")
+        if delta.codec not in CODECS:
+            raise InvalidArgument(f"{field}.delta.codec", f"{spec.name}: {delta.codec!r} is not one of {', '.join(CODECS)}")
+        if delta.changed > math.prod(spec.shape):
+            raise InvalidArgument(
+                f"{field}.delta.changed", f"{spec.name}: {delta.changed} changed elements in a tensor of {math.prod(spec.shape)}"
+            )
+        if spec.crc32 is None:
+            raise InvalidArgument(f"{field}.crc32", f"{spec.name}: a delta tensor needs the CRC-32 of the whole tensor it rebuilds")
 
 
 def ties_embeddings(model: Path) -> bool:

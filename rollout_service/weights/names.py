@@ -37,17 +37,24 @@ _TIED_HEAD = "lm_head.weight"
 _FUSED = re.compile(r"^(?P<experts>.+\.experts)\.(?P<kind>gate_up_proj|down_proj)$")
 
 Split = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+Join = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+
+
+def _only(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    (tensor,) = parts.values()
+    return tensor
 
 
 @dataclass(frozen=True)
 class Mapping:
-    """Where one pushed tensor goes: the shape it must have, `targets` (checkpoint names), and
-    `split` making the target tensors from it."""
+    """Where one pushed tensor goes: the shape it must have, `targets` (checkpoint names),
+    `split` making the target tensors from it and `join`, its inverse (a delta push's base)."""
 
     shape: tuple[int, ...]
     targets: tuple[str, ...]
     split: Split
     alias_of: str | None = None  # a tied LM head: the embedding it is
+    join: Join = _only
 
 
 class UnknownName(LookupError):
@@ -96,9 +103,15 @@ class NameMap:
             def split(t: torch.Tensor) -> dict[str, torch.Tensor]:
                 return {**{n: t[e, :inter] for e, n in enumerate(gate)}, **{n: t[e, inter:] for e, n in enumerate(up)}}
 
-            return Mapping((count, 2 * inter, hidden), (*gate, *up), split)
+            def join(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+                return torch.stack([torch.cat([parts[g], parts[u]]) for g, u in zip(gate, up)])
+
+            return Mapping((count, 2 * inter, hidden), (*gate, *up), split, join=join)
         down = [f"{prefix}.{e}.down_proj.weight" for e in range(count)]
-        return Mapping((count, hidden, inter), tuple(down), lambda t: {n: t[e] for e, n in enumerate(down)})
+        return Mapping(
+            (count, hidden, inter), tuple(down), lambda t: {n: t[e] for e, n in enumerate(down)},
+            join=lambda parts: torch.stack([parts[n] for n in down]),
+        )
 
 
 def strip_wrappers(name: str) -> str:

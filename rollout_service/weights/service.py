@@ -26,6 +26,7 @@ from rollout_service.config import InflightPolicy, ServerConfig
 from rollout_service.errors import FailedPrecondition
 from rollout_service.types import ApplyStats
 from rollout_service.weights.convert import to_engine_format
+from rollout_service.weights.delta import DeltaBase
 from rollout_service.weights.manifest import ParamTable, PushHeader
 from rollout_service.weights.session import PushSession
 from rollout_service.weights.staging import Spool
@@ -128,17 +129,22 @@ class WeightService:
 
 @contextlib.asynccontextmanager
 async def receiving(
-    header: PushHeader, table: ParamTable, convert, spool: Spool, config: ServerConfig, committed_version: int
+    header: PushHeader, table: ParamTable, convert, spool: Spool, config: ServerConfig, store: VersionStore,
+    committed_version: int,
 ) -> AsyncIterator[PushSession]:
     """A checked push session staging into `spool`; whatever it staged is deleted unless the
-    session ends committed. `committed_version`: the store's, which expected_version must name."""
+    session ends committed. `committed_version`: the store's, which expected_version must name;
+    `store` holds the base of a delta push."""
     try:
         table.check_header(header, POLICIES)
         if header.expected_version is not None and header.expected_version != committed_version:
             raise FailedPrecondition(
                 f"header.expected_version: {header.expected_version} is stale, the last committed version is {committed_version}"
             )
-        session = PushSession(header, table, convert, spool, config.push_buffer_mib << 20)
+        base = None
+        if header.delta_base_version is not None:
+            base = DeltaBase(store, header.delta_base_version, committed_version, config.model, config.dtype)
+        session = PushSession(header, table, convert, spool, config.push_buffer_mib << 20, base)
     except BaseException:
         spool.discard()
         raise

@@ -20,6 +20,7 @@ import torch
 
 from rollout_service.errors import DataLoss, InvalidArgument
 from rollout_service.types import ApplyStats, PushResult
+from rollout_service.weights.delta import DeltaBase, rebuild
 from rollout_service.weights.manifest import ParamTable, PushHeader, TensorSpec
 from rollout_service.weights.names import Mapping
 from rollout_service.weights.staging import Spool
@@ -29,8 +30,10 @@ Converter = Callable[[str, torch.Tensor], dict[str, torch.Tensor]]
 
 
 class PushSession:
-    def __init__(self, header: PushHeader, table: ParamTable, convert: Converter, spool: Spool, buffer_bytes: int):
+    def __init__(self, header: PushHeader, table: ParamTable, convert: Converter, spool: Spool, buffer_bytes: int,
+                 base: DeltaBase | None = None):
         self.header = header
+        self._base = base  # what delta tensors apply to (header.delta_base_version)
         self.tensors: list[TensorSpec] = []
         self._table = table
         self._mappings: list[Mapping] = []
@@ -65,6 +68,8 @@ class PushSession:
     def declare(self, specs: tuple[TensorSpec, ...] | list[TensorSpec]) -> None:
         """Add tensors to the push (the header's, then any PushDeclare's), checked against the model."""
         for spec in specs:
+            if spec.delta is not None and self._base is None:
+                raise InvalidArgument(f"tensors[{len(self.tensors)}].delta", f"{spec.name}: a delta tensor needs header.delta_base_version")
             self._mappings.append(self._table.check_tensor(len(self.tensors), spec, self._claimed, self.tensors))
             self.tensors.append(spec)
             self._received.append(0)
@@ -76,22 +81,23 @@ class PushSession:
                 "chunk.tensor_index", f"{index} names no declared tensor ({len(self.tensors)} are declared)"
             )
         spec = self.tensors[index]
-        got = self._received[index]
+        got, size = self._received[index], spec.wire_nbytes
         if offset != got:
-            where = "after the last byte" if got == spec.nbytes else f"where byte {got} was expected"
+            where = "after the last byte" if got == size else f"where byte {got} was expected"
             raise DataLoss(f"{spec.name}: chunk at offset {offset} {where} (a tensor's chunks arrive in order, without gaps)")
-        if got + len(data) > spec.nbytes:
-            raise DataLoss(f"{spec.name}: {got + len(data) - spec.nbytes} byte(s) beyond its declared nbytes={spec.nbytes}")
+        if got + len(data) > size:
+            field = "delta.wire_nbytes" if spec.delta is not None else "nbytes"
+            raise DataLoss(f"{spec.name}: {got + len(data) - size} byte(s) beyond its declared {field}={size}")
         if not data:
             return
         if got == 0:
-            await self._reserve(spec.nbytes)
+            await self._reserve(spec.nbytes)  # a delta is rebuilt whole: its dense size
             self._chunks[index] = []
         # The chunks are kept as received and joined on the conversion thread: no copy on the loop.
         self._chunks[index].append(data)
         self._received[index] = got + len(data)
         self.bytes_received += len(data)
-        if self._received[index] == spec.nbytes:
+        if self._received[index] == size:
             chunks = self._chunks.pop(index)
             future = asyncio.get_running_loop().run_in_executor(self._pool, self._finish_tensor, index, chunks)
             future.add_done_callback(lambda _f, n=spec.nbytes: asyncio.ensure_future(self._release(n)))
@@ -106,6 +112,8 @@ class PushSession:
         return PushResult(
             version=version,
             bytes_received=self.bytes_received,
+            dense_bytes=sum(t.nbytes for t in self.tensors),
+            delta_tensors=sum(t.delta is not None for t in self.tensors),
             tensors_applied=len(self.tensors),
             receive_s=receive_s,
             requantize_s=self.convert_s + prepare_s,
@@ -122,8 +130,8 @@ class PushSession:
         if not self.tensors:
             raise InvalidArgument("tensors", "the push declared no tensor")
         for spec, got in zip(self.tensors, self._received):
-            if got != spec.nbytes:
-                raise DataLoss(f"{spec.name}: {got} of {spec.nbytes} bytes received before the commit")
+            if got != spec.wire_nbytes:
+                raise DataLoss(f"{spec.name}: {got} of {spec.wire_nbytes} bytes received before the commit")
         await asyncio.gather(*self._pending)
         self._check_aliases()
         await asyncio.get_running_loop().run_in_executor(self._pool, self.spool.flush)
@@ -151,30 +159,25 @@ class PushSession:
                 )
 
     def _finish_tensor(self, index: int, chunks: list[bytes]) -> None:
-        """On the conversion thread: join, check, convert, stage."""
+        """On the conversion thread: join (or rebuild from a delta), check, convert, stage."""
         start = time.perf_counter()
         spec, mapping = self.tensors[index], self._mappings[index]
-        crc = 0
-        for c in chunks:
-            crc = zlib.crc32(c, crc)
-        if spec.crc32 is not None and crc != spec.crc32:
-            raise DataLoss(f"{spec.name}: CRC-32 of the received bytes is {crc:#010x}, the header declared {spec.crc32:#010x}")
+        tensor = None
+        if spec.delta is not None:
+            tensor, crc = rebuild(spec, b"".join(chunks), self._base.read(mapping)), spec.crc32
+        else:
+            crc = 0
+            for c in chunks:
+                crc = zlib.crc32(c, crc)
+            if spec.crc32 is not None and crc != spec.crc32:
+                raise DataLoss(f"{spec.name}: CRC-32 of the received bytes is {crc:#010x}, the header declared {spec.crc32:#010x}")
         if mapping.targets == (self._table.names.embedding,):  # maybe one of a tied pair
             self._embedding_crc[index] = crc
         if not self._writer(index):
             self.convert_s += time.perf_counter() - start
             return
-        with warnings.catch_warnings():  # read-only bytes: only read, or copied below
-            warnings.simplefilter("ignore", UserWarning)
-            if len(chunks) == 1:
-                flat = torch.frombuffer(chunks[0], dtype=torch.uint8)
-            else:
-                flat = torch.empty(spec.nbytes, dtype=torch.uint8)
-                pos = 0
-                for c in chunks:
-                    flat[pos : pos + len(c)].copy_(torch.frombuffer(c, dtype=torch.uint8))
-                    pos += len(c)
-        tensor = flat.view(spec.torch_dtype).reshape(spec.shape)
+        if tensor is None:
+            tensor = _joined(spec, chunks)
         for target, part in mapping.split(tensor).items():
             # One target is the received tensor itself (renamed at most); a split needs its own.
             self.crc32[target] = crc if len(mapping.targets) == 1 else crc32_of(part)
@@ -195,3 +198,19 @@ class PushSession:
         async with self._space:
             self._in_use -= nbytes
             self._space.notify_all()
+
+
+def _joined(spec: TensorSpec, chunks: list[bytes]) -> torch.Tensor:
+    """A dense tensor from its chunks (the one chunk's bytes as they are, read-only: only read or
+    copied by the conversion)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        if len(chunks) == 1:
+            flat = torch.frombuffer(chunks[0], dtype=torch.uint8)
+        else:
+            flat = torch.empty(spec.nbytes, dtype=torch.uint8)
+            pos = 0
+            for c in chunks:
+                flat[pos : pos + len(c)].copy_(torch.frombuffer(c, dtype=torch.uint8))
+                pos += len(c)
+    return flat.view(spec.torch_dtype).reshape(spec.shape)

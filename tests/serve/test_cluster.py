@@ -478,3 +478,25 @@ def test_the_whole_service_restarted_comes_back_on_the_last_committed_version_wi
     assert status.committed_version == status.weight_version == version and status.replicas == cluster.config.replicas
     assert greedy_by_replica(cluster) == before
     record_property("data lost", "none")
+
+
+def test_a_delta_push_reaches_both_replicas_as_the_push_of_the_whole_tensors_does(cluster, base_weights):
+    """The ingress rebuilds each delta tensor whole before anything else, so the replicas prepare
+    and load what a whole push of the same weights gives them."""
+    from tests.weights.conftest import step
+
+    if cluster.config.replicas < 2:  # run alone: the module's earlier tests scale it to two
+        cluster.redeploy(replicas=2)
+    w1 = perturbed(base_weights, 10)
+    w2 = step(w1, seed=11)
+    with cluster.rpc("trainer") as trainer:
+        first = trainer.push_weights(w1, delta=True)
+        result = trainer.push_weights(w2, delta=True)
+    assert result.version == first.version + 1 and result.delta_tensors == len(w2)
+    assert result.bytes_received < 0.2 * result.dense_bytes, result.wire_ratio
+    a, b = by_delta = greedy_by_replica(cluster)
+    assert a == b and {v for _, _, v in a} == {result.version}
+    whole = cluster.client.push_weights(w2)
+    for replica, delta_outputs in zip(greedy_by_replica(cluster), by_delta):
+        assert [(t, lp) for t, lp, _ in replica] == [(t, lp) for t, lp, _ in delta_outputs]
+        assert {v for _, _, v in replica} == {whole.version}

@@ -24,6 +24,12 @@ def perturb(weights: dict[str, torch.Tensor], seed: int, scale: float = 0.02) ->
     return {k: (v.float() + scale * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in weights.items()}
 
 
+def step(weights: dict[str, torch.Tensor], seed: int, scale: float = 3e-5) -> dict[str, torch.Tensor]:
+    """One small optimizer step: a few percent of the bf16 values move, as between RL steps."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: (v.float() + scale * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in weights.items()}
+
+
 def write_checkpoint(like: Path, weights: dict[str, torch.Tensor], out: Path) -> Path:
     """A copy of checkpoint `like` (config, tokenizer) holding `weights`."""
     shutil.copytree(like, out)

@@ -70,6 +70,19 @@ def test_fused_experts_split_into_the_checkpoints_per_expert_tensors():
     assert all(torch.equal(d.split(down)[f"model.layers.0.mlp.experts.{e}.down_proj.weight"], down[e]) for e in range(E))
 
 
+@pytest.mark.parametrize("name, shape", [
+    ("model.layers.0.mlp.experts.gate_up_proj", (E, 2 * I, H)),
+    ("model.layers.0.mlp.experts.down_proj", (E, H, I)),
+    ("module.model.norm.weight", (H,)),
+    ("lm_head.weight", (32, H)),  # tied: the embedding
+])
+def test_join_puts_the_split_tensors_back_together(name, shape):
+    """A delta push's base, read per checkpoint tensor, in the layout the trainer sent."""
+    m = NameMap(SHAPES, tied=True).resolve(name)
+    whole = torch.randn(shape)
+    assert torch.equal(m.join(m.split(whole)), whole)
+
+
 def push(tmp_path, tensors: dict[str, torch.Tensor], tied: bool = True, later: dict | None = None) -> dict[str, torch.Tensor]:
     """Run a push of `tensors` through a PushSession, then of `later` declared once those are
     received (as a PushDeclare); what it staged, in checkpoint names."""

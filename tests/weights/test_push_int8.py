@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.weights.conftest import engine_weights, greedy, start_server
+from tests.weights.conftest import engine_weights, greedy, start_server, step
 
 pytestmark = pytest.mark.engine
 
@@ -59,3 +59,18 @@ def test_int8_partial_push_equals_a_full_push_of_the_merged_weights(int8_target,
         pushed, merged = engine_weights(int8_target), engine_weights(int8_reference)
         assert [k for k in pushed if not torch.equal(pushed[k], merged[k])] == []
         reference.push_weights(weights1)
+
+
+def test_an_int8_delta_push_holds_bitwise_what_a_push_of_the_whole_tensors_holds(int8_target, weights1):
+    """The server rebuilds each delta tensor whole before it requantizes, so the int8 weights,
+    scales and outputs are those of the whole push of the same bf16 weights."""
+    w2 = step(weights1, seed=5)
+    with _client(int8_target) as trainer:
+        trainer.push_weights(weights1, delta=True)
+        result = trainer.push_weights(w2, delta=True)
+        assert result.delta_tensors == len(w2) and result.bytes_received < 0.2 * result.dense_bytes
+        by_delta, outputs = engine_weights(int8_target), greedy(trainer)
+        trainer.push_weights(weights1)
+        trainer.push_weights(w2)
+        whole = engine_weights(int8_target)
+        assert [k for k in whole if not torch.equal(whole[k], by_delta[k])] == [] and greedy(trainer) == outputs

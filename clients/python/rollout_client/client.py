@@ -12,6 +12,7 @@ idempotent calls are retried on UNAVAILABLE with backoff (`retry=`, see channel.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sys
 import time
 import warnings
@@ -25,7 +26,7 @@ from rollout_client._proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
 from rollout_client import push
 from rollout_client.blocking_push import BlockingPush
 from rollout_client.channel import ChannelOptions, RetryPolicy
-from rollout_client.errors import DeadlineExceededError, RolloutClientError, from_rpc_error
+from rollout_client.errors import DeadlineExceededError, DeltaBaseError, RolloutClientError, from_rpc_error
 from rollout_client.push import PushResult
 from rollout_client.types import Completion, completion_from_proto
 
@@ -109,6 +110,24 @@ class _Connection:
         self._metadata = options.metadata()
         self._channel = options.aio_channel(address) if self._asyncio else options.channel(address)
         self._stub = pb_grpc.RolloutServiceStub(self._channel)
+        # What push_weights(delta=True) encodes against (a bf16 copy of the tensors it pushed).
+        self.delta_base = push.DeltaBase()
+        self._delta_codecs: list[str] | None = None  # the server's, read on the first delta push
+
+    def _delta_plan(self, codecs: Sequence[str]) -> push.DeltaPlan | None:
+        if self._delta_codecs is None:
+            self._delta_codecs = list(codecs)
+            if not self._delta_codecs:
+                warnings.warn("this server takes no delta pushes (its engine does not run bfloat16): pushing whole tensors", stacklevel=4)
+        if not self._delta_codecs:
+            return None
+        return push.DeltaPlan(self.delta_base, "zlib" if "zlib" in self._delta_codecs else self._delta_codecs[0])
+
+    def _delta_refused(self, plan: push.DeltaPlan, exc: DeltaBaseError) -> push.DeltaPlan:
+        """The plan of the whole push that follows a refused delta push (the same base, recorded)."""
+        warnings.warn(f"delta push refused ({exc.details}); pushing whole tensors instead", stacklevel=4)
+        self.delta_base.version = None
+        return push.DeltaPlan(self.delta_base, "")
 
     def _deadline(self, timeout: float | None) -> float | None:
         return timeout if timeout is not None else self.timeout
@@ -167,6 +186,7 @@ class RolloutClient(_Connection):
         inflight: str = "",
         progress: bool | None = None,
         timeout: float | None = None,
+        delta: bool = False,
     ) -> PushResult:
         """Stream new weights (a state_dict, a dict of numpy/torch tensors, or an iterable of
         (name, tensor), e.g. a generator gathering sharded parameters one by one) into the server;
@@ -176,27 +196,49 @@ class RolloutClient(_Connection):
         `inflight`: "drain" | "abort" | "continue" for this push (default: the server's setting).
         `progress`: a byte progress bar (needs tqdm) and a one-line summary on stderr; by default
         only when stderr is a terminal.
+        `delta`: send each tensor this client pushed before (with delta=True) as its changes since
+        then, against the version that push made (`delta_base`, one bf16 copy of the model kept
+        here); float32/float16 torch tensors are cast to bfloat16 first, as the server casts them
+        for a bf16 engine. The first such push sends everything whole. If the server no longer
+        has that version, the push goes whole by itself, with a warning (`PushResult.fell_back`
+        says why). The served weights are bitwise those of a push of the same tensors whole.
         """
         show = _show_progress(progress)
         start = time.perf_counter()
-        stream = push.requests(
-            weights, chunk_bytes=chunk_bytes, bucket_bytes=bucket_bytes, expected_version=expected_version,
-            label=label, inflight=inflight, progress=show,
-        )
-        source = push.SourceErrors(stream)
+        options = dict(chunk_bytes=chunk_bytes, bucket_bytes=bucket_bytes, expected_version=expected_version,
+                       label=label, inflight=inflight, progress=show, total=push.total_bytes(weights) if show else None)
+        plan = self._delta_plan(self.status(timeout).delta_codecs if self._delta_codecs is None else ()) if delta else None
+        items, fell_back = push.items(weights), ""
         try:
-            response = self._stub.PushWeights(iter(source), timeout=self._deadline(timeout), metadata=self._metadata)
-        except grpc.RpcError as err:
-            raise (source.error or from_rpc_error(err)) from None
+            try:
+                response = self._send(push.requests(items, plan=plan, **options), timeout)
+            except DeltaBaseError as exc:
+                resent, plan, fell_back = plan, self._delta_refused(plan, exc), exc.details
+                response = self._send(push.requests(itertools.chain(resent.resent(), items), plan=plan, **options), timeout)
+        except BaseException:
+            if plan is not None:  # updated in place as far as the push went: no longer any version's
+                self.delta_base.clear()
+            raise
+        if plan is not None:
+            self.delta_base.version = response.version
         if response.replicas_catching_up:  # committed; the version is served once they have it
             try:
                 self.wait_for_version(response.version, timeout=CATCH_UP_WAIT_S)
             except RolloutClientError as exc:  # the push is committed: never fail it now
                 _still_catching_up(response, exc)
-        result = push.result_from_proto(response, time.perf_counter() - start)
+        result = push.result_from_proto(response, time.perf_counter() - start, fell_back)
         if show:
             print(result, file=sys.stderr)
         return result
+
+    def _send(self, requests: Iterator[pb.PushWeightsRequest], timeout: float | None) -> pb.PushWeightsResponse:
+        source = push.SourceErrors(requests)
+        try:
+            return self._stub.PushWeights(source, timeout=self._deadline(timeout), metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise (source.error or from_rpc_error(err)) from None
+        finally:
+            source.stop()
 
     def status(self, timeout: float | None = None) -> pb.GetStatusResponse:
         """Model, settings, current weight version, replicas and counters."""
@@ -288,31 +330,52 @@ class AsyncRolloutClient(_Connection):
         inflight: str = "",
         progress: bool | None = None,
         timeout: float | None = None,
+        delta: bool = False,
     ) -> PushResult:
+        """See RolloutClient.push_weights."""
         show = _show_progress(progress)
         start = time.perf_counter()
-        stream = push.requests(
-            weights, chunk_bytes=chunk_bytes, bucket_bytes=bucket_bytes, expected_version=expected_version,
-            label=label, inflight=inflight, progress=show,
-        )
-        source = push.SourceErrors(stream)
+        options = dict(chunk_bytes=chunk_bytes, bucket_bytes=bucket_bytes, expected_version=expected_version,
+                       label=label, inflight=inflight, progress=show, total=push.total_bytes(weights) if show else None)
+        plan = None
+        if delta:
+            plan = self._delta_plan((await self.status(timeout)).delta_codecs if self._delta_codecs is None else ())
+        items, fell_back = push.items(weights), ""
         try:
-            response = await self._push(iter(source), timeout=self._deadline(timeout), metadata=self._metadata)
+            try:
+                response = await self._send(push.requests(items, plan=plan, **options), timeout)
+            except DeltaBaseError as exc:
+                resent, plan, fell_back = plan, self._delta_refused(plan, exc), exc.details
+                response = await self._send(push.requests(itertools.chain(resent.resent(), items), plan=plan, **options), timeout)
+        except BaseException:
+            if plan is not None:  # updated in place as far as the push went: no longer any version's
+                self.delta_base.clear()
+            raise
+        if plan is not None:
+            self.delta_base.version = response.version
+        if response.replicas_catching_up:  # committed; the version is served once they have it
+            try:
+                await self.wait_for_version(response.version, timeout=CATCH_UP_WAIT_S)
+            except RolloutClientError as exc:  # the push is committed: never fail it now
+                _still_catching_up(response, exc)
+        result = push.result_from_proto(response, time.perf_counter() - start, fell_back)
+        if show:
+            print(result, file=sys.stderr)
+        return result
+
+    async def _send(self, requests: Iterator[pb.PushWeightsRequest], timeout: float | None) -> pb.PushWeightsResponse:
+        source = push.SourceErrors(requests)
+        try:
+            return await self._push(source, timeout=self._deadline(timeout), metadata=self._metadata)
         except (grpc.RpcError, asyncio.CancelledError) as err:
             if source.error is not None:
                 raise source.error from None
             if isinstance(err, asyncio.CancelledError):
                 raise
             raise from_rpc_error(err) from None
-        if response.replicas_catching_up:  # committed; the version is served once they have it
-            try:
-                await self.wait_for_version(response.version, timeout=CATCH_UP_WAIT_S)
-            except RolloutClientError as exc:  # the push is committed: never fail it now
-                _still_catching_up(response, exc)
-        result = push.result_from_proto(response, time.perf_counter() - start)
-        if show:
-            print(result, file=sys.stderr)
-        return result
+        finally:
+            # Off the loop: it waits for a request gRPC's thread may still be building (a bucket).
+            await asyncio.shield(asyncio.to_thread(source.stop))
 
     async def status(self, timeout: float | None = None) -> pb.GetStatusResponse:
         try:

@@ -41,6 +41,11 @@ class FailedPreconditionError(RolloutClientError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class DeltaBaseError(FailedPreconditionError):
+    """A delta push's base is not what the server holds (a version it no longer keeps, or another
+    value): `push_weights(delta=True)` then pushes the whole tensors by itself."""
+
+
 class DataLossError(RolloutClientError):
     code = grpc.StatusCode.DATA_LOSS
 
@@ -78,8 +83,16 @@ _BY_CODE = {
 }
 
 
+# Errors told apart from others of their code by the trailing metadata "rollout-error: <tag>".
+_BY_TAG = {"delta-base": DeltaBaseError}
+
+
 def from_rpc_error(err: grpc.RpcError) -> RolloutClientError:
     """The typed error for a failed call."""
     code = err.code()
     cls = _BY_CODE.get(code, RolloutClientError)
+    trailers = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+    tags = [value for key, value in (trailers or ()) if key == "rollout-error"]
+    if tags and tags[0] in _BY_TAG and issubclass(_BY_TAG[tags[0]], cls):
+        cls = _BY_TAG[tags[0]]
     return cls(err.details() or "", code)

@@ -5,11 +5,16 @@ chunks, so only the bucket being sent is touched: an iterator that gathers or ma
 tensors one by one is streamed without a second copy of the model. Bytes go as they are in memory (little-endian, row-major);
 no pickle. torch tensors (bfloat16/float16/float32) and numpy arrays (float16/float32, or
 ml_dtypes' bfloat16) are accepted; torch is only imported if the caller passes torch tensors.
+
+Delta pushes (`push_weights(delta=True)`, see rollout_client.delta): the client keeps a copy of the
+bf16 bits it last pushed (`DeltaBase`) and sends each tensor that had one as its changes against
+it, declaring the whole tensor's CRC-32 so the server's rebuild is checked end to end.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -17,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from rollout_client import delta
 from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
@@ -42,22 +48,32 @@ class PushResult:
     samples_in_flight: int = 0  # samples in the engine when generation paused for the push
     # Replicas that loaded the committed version from the store instead; the client waited for them.
     replicas_catching_up: list[str] = field(default_factory=list)
+    dense_bytes: int = 0  # the tensors whole; bytes_received is what went on the wire
+    delta_tensors: int = 0  # tensors sent as deltas
+    fell_back: str = ""  # why a delta push went whole instead (the server's refusal), if it did
 
     @property
     def gbps(self) -> float:
-        return self.bytes_received / self.seconds / 1e9 if self.seconds else 0.0
+        """The tensors' whole size per second: how fast the model was synced."""
+        return (self.dense_bytes or self.bytes_received) / self.seconds / 1e9 if self.seconds else 0.0
+
+    @property
+    def wire_ratio(self) -> float:
+        """Bytes on the wire / the tensors' whole size (1.0 for a push of whole tensors)."""
+        return self.bytes_received / self.dense_bytes if self.dense_bytes else 1.0
 
     def __str__(self) -> str:
+        wire = f", {self.bytes_received / 1e9:.3f} GB on the wire ({self.delta_tensors} deltas)" if self.delta_tensors else ""
         return (
-            f"pushed {self.tensors_applied} tensors, {self.bytes_received / 1e9:.3f} GB in {self.seconds:.2f} s "
-            f"({self.gbps:.2f} GB/s) -> version {self.version} (apply {self.apply_s * 1e3:.0f} ms, "
+            f"pushed {self.tensors_applied} tensors, {(self.dense_bytes or self.bytes_received) / 1e9:.3f} GB{wire} "
+            f"in {self.seconds:.2f} s ({self.gbps:.2f} GB/s) -> version {self.version} (apply {self.apply_s * 1e3:.0f} ms, "
             f"generation paused {self.pause_ms:.0f} ms"
             + (f" after a {self.drain_ms:.0f} ms drain" if self.drain_ms >= 1 else "")
             + f", {self.samples_in_flight} samples in flight)"
         )
 
 
-def result_from_proto(msg: pb.PushWeightsResponse, seconds: float) -> PushResult:
+def result_from_proto(msg: pb.PushWeightsResponse, seconds: float, fell_back: str = "") -> PushResult:
     return PushResult(
         version=msg.version,
         bytes_received=msg.bytes_received,
@@ -71,18 +87,100 @@ def result_from_proto(msg: pb.PushWeightsResponse, seconds: float) -> PushResult
         seconds=seconds,
         samples_in_flight=msg.samples_in_flight,
         replicas_catching_up=list(msg.replicas_catching_up),
+        dense_bytes=msg.dense_bytes,
+        delta_tensors=msg.delta_tensors,
+        fell_back=fell_back,
     )
 
 
-def as_bytes(name: str, tensor: Any) -> tuple[str, tuple[int, ...], np.ndarray]:
-    """(dtype name, shape, flat uint8 view) of a tensor, without copying when it is contiguous on CPU."""
+class DeltaBase:
+    """What a client's delta pushes encode against: the bf16 bits of each tensor it pushed with
+    `delta=True`, as of weight version `version` (None until such a push commits). It costs one
+    bf16 copy of the pushed model in host memory (2 bytes per parameter: 15 GB for a 7B model).
+    Updated in place as a push encodes; dropped if a push fails other than by its base."""
+
+    def __init__(self) -> None:
+        self.version: int | None = None
+        self.tensors: dict[str, np.ndarray] = {}  # name -> flat uint16 bits
+        self.crc32: dict[str, int] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def clear(self) -> None:
+        self.version = None
+        self.tensors.clear()
+        self.crc32.clear()
+
+
+@dataclass
+class DeltaPlan:
+    """One push's use of a DeltaBase: the codec the server takes (or "" to send everything whole
+    and record it) and the names taken from the caller so far, in order (a refused delta push is
+    sent again whole from the base, then the rest of the caller's tensors)."""
+
+    base: DeltaBase
+    codec: str
+    taken: list[str] = field(default_factory=list)
+
+    @property
+    def base_version(self) -> int | None:
+        return self.base.version if self.codec else None
+
+    def encode(self, name: str, dtype: str, shape: tuple[int, ...], flat: np.ndarray, crc: int) -> tuple[pb.DeltaSpec | None, np.ndarray]:
+        """(its DeltaSpec and payload, or None and `flat` to send it whole), recording it."""
+        self.taken.append(name)
+        if dtype != "bfloat16":  # the base keeps bf16 only: an older bf16 copy would now be stale
+            self.base.tensors.pop(name, None)
+            return None, flat
+        bits = flat.view(np.uint16)
+        old = self.base.tensors.get(name)
+        if old is None or old.shape != shape:
+            self.base.tensors[name] = bits.reshape(shape).copy()
+            self.base.crc32[name] = crc
+            return None, flat
+        old = old.reshape(-1)
+        spec = None
+        if self.base_version is not None:
+            payload, changed = delta.encode(old, bits, self.codec)
+            if len(payload) <= delta.MAX_RATIO * flat.nbytes:
+                spec = pb.DeltaSpec(codec=self.codec, base_crc32=self.base.crc32[name], changed=changed, wire_nbytes=len(payload))
+                flat = np.frombuffer(payload, dtype=np.uint8)
+        np.copyto(old, bits)
+        self.base.crc32[name] = crc
+        return spec, flat
+
+    def resent(self) -> Iterator[tuple[str, np.ndarray]]:
+        """The tensors taken so far, whole, from the base (bf16 bits; what they were when taken)."""
+        for name in self.taken:
+            if name in self.base.tensors:
+                yield name, _Bf16(self.base.tensors[name])
+
+
+class _Bf16:
+    """bf16 bits held as a uint16 array of the tensor's shape (a base tensor sent again whole)."""
+
+    def __init__(self, bits: np.ndarray):
+        self.bits = bits
+
+
+def as_bytes(name: str, tensor: Any, to_bf16: bool = False) -> tuple[str, tuple[int, ...], np.ndarray]:
+    """(dtype name, shape, flat uint8 view) of a tensor, without copying when it is contiguous on
+    CPU. `to_bf16`: torch float32/float16 tensors cast to bfloat16 first (the cast the server makes
+    for a bf16 engine, so the same bits)."""
+    if isinstance(tensor, _Bf16):
+        return "bfloat16", tensor.bits.shape, tensor.bits.reshape(-1).view(np.uint8)
     if type(tensor).__module__.startswith("torch"):
         dtype = _TORCH_DTYPES.get(str(tensor.dtype))
         if dtype is None:
             raise TypeError(f"{name}: dtype {tensor.dtype} is not one of bfloat16, float16, float32")
-        t = tensor.detach().to("cpu").contiguous()
         import torch
 
+        t = tensor.detach().to("cpu")
+        if to_bf16 and dtype != "bfloat16":
+            t, dtype = t.to(torch.bfloat16), "bfloat16"
+        t = t.contiguous()
         return dtype, tuple(t.shape), t.reshape(-1).view(torch.uint8).numpy()
     array = np.asarray(tensor)
     dtype = _NUMPY_DTYPES.get(array.dtype.name)
@@ -92,7 +190,14 @@ def as_bytes(name: str, tensor: Any) -> tuple[str, tuple[int, ...], np.ndarray]:
     return dtype, tuple(array.shape), array.reshape(-1).view(np.uint8)
 
 
-def _items(weights: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
+def total_bytes(weights: Any) -> int | None:
+    """The bytes of a state_dict's tensors (None for an iterator: not known before it ends)."""
+    if not isinstance(weights, Mapping):
+        return None
+    return sum(int(np.prod(getattr(t, "shape", ()))) * _itemsize(t) for t in weights.values())
+
+
+def items(weights: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
     return iter(weights.items()) if isinstance(weights, Mapping) else iter(weights)
 
 
@@ -127,40 +232,50 @@ def requests(
     label: str = "",
     inflight: str = "",
     progress: bool = False,
+    plan: DeltaPlan | None = None,
+    total: int | None = None,
 ) -> Iterator[pb.PushWeightsRequest]:
     """The PushWeights messages: header; per bucket a PushDeclare of its tensors and their chunks;
     commit.
 
     A bucket is consecutive tensors of about `bucket_bytes` (closed once it reaches that size):
     they are copied to host memory together (one declare message per bucket) and released once
-    sent, so the client holds at most one bucket beyond the caller's own tensors.
+    sent, so the client holds at most one bucket beyond the caller's own tensors. With a `plan`,
+    tensors are cast to bf16, recorded in its base and sent as deltas where it has them.
     """
     if chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes={chunk_bytes} must be positive")
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes={bucket_bytes} must be positive")
-    total = None
-    if progress and isinstance(weights, Mapping):
-        total = sum(int(np.prod(getattr(t, "shape", ()))) * _itemsize(t) for t in weights.values())
+    if progress and total is None:
+        total = total_bytes(weights)
     header = pb.PushHeader(label=label, inflight=inflight)
     if expected_version is not None:
         header.expected_version = expected_version
+    if plan is not None and plan.base_version is not None:
+        header.delta_base_version = plan.base_version
     yield pb.PushWeightsRequest(header=header)
     bar = _Progress(progress, total)
     index = 0
     try:
-        for bucket in _buckets(_items(weights), bucket_bytes):
-            specs = [
-                pb.TensorSpec(name=name, dtype=dtype, shape=shape, nbytes=flat.nbytes, crc32=zlib.crc32(flat))
-                for name, dtype, shape, flat in bucket
-            ]
+        for bucket in _buckets(items(weights), bucket_bytes, to_bf16=plan is not None):
+            specs, payloads = [], []
+            for name, dtype, shape, flat in bucket:
+                spec = pb.TensorSpec(name=name, dtype=dtype, shape=shape, nbytes=flat.nbytes, crc32=zlib.crc32(flat))
+                if plan is not None:
+                    encoded, flat = plan.encode(name, dtype, shape, flat, spec.crc32)
+                    if encoded is not None:
+                        spec.delta.CopyFrom(encoded)
+                specs.append(spec)
+                payloads.append(flat)
             yield pb.PushWeightsRequest(declare=pb.PushDeclare(tensors=specs))
-            for _, _, _, flat in bucket:
+            for spec, flat in zip(specs, payloads):
                 for offset in range(0, flat.nbytes, chunk_bytes):
                     piece = flat[offset : offset + chunk_bytes]
                     chunk = pb.PushChunk(tensor_index=index, offset=offset, data=piece.tobytes())
                     yield pb.PushWeightsRequest(chunk=chunk)
                     bar.update(piece.nbytes)
+                bar.update(spec.nbytes - flat.nbytes)  # a delta's bar counts the tensor whole
                 index += 1
         yield pb.PushWeightsRequest(commit=pb.PushCommit())
     finally:
@@ -170,29 +285,47 @@ def requests(
 class SourceErrors:
     """Wraps the request stream and keeps the first exception it raised: gRPC reports a failing
     request iterator only as a cancelled call, and the caller should see the real error (a
-    tensor's bad dtype, their generator's own exception)."""
+    tensor's bad dtype, their generator's own exception).
+
+    gRPC draws the stream on a thread of its own, which may still be building a request when the
+    call has already failed: `stop` waits for that request and ends the stream, so the caller can
+    go on with the tensors it was drawing from (a refused delta push, sent again whole)."""
 
     def __init__(self, stream: Iterator[pb.PushWeightsRequest]):
         self._stream = stream
+        self._lock = threading.Lock()
+        self._stopped = False
         self.error: BaseException | None = None
 
-    def __iter__(self) -> Iterator[pb.PushWeightsRequest]:
-        try:
-            yield from self._stream
-        except Exception as exc:
-            self.error = exc
-            raise
+    def __iter__(self) -> SourceErrors:
+        return self
+
+    def __next__(self) -> pb.PushWeightsRequest:
+        with self._lock:
+            if self._stopped:
+                raise StopIteration
+            try:
+                return next(self._stream)
+            except StopIteration:
+                raise
+            except Exception as exc:
+                self.error = exc
+                raise
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
 
 
 def _buckets(
-    items: Iterator[tuple[str, Any]], bucket_bytes: int
+    items: Iterator[tuple[str, Any]], bucket_bytes: int, to_bf16: bool = False
 ) -> Iterator[list[tuple[str, str, tuple[int, ...], np.ndarray]]]:
     """Consecutive (name, dtype, shape, host bytes) groups; a group is closed as soon as it holds
     `bucket_bytes`, so no tensor is pulled from `items` before the previous bucket is sent."""
     bucket: list[tuple[str, str, tuple[int, ...], np.ndarray]] = []
     size = 0
     for name, tensor in items:
-        dtype, shape, flat = as_bytes(name, tensor)
+        dtype, shape, flat = as_bytes(name, tensor, to_bf16)
         bucket.append((name, dtype, shape, flat))
         size += flat.nbytes
         if size >= bucket_bytes:

@@ -1,0 +1,80 @@
+"""Delta pushes, server side: a delta tensor rebuilt whole from its base before anything else.
+
+A push may send a tensor as a delta (TensorSpec.delta) against its value in a committed version
+(PushHeader.delta_base_version). The weight store holds that value: each version's manifest names
+the shard of every tensor pushed so far (in the engine dtype, bfloat16 here), and the checkpoint
+the others. `PushSession` rebuilds the tensor from it on its conversion thread, checks it against
+the whole tensor's CRC-32, and from there on it is a tensor like any dense one: cast, requantized,
+stored and fanned out to replicas by the same code, so a delta push gives bitwise the weights a
+dense push of the same tensors gives.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import numpy as np
+import safetensors
+import torch
+
+from rollout_client import delta as codec
+from rollout_service.errors import DataLoss, DeltaBaseUnavailable, InvalidArgument
+from rollout_service.weights.manifest import TensorSpec
+from rollout_service.weights.names import Mapping
+from rollout_service.weights.store import safetensors_header
+from rollout_service.weights.versions import VersionStore
+
+
+class DeltaBase:
+    """The tensors of committed version `version` of `store` (over `checkpoint`'s), as a delta
+    push's base. Refused (DeltaBaseUnavailable) when the store no longer keeps that version or
+    the engine does not run bfloat16 (the store then holds no bf16 bits to apply a delta to)."""
+
+    def __init__(self, store: VersionStore, version: int, committed: int, checkpoint: Path, dtype: str):
+        if dtype != "bfloat16":
+            raise InvalidArgument("header.delta_base_version", f"this server runs {dtype}; delta pushes need a bfloat16 engine")
+        if version > committed:
+            raise DeltaBaseUnavailable(
+                f"header.delta_base_version: {version} is not a committed version (the last is {committed}): push whole tensors"
+            )
+        try:
+            manifest = store.manifest(version)
+        except FileNotFoundError:
+            raise DeltaBaseUnavailable(
+                f"header.delta_base_version: version {version} is no longer kept (the server keeps the last "
+                f"{store.keep}, up to {committed}): push whole tensors"
+            ) from None
+        self.version = version
+        # name -> the file holding its bytes in that version
+        self._files = {name: str(f) for f in sorted(checkpoint.glob("*.safetensors")) for name in safetensors_header(f)}
+        if manifest is not None:
+            self._files.update({name: str(path) for name, path in manifest.files(store.root).items()})
+
+    def read(self, mapping: Mapping) -> torch.Tensor:
+        """The base of a pushed tensor, in the trainer's layout (a fused-experts tensor joined)."""
+        parts = {}
+        for target in mapping.targets:
+            with safetensors.safe_open(self._files[target], "pt") as f:
+                parts[target] = f.get_tensor(target).to(torch.bfloat16)
+        return mapping.join(parts)
+
+
+def rebuild(spec: TensorSpec, payload: bytes | memoryview, base: torch.Tensor) -> torch.Tensor:
+    """The whole tensor `spec` from its delta `payload` and `base`: checked against the base's
+    CRC-32 the client encoded against (DeltaBaseUnavailable) and the whole tensor's (DataLoss)."""
+    bits = base.contiguous().reshape(-1).view(torch.uint16).numpy()
+    base_crc = zlib.crc32(bits.view(np.uint8))
+    if base_crc != spec.delta.base_crc32:
+        raise DeltaBaseUnavailable(
+            f"{spec.name}: its value in the base version has CRC-32 {base_crc:#010x}, the client encoded against "
+            f"{spec.delta.base_crc32:#010x}: push whole tensors"
+        )
+    try:
+        new = codec.decode(bits, payload, spec.delta.changed, spec.delta.codec)
+    except codec.DeltaFormatError as exc:
+        raise DataLoss(f"{spec.name}: not a valid delta: {exc}") from None
+    crc = zlib.crc32(new.view(np.uint8))
+    if crc != spec.crc32:
+        raise DataLoss(f"{spec.name}: rebuilt from its delta, its CRC-32 is {crc:#010x}, the header declared {spec.crc32:#010x}")
+    return torch.from_numpy(new).view(torch.bfloat16).reshape(spec.shape)
