@@ -24,10 +24,10 @@ from vllm.platforms import current_platform
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 
-from rollout_client import delta
 from rollout_service.config import InflightPolicy, ServerConfig
 from rollout_service.engine import convert
 from rollout_service.engine.admission import SequenceBudget
+from rollout_service.weights.delta import codecs_for
 from rollout_service.errors import ConfigError, DeadlineExceeded, EngineUnavailable, InvalidArgument, Overloaded
 from rollout_service.types import ApplyStats, Completion, Counters, GenerateRequest, ServerStatus
 from rollout_service.weights.store import Plan
@@ -365,8 +365,7 @@ class RolloutEngine:
             uptime_s=time.monotonic() - self._started,
             counters=counters,
             inflight_policy=self.config.inflight,
-            # The weight store holds bf16 bits to apply a delta to only when the engine runs bf16.
-            delta_codecs=list(delta.CODECS) if self.config.dtype == "bfloat16" else [],
+            delta_codecs=codecs_for(self.config.dtype),
         )
 
     def shutdown(self) -> None:

@@ -26,13 +26,19 @@ from rollout_service.weights.store import safetensors_header
 from rollout_service.weights.versions import VersionStore
 
 
+def codecs_for(dtype: str) -> list[str]:
+    """The delta codecs a server whose engine runs `dtype` takes: the weight store holds bf16
+    bits to apply a delta to only when the engine runs bfloat16."""
+    return list(codec.CODECS) if dtype == "bfloat16" else []
+
+
 class DeltaBase:
     """The tensors of committed version `version` of `store` (over `checkpoint`'s), as a delta
     push's base. Refused (DeltaBaseUnavailable) when the store no longer keeps that version or
     the engine does not run bfloat16 (the store then holds no bf16 bits to apply a delta to)."""
 
     def __init__(self, store: VersionStore, version: int, committed: int, checkpoint: Path, dtype: str):
-        if dtype != "bfloat16":
+        if not codecs_for(dtype):
             raise InvalidArgument("header.delta_base_version", f"this server runs {dtype}; delta pushes need a bfloat16 engine")
         if version > committed:
             raise DeltaBaseUnavailable(
@@ -48,23 +54,36 @@ class DeltaBase:
         self.version = version
         # name -> the file holding its bytes in that version
         self._files = {name: str(f) for f in sorted(checkpoint.glob("*.safetensors")) for name in safetensors_header(f)}
+        # name -> the CRC-32 of its stored bytes, for the tensors pushed by then (bf16, as stored)
+        self._crc32: dict[str, int] = {}
         if manifest is not None:
             self._files.update({name: str(path) for name, path in manifest.files(store.root).items()})
+            self._crc32 = {name: t.crc32 for name, t in manifest.tensors.items() if t.dtype == "BF16"}  # safetensors dtype names
 
-    def read(self, mapping: Mapping) -> torch.Tensor:
-        """The base of a pushed tensor, in the trainer's layout (a fused-experts tensor joined)."""
-        parts = {}
+    def read(self, mapping: Mapping) -> tuple[torch.Tensor, int | None]:
+        """The base of a pushed tensor, in the trainer's layout (a fused-experts tensor joined),
+        and its CRC-32 where the store recorded it (one stored tensor; else None)."""
+        by_file: dict[str, list[str]] = {}
         for target in mapping.targets:
-            with safetensors.safe_open(self._files[target], "pt") as f:
-                parts[target] = f.get_tensor(target).to(torch.bfloat16)
-        return mapping.join(parts)
+            by_file.setdefault(self._files[target], []).append(target)
+        parts = {}
+        try:
+            for path, names in by_file.items():  # a fused-experts tensor: one open per file, not per expert
+                with safetensors.safe_open(path, "pt") as f:
+                    parts.update({n: f.get_tensor(n).to(torch.bfloat16) for n in names})
+        except (OSError, safetensors.SafetensorError) as exc:
+            raise DeltaBaseUnavailable(f"version {self.version}'s copy of {mapping.targets[0]} cannot be read ({exc}): push whole tensors") from None
+        crc = self._crc32.get(mapping.targets[0]) if len(mapping.targets) == 1 else None
+        return mapping.join(parts), crc
 
 
-def rebuild(spec: TensorSpec, payload: bytes | memoryview, base: torch.Tensor) -> torch.Tensor:
+def rebuild(spec: TensorSpec, payload: bytes | memoryview, base: torch.Tensor, base_crc: int | None = None) -> torch.Tensor:
     """The whole tensor `spec` from its delta `payload` and `base`: checked against the base's
-    CRC-32 the client encoded against (DeltaBaseUnavailable) and the whole tensor's (DataLoss)."""
+    CRC-32 the client encoded against (DeltaBaseUnavailable) and the whole tensor's (DataLoss).
+    `base_crc`: the base's CRC-32 as the store recorded it (computed here when None)."""
     bits = base.contiguous().reshape(-1).view(torch.uint16).numpy()
-    base_crc = zlib.crc32(bits.view(np.uint8))
+    if base_crc is None:
+        base_crc = zlib.crc32(bits.view(np.uint8))
     if base_crc != spec.delta.base_crc32:
         raise DeltaBaseUnavailable(
             f"{spec.name}: its value in the base version has CRC-32 {base_crc:#010x}, the client encoded against "

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from rollout_client.delta import CODECS
+from rollout_client.delta import CODECS, raw_size
 from rollout_service.errors import InvalidArgument
 from rollout_service.weights.names import Mapping, NameMap, UnknownName
 from rollout_service.weights.store import safetensors_header
@@ -127,6 +127,12 @@ class ParamTable:
             )
         if spec.crc32 is None:
             raise InvalidArgument(f"{field}.crc32", f"{spec.name}: a delta tensor needs the CRC-32 of the whole tensor it rebuilds")
+        # What the chunks carry is bounded like the tensor itself (the push's memory and size
+        # limits count nbytes): a delta is never larger than the tensor, and "none" is exact.
+        raw = raw_size(math.prod(spec.shape), delta.changed)
+        if not 1 <= delta.wire_nbytes <= spec.nbytes or (delta.codec == "none" and delta.wire_nbytes != raw):
+            bound = f"exactly {raw} for codec 'none'" if delta.codec == "none" else f"1..{spec.nbytes} (the tensor's nbytes)"
+            raise InvalidArgument(f"{field}.delta.wire_nbytes", f"{spec.name}: {delta.wire_nbytes} is not {bound}")
 
 
 def ties_embeddings(model: Path) -> bool:

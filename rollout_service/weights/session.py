@@ -164,7 +164,7 @@ class PushSession:
         spec, mapping = self.tensors[index], self._mappings[index]
         tensor = None
         if spec.delta is not None:
-            tensor, crc = rebuild(spec, b"".join(chunks), self._base.read(mapping)), spec.crc32
+            tensor, crc = rebuild(spec, b"".join(chunks), *self._base.read(mapping)), spec.crc32
         else:
             crc = 0
             for c in chunks:

@@ -107,7 +107,7 @@ def test_a_tensor_with_a_base_goes_as_its_delta_and_the_base_moves_on():
     spec, payload = plan.encode("w", "bfloat16", shape, flat, zlib.crc32(flat))
     assert plan.base_version == 3 and spec.changed == len(range(0, 256 * 256, 50)) and spec.wire_nbytes == payload.nbytes
     assert spec.base_crc32 == zlib.crc32(old.view(torch.uint16).numpy().tobytes())
-    assert np.array_equal(base.tensors["w"].reshape(-1), flat.view(np.uint16)) and plan.taken == ["w"]
+    assert np.array_equal(base.tensors["w"].reshape(-1), flat.view(np.uint16)) and plan.taken == [("w", None)]
 
 
 def test_a_delta_larger_than_half_the_tensor_goes_whole_and_a_float32_push_drops_the_base():
@@ -121,3 +121,23 @@ def test_a_delta_larger_than_half_the_tensor_goes_whole_and_a_float32_push_drops
     _, shape, flat = as_bytes("w", torch.randn(128, 128))
     _plan(base).encode("w", "float32", shape, flat, 0)
     assert "w" not in base.tensors
+
+
+def test_a_refused_delta_push_is_resent_whole_tensor_by_tensor_as_taken_numpy_float32_too():
+    """What a fallback sends again: every tensor taken, once, in order -- bf16 ones from the base
+    (their new values), others (kept out of the base) as the caller gave them."""
+    base = DeltaBase()
+    bf16 = torch.randn(8, 8).to(torch.bfloat16)
+    _, shape, flat = as_bytes("a", bf16)
+    _plan(base).encode("a", "bfloat16", shape, flat, 0)
+    base.version = 2
+    plan = _plan(base)
+    newer = bf16 + 1
+    for name, tensor in (("a", newer), ("b", np.ones((3, 5), np.float32))):
+        dtype, shape, flat = as_bytes(name, tensor, to_bf16=True)
+        plan.encode(name, dtype, shape, flat, zlib.crc32(flat))
+    resent = [(name, as_bytes(name, held)) for name, held in plan.resent()]
+    assert [name for name, _ in resent] == ["a", "b"]
+    (_, (dtype_a, shape_a, flat_a)), (_, (dtype_b, shape_b, flat_b)) = resent
+    assert (dtype_a, shape_a) == ("bfloat16", (8, 8)) and np.array_equal(flat_a.view(np.uint16), newer.view(torch.uint16).numpy().reshape(-1))
+    assert (dtype_b, shape_b) == ("float32", (3, 5)) and np.array_equal(flat_b.view(np.float32), np.ones(15, np.float32))

@@ -199,15 +199,17 @@ def test_the_adapters_can_be_built_where_no_event_loop_runs():
     assert out.returncode == 0 and out.stdout.strip() == "built", out.stderr[-2000:]
 
 
-def test_the_launchers_sync_from_two_actor_ranks_makes_one_version_that_both_ranks_return(engine, tiny_model, tmp_path):
-    """push_actor, as the launcher's broadcast_to_vllm calls it on every actor rank (two gloo
-    processes, tests/clients/openrlhf_ranks.py): one new service version, serving the pushed model."""
+def test_the_launchers_syncs_from_two_actor_ranks_make_one_version_each_the_second_a_delta(engine, tiny_model, tmp_path):
+    """push_actor, as the launcher's actor calls it on every actor rank (two gloo processes,
+    tests/clients/openrlhf_ranks.py): one new service version per sync, the second sent as a delta
+    against the first, serving the pushed model."""
     import json
     import subprocess
     import sys
     from pathlib import Path
 
     greedy = dict(prompt_token_ids=[[9, 8, 7, 6]], max_tokens=6, temperature=0.0, ignore_eos=True)
+    engine.client.push_weights(load_file(tiny_model / "model.safetensors"), progress=False)
     before = engine.client.generate(**greedy)[0].samples[0]
     done = subprocess.run(
         [sys.executable, "-m", "tests.clients.openrlhf_ranks", engine.address, str(tiny_model), str(tmp_path / "ranks.json")],
@@ -215,17 +217,20 @@ def test_the_launchers_sync_from_two_actor_ranks_makes_one_version_that_both_ran
     )
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = json.loads((tmp_path / "ranks.json").read_text())
-    tensors = len(load_file(tiny_model / "model.safetensors"))
-    assert ranks == {"0": {"version": before.weight_version + 1, "tensors": tensors}, "1": {"version": before.weight_version + 1, "tensors": tensors}}
+    v, tensors = before.weight_version, len(load_file(tiny_model / "model.safetensors"))
+    report = {"versions": [v + 1, v + 2], "tensors": tensors, "deltas": tensors}  # unchanged ones as empty deltas
+    assert ranks == {"0": report, "1": report}
     after = engine.client.generate(**greedy)[0].samples[0]
-    assert after.weight_version == before.weight_version + 1 and after.token_ids != before.token_ids  # the negated norm is served
-    engine.client.push_weights(load_file(tiny_model / "model.safetensors"), progress=False)
+    assert after.weight_version == v + 2 and after.token_ids == before.token_ids  # the norm negated twice: the model as loaded
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--actor.model_name_or_path", "m"], "--vllm.num_engines N is required"),
+    (["--actor.model_name_or_path", "m"], "--vllm.num_engines N .N >= 1. is required"),
+    (["--vllm.num_engines=0"], "--vllm.num_engines N .N >= 1. is required"),
     (["--vllm.num_engines", "2", "--train.colocate_all"], "not on the trainer's GPUs"),
-    (["--vllm.num_engines", "2", "--vllm.enable_sleep"], "not on the trainer's GPUs"),
+    (["--vllm.num_engines=2", "--ds.tensor_parallel_size", "2"], "ZeRO-3 shards only"),
+    (["--vllm.num_engines=2", "--ds.lora.rank", "8"], "adapters the service cannot load"),
+    (["--vllm.num_engines=2", "--ds.load_in_4bit"], "a 4-bit actor"),
 ])
 def test_the_launcher_refuses_flags_that_cannot_work_with_remote_engines(argv, message):
     with pytest.raises(SystemExit, match=message):

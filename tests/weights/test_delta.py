@@ -15,7 +15,7 @@ from rollout_service.errors import DataLoss, DeltaBaseUnavailable, FailedPrecond
 from rollout_service.weights.delta import DeltaBase, rebuild
 from rollout_service.weights.manifest import DeltaSpec, TensorSpec
 from rollout_service.weights.names import NameMap
-from rollout_service.weights.versions import VersionStore
+from rollout_service.weights.versions import VersionStore, crc32_of
 from tests.weights.test_versions import push
 
 NORM, Q = "model.norm.weight", "model.layers.0.self_attn.q_proj.weight"
@@ -37,10 +37,13 @@ def test_the_base_is_each_tensor_as_of_that_version_or_the_checkpoints(tmp_path,
     store = VersionStore(tmp_path / "store", keep=2)
     push(store, {NORM: torch.full((4,), 2.0, dtype=torch.bfloat16)})  # version 1
     push(store, {NORM: torch.full((4,), 3.0, dtype=torch.bfloat16)})  # version 2
-    assert DeltaBase(store, 1, 2, checkpoint, "bfloat16").read(_mapping(NORM)).tolist() == [2.0] * 4
-    assert DeltaBase(store, 2, 2, checkpoint, "bfloat16").read(_mapping(NORM)).tolist() == [3.0] * 4
-    assert DeltaBase(store, 0, 2, checkpoint, "bfloat16").read(_mapping(NORM)).tolist() == [1.0] * 4
-    assert torch.equal(DeltaBase(store, 2, 2, checkpoint, "bfloat16").read(_mapping(Q)), torch.zeros(4, 4, dtype=torch.bfloat16))
+    two = torch.full((4,), 3.0, dtype=torch.bfloat16)
+    assert DeltaBase(store, 1, 2, checkpoint, "bfloat16").read(_mapping(NORM))[0].tolist() == [2.0] * 4
+    tensor, crc = DeltaBase(store, 2, 2, checkpoint, "bfloat16").read(_mapping(NORM))
+    assert torch.equal(tensor, two) and crc == crc32_of(two)  # the CRC as the store recorded it
+    assert DeltaBase(store, 0, 2, checkpoint, "bfloat16").read(_mapping(NORM))[0].tolist() == [1.0] * 4
+    tensor, crc = DeltaBase(store, 2, 2, checkpoint, "bfloat16").read(_mapping(Q))  # never pushed: the checkpoint's
+    assert torch.equal(tensor, torch.zeros(4, 4, dtype=torch.bfloat16)) and crc is None
 
 
 def test_a_base_version_not_kept_or_not_committed_is_refused_as_the_client_falls_back_on(tmp_path, checkpoint):
@@ -72,6 +75,8 @@ def test_rebuild_checks_the_base_then_the_whole_tensor():
     assert rebuild(spec, payload, base).view(torch.uint16).numpy().reshape(-1).tolist() == new.tolist()
     with pytest.raises(DeltaBaseUnavailable, match=f"{Q}: its value in the base version has CRC-32"):
         rebuild(spec, payload, torch.ones(4, 4, dtype=torch.bfloat16))
+    with pytest.raises(DeltaBaseUnavailable, match="has CRC-32 0x00000005, the client encoded against"):
+        rebuild(spec, payload, base, base_crc=5)  # as the store recorded it
     wrong, payload = _spec(bits, new, crc32=1)
     with pytest.raises(DataLoss, match="rebuilt from its delta, its CRC-32 is .*, the header declared 0x00000001"):
         rebuild(wrong, payload, base)

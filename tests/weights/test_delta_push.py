@@ -86,6 +86,23 @@ def test_a_delta_push_of_generated_tensors_that_falls_back_sends_each_tensor_onc
     assert greedy(bf16_target_client) == outputs
 
 
+async def test_the_asyncio_client_pushes_deltas_and_falls_back_as_the_blocking_one(bf16_target, bf16_target_client, weights0, weights1):
+    from rollout_client import AsyncRolloutClient
+
+    w2, w3 = step(weights1, seed=6), step(weights1, seed=7)
+    async with AsyncRolloutClient(bf16_target.grpc_address, timeout=120) as trainer:
+        await trainer.push_weights(weights1, delta=True)
+        assert (await trainer.push_weights(w2, delta=True)).delta_tensors == len(w2)
+        for _ in range(3):
+            bf16_target_client.push_weights(weights0)
+        with pytest.warns(UserWarning, match="pushing whole tensors instead"):
+            result = await trainer.push_weights(w3, delta=True)
+        assert result.fell_back and result.delta_tensors == 0 and trainer.delta_base.version == result.version
+        outputs = greedy(bf16_target_client)
+    bf16_target_client.push_weights(w3)
+    assert greedy(bf16_target_client) == outputs
+
+
 # ---- every bad delta is refused, and nothing changes -------------------------------------------
 
 
@@ -149,7 +166,15 @@ def _cases(weights0) -> dict:
             _requests(good, payload[:-5]), grpc.StatusCode.DATA_LOSS, f"{len(payload) - 5} of {len(payload)} bytes received",
         ),
         "a corrupt stream": (
-            _requests(good, bytes(corrupt)), grpc.StatusCode.DATA_LOSS, f"{NAME}: ",
+            _requests(good, bytes(corrupt)), grpc.StatusCode.DATA_LOSS, f"{NAME}: not a valid delta: ",
+        ),
+        "a wire size of 0": (
+            _requests(_delta_spec(NAME, base, new, payload, changed, wire_nbytes=0), b""),
+            grpc.StatusCode.INVALID_ARGUMENT, f"delta.wire_nbytes: {NAME}: 0 is not 1..131072",
+        ),
+        "a wire size beyond the tensor's": (
+            _requests(_delta_spec(NAME, base, new, payload, changed, wire_nbytes=10**9), payload),
+            grpc.StatusCode.INVALID_ARGUMENT, "1000000000 is not 1..131072 (the tensor's nbytes)",
         ),
         "an element beyond the tensor": (
             _requests(beyond, beyond_bytes), grpc.StatusCode.DATA_LOSS, f"element {norm.size + 44} is beyond the tensor's {norm.size}",
@@ -164,7 +189,8 @@ def _cases(weights0) -> dict:
 CASE_NAMES = [
     "a base version the server does not keep", "a base of other values than the server's", "a delta without a base version",
     "a delta of a float32 tensor", "an unknown codec", "more changes than elements", "truncated", "a corrupt stream",
-    "an element beyond the tensor", "a rebuilt tensor other than the declared one",
+    "a wire size of 0", "a wire size beyond the tensor's", "an element beyond the tensor",
+    "a rebuilt tensor other than the declared one",
 ]
 
 

@@ -114,9 +114,10 @@ class _Connection:
         self.delta_base = push.DeltaBase()
         self._delta_codecs: list[str] | None = None  # the server's, read on the first delta push
 
-    def _delta_plan(self, codecs: Sequence[str]) -> push.DeltaPlan | None:
+    def _delta_plan(self, codecs: Sequence[str] | None) -> push.DeltaPlan | None:
+        """The plan of a delta push; `codecs`: the server's, read by the caller on its first one."""
         if self._delta_codecs is None:
-            self._delta_codecs = list(codecs)
+            self._delta_codecs = list(codecs or ())
             if not self._delta_codecs:
                 warnings.warn("this server takes no delta pushes (its engine does not run bfloat16): pushing whole tensors", stacklevel=4)
         if not self._delta_codecs:
@@ -125,7 +126,7 @@ class _Connection:
 
     def _delta_refused(self, plan: push.DeltaPlan, exc: DeltaBaseError) -> push.DeltaPlan:
         """The plan of the whole push that follows a refused delta push (the same base, recorded)."""
-        warnings.warn(f"delta push refused ({exc.details}); pushing whole tensors instead", stacklevel=4)
+        warnings.warn(f"delta push refused ({exc.details}); pushing whole tensors instead", stacklevel=3)
         self.delta_base.version = None
         return push.DeltaPlan(self.delta_base, "")
 
@@ -207,16 +208,24 @@ class RolloutClient(_Connection):
         start = time.perf_counter()
         options = dict(chunk_bytes=chunk_bytes, bucket_bytes=bucket_bytes, expected_version=expected_version,
                        label=label, inflight=inflight, progress=show, total=push.total_bytes(weights) if show else None)
-        plan = self._delta_plan(self.status(timeout).delta_codecs if self._delta_codecs is None else ()) if delta else None
+        plan = None
+        if delta:
+            plan = self._delta_plan(self.status(timeout).delta_codecs if self._delta_codecs is None else None)
         items, fell_back = push.items(weights), ""
+        source = push.SourceErrors(push.requests(items, plan=plan, **options))
         try:
             try:
-                response = self._send(push.requests(items, plan=plan, **options), timeout)
+                response = self._send(source, timeout)
             except DeltaBaseError as exc:
+                if plan is None:
+                    raise
+                source.stop()  # gRPC's thread may still be taking tensors: let it finish first
                 resent, plan, fell_back = plan, self._delta_refused(plan, exc), exc.details
-                response = self._send(push.requests(itertools.chain(resent.resent(), items), plan=plan, **options), timeout)
+                source = push.SourceErrors(push.requests(itertools.chain(resent.resent(), items), plan=plan, **options))
+                response = self._send(source, timeout)
         except BaseException:
             if plan is not None:  # updated in place as far as the push went: no longer any version's
+                source.stop()
                 self.delta_base.clear()
             raise
         if plan is not None:
@@ -231,14 +240,11 @@ class RolloutClient(_Connection):
             print(result, file=sys.stderr)
         return result
 
-    def _send(self, requests: Iterator[pb.PushWeightsRequest], timeout: float | None) -> pb.PushWeightsResponse:
-        source = push.SourceErrors(requests)
+    def _send(self, source: push.SourceErrors, timeout: float | None) -> pb.PushWeightsResponse:
         try:
             return self._stub.PushWeights(source, timeout=self._deadline(timeout), metadata=self._metadata)
         except grpc.RpcError as err:
             raise (source.error or from_rpc_error(err)) from None
-        finally:
-            source.stop()
 
     def status(self, timeout: float | None = None) -> pb.GetStatusResponse:
         """Model, settings, current weight version, replicas and counters."""
@@ -339,16 +345,23 @@ class AsyncRolloutClient(_Connection):
                        label=label, inflight=inflight, progress=show, total=push.total_bytes(weights) if show else None)
         plan = None
         if delta:
-            plan = self._delta_plan((await self.status(timeout)).delta_codecs if self._delta_codecs is None else ())
+            plan = self._delta_plan((await self.status(timeout)).delta_codecs if self._delta_codecs is None else None)
         items, fell_back = push.items(weights), ""
+        source = push.SourceErrors(push.requests(items, plan=plan, **options))
         try:
             try:
-                response = await self._send(push.requests(items, plan=plan, **options), timeout)
+                response = await self._send(source, timeout)
             except DeltaBaseError as exc:
+                if plan is None:
+                    raise
+                # gRPC's thread may still be taking tensors: let it finish first (off the loop).
+                await asyncio.to_thread(source.stop)
                 resent, plan, fell_back = plan, self._delta_refused(plan, exc), exc.details
-                response = await self._send(push.requests(itertools.chain(resent.resent(), items), plan=plan, **options), timeout)
+                source = push.SourceErrors(push.requests(itertools.chain(resent.resent(), items), plan=plan, **options))
+                response = await self._send(source, timeout)
         except BaseException:
             if plan is not None:  # updated in place as far as the push went: no longer any version's
+                await asyncio.shield(asyncio.to_thread(source.stop))
                 self.delta_base.clear()
             raise
         if plan is not None:
@@ -363,8 +376,7 @@ class AsyncRolloutClient(_Connection):
             print(result, file=sys.stderr)
         return result
 
-    async def _send(self, requests: Iterator[pb.PushWeightsRequest], timeout: float | None) -> pb.PushWeightsResponse:
-        source = push.SourceErrors(requests)
+    async def _send(self, source: push.SourceErrors, timeout: float | None) -> pb.PushWeightsResponse:
         try:
             return await self._push(source, timeout=self._deadline(timeout), metadata=self._metadata)
         except (grpc.RpcError, asyncio.CancelledError) as err:
@@ -373,9 +385,6 @@ class AsyncRolloutClient(_Connection):
             if isinstance(err, asyncio.CancelledError):
                 raise
             raise from_rpc_error(err) from None
-        finally:
-            # Off the loop: it waits for a request gRPC's thread may still be building (a bucket).
-            await asyncio.shield(asyncio.to_thread(source.stop))
 
     async def status(self, timeout: float | None = None) -> pb.GetStatusResponse:
         try:

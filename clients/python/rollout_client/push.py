@@ -97,11 +97,12 @@ class DeltaBase:
     """What a client's delta pushes encode against: the bf16 bits of each tensor it pushed with
     `delta=True`, as of weight version `version` (None until such a push commits). It costs one
     bf16 copy of the pushed model in host memory (2 bytes per parameter: 15 GB for a 7B model).
-    Updated in place as a push encodes; dropped if a push fails other than by its base."""
+    Updated in place as a push encodes; dropped if a push fails other than by its base. One push
+    at a time uses it: don't run two delta pushes of one client concurrently."""
 
     def __init__(self) -> None:
         self.version: int | None = None
-        self.tensors: dict[str, np.ndarray] = {}  # name -> flat uint16 bits
+        self.tensors: dict[str, np.ndarray] = {}  # name -> its bf16 bits, uint16 in its shape
         self.crc32: dict[str, int] = {}
 
     @property
@@ -117,12 +118,12 @@ class DeltaBase:
 @dataclass
 class DeltaPlan:
     """One push's use of a DeltaBase: the codec the server takes (or "" to send everything whole
-    and record it) and the names taken from the caller so far, in order (a refused delta push is
-    sent again whole from the base, then the rest of the caller's tensors)."""
+    and record it) and the tensors taken from the caller so far, in order (a refused delta push
+    is sent again whole from them, then the rest of the caller's tensors)."""
 
     base: DeltaBase
     codec: str
-    taken: list[str] = field(default_factory=list)
+    taken: list[tuple[str, _Held | None]] = field(default_factory=list)  # None: as in the base
 
     @property
     def base_version(self) -> int | None:
@@ -130,10 +131,12 @@ class DeltaPlan:
 
     def encode(self, name: str, dtype: str, shape: tuple[int, ...], flat: np.ndarray, crc: int) -> tuple[pb.DeltaSpec | None, np.ndarray]:
         """(its DeltaSpec and payload, or None and `flat` to send it whole), recording it."""
-        self.taken.append(name)
-        if dtype != "bfloat16":  # the base keeps bf16 only: an older bf16 copy would now be stale
+        if dtype != "bfloat16":  # not kept (numpy float32): any older bf16 copy is now stale
             self.base.tensors.pop(name, None)
+            self.base.crc32.pop(name, None)
+            self.taken.append((name, _Held(dtype, shape, flat)))
             return None, flat
+        self.taken.append((name, None))
         bits = flat.view(np.uint16)
         old = self.base.tensors.get(name)
         if old is None or old.shape != shape:
@@ -151,26 +154,30 @@ class DeltaPlan:
         self.base.crc32[name] = crc
         return spec, flat
 
-    def resent(self) -> Iterator[tuple[str, np.ndarray]]:
-        """The tensors taken so far, whole, from the base (bf16 bits; what they were when taken)."""
-        for name in self.taken:
-            if name in self.base.tensors:
-                yield name, _Bf16(self.base.tensors[name])
+    def resent(self) -> Iterator[tuple[str, _Held]]:
+        """Every tensor taken so far, whole, as it was taken (bf16 ones from the base)."""
+        for name, held in self.taken:
+            if held is None:
+                bits = self.base.tensors[name]
+                held = _Held("bfloat16", bits.shape, bits.reshape(-1).view(np.uint8))
+            yield name, held
 
 
-class _Bf16:
-    """bf16 bits held as a uint16 array of the tensor's shape (a base tensor sent again whole)."""
+@dataclass
+class _Held:
+    """A tensor's bytes as taken from the caller (sent again whole after a refused delta push)."""
 
-    def __init__(self, bits: np.ndarray):
-        self.bits = bits
+    dtype: str
+    shape: tuple[int, ...]
+    flat: np.ndarray
 
 
 def as_bytes(name: str, tensor: Any, to_bf16: bool = False) -> tuple[str, tuple[int, ...], np.ndarray]:
     """(dtype name, shape, flat uint8 view) of a tensor, without copying when it is contiguous on
     CPU. `to_bf16`: torch float32/float16 tensors cast to bfloat16 first (the cast the server makes
     for a bf16 engine, so the same bits)."""
-    if isinstance(tensor, _Bf16):
-        return "bfloat16", tensor.bits.shape, tensor.bits.reshape(-1).view(np.uint8)
+    if isinstance(tensor, _Held):
+        return tensor.dtype, tensor.shape, tensor.flat
     if type(tensor).__module__.startswith("torch"):
         dtype = _TORCH_DTYPES.get(str(tensor.dtype))
         if dtype is None:
