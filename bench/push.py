@@ -12,7 +12,7 @@ the generation pause per push while a generate load runs (and the drain before i
 a push (RSS of the server and its engine processes), the same for a push the client cancels half
 way and what is left after it (with the version unchanged), delta pushes along a real training run
 (examples/grpo_toy.py's GRPO on the bench model, pushing with delta=True after every step, at lr 1e-6
-and 1e-5: bytes on the wire / the model's bytes, and the push time beside the dense push's), and,
+and 1e-5: bytes on the wire / the model's bytes, and the push time beside the same run's pushed whole), and,
 without --quick, push into an int8 server (requantize on arrival).
 """
 
@@ -185,24 +185,24 @@ def cancelled_push(client, stub, weights: dict, pid: int) -> dict:
     }
 
 
-def delta_pushes(address: str, model: Path, steps: int, dense_push_s: float) -> dict:
-    """GRPO steps of examples/grpo_toy.py on the bench model, each pushed as a delta, per lr: the
-    median over steps of wire bytes / model bytes and of the push's seconds (the first push of a
-    run, whole, is not a step)."""
+def delta_pushes(address: str, model: Path, steps: int) -> dict:
+    """GRPO steps of examples/grpo_toy.py on the bench model, each pushed as a delta, at lr 1e-6
+    and 1e-5, and the same run at 1e-6 pushed whole, side by side: per run the median over steps
+    of wire bytes / model bytes and of the push's seconds (the push of the trainer's bf16 copy of
+    its float32 weights, as grpo_toy makes it; the first push of a run, whole, is not a step)."""
     from examples.grpo_toy import Settings, train
     from rollout_client import RolloutClient
 
     out: dict = {}
-    for lr, key in ((1e-6, ""), (1e-5, "_lr1e5")):
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    for lr, delta, key in ((1e-6, True, "delta_%s"), (1e-6, False, "dense_%s"), (1e-5, True, "delta_%s_lr1e5")):
         with RolloutClient(address, timeout=600) as trainer:
-            log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
-            records = train(trainer, model, f"delta lr {lr:g}", Settings(steps=steps, lr=lr, delta=True), log)
-            base_mb = trainer.delta_base.nbytes / 1e6
-        out[f"delta_wire_ratio{key}"] = statistics.median(r.wire_ratio for r in records)
-        out[f"delta_push_s{key}"] = statistics.median(r.push_s for r in records)
-    out["dense_push_s"] = dense_push_s
-    out["delta_speedup"] = dense_push_s / out["delta_push_s"]
-    out["delta_client_base_mb"] = round(base_mb, 1)
+            records = train(trainer, model, f"{'delta' if delta else 'dense'} lr {lr:g}", Settings(steps=steps, lr=lr, delta=delta), log)
+            if delta:
+                out["delta_client_base_mb"] = round(trainer.delta_base.nbytes / 1e6, 1)
+        out[key % "wire_ratio"] = statistics.median(r.wire_ratio for r in records)
+        out[key % "push_s"] = statistics.median(r.push_s for r in records)
+    out["delta_speedup"] = out["dense_push_s"] / out["delta_push_s"]
     return out
 
 
@@ -297,7 +297,7 @@ def main() -> None:
         print(f"under load: pause {[round(p) for p in pauses]} ms, of which apply {[round(a) for a in applies]} ms; "
               f"drain before it {[round(d) for d in drains]} ms", file=sys.stderr)
         client.close()
-        results.update(delta_pushes(server.grpc_address, model, steps=3 if args.quick else 10, dense_push_s=statistics.median(push_s)))
+        results.update(delta_pushes(server.grpc_address, model, steps=3 if args.quick else 10))
     finally:
         server.stop()
         bare_proc.kill()
