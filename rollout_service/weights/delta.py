@@ -22,7 +22,7 @@ from rollout_client import delta as codec
 from rollout_service.errors import DataLoss, DeltaBaseUnavailable, InvalidArgument
 from rollout_service.weights.manifest import TensorSpec
 from rollout_service.weights.names import Mapping
-from rollout_service.weights.store import safetensors_header
+from rollout_service.weights.store import safetensors_names
 from rollout_service.weights.versions import VersionStore
 
 
@@ -53,7 +53,7 @@ class DeltaBase:
             ) from None
         self.version = version
         # name -> the file holding its bytes in that version
-        self._files = {name: str(f) for f in sorted(checkpoint.glob("*.safetensors")) for name in safetensors_header(f)}
+        self._files = {name: str(f) for f in sorted(checkpoint.glob("*.safetensors")) for name in safetensors_names(f)}
         # name -> the CRC-32 of its stored bytes, for the tensors pushed by then (bf16, as stored)
         self._crc32: dict[str, int] = {}
         if manifest is not None:

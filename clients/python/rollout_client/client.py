@@ -124,11 +124,13 @@ class _Connection:
             return None
         return push.DeltaPlan(self.delta_base, "zlib" if "zlib" in self._delta_codecs else self._delta_codecs[0])
 
-    def _delta_refused(self, plan: push.DeltaPlan, exc: DeltaBaseError) -> push.DeltaPlan:
-        """The plan of the whole push that follows a refused delta push (the same base, recorded)."""
+    def _whole_after(self, refused: push.DeltaPlan, exc: DeltaBaseError, items: Iterator, options: dict) -> tuple[push.DeltaPlan, push.SourceErrors]:
+        """The whole push that follows a refused delta push (whose request stream has stopped): the
+        tensors it took, then the rest of the caller's, recorded as the new base."""
         warnings.warn(f"delta push refused ({exc.details}); pushing whole tensors instead", stacklevel=3)
-        self.delta_base.version = None
-        return push.DeltaPlan(self.delta_base, "")
+        self.delta_base.version = None  # the base matches no version the server holds: record anew
+        plan = push.DeltaPlan(self.delta_base, refused.codec)
+        return plan, push.SourceErrors(push.requests(itertools.chain(refused.resent(), items), plan=plan, **options))
 
     def _deadline(self, timeout: float | None) -> float | None:
         return timeout if timeout is not None else self.timeout
@@ -220,8 +222,7 @@ class RolloutClient(_Connection):
                 if plan is None:
                     raise
                 source.stop()  # gRPC's thread may still be taking tensors: let it finish first
-                resent, plan, fell_back = plan, self._delta_refused(plan, exc), exc.details
-                source = push.SourceErrors(push.requests(itertools.chain(resent.resent(), items), plan=plan, **options))
+                (plan, source), fell_back = self._whole_after(plan, exc, items, options), exc.details
                 response = self._send(source, timeout)
         except BaseException:
             if plan is not None:  # updated in place as far as the push went: no longer any version's
@@ -356,8 +357,7 @@ class AsyncRolloutClient(_Connection):
                     raise
                 # gRPC's thread may still be taking tensors: let it finish first (off the loop).
                 await asyncio.to_thread(source.stop)
-                resent, plan, fell_back = plan, self._delta_refused(plan, exc), exc.details
-                source = push.SourceErrors(push.requests(itertools.chain(resent.resent(), items), plan=plan, **options))
+                (plan, source), fell_back = self._whole_after(plan, exc, items, options), exc.details
                 response = await self._send(source, timeout)
         except BaseException:
             if plan is not None:  # updated in place as far as the push went: no longer any version's

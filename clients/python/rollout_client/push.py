@@ -117,9 +117,9 @@ class DeltaBase:
 
 @dataclass
 class DeltaPlan:
-    """One push's use of a DeltaBase: the codec the server takes (or "" to send everything whole
-    and record it) and the tensors taken from the caller so far, in order (a refused delta push
-    is sent again whole from them, then the rest of the caller's tensors)."""
+    """One push's use of a DeltaBase: the codec the server takes, and the tensors taken from the
+    caller so far, in order (a refused delta push is sent again whole from them, then the rest of
+    the caller's tensors). With no base version yet, every tensor goes whole and is recorded."""
 
     base: DeltaBase
     codec: str
@@ -127,7 +127,7 @@ class DeltaPlan:
 
     @property
     def base_version(self) -> int | None:
-        return self.base.version if self.codec else None
+        return self.base.version
 
     def encode(self, name: str, dtype: str, shape: tuple[int, ...], flat: np.ndarray, crc: int) -> tuple[pb.DeltaSpec | None, np.ndarray]:
         """(its DeltaSpec and payload, or None and `flat` to send it whole), recording it."""

@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from rollout_client.client import RolloutClient
+
 ENV = {
     "address": "ROLLOUT_SERVICE_ADDRESS",
     "api_key": "ROLLOUT_SERVICE_API_KEY",
@@ -98,3 +100,8 @@ class Connection:
 
     def client_options(self) -> dict[str, Any]:
         return asdict(self)
+
+    def push_client(self) -> RolloutClient:
+        """A blocking client for weight syncs: no deadline (a push of many GB takes as long as it
+        takes), kept across syncs for the bf16 copy each sync's delta is taken against."""
+        return RolloutClient(**{**self.client_options(), "timeout": None})

@@ -86,8 +86,8 @@ def push_actor(model: Any, client: RolloutClient | None, group: Any, *, label: s
 
 
 def push_client(connection: Connection) -> RolloutClient | None:
-    """Rank 0's client for the syncs (no deadline: a push of many GB takes as long as it takes)."""
-    return RolloutClient(**{**connection.client_options(), "timeout": None}) if lockstep.rank() == 0 else None
+    """Rank 0's client for the syncs (None on the other ranks, which push nothing)."""
+    return connection.push_client() if lockstep.rank() == 0 else None
 
 
 def service_policy_actor(connection: Connection) -> Any:

@@ -121,7 +121,7 @@ class RolloutServiceRollout(BaseRollout):
         # many GB takes as long as it takes. One client for every sync: it keeps the bf16 copy
         # each sync's delta is taken against.
         if self._push_client is None:
-            self._push_client = RolloutClient(**{**self.connection.client_options(), "timeout": None})
+            self._push_client = self.connection.push_client()
         # Fenced on this rollout's previous sync: a push by anyone else in between (another
         # trainer, a stale process) fails this sync with FAILED_PRECONDITION instead of being overwritten.
         expected = self.last_push.version if self.last_push is not None else None
