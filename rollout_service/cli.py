@@ -82,6 +82,10 @@ def serve(
     max_concurrent_generates_per_key: Optional[int] = typer.Option(None, help="Generate calls per key at once (default 1024)."),
     max_concurrent_pushes_per_key: Optional[int] = typer.Option(None, help="Pushes per key at once (default 4)."),
     push_idle_timeout_s: Optional[float] = typer.Option(None, help="Abort a push silent this long, seconds (default 120)."),
+    shared_memory: Optional[bool] = typer.Option(
+        None, "--shared-memory/--no-shared-memory", help="Let same-host clients hand tensors over in shared memory (default on)."
+    ),
+    shared_memory_dir: Optional[Path] = typer.Option(None, help="Where the shared-memory directory is made (default /dev/shm)."),
     log_level: Optional[str] = typer.Option(None, help="debug | info | warning | error (default info)."),
 ) -> None:
     """Serve a model over gRPC and HTTP: on Ray Serve (engine replicas, a weight store; a local Ray

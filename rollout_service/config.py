@@ -192,6 +192,14 @@ class ServerConfig(BaseSettings):
     max_concurrent_generates_per_key: int = Field(
         1024, ge=1, description="Generate calls one API key may have running at once (RESOURCE_EXHAUSTED beyond)."
     )
+    shared_memory: bool = Field(
+        True, description="Let clients on this host hand pushed tensors over as files in shared memory instead of "
+        "streaming them (the clients do it when they find the server's directory; off: every client streams)."
+    )
+    shared_memory_dir: Path = Field(
+        Path("/dev/shm"), description="Where the server makes its shared-memory directory (a tmpfs: the files are "
+        "memory; each is deleted once taken)."
+    )
     push_idle_timeout_s: float = Field(
         120.0, gt=0, description="A push whose sender sends nothing this long is aborted (DEADLINE_EXCEEDED / 504) "
         "and nothing of it applied, so a silent client cannot hold the push lock."

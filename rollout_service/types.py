@@ -205,6 +205,7 @@ class PushResult:
     replicas_catching_up: list[str] = field(default_factory=list)
     dense_bytes: int = 0  # the tensors whole (more than bytes_received when some came as deltas)
     delta_tensors: int = 0
+    shared_bytes: int = 0  # of bytes_received, those taken from shared memory (same host)
 
 
 @dataclass(slots=True)

@@ -82,5 +82,7 @@ def bf16_client(bf16_server):
 @pytest.fixture(scope="session")
 def trainer_server(request, tiny_model, tmp_path_factory) -> ServerProcess:
     """bf16 engine that the client, adapter and GRPO tests push to; each test first pushes the
-    weights it needs (as a trainer syncs before its first rollout), so their order does not matter."""
-    return _server(request, tiny_model, tmp_path_factory, "trainer")
+    weights it needs (as a trainer syncs before its first rollout), so their order does not matter.
+    Without shared memory: the clients stream to it as to a server on another host, so the
+    adapters' pushes keep the streamed path tested (the other servers take same-host pushes)."""
+    return _server(request, tiny_model, tmp_path_factory, "trainer", "--no-shared-memory")

@@ -8,7 +8,7 @@ from google.protobuf.json_format import MessageToDict
 from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
 
 from rollout_service.types import Completion, GenerateRequest, PushResult, Sample, ServerStatus, TopLogprobs
-from rollout_service.weights.manifest import DeltaSpec, PushHeader, TensorSpec
+from rollout_service.weights.manifest import DeltaSpec, PushHeader, SharedBytes, TensorSpec
 
 _FINISH = {
     "stop": pb.FINISH_REASON_STOP,
@@ -71,7 +71,8 @@ def tensor_spec_from_proto(t: pb.TensorSpec) -> TensorSpec:
     if t.HasField("delta"):
         d = t.delta
         delta = DeltaSpec(codec=d.codec, base_crc32=d.base_crc32, changed=d.changed, wire_nbytes=d.wire_nbytes)
-    return TensorSpec(name=t.name, dtype=t.dtype, shape=tuple(t.shape), nbytes=t.nbytes, crc32=crc32, delta=delta)
+    shared = SharedBytes(file=t.shared.file, offset=t.shared.offset) if t.HasField("shared") else None
+    return TensorSpec(name=t.name, dtype=t.dtype, shape=tuple(t.shape), nbytes=t.nbytes, crc32=crc32, delta=delta, shared=shared)
 
 
 def push_header_from_proto(msg: pb.PushHeader) -> PushHeader:

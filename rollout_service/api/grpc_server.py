@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -32,6 +33,8 @@ from rollout_service.errors import (
     grpc_trailers,
     public_message,
 )
+from rollout_service.weights.session import PushSession
+from rollout_service.weights.shared import SharedMemoryDir
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +139,9 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
 
 
 class RolloutServicer(pb_grpc.RolloutServiceServicer):
-    def __init__(self, backend: Backend):
+    def __init__(self, backend: Backend, shared: SharedMemoryDir | None = None):
         self.backend = backend
+        self.shared = shared  # where same-host clients hand over pushed tensors
 
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
         try:
@@ -164,7 +168,10 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
 
     async def GetStatus(self, request: pb.GetStatusRequest, context) -> pb.GetStatusResponse:
         try:
-            return convert.status_to_proto(await self.backend.status())
+            response = convert.status_to_proto(await self.backend.status())
+            if self.shared is not None:
+                response.shared_memory.dir, response.shared_memory.token = str(self.shared.dir), self.shared.token
+            return response
         except Exception as exc:
             await _abort_with(context, exc)
 
@@ -177,7 +184,10 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
             header = convert.push_header_from_proto(first.header)
             budget = PushBudget(self.backend.config)
             budget.add(header.tensors)
+            mapped: dict[str, memoryview] = {}  # this push's shared-memory files
             async with self.backend.begin_push(header) as session:
+                await self._take_shared(session, header.tensors, 0, mapped)
+                declared = len(header.tensors)
                 async for msg in request_iterator:
                     kind = msg.WhichOneof("kind")
                     if kind == "chunk":
@@ -186,6 +196,8 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
                         specs = [convert.tensor_spec_from_proto(t) for t in msg.declare.tensors]
                         budget.add(specs)
                         session.declare(specs)
+                        await self._take_shared(session, specs, declared, mapped)
+                        declared += len(specs)
                     elif kind == "commit":
                         result = await self.backend.commit_push(session)
                         break
@@ -196,6 +208,16 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
         except Exception as exc:
             await _abort_with(context, exc)
         return convert.push_result_to_proto(result)
+
+    async def _take_shared(self, session: PushSession, specs, first: int, mapped: dict[str, memoryview]) -> None:
+        """Hand the session the bytes of the tensors just declared that lie in shared memory."""
+        for index, spec in enumerate(specs, first):
+            if spec.shared is None:
+                continue
+            field = f"tensors[{index}].shared"
+            if self.shared is None:
+                raise InvalidArgument(field, "this server takes no tensors in shared memory (GetStatus has no shared_memory): stream them")
+            await session.add_shared(index, self.shared.take(spec.shared, spec.wire_nbytes, field, mapped))
 
 
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
@@ -219,7 +241,10 @@ async def create_server(backend: Backend, config: ServerConfig, access: Access) 
             ("grpc.max_receive_message_length", max(config.max_request_mib * MIB, MIN_RECEIVE_BYTES)),
         ],
     )
-    pb_grpc.add_RolloutServiceServicer_to_server(RolloutServicer(backend), server)
+    shared = SharedMemoryDir.create(config.shared_memory_dir if config.shared_memory else None)
+    if shared is not None:  # removed when the server is gone, or at exit
+        weakref.finalize(server, shared.close)
+    pb_grpc.add_RolloutServiceServicer_to_server(RolloutServicer(backend, shared), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)

@@ -30,6 +30,14 @@ class DeltaSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class SharedBytes:
+    """Where a tensor's bytes lie in the server's shared-memory directory (weights/shared.py)."""
+
+    file: str
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
 class TensorSpec:
     name: str
     dtype: str
@@ -37,6 +45,7 @@ class TensorSpec:
     nbytes: int  # of the whole tensor, also when it comes as a delta
     crc32: int | None = None  # of the whole tensor
     delta: DeltaSpec | None = None
+    shared: SharedBytes | None = None  # its bytes are in shared memory, not in chunks
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -44,7 +53,7 @@ class TensorSpec:
 
     @property
     def wire_nbytes(self) -> int:
-        """Bytes its chunks carry."""
+        """Bytes its chunks (or its shared memory) carry."""
         return self.delta.wire_nbytes if self.delta is not None else self.nbytes
 
 

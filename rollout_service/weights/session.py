@@ -53,6 +53,7 @@ class PushSession:
         self._pending: list[asyncio.Future] = []
         self.started = time.monotonic()
         self.bytes_received = 0
+        self.shared_bytes = 0  # of bytes_received, those handed over in shared memory
         self.convert_s = 0.0
         self.crc32: dict[str, int] = {}  # checkpoint name -> CRC-32 of the tensor staged for it
         self.committed = False
@@ -103,6 +104,11 @@ class PushSession:
             future.add_done_callback(lambda _f, n=spec.nbytes: asyncio.ensure_future(self._release(n)))
             self._pending.append(future)
 
+    async def add_shared(self, index: int, data: memoryview) -> None:
+        """A tensor's bytes handed over in shared memory (TensorSpec.shared): its one chunk."""
+        await self.add_chunk(index, 0, data)
+        self.shared_bytes += len(data)
+
     def result(
         self, version: int, receive_s: float, prepare_s: float, applied: list[ApplyStats], catching_up: list[str]
     ) -> PushResult:
@@ -114,6 +120,7 @@ class PushSession:
             bytes_received=self.bytes_received,
             dense_bytes=sum(t.nbytes for t in self.tensors),
             delta_tensors=sum(t.delta is not None for t in self.tensors),
+            shared_bytes=self.shared_bytes,
             tensors_applied=len(self.tensors),
             receive_s=receive_s,
             requantize_s=self.convert_s + prepare_s,

@@ -72,6 +72,9 @@ class RecordingBackendDouble:
             async def add_chunk(self, index, offset, data):
                 pass
 
+            async def add_shared(self, index, data):
+                pass
+
         self.declared += [t.name for t in header.tensors]
         yield Session()
 

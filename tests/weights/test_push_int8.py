@@ -63,14 +63,16 @@ def test_int8_partial_push_equals_a_full_push_of_the_merged_weights(int8_target,
 
 def test_an_int8_delta_push_holds_bitwise_what_a_push_of_the_whole_tensors_holds(int8_target, weights1):
     """The server rebuilds each delta tensor whole before it requantizes, so the int8 weights,
-    scales and outputs are those of the whole push of the same bf16 weights."""
+    scales and outputs are those of the whole push of the same bf16 weights. (The delta push goes
+    through shared memory, the default on one host; the whole one is streamed.)"""
     w2 = step(weights1, seed=5)
     with _client(int8_target) as trainer:
         trainer.push_weights(weights1, delta=True)
         result = trainer.push_weights(w2, delta=True)
         assert result.delta_tensors == len(w2) and result.bytes_received < 0.2 * result.dense_bytes
+        assert result.shared_bytes == result.bytes_received
         by_delta, outputs = engine_weights(int8_target), greedy(trainer)
-        trainer.push_weights(weights1)
-        trainer.push_weights(w2)
+        trainer.push_weights(weights1, shared_memory=False)
+        trainer.push_weights(w2, shared_memory=False)
         whole = engine_weights(int8_target)
         assert [k for k in whole if not torch.equal(whole[k], by_delta[k])] == [] and greedy(trainer) == outputs

@@ -17,13 +17,14 @@ import sys
 import time
 import warnings
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
 
 from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
 from rollout_client._proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
-from rollout_client import push
+from rollout_client import push, shared
 from rollout_client.blocking_push import BlockingPush
 from rollout_client.channel import ChannelOptions, RetryPolicy
 from rollout_client.errors import DeadlineExceededError, DeltaBaseError, RolloutClientError, from_rpc_error
@@ -113,24 +114,57 @@ class _Connection:
         # What push_weights(delta=True) encodes against (a bf16 copy of the tensors it pushed).
         self.delta_base = push.DeltaBase()
         self._delta_codecs: list[str] | None = None  # the server's, read on the first delta push
+        self._shared_memory: pb.SharedMemory | None = None  # the server's, read on the first push
 
-    def _delta_plan(self, codecs: Sequence[str] | None) -> push.DeltaPlan | None:
-        """The plan of a delta push; `codecs`: the server's, read by the caller on its first one."""
-        if self._delta_codecs is None:
-            self._delta_codecs = list(codecs or ())
-            if not self._delta_codecs:
-                warnings.warn("this server takes no delta pushes (its engine does not run bfloat16): pushing whole tensors", stacklevel=4)
-        if not self._delta_codecs:
-            return None
-        return push.DeltaPlan(self.delta_base, "zlib" if "zlib" in self._delta_codecs else self._delta_codecs[0])
+    def _status_needed(self, delta: bool, shared_memory: bool | None) -> bool:
+        """Whether a push reads the server's status first: its delta codecs and shared memory are
+        not known yet, or its shared-memory directory is gone from here (a restarted server)."""
+        if delta and self._delta_codecs is None:
+            return True
+        if shared_memory is False:
+            return False
+        known = self._shared_memory
+        return known is None or (bool(known.dir) and not shared.sees(known))
 
-    def _whole_after(self, refused: push.DeltaPlan, exc: DeltaBaseError, items: Iterator, options: dict) -> tuple[push.DeltaPlan, push.SourceErrors]:
+    def _push_setup(
+        self, delta: bool, shared_memory: bool | None, status: pb.GetStatusResponse | None
+    ) -> tuple[push.DeltaPlan | None, shared.SharedWriter | None]:
+        """A push's delta plan and shared-memory writer (None: whole tensors; streamed)."""
+        if status is not None:
+            self._shared_memory = pb.SharedMemory()
+            self._shared_memory.CopyFrom(status.shared_memory)
+            if delta and self._delta_codecs is None:
+                self._delta_codecs = list(status.delta_codecs)
+                if not self._delta_codecs:
+                    warnings.warn("this server takes no delta pushes (its engine does not run bfloat16): pushing whole tensors", stacklevel=4)
+        plan = writer = None
+        if delta and self._delta_codecs:
+            plan = push.DeltaPlan(self.delta_base, "zlib" if "zlib" in self._delta_codecs else self._delta_codecs[0])
+        if shared_memory is not False:
+            if self._shared_memory is not None and shared.sees(self._shared_memory):
+                writer = shared.SharedWriter(Path(self._shared_memory.dir))
+            elif shared_memory:
+                where = self._shared_memory.dir if self._shared_memory is not None and self._shared_memory.dir else None
+                raise ValueError(
+                    "shared_memory=True, but " + (
+                        f"this process does not see the server's shared-memory directory {where} (another host, "
+                        "another /dev/shm, or another user)" if where else "the server takes no tensors in shared memory"
+                    )
+                )
+        return plan, writer
+
+    def _whole_after(
+        self, refused: push.DeltaPlan, exc: DeltaBaseError, items: Iterator, options: dict, source: push.SourceErrors
+    ) -> tuple[push.DeltaPlan, push.SourceErrors]:
         """The whole push that follows a refused delta push (whose request stream has stopped): the
         tensors it took, then the rest of the caller's, recorded as the new base."""
         warnings.warn(f"delta push refused ({exc.details}); pushing whole tensors instead", stacklevel=3)
+        source.close()
         self.delta_base.version = None  # the base matches no version the server holds: record anew
         plan = push.DeltaPlan(self.delta_base, refused.codec)
-        return plan, push.SourceErrors(push.requests(itertools.chain(refused.resent(), items), plan=plan, **options))
+        writer = source.shared.again() if source.shared is not None else None
+        stream = push.requests(itertools.chain(refused.resent(), items), plan=plan, shared=writer, **options)
+        return plan, push.SourceErrors(stream, writer)
 
     def _deadline(self, timeout: float | None) -> float | None:
         return timeout if timeout is not None else self.timeout
@@ -190,6 +224,7 @@ class RolloutClient(_Connection):
         progress: bool | None = None,
         timeout: float | None = None,
         delta: bool = False,
+        shared_memory: bool | None = None,
     ) -> PushResult:
         """Stream new weights (a state_dict, a dict of numpy/torch tensors, or an iterable of
         (name, tensor), e.g. a generator gathering sharded parameters one by one) into the server;
@@ -205,16 +240,19 @@ class RolloutClient(_Connection):
         for a bf16 engine. The first such push sends everything whole. If the server no longer
         has that version, the push goes whole by itself, with a warning (`PushResult.fell_back`
         says why). The served weights are bitwise those of a push of the same tensors whole.
+        `shared_memory`: hand the tensors over as files in the server's shared memory instead of
+        streaming them (one copy, no serialization); by default whenever this process sees the
+        server's directory (same host, same /dev/shm, same user); True: required (ValueError
+        where it cannot be); False: always stream.
         """
         show = _show_progress(progress)
         start = time.perf_counter()
         options = dict(chunk_bytes=chunk_bytes, bucket_bytes=bucket_bytes, expected_version=expected_version,
                        label=label, inflight=inflight, progress=show, total=push.total_bytes(weights) if show else None)
-        plan = None
-        if delta:
-            plan = self._delta_plan(self.status(timeout).delta_codecs if self._delta_codecs is None else None)
+        status = self.status(timeout) if self._status_needed(delta, shared_memory) else None
+        plan, writer = self._push_setup(delta, shared_memory, status)
         items, fell_back = push.items(weights), ""
-        source = push.SourceErrors(push.requests(items, plan=plan, **options))
+        source = push.SourceErrors(push.requests(items, plan=plan, shared=writer, **options), writer)
         try:
             try:
                 response = self._send(source, timeout)
@@ -222,13 +260,15 @@ class RolloutClient(_Connection):
                 if plan is None:
                     raise
                 source.stop()  # gRPC's thread may still be taking tensors: let it finish first
-                (plan, source), fell_back = self._whole_after(plan, exc, items, options), exc.details
+                (plan, source), fell_back = self._whole_after(plan, exc, items, options, source), exc.details
                 response = self._send(source, timeout)
         except BaseException:
             if plan is not None:  # updated in place as far as the push went: no longer any version's
                 source.stop()
                 self.delta_base.clear()
             raise
+        finally:
+            source.close()
         if plan is not None:
             self.delta_base.version = response.version
         if response.replicas_catching_up:  # committed; the version is served once they have it
@@ -338,17 +378,17 @@ class AsyncRolloutClient(_Connection):
         progress: bool | None = None,
         timeout: float | None = None,
         delta: bool = False,
+        shared_memory: bool | None = None,
     ) -> PushResult:
         """See RolloutClient.push_weights."""
         show = _show_progress(progress)
         start = time.perf_counter()
         options = dict(chunk_bytes=chunk_bytes, bucket_bytes=bucket_bytes, expected_version=expected_version,
                        label=label, inflight=inflight, progress=show, total=push.total_bytes(weights) if show else None)
-        plan = None
-        if delta:
-            plan = self._delta_plan((await self.status(timeout)).delta_codecs if self._delta_codecs is None else None)
+        status = (await self.status(timeout)) if self._status_needed(delta, shared_memory) else None
+        plan, writer = self._push_setup(delta, shared_memory, status)
         items, fell_back = push.items(weights), ""
-        source = push.SourceErrors(push.requests(items, plan=plan, **options))
+        source = push.SourceErrors(push.requests(items, plan=plan, shared=writer, **options), writer)
         try:
             try:
                 response = await self._send(source, timeout)
@@ -357,13 +397,16 @@ class AsyncRolloutClient(_Connection):
                     raise
                 # gRPC's thread may still be taking tensors: let it finish first (off the loop).
                 await asyncio.to_thread(source.stop)
-                (plan, source), fell_back = self._whole_after(plan, exc, items, options), exc.details
+                (plan, source), fell_back = self._whole_after(plan, exc, items, options, source), exc.details
                 response = await self._send(source, timeout)
         except BaseException:
             if plan is not None:  # updated in place as far as the push went: no longer any version's
                 await asyncio.shield(asyncio.to_thread(source.stop))
                 self.delta_base.clear()
             raise
+        finally:
+            if source.shared is not None:  # stopping waits for gRPC's thread: off the loop
+                await asyncio.shield(asyncio.to_thread(source.close))
         if plan is not None:
             self.delta_base.version = response.version
         if response.replicas_catching_up:  # committed; the version is served once they have it

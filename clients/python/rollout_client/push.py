@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from rollout_client import delta
+from rollout_client.shared import SharedWriter, Stopped
 from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
@@ -51,6 +52,7 @@ class PushResult:
     dense_bytes: int = 0  # the tensors whole; bytes_received is what went on the wire
     delta_tensors: int = 0  # tensors sent as deltas
     fell_back: str = ""  # why a delta push went whole instead (the server's refusal), if it did
+    shared_bytes: int = 0  # of bytes_received, those handed over in shared memory (same host)
 
     @property
     def gbps(self) -> float:
@@ -64,6 +66,8 @@ class PushResult:
 
     def __str__(self) -> str:
         wire = f", {self.bytes_received / 1e9:.3f} GB on the wire ({self.delta_tensors} deltas)" if self.delta_tensors else ""
+        if self.shared_bytes:
+            wire += f", {self.shared_bytes / 1e9:.3f} GB through shared memory"
         return (
             f"pushed {self.tensors_applied} tensors, {(self.dense_bytes or self.bytes_received) / 1e9:.3f} GB{wire} "
             f"in {self.seconds:.2f} s ({self.gbps:.2f} GB/s) -> version {self.version} (apply {self.apply_s * 1e3:.0f} ms, "
@@ -90,6 +94,7 @@ def result_from_proto(msg: pb.PushWeightsResponse, seconds: float, fell_back: st
         dense_bytes=msg.dense_bytes,
         delta_tensors=msg.delta_tensors,
         fell_back=fell_back,
+        shared_bytes=msg.shared_bytes,
     )
 
 
@@ -240,6 +245,7 @@ def requests(
     inflight: str = "",
     progress: bool = False,
     plan: DeltaPlan | None = None,
+    shared: SharedWriter | None = None,
     total: int | None = None,
 ) -> Iterator[pb.PushWeightsRequest]:
     """The PushWeights messages: header; per bucket a PushDeclare of its tensors and their chunks;
@@ -248,7 +254,8 @@ def requests(
     A bucket is consecutive tensors of about `bucket_bytes` (closed once it reaches that size):
     they are copied to host memory together (one declare message per bucket) and released once
     sent, so the client holds at most one bucket beyond the caller's own tensors. With a `plan`,
-    tensors are cast to bf16, recorded in its base and sent as deltas where it has them.
+    tensors are cast to bf16, recorded in its base and sent as deltas where it has them. With
+    `shared`, each bucket's bytes go into one shared-memory file instead of chunks.
     """
     if chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes={chunk_bytes} must be positive")
@@ -275,6 +282,12 @@ def requests(
                         spec.delta.CopyFrom(encoded)
                 specs.append(spec)
                 payloads.append(flat)
+            if shared is not None:
+                handed = [i for i, flat in enumerate(payloads) if flat.nbytes]
+                file, offsets = shared.write([payloads[i] for i in handed])
+                for i, offset in zip(handed, offsets):
+                    specs[i].shared.CopyFrom(pb.SharedBytes(file=file, offset=offset))
+                    payloads[i] = payloads[i][:0]  # no chunks
             yield pb.PushWeightsRequest(declare=pb.PushDeclare(tensors=specs))
             for spec, flat in zip(specs, payloads):
                 for offset in range(0, flat.nbytes, chunk_bytes):
@@ -282,7 +295,7 @@ def requests(
                     chunk = pb.PushChunk(tensor_index=index, offset=offset, data=piece.tobytes())
                     yield pb.PushWeightsRequest(chunk=chunk)
                     bar.update(piece.nbytes)
-                bar.update(spec.nbytes - flat.nbytes)  # a delta's bar counts the tensor whole
+                bar.update(spec.nbytes - flat.nbytes)  # the bar counts a delta or shared tensor whole
                 index += 1
         yield pb.PushWeightsRequest(commit=pb.PushCommit())
     finally:
@@ -296,12 +309,14 @@ class SourceErrors:
 
     gRPC draws the stream on a thread of its own, which may still be building a request when the
     call has already failed: `stop` waits for that request and ends the stream, so the caller can
-    go on with the tensors it was drawing from (a refused delta push, sent again whole)."""
+    go on with the tensors it was drawing from (a refused delta push, sent again whole).
+    `shared`: the stream's shared-memory files, deleted by `close` where the server left them."""
 
-    def __init__(self, stream: Iterator[pb.PushWeightsRequest]):
+    def __init__(self, stream: Iterator[pb.PushWeightsRequest], shared: SharedWriter | None = None):
         self._stream = stream
         self._lock = threading.Lock()
         self._stopped = False
+        self.shared = shared
         self.error: BaseException | None = None
 
     def __iter__(self) -> SourceErrors:
@@ -315,13 +330,23 @@ class SourceErrors:
                 return next(self._stream)
             except StopIteration:
                 raise
+            except Stopped:
+                raise StopIteration from None
             except Exception as exc:
                 self.error = exc
                 raise
 
     def stop(self) -> None:
+        if self.shared is not None:
+            self.shared.stop()  # the stream may be waiting for the server to take a file
         with self._lock:
             self._stopped = True
+
+    def close(self) -> None:
+        """After the call: stop, and delete the shared-memory files the server did not take."""
+        if self.shared is not None:
+            self.stop()
+            self.shared.close()
 
 
 def _buckets(

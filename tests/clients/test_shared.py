@@ -1,0 +1,65 @@
+"""The client's side of same-host pushes (rollout_client.shared), no server: who sees the server's
+directory, how a bucket is written, how far the writer runs ahead of the server, and that a stopped
+push neither hangs nor leaves files behind."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
+
+from rollout_client import push
+from rollout_client.shared import MAX_FILES, SharedWriter, sees
+
+
+def test_only_a_process_that_reads_the_servers_token_there_sees_its_directory(tmp_path):
+    (tmp_path / "token").write_text("abc")
+    assert sees(pb.SharedMemory(dir=str(tmp_path), token="abc"))
+    assert not sees(pb.SharedMemory(dir=str(tmp_path), token="another server's"))
+    assert not sees(pb.SharedMemory(dir=str(tmp_path / "elsewhere"), token="abc"))  # another host's /dev/shm
+    assert not sees(pb.SharedMemory())  # the server takes none
+
+
+def test_a_bucket_is_one_file_with_each_tensor_at_an_aligned_offset(tmp_path):
+    a, b = np.arange(5, dtype=np.uint8), np.arange(100, dtype=np.uint8)
+    name, offsets = SharedWriter(tmp_path).write([a, b])
+    data = (tmp_path / name).read_bytes()
+    assert offsets == [0, 64] and len(data) == 164
+    assert data[:5] == a.tobytes() and data[64:] == b.tobytes()
+
+
+def test_the_writer_waits_while_the_server_has_not_taken_earlier_files(tmp_path):
+    writer = SharedWriter(tmp_path)
+    names = [writer.write([np.ones(8, np.uint8)])[0] for _ in range(MAX_FILES)]
+    done = threading.Event()
+    threading.Thread(target=lambda: (writer.write([np.ones(8, np.uint8)]), done.set()), daemon=True).start()
+    assert not done.wait(0.2)  # shared memory holds MAX_FILES buckets, never the model
+    (tmp_path / names[0]).unlink()  # the server took the oldest
+    assert done.wait(5)
+
+
+def test_a_stopped_push_stops_waiting_and_closing_deletes_what_the_server_did_not_take(tmp_path):
+    writer = SharedWriter(tmp_path)
+    tensors = {f"t{i}": np.full(16, i, np.float32) for i in range(4)}
+    source = push.SourceErrors(push.requests(tensors, bucket_bytes=1, shared=writer), writer)
+    taken = [next(source) for _ in range(1 + MAX_FILES)]  # the header, then a declare per bucket
+    assert [m.WhichOneof("kind") for m in taken[1:]] == ["declare"] * MAX_FILES  # no chunks: the bytes are in files
+    assert all(m.declare.tensors[0].HasField("shared") for m in taken[1:])
+    blocked = threading.Thread(target=lambda: list(source), daemon=True)
+    blocked.start()
+    time.sleep(0.1)
+    assert blocked.is_alive()  # waiting for the server
+    source.close()
+    blocked.join(5)
+    assert not blocked.is_alive() and source.error is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_tensor_with_no_bytes_is_declared_without_a_file(tmp_path):
+    writer = SharedWriter(tmp_path)
+    messages = list(push.requests({"empty": np.zeros(0, np.float32), "x": np.ones(4, np.float32)}, shared=writer))
+    empty, x = messages[1].declare.tensors
+    assert not empty.HasField("shared") and x.shared.offset == 0 and x.shared.file
+    assert [m.WhichOneof("kind") for m in messages] == ["header", "declare", "commit"]  # no chunks at all
