@@ -6,6 +6,12 @@
   push latency             PushWeights of the whole model into 1 replica, then 2 (scaled in place)
   push_ratio_vs_bare_grpc  push throughput into 2 replicas / the same client stream into a gRPC
                            server that only counts bytes, interleaved; target >= 0.7
+  serve_push_ratio_vs_local / serve_push_ratio_vs_tcp
+                           push into 2 replicas / push into the single-process server (target
+                           >= 0.8) / the raw bytes over loopback TCP, interleaved round by round;
+                           every push takes the client's default path (shared memory on one host)
+  int8_serve_push_ratio_vs_local
+                           the same with int8 replicas and an int8 single-process server
   tokens/s with 2 replicas on this machine (2 cores shared by everything: replicas cannot add
   throughput here; the scaling measurement belongs on a machine with a core set per replica).
 """
@@ -24,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import CACHE, emit, machine  # noqa: E402
-from bench.push import CHUNK, _bare_grpc_server, _start, bench_model  # noqa: E402
+from bench.push import CHUNK, _bare_grpc_server, _start, _tcp_sink, bench_model, tcp_send  # noqa: E402
 
 PROMPT = [(7 * j) % 1500 + 20 for j in range(24)]
 
@@ -79,6 +85,8 @@ def main() -> None:
     results: dict = {"model_mb": round(nbytes / 1e6, 1), "rounds": rounds, "load": load, "machine": machine()}
 
     bare_proc, bare_port = _start(_bare_grpc_server)
+    tcp_proc, tcp_port = _start(_tcp_sink)
+    payload = [memoryview(t.contiguous().view(torch.uint8).numpy()) for t in weights.values()]
     bare = pb_grpc.RolloutServiceStub(grpc.insecure_channel(f"127.0.0.1:{bare_port}", options=[("grpc.max_send_message_length", 256 << 20)]))
     local = ServerProcess.start(model, CACHE / "serve-bench-local.log", "--backend", "local", "--max-model-len", "256",
                                 "--no-http", "--cache-dir", str(CACHE / "rollout"))
@@ -102,7 +110,7 @@ def main() -> None:
         results["local_tok_s"] = statistics.median(local_tps)
         results["serve_tok_s"] = statistics.median(serve_tps)
         results["serve_tok_ratio"] = statistics.median(s / l for s, l in zip(serve_tps, local_tps))
-        local.stop()
+        local_client = RolloutClient(local.grpc_address, timeout=600)
 
         def pushes(n: int) -> list:
             return [client.push_weights(policies[i % 2], chunk_bytes=CHUNK) for i in range(n)]
@@ -116,31 +124,63 @@ def main() -> None:
         deploy(config.model_copy(update={"replicas": 2}))
         results["scale_1_to_2_s"] = time.perf_counter() - start
         print(f"scaled to 2 replicas in {results['scale_1_to_2_s']:.0f} s (new replica caught up)", file=sys.stderr)
-        two, bare_s = [], []
+        local_client.push_weights(policies[1], chunk_bytes=CHUNK)  # warm
+        two, bare_s, single, tcp_s = [], [], [], []
         for r in range(rounds):
             two.append(client.push_weights(policies[r % 2], chunk_bytes=CHUNK))
             start = time.perf_counter()
             bare.PushWeights(requests(weights, chunk_bytes=CHUNK))
             bare_s.append(time.perf_counter() - start)
-            print(f"round {r + 1}: push to 2 replicas {two[-1].seconds:.2f} s ({nbytes / two[-1].seconds / 1e9:.3f} GB/s), "
-                  f"bare gRPC {bare_s[-1]:.2f} s; prepare+requantize {two[-1].requantize_s:.2f} s, "
-                  f"apply {two[-1].apply_s * 1e3:.0f} ms, pause {two[-1].pause_ms:.0f} ms", file=sys.stderr)
+            single.append(local_client.push_weights(policies[r % 2], chunk_bytes=CHUNK))
+            tcp_s.append(tcp_send(tcp_port, payload))
+            print(f"round {r + 1}: push to 2 replicas {two[-1].seconds:.2f} s ({nbytes / two[-1].seconds / 1e9:.3f} GB/s, "
+                  f"{two[-1].shared_bytes / 1e6:.0f} MB through shared memory), bare gRPC {bare_s[-1]:.2f} s, "
+                  f"single-process push {single[-1].seconds:.2f} s, TCP {tcp_s[-1]:.3f} s; prepare+requantize "
+                  f"{two[-1].requantize_s:.2f} s, apply {two[-1].apply_s * 1e3:.0f} ms, pause {two[-1].pause_ms:.0f} ms", file=sys.stderr)
         results["push_2_replicas_s"] = statistics.median(p.seconds for p in two)
         results["push_2_replicas_gbps"] = nbytes / results["push_2_replicas_s"] / 1e9
         results["bare_grpc_gbps"] = nbytes / statistics.median(bare_s) / 1e9
         results["push_ratio_vs_bare_grpc"] = statistics.median(b / p.seconds for p, b in zip(two, bare_s))
         results["push_latency_ratio_2_vs_1"] = results["push_2_replicas_s"] / results["push_1_replica_s"]
+        results["local_push_gbps"] = nbytes / statistics.median(p.seconds for p in single) / 1e9
+        results["tcp_gbps"] = nbytes / statistics.median(tcp_s) / 1e9
+        results["serve_push_ratio_vs_local"] = statistics.median(s.seconds / p.seconds for p, s in zip(two, single))
+        results["serve_push_ratio_vs_tcp"] = statistics.median(t / p.seconds for p, t in zip(two, tcp_s))
+        local_client.close()
+        local.stop()
         time.sleep(1.5)
         results["serve_2_replicas_tok_s"] = tokens_per_s(address, **load)
         client.close()
+
+        # int8 replicas (the ingress requantizes each tensor once, as it arrives, for both) beside
+        # a single-process int8 server (which requantizes as it arrives too).
+        address = deploy(config.model_copy(update={"replicas": 2, "quantization": "int8"})).endpoints.remote().result()["grpc"]
+        local = ServerProcess.start(model, CACHE / "serve-bench-local-int8.log", "--backend", "local", "--max-model-len", "256",
+                                    "--no-http", "--cache-dir", str(CACHE / "rollout"), "--quantization", "int8")
+        with RolloutClient(address, timeout=600) as client, RolloutClient(local.grpc_address, timeout=600) as local_client:
+            client.push_weights(policies[1], chunk_bytes=CHUNK)  # warm
+            local_client.push_weights(policies[1], chunk_bytes=CHUNK)
+            two8, single8 = [], []
+            for r in range(rounds):
+                two8.append(client.push_weights(policies[r % 2], chunk_bytes=CHUNK))
+                single8.append(local_client.push_weights(policies[r % 2], chunk_bytes=CHUNK))
+                print(f"int8 round {r + 1}: push to 2 replicas {two8[-1].seconds:.2f} s (requantize+prepare "
+                      f"{two8[-1].requantize_s:.2f} s), single-process {single8[-1].seconds:.2f} s", file=sys.stderr)
+        results["int8_push_2_replicas_gbps"] = nbytes / statistics.median(p.seconds for p in two8) / 1e9
+        results["int8_local_push_gbps"] = nbytes / statistics.median(p.seconds for p in single8) / 1e9
+        results["int8_serve_push_ratio_vs_local"] = statistics.median(s.seconds / p.seconds for p, s in zip(two8, single8))
     finally:
         local.stop()
         ray.shutdown()
         bare_proc.kill()
+        tcp_proc.kill()
     print(
         f"serve/local tokens/s {results['serve_tok_ratio']:.3f} (target >= 0.95); push to 2 replicas "
         f"{results['push_2_replicas_gbps']:.3f} GB/s = {results['push_ratio_vs_bare_grpc']:.2f} x bare gRPC (target >= 0.7); "
-        f"push latency 1 replica {results['push_1_replica_s']:.2f} s, 2 replicas {results['push_2_replicas_s']:.2f} s",
+        f"push latency 1 replica {results['push_1_replica_s']:.2f} s, 2 replicas {results['push_2_replicas_s']:.2f} s; "
+        f"2 replicas / single-process push {results['serve_push_ratio_vs_local']:.2f} (target >= 0.8), / TCP "
+        f"{results['serve_push_ratio_vs_tcp']:.3f}; int8: 2 replicas / single-process push "
+        f"{results['int8_serve_push_ratio_vs_local']:.2f}",
         file=sys.stderr,
     )
     if args.json:

@@ -1,9 +1,11 @@
 """A push to every replica or to none (runs in the ingress).
 
     receive  the stream once: checked, cast to the engine dtype, CRC-32'd, written as shards to the
-             weight store's incoming/ (weights/session.py, as the single-process server does)
-    prepare  broadcast: every replica converts the version's shards into its engine's format
-             (requantizing for int8/fp8) in its own staging area; nothing is loaded yet
+             weight store's incoming/ (weights/session.py, as the single-process server does); for
+             int8/fp8 replicas each tensor is also requantized as it arrives, once for all replicas
+    prepare  broadcast: every replica takes the push in its engine's format into its own staging
+             area: the requantized parts hard-linked (copied across filesystems), or for bf16 the
+             stored shards themselves; nothing is loaded yet
     commit   only when every replica has prepared: the manifest and CURRENT are written (the commit
              point), the coordinator records the version and appends its event
     apply    broadcast: every replica loads its prepared tensors and labels further tokens with the
@@ -38,9 +40,9 @@ from rollout_service.errors import Conflict, EngineUnavailable
 from rollout_service.serve.coordinator import Coordinator
 from rollout_service.serve.errors import ApplyFailed, broadcast, broadcast_all
 from rollout_service.types import PushResult
-from rollout_service.weights.convert import store_converter
+from rollout_service.weights.convert import requantizer, store_converter
 from rollout_service.weights.manifest import ParamTable, PushHeader
-from rollout_service.weights.service import PART_BYTES, receiving, shielded
+from rollout_service.weights.service import receiving, shielded
 from rollout_service.weights.session import PushSession
 from rollout_service.weights.staging import Spool
 from rollout_service.weights.versions import VersionStore, storage_errors
@@ -74,12 +76,17 @@ class ClusterPush:
             # where expected_version is checked, so the commit cannot land on another version.
             committed = self.store.current_version()
             cast_crc: dict[str, int] = {}
-            spool = Spool(self.store.incoming, PART_BYTES)
-            convert = store_converter(self._dtype, cast_crc)  # replicas requantize
-            async with receiving(header, self.table, convert, spool, self.config, self.store, committed) as session:
-                session.push_owner, session.fence, session.version = owner, fence, committed + 1  # this push's own
-                session.cast_crc = cast_crc
-                yield session
+            spool = Spool(self.store.incoming)
+            prepare, prepared = requantizer(self._dtype, self.config.recipe(), self.store.incoming)
+            convert = store_converter(self._dtype, cast_crc, prepare)
+            try:
+                async with receiving(header, self.table, convert, spool, self.config, self.store, committed) as session:
+                    session.push_owner, session.fence, session.version = owner, fence, committed + 1  # this push's own
+                    session.cast_crc, session.prepared = cast_crc, prepared
+                    yield session
+            finally:  # the replicas took their own links to the requantized parts, or the push failed
+                if prepared is not None:
+                    await asyncio.to_thread(prepared.discard)
         finally:
             keeper.cancel()
             try:
@@ -123,7 +130,14 @@ class ClusterPush:
         files = self.store.adopt(session.spool.dir, session.spool.files, version)
         push_id = f"v{version}-{uuid.uuid4().hex[:8]}"
         try:
-            prepare_s = await broadcast_all(self.engines, "prepare", push_id, version, {n: str(p) for n, p in files.items()})
+            start = time.monotonic()
+            requantized = None
+            if session.prepared is not None:
+                await asyncio.to_thread(session.prepared.flush)
+                requantized = {n: str(p) for n, p in session.prepared.files.items()}
+            flush_s = time.monotonic() - start
+            stored = {n: str(p) for n, p in files.items()}
+            prepare_s = await broadcast_all(self.engines, "prepare", push_id, version, stored, requantized)
             await self._fence(session.push_owner)
         except BaseException as exc:
             log.warning("push %s failed to prepare (%s); every replica stays on version %d", push_id, exc, version - 1)
@@ -131,7 +145,8 @@ class ClusterPush:
                 await broadcast_all(self.engines, "abort", push_id)
             self.store.discard(files)
             raise
-        return await shielded(self._commit_and_apply(session, push_id, version, files, receive_s, max(prepare_s, default=0.0)))
+        prepare_s = flush_s + max(prepare_s, default=0.0)
+        return await shielded(self._commit_and_apply(session, push_id, version, files, receive_s, prepare_s))
 
     async def _commit_and_apply(self, session, push_id, version, files, receive_s, prepare_s) -> PushResult:
         crc = {**session.crc32, **session.cast_crc}

@@ -125,14 +125,19 @@ class EngineReplica:
 
     # ---- control plane: a push in two phases --------------------------------------------------
 
-    async def prepare(self, push_id: str, version: int, stored: dict[str, str]) -> float:
-        """Convert the stored tensors of `version` into this engine's format; returns seconds."""
+    async def prepare(self, push_id: str, version: int, stored: dict[str, str], requantized: dict[str, str] | None = None) -> float:
+        """Take the tensors of `version` in this engine's format: `requantized` (the ingress's
+        parts, for an int8/fp8 engine) linked into its staging, else the stored ones converted
+        (the shards themselves for bf16); returns seconds."""
         loop = asyncio.get_running_loop()
         start = loop.time()
         if self._fail_next_prepare is not None:
             message, self._fail_next_prepare = self._fail_next_prepare, None
             raise EngineUnavailable(f"replica {self.replica_id}: {message}")
-        files, spool = await self.weights.stage({n: Path(p) for n, p in stored.items()})
+        if requantized is not None:
+            files, spool = await self.weights.adopt({n: Path(p) for n, p in requantized.items()})
+        else:
+            files, spool = await self.weights.stage({n: Path(p) for n, p in stored.items()})
         self._prepared[push_id] = Prepared(version, files, spool, loop.time())
         return loop.time() - start
 

@@ -5,11 +5,13 @@ quantized. Output is in checkpoint naming: 'x.weight' and, when quantized, 'x.we
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from rollout_service.errors import InvalidArgument
 from rollout_service.quant import Recipe, quantize_weight
+from rollout_service.weights.staging import Spool
 from rollout_service.weights.versions import crc32_of
 
 
@@ -56,3 +58,16 @@ def store_converter(
         return out
 
     return convert
+
+
+def requantizer(
+    dtype: torch.dtype, recipe: Recipe | None, root: Path
+) -> tuple[Callable[[str, torch.Tensor], None] | None, Spool | None]:
+    """For a push received into the weight store: what the receive thread calls with each tensor
+    as stored (cast to the engine dtype) to requantize it into a spool under `root` as it arrives
+    (overlapped with receiving, once per push), and that spool. (None, None) for an unquantized
+    engine, which loads the stored shards themselves."""
+    if recipe is None:
+        return None, None
+    spool = Spool(root)
+    return (lambda name, tensor: spool.add(to_engine_format(name, tensor, dtype, recipe))), spool

@@ -33,7 +33,7 @@ from rollout_service.errors import Conflict, EngineUnavailable
 from rollout_service.types import ApplyStats, PushResult
 from rollout_service.weights.convert import store_converter
 from rollout_service.weights.manifest import PushHeader
-from rollout_service.weights.service import PART_BYTES, WeightService, receiving, shielded
+from rollout_service.weights.service import WeightService, receiving, shielded
 from rollout_service.weights.session import PushSession
 from rollout_service.weights.staging import Spool
 from rollout_service.weights.versions import VersionStore, open_store
@@ -62,7 +62,6 @@ class LocalPush:
         self.config = config
         self._dtype = getattr(torch, config.dtype)
         self._busy = False
-        self._prepared: Spool | None = None  # the running push's requantized tensors (int8/fp8)
         self.last_push: PushResult | None = None
 
     async def resume(self) -> int:
@@ -90,17 +89,18 @@ class LocalPush:
         try:
             await self.resume()  # the next version is numbered after the store's, which the engine must serve
             cast_crc: dict[str, int] = {}
-            spool = Spool(self.store.incoming, PART_BYTES)
-            prepare, self._prepared = self.weights.preparer()
+            spool = Spool(self.store.incoming)
+            prepare, prepared = self.weights.preparer()
             convert = store_converter(self._dtype, cast_crc, prepare)
-            async with receiving(header, self.weights.table, convert, spool, self.config, self.store, self.store.current_version()) as session:
-                session.cast_crc = cast_crc
-                yield session
+            try:
+                async with receiving(header, self.weights.table, convert, spool, self.config, self.store, self.store.current_version()) as session:
+                    session.cast_crc, session.prepared = cast_crc, prepared
+                    yield session
+            finally:
+                # After receiving's exit, which waited for the conversion running now.
+                if prepared is not None and not (session is not None and session.committed):
+                    prepared.discard()
         finally:
-            # After receiving's exit, which waited for the conversion running now.
-            if self._prepared is not None and not (session is not None and session.committed):
-                self._prepared.discard()
-            self._prepared = None
             self._busy = False
 
     async def commit(self, session: PushSession) -> PushResult:
@@ -111,9 +111,9 @@ class LocalPush:
         start = time.monotonic()
         try:
             prepared = files
-            if self._prepared is not None:
-                await asyncio.to_thread(self._prepared.flush)
-                prepared = self._prepared.files
+            if session.prepared is not None:
+                await asyncio.to_thread(session.prepared.flush)
+                prepared = session.prepared.files
         except BaseException:
             self.store.discard(files)
             raise

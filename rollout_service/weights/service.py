@@ -25,7 +25,7 @@ import torch
 from rollout_service.config import InflightPolicy, ServerConfig
 from rollout_service.errors import FailedPrecondition
 from rollout_service.types import ApplyStats
-from rollout_service.weights.convert import to_engine_format
+from rollout_service.weights.convert import requantizer, to_engine_format
 from rollout_service.weights.delta import DeltaBase
 from rollout_service.weights.manifest import ParamTable, PushHeader
 from rollout_service.weights.session import PushSession
@@ -39,9 +39,6 @@ if typing.TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 POLICIES: tuple[str, ...] = typing.get_args(InflightPolicy)
-# Size of the staged part files the engine reads back.
-PART_BYTES = 64 * 1024 * 1024
-
 
 class WeightService:
     def __init__(self, engine: RolloutEngine, config: ServerConfig):
@@ -76,14 +73,21 @@ class WeightService:
         return result
 
     def preparer(self) -> tuple[Callable[[str, torch.Tensor], None] | None, Spool | None]:
-        """For a push received into the weight store: what the receive thread calls with each
-        tensor as stored (cast to the engine dtype) to requantize it into a staging spool as it
-        arrives -- `stage`'s work, overlapped with receiving -- and that spool. (None, None) for an
-        unquantized engine, which loads the stored shards themselves."""
-        if self._recipe is None:
-            return None, None
-        spool = Spool(self._root, PART_BYTES)
-        return (lambda name, tensor: spool.add(self._convert(name, tensor))), spool
+        """`stage`'s work on each tensor of a push as it arrives, into this engine's staging
+        (convert.requantizer)."""
+        return requantizer(self._dtype, self._recipe, self._root)
+
+    async def adopt(self, prepared: dict[str, Path]) -> tuple[dict[str, Path], Spool]:
+        """Tensors a push already requantized (name -> part file, by the Serve ingress) as this
+        engine's staged tensors: linked into its staging, or copied where that is another
+        filesystem (returned as `stage` returns them)."""
+        spool = Spool(self._root)
+        try:
+            await asyncio.to_thread(spool.link, prepared)
+        except BaseException:
+            spool.discard()
+            raise
+        return spool.files, spool
 
     async def stage(self, stored: dict[str, Path]) -> tuple[dict[str, Path], Spool | None]:
         """Tensors of a weight-store version (name -> shard, in the engine's dtype) in the engine's
@@ -91,7 +95,7 @@ class WeightService:
         staging directory (returned, to discard when the push is dropped)."""
         if self._recipe is None:
             return dict(stored), None
-        spool = Spool(self._root, PART_BYTES)
+        spool = Spool(self._root)
 
         def convert_all() -> None:
             by_file: dict[Path, list[str]] = {}

@@ -64,6 +64,8 @@ class PushSession:
         self.fence: int | None = None
         self.version = 0
         self.cast_crc: dict[str, int] = {}
+        # A quantized engine's tensors, requantized as they arrive (weights/convert.requantizer).
+        self.prepared: Spool | None = None
         self.declare(header.tensors)
 
     def declare(self, specs: tuple[TensorSpec, ...] | list[TensorSpec]) -> None:

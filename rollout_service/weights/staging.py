@@ -8,6 +8,7 @@ engine's worker a path instead of tensors to unpickle.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 import uuid
@@ -36,10 +37,14 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
             f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
+# Size of the staged part files the engine reads back.
+PART_BYTES = 64 * 1024 * 1024
+
+
 class Spool:
     """One push's staging directory: `add` converted tensors, `flush` writes a part file."""
 
-    def __init__(self, root: Path, part_bytes: int):
+    def __init__(self, root: Path, part_bytes: int = PART_BYTES):
         self.dir = root / f"push-{uuid.uuid4().hex[:12]}"
         self.dir.mkdir(parents=True)
         self._part_bytes = part_bytes
@@ -62,6 +67,18 @@ class Spool:
         for name in self._pending:
             self.files[name] = path
         self._pending, self._pending_bytes = {}, 0
+
+    def link(self, files: dict[str, Path]) -> None:
+        """Take tensors already converted elsewhere (name -> part file) as this spool's own: each
+        file hard-linked in (no copy), or copied where the two are on different filesystems."""
+        for source in set(files.values()):
+            target = self.dir / source.name
+            try:
+                os.link(source, target)
+            except OSError:  # another filesystem (EXDEV), or one without hard links
+                shutil.copyfile(source, target)
+        for name, source in files.items():
+            self.files[name] = self.dir / source.name
 
     def discard(self) -> None:
         self._pending = {}

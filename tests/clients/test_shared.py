@@ -63,3 +63,28 @@ def test_a_tensor_with_no_bytes_is_declared_without_a_file(tmp_path):
     empty, x = messages[1].declare.tensors
     assert not empty.HasField("shared") and x.shared.offset == 0 and x.shared.file
     assert [m.WhichOneof("kind") for m in messages] == ["header", "declare", "commit"]  # no chunks at all
+
+
+def test_closing_never_waits_for_a_caller_generator_that_waits_for_the_push_to_end(tmp_path):
+    """gRPC's thread may be inside the caller's generator when the call fails, and the generator
+    may wait for that very call to return (two pushes racing, the loser's gather waiting for a
+    flag the caller sets once push_weights returns): closing must not wait for it."""
+    released = threading.Event()
+
+    def held():
+        yield "a", np.ones(4, np.float32)
+        released.wait(30)  # set by the caller only after push_weights has returned
+        yield "b", np.ones(4, np.float32)
+
+    writer = SharedWriter(tmp_path)
+    source = push.SourceErrors(push.requests(held(), bucket_bytes=1, shared=writer), writer)
+    next(source)  # the header
+    drawing = threading.Thread(target=lambda: list(source), daemon=True)
+    drawing.start()
+    time.sleep(0.1)  # gRPC's thread now waits inside the generator
+    start = time.monotonic()
+    source.close()
+    assert time.monotonic() - start < 1
+    released.set()
+    drawing.join(5)
+    assert not drawing.is_alive() and list(tmp_path.iterdir()) == []  # nothing written after the close

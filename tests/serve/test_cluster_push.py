@@ -17,11 +17,13 @@ import torch
 from safetensors.torch import load_file
 
 from rollout_service.errors import Conflict
+from rollout_service.quant import Recipe
 from rollout_service.serve import push as push_module
 from rollout_service.serve.backend import ServeBackend
 from rollout_service.serve.coordinator import EmbeddedCoordinator
 from rollout_service.serve.push import ClusterPush
 from rollout_service.types import ApplyStats, Counters, ServerStatus
+from rollout_service.weights.convert import to_engine_format
 from rollout_service.weights.manifest import PushHeader, TensorSpec
 from rollout_service.weights.versions import VersionStore
 
@@ -85,7 +87,7 @@ async def commit(ingress: ClusterPush, cm, session):
 def deployment(tiny_model, tmp_path, monkeypatch):
     """Two ingresses sharing a coordinator and a store, with a push lock that lapses in 0.3 s."""
     monkeypatch.setattr(push_module, "LOCK_TTL_S", 0.3)
-    config = SimpleNamespace(model=tiny_model, dtype="bfloat16", inflight="drain", push_buffer_mib=1)
+    config = SimpleNamespace(model=tiny_model, dtype="bfloat16", inflight="drain", push_buffer_mib=1, recipe=lambda: None)
     coordinator = EmbeddedCoordinator()
     replicas = ReplicaHandleDoubleForClusterPushTest()
     ingresses = [ClusterPush(config, replicas, coordinator, VersionStore(tmp_path / "store", keep=3)) for _ in range(2)]
@@ -168,6 +170,37 @@ async def test_status_names_the_committed_version_a_trainer_may_fence_on_while_a
     assert served.replica_versions == {"r1": 1, "r2": 0}
     fenced = await receive(ingress, 2.0, expected_version=served.committed_version)
     assert (await commit(ingress, *fenced)).version == 2
+
+
+async def test_int8_replicas_are_handed_each_tensor_requantized_once_by_the_ingress(deployment):
+    """For int8/fp8 replicas the ingress requantizes each tensor as it arrives and every replica's
+    prepare is given those parts (replicas link them; tests/weights/test_staging.py): what they get
+    is bitwise what requantizing the stored bf16 tensor gives, and the ingress keeps nothing after."""
+    recipe = Recipe(fn="int8", source="default rule")
+    deployment.config.recipe = lambda: recipe
+    ingress = ClusterPush(deployment.config, deployment.replicas, EmbeddedCoordinator(), deployment.store)
+    name = "model.layers.0.mlp.down_proj.weight"
+    shape = ingress.table.shapes[name]
+    tensor = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    raw = tensor.view(torch.uint8).numpy().tobytes()
+    handed: list[dict[str, torch.Tensor]] = []
+    real_broadcast = deployment.replicas.broadcast
+
+    def broadcast(method, *args):  # read the parts while the replicas would take them
+        if method == "prepare":
+            handed.append({n: load_file(p)[n] for n, p in args[3].items()})
+        return real_broadcast(method, *args)
+
+    deployment.replicas.broadcast = broadcast
+    async with ingress.begin(PushHeader((TensorSpec(name, "bfloat16", shape, len(raw), zlib.crc32(raw)),))) as session:
+        await session.add_chunk(0, 0, raw)
+        result = await ingress.commit(session)
+    expected = to_engine_format(name, tensor, torch.bfloat16, recipe)
+    assert result.version == 1 and list(handed[0]) == [name, name + "_scale"] and handed[0][name].dtype == torch.int8
+    assert all(torch.equal(handed[0][k], expected[k]) for k in expected)
+    stored = deployment.store.current()
+    assert torch.equal(load_file(deployment.store.root / stored.tensors[name].file)[name], tensor)  # the store keeps bf16
+    assert list(deployment.store.incoming.iterdir()) == []
 
 
 def test_a_replica_dying_during_a_call_is_unavailable_to_the_client():

@@ -405,8 +405,7 @@ class AsyncRolloutClient(_Connection):
                 self.delta_base.clear()
             raise
         finally:
-            if source.shared is not None:  # stopping waits for gRPC's thread: off the loop
-                await asyncio.shield(asyncio.to_thread(source.close))
+            source.close()
         if plan is not None:
             self.delta_base.version = response.version
         if response.replicas_catching_up:  # committed; the version is served once they have it

@@ -343,9 +343,10 @@ class SourceErrors:
             self._stopped = True
 
     def close(self) -> None:
-        """After the call: stop, and delete the shared-memory files the server did not take."""
+        """After the call: delete the shared-memory files the server did not take. Does not wait
+        for gRPC's thread, which may be inside the caller's generator (itself maybe waiting for
+        this push to end)."""
         if self.shared is not None:
-            self.stop()
             self.shared.close()
 
 

@@ -42,11 +42,15 @@ class Stopped(Exception):
 
 
 class SharedWriter:
-    """A push's files in the server's directory `dir`."""
+    """A push's files in the server's directory `dir`. `write` runs on gRPC's thread (it draws the
+    request stream), `stop` and `close` on the caller's, without waiting for that thread: it may
+    be inside the caller's own generator, which may wait for the push to end."""
 
     def __init__(self, dir: Path):
         self.dir = dir
         self._files: deque[str] = deque()  # written, maybe not yet taken (deleted) by the server
+        self._lock = threading.Lock()  # guards _files and _closed
+        self._closed = False
         self._stopped = threading.Event()
 
     def again(self) -> SharedWriter:
@@ -63,8 +67,11 @@ class SharedWriter:
             offsets.append(size)
             size += p.nbytes
         name = f"push-{os.getpid()}-{uuid.uuid4().hex[:16]}.bin"
-        fd = os.open(self.dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self._files.append(name)  # before writing: close() deletes it whatever happens next
+        with self._lock:
+            if self._closed:
+                raise Stopped
+            fd = os.open(self.dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            self._files.append(name)  # before writing: close() deletes it whatever happens next
         try:
             os.ftruncate(fd, size)
             for p, offset in zip(payloads, offsets):
@@ -76,25 +83,37 @@ class SharedWriter:
                         written += os.pwrite(fd, part[written:], offset + start + written)
         finally:
             os.close(fd)
+        if self._closed:  # closed while writing: close() may have missed it
+            _unlink(self.dir / name)
+            raise Stopped
         return name, offsets
 
     def stop(self) -> None:
+        """End a wait for the server (the push failed); writing goes on only to end the stream."""
         self._stopped.set()
 
     def close(self) -> None:
-        """Delete the files the server did not take (a failed push)."""
-        while self._files:
-            try:
-                os.unlink(self.dir / self._files.popleft())
-            except FileNotFoundError:
-                pass
+        """After the push: no more files, and those the server did not take (a failed push) deleted."""
+        self._stopped.set()
+        with self._lock:
+            self._closed = True
+            while self._files:
+                _unlink(self.dir / self._files.popleft())
 
     def _wait_for_room(self) -> None:
         while True:
-            while self._files and not (self.dir / self._files[0]).exists():
-                self._files.popleft()
-            if len(self._files) < MAX_FILES:
-                return
+            with self._lock:
+                while self._files and not (self.dir / self._files[0]).exists():
+                    self._files.popleft()
+                if len(self._files) < MAX_FILES:
+                    return
             if self._stopped.is_set():
                 raise Stopped
             time.sleep(_POLL_S)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:  # the server took it
+        pass
