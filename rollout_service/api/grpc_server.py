@@ -184,9 +184,10 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
             header = convert.push_header_from_proto(first.header)
             budget = PushBudget(self.backend.config)
             budget.add(header.tensors)
-            mapped: dict[str, memoryview] = {}  # this push's shared-memory files
+            if self.shared is not None:
+                self.shared.sweep(self.backend.config.push_idle_timeout_s)
             async with self.backend.begin_push(header) as session:
-                await self._take_shared(session, header.tensors, 0, mapped)
+                await self._take_shared(session, header.tensors, 0)
                 declared = len(header.tensors)
                 async for msg in request_iterator:
                     kind = msg.WhichOneof("kind")
@@ -196,7 +197,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
                         specs = [convert.tensor_spec_from_proto(t) for t in msg.declare.tensors]
                         budget.add(specs)
                         session.declare(specs)
-                        await self._take_shared(session, specs, declared, mapped)
+                        await self._take_shared(session, specs, declared)
                         declared += len(specs)
                     elif kind == "commit":
                         result = await self.backend.commit_push(session)
@@ -209,8 +210,10 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
             await _abort_with(context, exc)
         return convert.push_result_to_proto(result)
 
-    async def _take_shared(self, session: PushSession, specs, first: int, mapped: dict[str, memoryview]) -> None:
-        """Hand the session the bytes of the tensors just declared that lie in shared memory."""
+    async def _take_shared(self, session: PushSession, specs, first: int) -> None:
+        """Hand the session the bytes of the tensors just declared that lie in shared memory (a
+        declaration's tensors are a client bucket, in one file: its map is dropped after)."""
+        mapped: dict[str, memoryview] = {}
         for index, spec in enumerate(specs, first):
             if spec.shared is None:
                 continue

@@ -137,7 +137,9 @@ class ClusterPush:
                 requantized = {n: str(p) for n, p in session.prepared.files.items()}
             flush_s = time.monotonic() - start
             stored = {n: str(p) for n, p in files.items()}
-            prepare_s = await broadcast_all(self.engines, "prepare", push_id, version, stored, requantized)
+            recipe = self.config.recipe()
+            requantized_for = recipe.fingerprint() if recipe is not None else None
+            prepare_s = await broadcast_all(self.engines, "prepare", push_id, version, stored, requantized, requantized_for)
             await self._fence(session.push_owner)
         except BaseException as exc:
             log.warning("push %s failed to prepare (%s); every replica stays on version %d", push_id, exc, version - 1)

@@ -125,16 +125,21 @@ class EngineReplica:
 
     # ---- control plane: a push in two phases --------------------------------------------------
 
-    async def prepare(self, push_id: str, version: int, stored: dict[str, str], requantized: dict[str, str] | None = None) -> float:
+    async def prepare(
+        self, push_id: str, version: int, stored: dict[str, str], requantized: dict[str, str] | None = None,
+        requantized_for: str | None = None,
+    ) -> float:
         """Take the tensors of `version` in this engine's format: `requantized` (the ingress's
-        parts, for an int8/fp8 engine) linked into its staging, else the stored ones converted
-        (the shards themselves for bf16); returns seconds."""
+        parts, made for the recipe of fingerprint `requantized_for`) linked into its staging when
+        this engine holds its parameters by that recipe, else the stored ones converted (the
+        shards themselves for bf16; a replica of another deployment config during a redeploy
+        requantizes them itself); returns seconds."""
         loop = asyncio.get_running_loop()
         start = loop.time()
         if self._fail_next_prepare is not None:
             message, self._fail_next_prepare = self._fail_next_prepare, None
             raise EngineUnavailable(f"replica {self.replica_id}: {message}")
-        if requantized is not None:
+        if requantized is not None and requantized_for == self.weights.recipe_fingerprint:
             files, spool = await self.weights.adopt({n: Path(p) for n, p in requantized.items()})
         else:
             files, spool = await self.weights.stage({n: Path(p) for n, p in stored.items()})

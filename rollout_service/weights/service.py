@@ -55,6 +55,11 @@ class WeightService:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
         self._recipe = config.recipe()
 
+    @property
+    def recipe_fingerprint(self) -> str | None:
+        """Which quantization recipe this engine's parameters follow (None: not quantized)."""
+        return self._recipe.fingerprint() if self._recipe is not None else None
+
     def _convert(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         return to_engine_format(name, tensor, self._dtype, self._recipe)
 

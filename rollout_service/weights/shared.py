@@ -20,6 +20,7 @@ import secrets
 import shutil
 import stat
 import tempfile
+import time
 from pathlib import Path
 
 from rollout_service.errors import InvalidArgument
@@ -39,13 +40,19 @@ class SharedMemoryDir:
         _remove_orphans(root)
         self.dir = Path(tempfile.mkdtemp(prefix=_PREFIX, dir=root))  # mode 0700
         self.token = secrets.token_hex(16)
-        # The token's lock is held while this server lives (the kernel drops it when the process
-        # dies, however): how a later server tells a dead server's directory from a live one's, in
-        # any PID namespace.
-        self._lock = os.open(self.dir / TOKEN_FILE, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.write(self._lock, self.token.encode())
-        self._fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            # The token's lock is held while this server lives (the kernel drops it when the
+            # process dies, however): how a later server, and a client, tell a dead server's
+            # directory from a live one's, in any PID namespace. Written and locked under another
+            # name first, so nobody ever sees the token unlocked.
+            self._lock = os.open(self.dir / ".token", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.write(self._lock, self.token.encode())
+            os.rename(self.dir / ".token", self.dir / TOKEN_FILE)
+            self._fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        except BaseException:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
 
     @classmethod
     def create(cls, root: Path | None) -> SharedMemoryDir | None:
@@ -62,7 +69,14 @@ class SharedMemoryDir:
 
     def take(self, shared: SharedBytes, nbytes: int, field: str, mapped: dict[str, memoryview]) -> memoryview:
         """The `nbytes` bytes at `shared.offset` of `shared.file`, read-only. A file is mapped and
-        deleted the first time one of its tensors is taken; `mapped` keeps the push's maps."""
+        deleted the first time one of its tensors is taken; `mapped` holds the maps of one
+        declaration (a client's bucket). The memory is freed once the last view of a map is gone
+        (its tensors converted and staged), so the server holds a few buckets, never the model.
+
+        The bytes are read where they lie, not copied: a process of the server's own user that
+        writes into the file after it was handed over changes what is staged (past the CRC-32
+        check), and one that truncates it kills the server (SIGBUS). Only the server's user can
+        write in its directory, and that user can do anything to the server anyway."""
         view = mapped.get(shared.file)
         if view is None:
             view = mapped[shared.file] = self._map_and_delete(shared.file, f"{field}.file")
@@ -72,6 +86,19 @@ class SharedMemoryDir:
                 f"{shared.offset} run past its end"
             )
         return view[shared.offset : shared.offset + nbytes]
+
+    def sweep(self, older_than_s: float) -> None:
+        """Delete the files of pushes whose clients died before the server took them (a client
+        SIGKILLed mid-push): any older than `older_than_s`, by which time a live push has been
+        taken or aborted (push_idle_timeout_s)."""
+        deadline = time.time() - older_than_s
+        for entry in os.scandir(self.dir):
+            if entry.name != TOKEN_FILE and not entry.name.startswith("."):
+                try:
+                    if entry.stat(follow_symlinks=False).st_mtime < deadline:
+                        os.unlink(entry.path)
+                except OSError:  # taken meanwhile
+                    pass
 
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -91,7 +118,10 @@ class SharedMemoryDir:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode) or info.st_size == 0:
                 raise InvalidArgument(field, f"{name!r} is not a regular file with bytes in it")
-            view = memoryview(mmap.mmap(fd, info.st_size, access=mmap.ACCESS_READ))
+            try:
+                view = memoryview(mmap.mmap(fd, info.st_size, access=mmap.ACCESS_READ))
+            except OSError as exc:
+                raise InvalidArgument(field, f"{name!r} cannot be mapped: {exc.strerror}") from None
         finally:
             os.close(fd)
         os.unlink(name, dir_fd=self._fd)  # the client waits for this before writing more

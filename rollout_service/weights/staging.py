@@ -7,6 +7,7 @@ engine's worker a path instead of tensors to unpickle.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -37,6 +38,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
             f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
+_NO_LINK = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP)
 # Size of the staged part files the engine reads back.
 PART_BYTES = 64 * 1024 * 1024
 
@@ -75,7 +77,9 @@ class Spool:
             target = self.dir / source.name
             try:
                 os.link(source, target)
-            except OSError:  # another filesystem (EXDEV), or one without hard links
+            except OSError as exc:  # another filesystem, or one without hard links: copy
+                if exc.errno not in _NO_LINK:
+                    raise
                 shutil.copyfile(source, target)
         for name, source in files.items():
             self.files[name] = self.dir / source.name

@@ -111,7 +111,7 @@ def test_a_push_is_never_retried(serve):
     with RolloutClient(serve(servicer), timeout=10, retry=FAST_RETRY) as client:
         with pytest.raises(UnavailableError):
             client.push_weights({"w": np.ones((1, 2), np.float32)}, progress=False)
-    assert servicer.calls == {"PushWeights": 1}
+    assert servicer.calls.get("PushWeights") == 1  # (a GetStatus before it looks for shared memory)
 
 
 def test_a_call_past_its_deadline_raises_deadline_exceeded(serve):

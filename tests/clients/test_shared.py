@@ -4,22 +4,48 @@ push neither hangs nor leaves files behind."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import os
 import threading
 import time
 
 import numpy as np
+import pytest
 from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
 
 from rollout_client import push
 from rollout_client.shared import MAX_FILES, SharedWriter, sees
 
 
-def test_only_a_process_that_reads_the_servers_token_there_sees_its_directory(tmp_path):
-    (tmp_path / "token").write_text("abc")
-    assert sees(pb.SharedMemory(dir=str(tmp_path), token="abc"))
+def _serving(directory) -> int:
+    """A live server's token in `directory`: written and locked (as weights/shared.py does)."""
+    (directory / "token").write_text("abc")
+    fd = os.open(directory / "token", os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def test_only_a_process_that_reads_a_live_servers_token_there_as_its_user_sees_its_directory(tmp_path):
+    lock = _serving(tmp_path)
+    info = pb.SharedMemory(dir=str(tmp_path), token="abc")
+    assert sees(info)
     assert not sees(pb.SharedMemory(dir=str(tmp_path), token="another server's"))
     assert not sees(pb.SharedMemory(dir=str(tmp_path / "elsewhere"), token="abc"))  # another host's /dev/shm
     assert not sees(pb.SharedMemory())  # the server takes none
+    os.close(lock)  # its server died: the directory is still there, the lock is not
+    assert not sees(info)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing a directory's owner needs root")
+def test_root_does_not_see_another_users_directory_whose_server_could_not_read_its_files(tmp_path):
+    lock = _serving(tmp_path)
+    os.chown(tmp_path, 12345, -1)  # the server's user; this process (root) still reads the token
+    try:
+        assert not sees(pb.SharedMemory(dir=str(tmp_path), token="abc"))
+    finally:
+        os.chown(tmp_path, 0, -1)
+        os.close(lock)
 
 
 def test_a_bucket_is_one_file_with_each_tensor_at_an_aligned_offset(tmp_path):
@@ -88,3 +114,20 @@ def test_closing_never_waits_for_a_caller_generator_that_waits_for_the_push_to_e
     released.set()
     drawing.join(5)
     assert not drawing.is_alive() and list(tmp_path.iterdir()) == []  # nothing written after the close
+
+
+def test_a_full_shared_memory_streams_the_rest_of_the_push_and_leaves_no_file(tmp_path, monkeypatch):
+    """A container's /dev/shm is 64 MiB by default: a bucket that does not fit is streamed."""
+    writer = SharedWriter(tmp_path)
+
+    def full(fd, data, offset):  # test double of a tmpfs out of room
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    tensors = {"a": np.ones(4, np.float32), "b": np.ones(4, np.float32)}
+    with pytest.warns(UserWarning, match="shared memory is full .* streaming the rest of this push"):
+        messages = list(push.requests(tensors, bucket_bytes=1, shared=writer))
+    kinds = [m.WhichOneof("kind") for m in messages]
+    assert kinds == ["header", "declare", "chunk", "declare", "chunk", "commit"]
+    assert not any(t.HasField("shared") for m in messages if m.HasField("declare") for t in m.declare.tensors)
+    assert list(tmp_path.iterdir()) == []

@@ -33,16 +33,23 @@ class SpoolDouble:
 class WeightServiceDouble:
     """Records what is loaded: ("push", version) for a prepared push, ("store", version) for a catch-up."""
 
+    recipe_fingerprint = "int8-recipe"
+
     def __init__(self, engine: EngineDouble):
         self.engine = engine
         self.loaded: list[tuple[str, int]] = []
         self.fail = False
         self.spools: list[SpoolDouble] = []
+        self.adopted: list[dict] = []
 
     async def stage(self, files):
         spool = SpoolDouble()
         self.spools.append(spool)
         return {"store": Path("x")}, spool
+
+    async def adopt(self, parts):
+        self.adopted.append(parts)
+        return {"push": Path("p")}, SpoolDouble()
 
     async def apply(self, files, policy, version):
         if self.fail:
@@ -84,6 +91,7 @@ def replica_at(version: int, store_version: int) -> EngineReplica:
     r._prepared = {}
     r._apply_lock = asyncio.Lock()
     r._fail_next_apply = None
+    r._fail_next_prepare = None
     return r
 
 
@@ -143,3 +151,13 @@ async def test_prepared_pushes_expire_and_the_follower_may_then_catch_up(monkeyp
     assert list(r._prepared) == ["fresh"] and old.discarded and not fresh.discarded
     await r.apply("stale", "drain")  # a late apply of the expired push: loads the committed version
     assert r.weights.loaded == [("store", 5)]
+
+
+async def test_a_replica_takes_the_ingress_parts_only_when_made_for_its_own_recipe():
+    """During a redeploy an ingress of one config may push to replicas of another: those
+    requantize the stored shards themselves instead of loading parts of another format."""
+    r = replica_at(0, 0)
+    await r.prepare("a", 1, {"w": "/store/v1/part"}, {"w": "/incoming/part"}, "int8-recipe")
+    assert r.weights.adopted == [{"w": Path("/incoming/part")}] and r.weights.spools == []
+    await r.prepare("b", 1, {"w": "/store/v1/part"}, {"w": "/incoming/part"}, "fp8-recipe")
+    assert len(r.weights.adopted) == 1 and len(r.weights.spools) == 1  # staged from the store

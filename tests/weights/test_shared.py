@@ -89,3 +89,12 @@ def test_a_dead_servers_directory_is_removed_and_a_live_ones_kept(tmp_path):
 def test_without_a_usable_root_the_server_takes_no_shared_memory(tmp_path):
     assert SharedMemoryDir.create(None) is None
     assert SharedMemoryDir.create(tmp_path / "no-such-dir") is None
+
+
+def test_files_of_pushes_whose_clients_died_are_swept_and_nothing_else(shared):
+    old, new = shared.dir / "push-dead.bin", shared.dir / "push-live.bin"
+    old.write_bytes(b"x")
+    new.write_bytes(b"y")
+    os.utime(old, (0, 0))
+    shared.sweep(older_than_s=120)
+    assert sorted(p.name for p in shared.dir.iterdir()) == ["push-live.bin", TOKEN_FILE]

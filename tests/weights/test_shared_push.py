@@ -125,4 +125,9 @@ def test_a_client_that_does_not_see_the_servers_directory_streams(bf16_target, w
     with RolloutClient(bf16_target.grpc_address, timeout=120) as client:
         with pytest.raises(ValueError, match="does not see the server's shared-memory directory /dev/shm/rollout-service-"):
             client.push_weights(weights0, shared_memory=True)
+        asked = []
+        real_status = client.status
+        monkeypatch.setattr(client, "status", lambda timeout=None: asked.append(1) or real_status(timeout))
         assert client.push_weights(weights0).shared_bytes == 0
+        assert client.push_weights(weights0).shared_bytes == 0
+        assert asked == []  # read once (above): a client on another host does not ask before every push

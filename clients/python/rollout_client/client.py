@@ -115,16 +115,19 @@ class _Connection:
         self.delta_base = push.DeltaBase()
         self._delta_codecs: list[str] | None = None  # the server's, read on the first delta push
         self._shared_memory: pb.SharedMemory | None = None  # the server's, read on the first push
+        self._shared_seen = False  # this process saw that directory at the last push
 
-    def _status_needed(self, delta: bool, shared_memory: bool | None) -> bool:
-        """Whether a push reads the server's status first: its delta codecs and shared memory are
-        not known yet, or its shared-memory directory is gone from here (a restarted server)."""
-        if delta and self._delta_codecs is None:
-            return True
+    def _status_needed(self, delta: bool, shared_memory: bool | None) -> str:
+        """Whether a push reads the server's status first: "required" (its delta codecs are not
+        known yet; shared memory is required), "optional" (only to look for shared memory: where
+        the status call fails, the push streams), or "" (known: the first push read it, and the
+        directory seen at the last push is still usable, or none was seen)."""
+        if (delta and self._delta_codecs is None) or shared_memory:
+            return "required"
         if shared_memory is False:
-            return False
+            return ""
         known = self._shared_memory
-        return known is None or (bool(known.dir) and not shared.sees(known))
+        return "optional" if known is None or (self._shared_seen and not shared.sees(known)) else ""
 
     def _push_setup(
         self, delta: bool, shared_memory: bool | None, status: pb.GetStatusResponse | None
@@ -140,15 +143,16 @@ class _Connection:
         plan = writer = None
         if delta and self._delta_codecs:
             plan = push.DeltaPlan(self.delta_base, "zlib" if "zlib" in self._delta_codecs else self._delta_codecs[0])
+        self._shared_seen = self._shared_memory is not None and shared.sees(self._shared_memory)
         if shared_memory is not False:
-            if self._shared_memory is not None and shared.sees(self._shared_memory):
+            if self._shared_seen:
                 writer = shared.SharedWriter(Path(self._shared_memory.dir))
             elif shared_memory:
                 where = self._shared_memory.dir if self._shared_memory is not None and self._shared_memory.dir else None
                 raise ValueError(
                     "shared_memory=True, but " + (
-                        f"this process does not see the server's shared-memory directory {where} (another host, "
-                        "another /dev/shm, or another user)" if where else "the server takes no tensors in shared memory"
+                        f"this process does not see the server's shared-memory directory {where} (another host or "
+                        "/dev/shm, another user, or its server is gone)" if where else "the server takes no tensors in shared memory"
                     )
                 )
         return plan, writer
@@ -249,7 +253,13 @@ class RolloutClient(_Connection):
         start = time.perf_counter()
         options = dict(chunk_bytes=chunk_bytes, bucket_bytes=bucket_bytes, expected_version=expected_version,
                        label=label, inflight=inflight, progress=show, total=push.total_bytes(weights) if show else None)
-        status = self.status(timeout) if self._status_needed(delta, shared_memory) else None
+        status, needed = None, self._status_needed(delta, shared_memory)
+        if needed:
+            try:
+                status = self.status(timeout)
+            except RolloutClientError:
+                if needed == "required":
+                    raise
         plan, writer = self._push_setup(delta, shared_memory, status)
         items, fell_back = push.items(weights), ""
         source = push.SourceErrors(push.requests(items, plan=plan, shared=writer, **options), writer)
@@ -385,7 +395,13 @@ class AsyncRolloutClient(_Connection):
         start = time.perf_counter()
         options = dict(chunk_bytes=chunk_bytes, bucket_bytes=bucket_bytes, expected_version=expected_version,
                        label=label, inflight=inflight, progress=show, total=push.total_bytes(weights) if show else None)
-        status = (await self.status(timeout)) if self._status_needed(delta, shared_memory) else None
+        status, needed = None, self._status_needed(delta, shared_memory)
+        if needed:
+            try:
+                status = await self.status(timeout)
+            except RolloutClientError:
+                if needed == "required":
+                    raise
         plan, writer = self._push_setup(delta, shared_memory, status)
         items, fell_back = push.items(weights), ""
         source = push.SourceErrors(push.requests(items, plan=plan, shared=writer, **options), writer)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import warnings
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from rollout_client import delta
-from rollout_client.shared import SharedWriter, Stopped
+from rollout_client.shared import Full, SharedWriter, Stopped
 from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
@@ -282,12 +283,17 @@ def requests(
                         spec.delta.CopyFrom(encoded)
                 specs.append(spec)
                 payloads.append(flat)
-            if shared is not None:
-                handed = [i for i, flat in enumerate(payloads) if flat.nbytes]
-                file, offsets = shared.write([payloads[i] for i in handed])
-                for i, offset in zip(handed, offsets):
-                    specs[i].shared.CopyFrom(pb.SharedBytes(file=file, offset=offset))
-                    payloads[i] = payloads[i][:0]  # no chunks
+            handed = [i for i, flat in enumerate(payloads) if flat.nbytes] if shared is not None else []
+            if handed:
+                try:
+                    file, offsets = shared.write([payloads[i] for i in handed])
+                except Full as exc:
+                    warnings.warn(f"shared memory is full ({exc}): streaming the rest of this push", stacklevel=2)
+                    shared = None
+                else:
+                    for i, offset in zip(handed, offsets):
+                        specs[i].shared.CopyFrom(pb.SharedBytes(file=file, offset=offset))
+                        payloads[i] = payloads[i][:0]  # no chunks
             yield pb.PushWeightsRequest(declare=pb.PushDeclare(tensors=specs))
             for spec, flat in zip(specs, payloads):
                 for offset in range(0, flat.nbytes, chunk_bytes):

@@ -10,6 +10,8 @@ most MAX_FILES files ahead of it, so shared memory holds a few buckets, never th
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import threading
 import time
@@ -28,17 +30,36 @@ _MAX_WRITE = 1 << 30  # one write at a time (Linux writes at most ~2 GiB per cal
 
 
 def sees(info: pb.SharedMemory) -> bool:
-    """Whether this process sees the server's shared-memory directory (reads its token there)."""
+    """Whether this process can hand tensors to the server through its shared-memory directory:
+    it reads the server's token there (same host, same /dev/shm), it runs as the directory's owner
+    (root reads it too, but the server could not read root's files), and the server is alive (it
+    holds the token's lock)."""
     if not info.dir:
         return False
     try:
-        return (Path(info.dir) / "token").read_text() == info.token
-    except (OSError, UnicodeDecodeError):
+        if os.stat(info.dir).st_uid != os.geteuid():
+            return False
+        fd = os.open(Path(info.dir) / "token", os.O_RDONLY)
+    except OSError:
         return False
+    try:
+        if os.read(fd, 256) != info.token.encode():
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True  # its server holds the lock
+        return False  # a dead server's directory, not yet removed
+    finally:
+        os.close(fd)
 
 
 class Stopped(Exception):
     """The push stopped while its stream waited for the server to take a file."""
+
+
+class Full(Exception):
+    """Shared memory has no room for a bucket (a container's 64 MiB /dev/shm): stream it."""
 
 
 class SharedWriter:
@@ -66,6 +87,9 @@ class SharedWriter:
             size += -size % _ALIGN
             offsets.append(size)
             size += p.nbytes
+        free = os.statvfs(self.dir)
+        if free.f_bavail * free.f_frsize < size:
+            raise Full(f"{self.dir} has {free.f_bavail * free.f_frsize / 2**20:.0f} MiB free, a bucket needs {size / 2**20:.0f} MiB")
         name = f"push-{os.getpid()}-{uuid.uuid4().hex[:16]}.bin"
         with self._lock:
             if self._closed:
@@ -81,6 +105,11 @@ class SharedWriter:
                     written = 0
                     while written < len(part):
                         written += os.pwrite(fd, part[written:], offset + start + written)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            self._forget(name)
+            raise Full(f"{self.dir} ran out of room for a {size / 2**20:.0f} MiB bucket") from None
         finally:
             os.close(fd)
         if self._closed:  # closed while writing: close() may have missed it
@@ -99,6 +128,12 @@ class SharedWriter:
             self._closed = True
             while self._files:
                 _unlink(self.dir / self._files.popleft())
+
+    def _forget(self, name: str) -> None:
+        with self._lock:
+            if name in self._files:
+                self._files.remove(name)
+        _unlink(self.dir / name)
 
     def _wait_for_room(self) -> None:
         while True:
