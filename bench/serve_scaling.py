@@ -59,7 +59,7 @@ def tokens_per_s(address: str, threads: int, calls: int, batch: int, max_tokens:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a 23 MB model instead of 151 MB, 2 rounds, lighter load (about 5 minutes; full: about 12)")
+    parser.add_argument("--quick", action="store_true", help="the 23 MB model instead of the 587 MB one, 2 rounds, lighter load (about 6 minutes)")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args()
     rounds = 2 if args.quick else 3
