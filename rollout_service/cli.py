@@ -86,6 +86,8 @@ def serve(
         None, "--shared-memory/--no-shared-memory", help="Let same-host clients hand tensors over in shared memory (default on)."
     ),
     shared_memory_dir: Optional[Path] = typer.Option(None, help="Where the shared-memory directory is made (default /dev/shm)."),
+    served_model_name: Optional[str] = typer.Option(None, help="Model name in /v1/models and OpenAI requests (default: the checkpoint directory's name)."),
+    tool_call_parser: Optional[str] = typer.Option(None, help="vLLM tool-call parser for chat completions, e.g. hermes (default: none)."),
     log_level: Optional[str] = typer.Option(None, help="debug | info | warning | error (default info)."),
 ) -> None:
     """Serve a model over gRPC and HTTP: on Ray Serve (engine replicas, a weight store; a local Ray

@@ -75,6 +75,14 @@ class ServerConfig(BaseSettings):
     )
     max_num_seqs: int = Field(256, ge=1, description="Most sequences the engine schedules in one step (vLLM max_num_seqs).")
     max_logprobs: int = Field(20, ge=0, description="Largest `logprobs` / `prompt_logprobs` a request may ask for.")
+    served_model_name: str | None = Field(
+        None, description="The model's name in the OpenAI-compatible endpoints (`model`, /v1/models); default: the "
+        "checkpoint directory's name. Requests may also name the checkpoint path itself."
+    )
+    tool_call_parser: str | None = Field(
+        None, description="vLLM's tool-call parser for /v1/chat/completions (e.g. hermes, llama3_json, qwen3_xml): "
+        "tool calls in sampled text become `tool_calls`; default: none, the text is returned as it is."
+    )
     kv_cache_gib: int = Field(
         1, ge=1, description="KV-cache size in whole GiB on CPU engines (VLLM_CPU_KVCACHE_SPACE takes an integer); ignored on GPU."
     )
@@ -230,6 +238,15 @@ class ServerConfig(BaseSettings):
             )
         return self
 
+    @field_validator("tool_call_parser")
+    @classmethod
+    def _known_parser(cls, name: str | None) -> str | None:
+        if name is not None:
+            from rollout_service.api.openai_compat.chat import check_tool_call_parser
+
+            check_tool_call_parser(name)
+        return name
+
     @field_validator("autoscale")
     @classmethod
     def _autoscale_range(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
@@ -240,6 +257,11 @@ class ServerConfig(BaseSettings):
     # The recipe, loaded once by the validator below (startup, the weight service and every
     # replica ask for it).
     _recipe: Recipe | None = PrivateAttr(None)
+
+    @property
+    def model_name(self) -> str:
+        """The name the OpenAI-compatible endpoints serve the model under."""
+        return self.served_model_name or self.model.name
 
     @model_validator(mode="after")
     def _load_recipe(self) -> ServerConfig:

@@ -66,6 +66,10 @@ class PermissionDenied(RolloutError):
     """The caller's key is valid but its role may not do this."""
 
 
+class NotFound(RolloutError):
+    """The request names something the server does not have (a model name the OpenAI layer does not serve)."""
+
+
 class TooLarge(RolloutError):
     """A request, body or push is larger than the server's configured limit (the message names it)."""
 
@@ -91,6 +95,7 @@ _TABLE: dict[type[BaseException], tuple[grpc.StatusCode, int]] = {
     ConfigError: (grpc.StatusCode.FAILED_PRECONDITION, 500),
     Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, 401),
     PermissionDenied: (grpc.StatusCode.PERMISSION_DENIED, 403),
+    NotFound: (grpc.StatusCode.NOT_FOUND, 404),
     TooLarge: (grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
     StorageFull: (grpc.StatusCode.RESOURCE_EXHAUSTED, 507),
     StorageUnavailable: (grpc.StatusCode.UNAVAILABLE, 503),

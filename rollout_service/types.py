@@ -136,6 +136,9 @@ class Sample:
     top_logprobs: list[TopLogprobs] = field(default_factory=list)
     # Differs from weight_version only when a push was applied mid-sample ("continue" policy).
     first_weight_version: int = 0
+    # The version of every token as runs [version, count], in order (one run unless a push landed
+    # mid-sample); the counts add up to len(token_ids).
+    token_weight_versions: list[list[int]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -148,6 +151,7 @@ class Completion:
     request_id: str = ""
     prompt_logprobs: list[float] = field(default_factory=list)
     prompt_top_logprobs: list[TopLogprobs] = field(default_factory=list)
+    cached_prompt_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 @dataclass(slots=True)

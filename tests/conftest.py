@@ -53,7 +53,7 @@ def bf16_server(request, tiny_model, tmp_path_factory) -> ServerProcess:
 
 @pytest.fixture(scope="session")
 def fp32_server(request, tiny_model, tmp_path_factory) -> ServerProcess:
-    return _server(request, tiny_model, tmp_path_factory, "fp32", "--dtype", "float32", "--no-http")
+    return _server(request, tiny_model, tmp_path_factory, "fp32", "--dtype", "float32")
 
 
 @pytest.fixture(scope="session")

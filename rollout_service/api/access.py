@@ -55,6 +55,9 @@ _GRPC = {
 }
 _HTTP = {
     ("POST", "/v1/generate"): Operation.GENERATE,
+    ("POST", "/v1/completions"): Operation.GENERATE,
+    ("POST", "/v1/chat/completions"): Operation.GENERATE,
+    ("GET", "/v1/models"): Operation.STATUS,
     ("POST", "/v1/weights"): Operation.PUSH,
     ("GET", "/v1/status"): Operation.STATUS,
     ("GET", "/v1/events"): Operation.STATUS,

@@ -44,6 +44,7 @@ def _sample(s: Sample) -> pb.Sample:
         stop_reason=s.stop_reason,
         weight_version=s.weight_version,
         first_weight_version=s.first_weight_version,
+        token_weight_versions=[pb.VersionRun(version=v, count=n) for v, n in s.token_weight_versions],
     )
 
 
@@ -55,6 +56,7 @@ def completion_to_proto(c: Completion) -> pb.Completion:
         prompt_logprobs=c.prompt_logprobs,
         prompt_top_logprobs=_top(c.prompt_top_logprobs),
         request_id=c.request_id,
+        cached_prompt_tokens=c.cached_prompt_tokens,
     )
 
 

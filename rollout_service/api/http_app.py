@@ -6,6 +6,9 @@ POST /v1/weights    a safetensors body (streamed) -> PushWeightsResponse JSON; q
                     safetensors metadata as {"crc32": "<JSON name -> crc>"}
 GET  /v1/status     GetStatus as JSON
 GET  /healthz       200 when the engine is alive, 503 otherwise
+POST /v1/completions, POST /v1/chat/completions, GET /v1/models
+                    OpenAI-compatible, over the same engine calls (api/openai_compat/), with
+                    errors in OpenAI's shape
 GET  /metrics       Prometheus metrics (api/metrics.py)
 GET  /v1/events     weight version events after ?after=<id> (serve backend; see serve/coordinator.py)
 GET  /v1/debug/engine-weights   with --debug-endpoints: the engine's weights as it computes with
@@ -38,9 +41,11 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
 from rollout_service.api.access import Access, Operation, http_operation
+from rollout_service.api.cancel import run_cancellable
 from rollout_service.api.idle import paced
 from rollout_service.api.limits import MIB, PushBudget, check_generate, max_push_bytes
 from rollout_service.api.metrics import CONTENT_TYPE, Metered
+from rollout_service.api.openai_compat import routes as openai_routes
 from rollout_service.config import InflightPolicy
 from rollout_service.errors import (
     Cancelled,
@@ -59,13 +64,16 @@ from rollout_service.weights.safetensors_stream import SafetensorsStream
 log = logging.getLogger(__name__)
 
 
-def _error_response(exc: BaseException) -> JSONResponse:
+def _error_response(exc: BaseException, path: str) -> JSONResponse:
+    """The error in the service's shape, or in OpenAI's on the OpenAI-compatible paths."""
     if not isinstance(exc, RolloutError):
         log.exception("internal error in an HTTP call", exc_info=exc)
+    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthenticated) else None
+    if path in openai_routes.PATHS:
+        return JSONResponse(openai_routes.error_body(exc, path), status_code=http_status(exc), headers=headers)
     body = {"code": grpc_status(exc).name, "message": public_message(exc)}
     if isinstance(exc, InvalidArgument):
         body["field"] = exc.field
-    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthenticated) else None
     return JSONResponse({"error": body}, status_code=http_status(exc), headers=headers)
 
 
@@ -103,7 +111,7 @@ class AccessMiddleware:
                 self.access.release(caller, operation)
             if not isinstance(exc, TooLarge):
                 log.info("refused %s %s: %s", scope["method"], scope["path"], exc)
-            return await _error_response(exc)(scope, receive, send)
+            return await _error_response(exc, scope["path"])(scope, receive, send)
         try:
             await self.app(scope, receive, send)
         finally:
@@ -156,29 +164,6 @@ async def _buffered(receive, limit: int, idle_s: float):
     return replay
 
 
-async def _until_disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _run_cancellable(request: Request, work, timeout: float | None):
-    """Run `work` until it finishes, the client disconnects, or `timeout` passes."""
-    task = asyncio.create_task(work)
-    watcher = asyncio.create_task(_until_disconnected(request))
-    try:
-        done, _ = await asyncio.wait({task, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if task in done:
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    if watcher in done:
-        raise Cancelled("the client disconnected; its engine requests were aborted")
-    raise DeadlineExceeded(f"X-Request-Timeout ({timeout} s) passed; its engine requests were aborted")
-
-
 def create_app(backend: Metered, access: Access, events=None) -> FastAPI:
     """The app over `backend` behind `access`; `events(after, count)` serves /v1/events when given."""
     app = FastAPI(title="rollout-service", version="1", summary="Rollouts with exact per-token logprobs (rollout.v1).")
@@ -189,12 +174,12 @@ def create_app(backend: Metered, access: Access, events=None) -> FastAPI:
     )
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_, exc: RequestValidationError):
-        return _error_response(invalid_argument_from(list(exc.errors())))
+    async def _validation(request: Request, exc: RequestValidationError):
+        return _error_response(invalid_argument_from(list(exc.errors())), request.url.path)
 
     @app.exception_handler(RolloutError)
-    async def _rollout_error(_, exc: RolloutError):
-        return _error_response(exc)
+    async def _rollout_error(request: Request, exc: RolloutError):
+        return _error_response(exc, request.url.path)
 
     @app.post("/v1/generate")
     async def generate(
@@ -210,7 +195,7 @@ def create_app(backend: Metered, access: Access, events=None) -> FastAPI:
             done.sort(key=lambda c: c.prompt_index)
             return {"completions": [asdict(c) for c in done]}
 
-        return await _run_cancellable(request, work(), x_request_timeout)
+        return await run_cancellable(request, work(), x_request_timeout)
 
     @app.post("/v1/weights")
     async def push_weights(
@@ -229,6 +214,8 @@ def create_app(backend: Metered, access: Access, events=None) -> FastAPI:
                 return asdict(await backend.commit_push(session))
         except ClientDisconnect:
             raise Cancelled("the client disconnected before the body was complete; nothing was applied") from None
+
+    openai_routes.add_routes(app, backend)
 
     @app.get("/v1/status")
     async def status():

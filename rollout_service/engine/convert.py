@@ -68,6 +68,7 @@ def _sample(out: CompletionOutput, with_top: bool, current_version: int) -> Samp
         first_weight_version=first,
         stop_reason="" if stop_reason is None else str(stop_reason),
         top_logprobs=top,
+        token_weight_versions=[[int(span.version), span.end - span.start] for span in spans],
     )
 
 
@@ -82,6 +83,7 @@ def completion(
         prompt_token_ids=list(out.prompt_token_ids or []),
         samples=[_sample(o, opts.logprobs > 0, current_version) for o in samples],
         request_id=request_id,
+        cached_prompt_tokens=out.num_cached_tokens or 0,
     )
     if opts.prompt_logprobs is not None and out.prompt_logprobs is not None:
         # Position 0 has no logprob (nothing precedes the first prompt token).

@@ -1,5 +1,5 @@
 """Make tiny random-init checkpoints of the model families RL starts from, with a real byte-level
-BPE tokenizer (no model hub needed).
+BPE tokenizer and a ChatML chat template with tool calls (no model hub needed).
 
 Tests, the demo and benchmarks use them: they load in both vLLM and transformers, and their logits
 are spread wide enough (see `LOGIT_STD`) that temperature and top-k visibly change the logprobs, so
@@ -14,6 +14,8 @@ from importlib import resources
 from pathlib import Path
 
 EOS_TOKEN = "<|endoftext|>"
+# Starts a chat turn (chat_template.jinja); the end-of-sequence token ends one.
+TURN_TOKEN = "<|im_start|>"
 # Std of the logits at init. Transformers' default init (std 0.02) gives near-uniform logits over
 # the vocabulary, where temperature barely matters; ~3 gives a peaked, still diverse distribution.
 LOGIT_STD = 3.0
@@ -97,13 +99,15 @@ def _train_tokenizer(vocab: int):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab,
-        special_tokens=[EOS_TOKEN],
+        special_tokens=[EOS_TOKEN, TURN_TOKEN],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     corpus = resources.files("rollout_service.models").joinpath("corpus.txt").read_text().splitlines()
     tok.train_from_iterator(corpus, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
+    # Chat completions (/v1/chat/completions) render messages with it.
+    fast.chat_template = resources.files("rollout_service.models").joinpath("chat_template.jinja").read_text()
     # The corpus may run out of merges before `vocab`: pad with plain tokens so that every id the
     # model can sample decodes to text.
     missing = vocab - len(fast)

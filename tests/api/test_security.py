@@ -107,6 +107,30 @@ def test_every_role_over_https_on_the_real_server(secured):
         assert reply.status_code == 403 and reply.json()["error"]["code"] == "PERMISSION_DENIED"
 
 
+def test_the_openai_endpoints_take_the_same_keys_roles_tls_and_limits(secured, tiny_model):
+    import openai
+
+    def oai(key: str) -> openai.OpenAI:
+        http = httpx.Client(verify=secured.pki.client_context(True), timeout=120)
+        return openai.OpenAI(base_url=f"{secured.https}/v1", api_key=key, max_retries=0, http_client=http)
+
+    messages = [{"role": "user", "content": "hi"}]
+    for key in (TRAINER, EVAL):
+        with oai(key) as client:
+            assert client.models.list().data[0].id == tiny_model.name
+            assert len(client.chat.completions.create(model=tiny_model.name, messages=messages, max_tokens=3).choices) == 1
+    with oai("an-unknown-key-0123456789") as stranger:
+        with pytest.raises(openai.AuthenticationError) as err:
+            stranger.completions.create(model=tiny_model.name, prompt="x")
+        assert err.value.body["type"] == "authentication_error"  # OpenAI's error shape, before the app runs
+    with oai(TRAINER) as client:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model=tiny_model.name, prompt="x", max_tokens=65)
+        assert err.value.body["param"] == "max_tokens" and "max_tokens_per_sample=64" in err.value.body["message"]
+        with pytest.raises(openai.BadRequestError, match="max_prompts_per_call=4"):
+            client.completions.create(model=tiny_model.name, prompt=["x"] * 5, max_tokens=2)
+
+
 def test_mutual_tls_refuses_a_client_without_a_certificate_and_a_plaintext_one(secured):
     with secured.client(ADMIN, certificate=False) as bare, pytest.raises(UnavailableError):
         bare.status()

@@ -78,7 +78,7 @@ def cluster(tiny_model, redis_server, tmp_path_factory):
 
     c = Cluster()
     c.grpc, c.http = ends["grpc"], f"https://{ends['http']}"
-    c.client_ca = pki.ca
+    c.client_ca, c.pki = pki.ca, pki
     client = c.rpc()
     c.config, c.client, c.redis = config, client, redis_server
     c.engines = serve.get_deployment_handle("EngineReplica", "rollout")
@@ -253,6 +253,35 @@ def test_every_role_on_grpc_and_https_through_the_ingress(cluster, base_weights)
             assert reply.status_code == push, reply.text
             assert http.get("/healthz").status_code == 200
     assert cluster.client.status().weight_version == version
+
+
+def test_openai_clients_reach_the_replicas_through_the_ingress_and_a_session_stays_on_one(cluster, tiny_model):
+    import openai
+
+    def served():
+        return {i["replica_id"]: s.counters.requests_total for i, s in per_replica(cluster, "served")}
+
+    version = cluster.client.status().weight_version
+    http = httpx.Client(verify=cluster.pki.client_context(False), timeout=120)
+    with openai.OpenAI(base_url=f"{cluster.http}/v1", api_key=KEYS["eval"], max_retries=0, http_client=http) as oai:
+        assert oai.models.list().data[0].id == tiny_model.name
+        before = served()
+        chat = oai.chat.completions.create(
+            model=tiny_model.name, messages=[{"role": "user", "content": "hi"}], max_tokens=4, seed=1,
+            extra_body={"return_token_ids": True, "session_id": "agent-1"},
+        )
+        turn = chat.model_extra["prompt_token_ids"] + chat.choices[0].model_extra["token_ids"]
+        for _ in range(3):  # token in, token out: each turn extends the last one's ids
+            reply = oai.completions.create(model=tiny_model.name, prompt=turn, max_tokens=4,
+                                           extra_body={"session_id": "agent-1", "return_token_ids": True})
+            assert reply.choices[0].model_extra["weight_version"] == version
+            turn = turn + reply.choices[0].model_extra["token_ids"]
+        after = served()
+        calls = [after[r] - before[r] for r in before]
+        assert max(calls) == sum(calls) == 4, (before, after)  # all on one replica
+        whole = oai.completions.create(model=tiny_model.name, prompt=["a", "b", "c"], n=2, max_tokens=2)
+        assert [c.index for c in whole.choices] == list(range(6))
+        assert {c.model_extra["weight_version"] for c in whole.choices} == {version}
 
 
 @pytest.mark.reliability("fault")
@@ -524,3 +553,4 @@ def test_int8_replicas_take_a_push_requantized_once_at_the_ingress_as_a_late_rep
     cluster.redeploy(replicas=3)  # returns once the new replica has loaded the version from the store
     by_replica = greedy_by_replica(cluster)
     assert len(by_replica) == 3 and all(outputs == pushed[0] for outputs in by_replica)
+

@@ -25,8 +25,10 @@ LONG = dict(prompt_token_ids=PROMPTS[:2], n=2, max_tokens=MAX_TOKENS, temperatur
 SAMPLES = 2 * 2
 
 
-def push_during_long_generation(server, client, weights, policy: str):
-    """Returns (samples, push result, version before)."""
+def push_during_long_generation(server, client, weights, policy: str, generate=None):
+    """Returns (samples, push result, version before); `generate()` makes the long call (default:
+    Generate with LONG) and returns its samples."""
+    generate = generate or (lambda: [s for c in client.generate(**LONG) for s in c.samples])
     before = client.status().weight_version
     staged, commit = threading.Event(), threading.Event()
 
@@ -43,7 +45,7 @@ def push_during_long_generation(server, client, weights, policy: str):
         # Held before the call is made, so the generation cannot end before it is seen in the
         # engine, however fast the machine or slow the polling (a busy CI machine).
         with held(server):
-            generation = InBackground(lambda: client.generate(**LONG))
+            generation = InBackground(generate)
             wait_until(lambda: generation.done() or client.status().counters.engine_requests_running == SAMPLES,
                        "the long generation in the engine")
             if generation.done():
@@ -56,7 +58,7 @@ def push_during_long_generation(server, client, weights, policy: str):
             result = push.outcome()
     finally:
         commit.set()  # never leave the server holding a half-done push for the next test
-    samples = [s for c in generation.outcome() for s in c.samples]
+    samples = generation.outcome()
     assert len(samples) == SAMPLES
     return samples, result, before
 
@@ -89,7 +91,31 @@ def test_continue_carries_samples_across_the_flip_and_reports_both_versions(bf16
     for s in samples:
         assert s.finish_reason == "length" and len(s.token_ids) == MAX_TOKENS
         assert (s.first_weight_version, s.weight_version) == (before, before + 1)
+        (old, k), (new, rest) = s.token_weight_versions  # every token's version: two runs
+        assert (old, new, k + rest) == (before, before + 1, MAX_TOKENS) and k >= 1
     assert result.drain_ms == 0.0  # nothing waited for the running samples
+
+
+def test_openai_choices_carry_each_tokens_version_across_a_push(bf16_target, bf16_target_client, new_weights):
+    import openai
+
+    with openai.OpenAI(base_url=f"{bf16_target.http_url}/v1", api_key="none", max_retries=0, timeout=300) as oai:
+        model = oai.models.list().data[0].id
+
+        def generate():
+            reply = oai.completions.create(
+                model=model, prompt=LONG["prompt_token_ids"], n=2, max_tokens=MAX_TOKENS, temperature=1.0,
+                seed=3, logprobs=0, extra_body={"ignore_eos": True, "token_weight_versions": True, "return_token_ids": True},
+            )
+            return [choice.model_extra | {"logprobs": choice.logprobs.token_logprobs} for choice in reply.choices]
+
+        choices, result, before = push_during_long_generation(bf16_target, bf16_target_client, new_weights, "continue", generate)
+    assert result.version == before + 1
+    for choice in choices:
+        (old, k), (new, rest) = choice["token_weight_versions"]
+        assert (old, new, k + rest) == (before, before + 1, MAX_TOKENS) and k >= 1
+        assert (choice["first_weight_version"], choice["weight_version"]) == (before, before + 1)
+        assert len(choice["token_ids"]) == len(choice["logprobs"]) == MAX_TOKENS
 
 
 def test_the_servers_default_policy_is_reported(bf16_target_client):

@@ -26,6 +26,9 @@ class Sample:
     # The version of the first token; differs from weight_version (the last token's) only when a
     # push was applied mid-sample under the "continue" policy.
     first_weight_version: int = 0
+    # The version of every token as (version, count) runs in token order: one run unless a push
+    # was applied mid-sample.
+    token_weight_versions: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -37,6 +40,8 @@ class Completion:
     samples: list[Sample]
     request_id: str = ""
     prompt_logprobs: np.ndarray | None = None
+    # Prompt tokens served from the engine's prefix cache (an earlier request shared the prefix).
+    cached_prompt_tokens: int = 0
 
 
 def _top(items) -> list[dict[int, float]]:
@@ -57,9 +62,11 @@ def completion_from_proto(c: pb.Completion) -> Completion:
                 stop_reason=s.stop_reason,
                 top_logprobs=_top(s.top_logprobs),
                 first_weight_version=s.first_weight_version,
+                token_weight_versions=[(r.version, r.count) for r in s.token_weight_versions],
             )
             for s in c.samples
         ],
         request_id=c.request_id,
         prompt_logprobs=np.asarray(c.prompt_logprobs, dtype=np.float32) if len(c.prompt_logprobs) else None,
+        cached_prompt_tokens=c.cached_prompt_tokens,
     )

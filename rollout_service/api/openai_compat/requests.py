@@ -1,0 +1,159 @@
+"""OpenAI request bodies into the service's GenerateRequest.
+
+The bodies are vLLM's own request models (so every OpenAI and vLLM field parses as vLLM's server
+parses it) plus the service's extension fields. A field that changes what vLLM's server would do
+but that the service does not do (beam search, structured outputs, echo, ...) is refused naming
+it, never silently ignored; fields neither OpenAI's nor vLLM's are ignored, as vLLM does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, ValidationError
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+from vllm.exceptions import VLLMValidationError
+
+from rollout_service.config import ServerConfig
+from rollout_service.errors import InvalidArgument, NotFound
+from rollout_service.types import GenerateRequest, Prompt, SamplingOptions, invalid_argument_from
+
+
+def _token_weight_versions():
+    # The service's extension field (the `openai` package sends it in `extra_body`).
+    return Field(
+        False, description="Each choice carries `token_weight_versions`: the version of every token as runs "
+        "[version, count] (more than one run only when a push landed mid-sample)."
+    )
+
+
+class CompletionBody(CompletionRequest):
+    token_weight_versions: bool = _token_weight_versions()
+
+
+class ChatBody(ChatCompletionRequest):
+    token_weight_versions: bool = _token_weight_versions()
+
+
+# What the service does with each field it reads; any other field that vLLM knows must be left at
+# its default. (`user`, `stream_options` and `parallel_tool_calls` change nothing here.)
+_SAMPLING = {
+    "n", "max_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "stop_token_ids", "seed", "ignore_eos",
+    "logprobs", "min_tokens", "repetition_penalty", "presence_penalty", "frequency_penalty",
+    "logit_bias", "allowed_token_ids",
+}
+_COMMON = _SAMPLING | {
+    "model", "stream", "stream_options", "user", "request_id", "session_id", "return_token_ids", "token_weight_versions",
+}
+COMPLETION_FIELDS = _COMMON | {"prompt", "add_special_tokens"}
+CHAT_FIELDS = _COMMON | {
+    "messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls",
+    "add_generation_prompt", "continue_final_message", "chat_template_kwargs", "documents", "include_reasoning",
+}
+
+
+def parse(model: type[CompletionBody] | type[ChatBody], data: Any) -> CompletionBody | ChatBody:
+    """Validate a JSON body, raising InvalidArgument that names the first offending field."""
+    if not isinstance(data, dict):
+        raise InvalidArgument("body", f"expected a JSON object, got {type(data).__name__}")
+    try:
+        body = model.model_validate(data)
+    except ValidationError as exc:
+        raise invalid_argument_from(exc.errors(include_url=False)) from None
+    except VLLMValidationError as exc:  # vLLM's own checks, which pydantic passes through
+        raise InvalidArgument(getattr(exc, "parameter", None) or "body", str(exc)) from None
+    handled = CHAT_FIELDS if isinstance(body, ChatBody) else COMPLETION_FIELDS
+    for name in sorted(body.model_fields_set - handled):
+        field = type(body).model_fields.get(name)
+        if field is not None and getattr(body, name) != field.get_default(call_default_factory=True):
+            raise InvalidArgument(name, f"is not supported by rollout-service (got {getattr(body, name)!r}); leave it unset")
+    if isinstance(body, ChatBody) and body.tools and body.tool_choice not in (None, "auto", "none"):
+        # "required" and a named function force a call through structured outputs, which the service does not run.
+        raise InvalidArgument("tool_choice", f"{body.tool_choice!r} is not supported: use \"auto\" or \"none\"")
+    return body
+
+
+def check_model(name: str | None, config: ServerConfig) -> None:
+    """A request may name the served model or its checkpoint path, or no model at all."""
+    if name and name not in (config.model_name, str(config.model)):
+        raise NotFound(f"model {name!r} is not served here; this server serves {config.model_name!r} (see /v1/models)")
+
+
+def sampling(body: CompletionBody | ChatBody, max_tokens: int, logprobs: int) -> SamplingOptions:
+    """The request's sampling options, in the service's terms (OpenAI's defaults where unset)."""
+    try:
+        return SamplingOptions(
+            n=body.n or 1,
+            max_tokens=max_tokens,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=max(body.top_k or 0, 0),  # vLLM and some clients say "off" with -1
+            min_p=body.min_p or 0.0,
+            stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
+            stop_token_ids=list(body.stop_token_ids or []),
+            seed=body.seed,
+            ignore_eos=body.ignore_eos,
+            logprobs=logprobs,
+            min_tokens=body.min_tokens,
+            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            logit_bias=_logit_bias(body.logit_bias),
+            allowed_token_ids=list(body.allowed_token_ids or []),
+        )
+    except ValidationError as exc:
+        raise invalid_argument_from(exc.errors(include_url=False)) from None
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
+    out = {}
+    for key, value in (bias or {}).items():
+        if not key.lstrip("-").isdigit():
+            raise InvalidArgument(f"logit_bias[{key}]", f"keys are token ids; {key!r} is not an integer")
+        out[int(key)] = value
+    return out
+
+
+def completion_request(body: CompletionBody, context: int) -> GenerateRequest:
+    """A /v1/completions body as a GenerateRequest; `context` is the model's context length."""
+    prompt = body.prompt
+    if prompt is None or prompt == [] or prompt == "":
+        raise InvalidArgument("prompt", "is required: a string, a list of strings, token ids or lists of token ids")
+    if isinstance(prompt, str):
+        prompts = [Prompt(text=prompt)]
+    elif all(isinstance(p, int) for p in prompt):
+        prompts = [Prompt(token_ids=list(prompt))]
+    else:
+        prompts = []
+        for i, p in enumerate(prompt):
+            if not p:
+                raise InvalidArgument(f"prompt[{i}]", "is empty")
+            prompts.append(Prompt(text=p) if isinstance(p, str) else Prompt(token_ids=list(p)))
+    # OpenAI's max_tokens: null means "up to the context's end", like a chat completion's default.
+    max_tokens = body.max_tokens if body.max_tokens is not None else _room(prompts, context)
+    return GenerateRequest(
+        prompts=prompts,
+        sampling=sampling(body, max_tokens, body.logprobs or 0),
+        request_id=body.request_id if "request_id" in body.model_fields_set else "",
+        session_id=body.session_id or "",
+    )
+
+
+def chat_request(body: ChatBody, prompt_token_ids: list[int], context: int) -> GenerateRequest:
+    """A /v1/chat/completions body whose messages rendered to `prompt_token_ids`."""
+    prompts = [Prompt(token_ids=prompt_token_ids)]
+    max_tokens = body.max_completion_tokens or body.max_tokens or _room(prompts, context)
+    return GenerateRequest(
+        prompts=prompts,
+        sampling=sampling(body, max_tokens, body.top_logprobs or 0),
+        request_id=body.request_id if "request_id" in body.model_fields_set else "",
+        session_id=body.session_id or "",
+    )
+
+
+def _room(prompts: list[Prompt], context: int) -> int:
+    """What the longest token-id prompt leaves of the context (at least 1: the engine refuses a
+    prompt that fills it, naming max_model_len). Text prompts are tokenized only by the engine."""
+    longest = max((len(p.token_ids) for p in prompts if p.token_ids), default=0)
+    return max(context - longest, 1)

@@ -1,0 +1,171 @@
+"""Completions into OpenAI's response and stream-chunk shapes (as vLLM's server writes them), plus
+the service's fields on each choice:
+
+  weight_version          the version of the sample's last token (Sample.weight_version)
+  first_weight_version    the version of its first token (differs only when a push landed mid-sample)
+  token_weight_versions   when asked for: runs [version, count] over its tokens
+
+and `usage.prompt_tokens_details.cached_tokens`: prompt tokens served from the prefix cache.
+
+Plain dicts, not pydantic models: a batch of RL samples carries a logprob entry per token, and
+validating each would cost more than sampling it.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from rollout_service.api.openai_compat.chat import ModelText
+from rollout_service.errors import InvalidArgument, RolloutError, grpc_status, http_status, public_message
+from rollout_service.types import Completion, Sample
+
+_FINISH = {"stop": "stop", "length": "length", "aborted": "abort"}
+
+# OpenAI's error types by HTTP status (what its clients raise: BadRequestError, ...).
+_ERROR_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+    409: "conflict_error", 412: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+}
+
+
+def error_body(exc: BaseException, chat: bool = False) -> dict:
+    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}; `code` is the
+    service's gRPC code name, `param` the offending field in the OpenAI request's terms."""
+    status = http_status(exc)
+    param, message = None, public_message(exc)
+    if isinstance(exc, InvalidArgument):
+        # The core names fields of the GenerateRequest this call became: say them as OpenAI does.
+        param = exc.field.removeprefix("sampling.")
+        if param.startswith("prompts"):  # a chat's one prompt is its rendered messages
+            param = "messages" if chat else "prompt" + param.removeprefix("prompts")
+        message = param + message.removeprefix(exc.field)
+    return {
+        "error": {
+            "message": message,
+            "type": _ERROR_TYPES.get(status, "server_error" if status >= 500 or not isinstance(exc, RolloutError) else "invalid_request_error"),
+            "param": param,
+            "code": grpc_status(exc).name,
+        }
+    }
+
+
+def usage(completions: list[Completion]) -> dict:
+    prompt = sum(len(c.prompt_token_ids) for c in completions)
+    generated = sum(len(s.token_ids) for c in completions for s in c.samples)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": generated,
+        "total_tokens": prompt + generated,
+        "prompt_tokens_details": {"cached_tokens": sum(c.cached_prompt_tokens for c in completions)},
+    }
+
+
+def _versions(sample: Sample, body) -> dict:
+    out = {"weight_version": sample.weight_version, "first_weight_version": sample.first_weight_version}
+    if body.token_weight_versions:
+        out["token_weight_versions"] = sample.token_weight_versions
+    return out
+
+
+def _common(body, c: Completion, sample: Sample) -> dict:
+    out = {"finish_reason": _FINISH[sample.finish_reason], "stop_reason": sample.stop_reason or None}
+    if body.return_token_ids:
+        out["token_ids"] = sample.token_ids
+    return out | _versions(sample, body)
+
+
+# ---- /v1/completions --------------------------------------------------------------------------
+
+
+def _completion_logprobs(sample: Sample, text: ModelText) -> dict:
+    tokens = [text.token_text(t) for t in sample.token_ids]
+    top = [
+        {text.token_text(t): lp for t, lp in zip(alt.token_ids, alt.logprobs)} for alt in sample.top_logprobs
+    ] or [None] * len(tokens)
+    return {
+        "tokens": tokens,
+        "token_logprobs": sample.logprobs,
+        "top_logprobs": top,
+        "text_offset": list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=0)) if tokens else [],
+    }
+
+
+def completion_choices(body, c: Completion, text: ModelText) -> list[dict]:
+    """The n choices of one prompt; choice i*n + j is sample j of prompt i (as vLLM numbers them)."""
+    n = body.n or 1
+    choices = []
+    for j, sample in enumerate(c.samples):
+        choice = {
+            "index": c.prompt_index * n + j,
+            "text": sample.text,
+            "logprobs": _completion_logprobs(sample, text) if body.logprobs is not None else None,
+        } | _common(body, c, sample)
+        if body.return_token_ids:
+            choice["prompt_token_ids"] = c.prompt_token_ids
+        choices.append(choice)
+    return choices
+
+
+def completion_response(body, completions: list[Completion], text: ModelText, head: dict) -> dict:
+    choices = [choice for c in completions for choice in completion_choices(body, c, text)]
+    return head | {"object": "text_completion", "choices": choices, "usage": usage(completions)}
+
+
+def completion_chunk(body, c: Completion, text: ModelText, head: dict) -> dict:
+    return head | {"object": "text_completion", "choices": completion_choices(body, c, text)}
+
+
+# ---- /v1/chat/completions ---------------------------------------------------------------------
+
+
+def _chat_logprobs(sample: Sample, text: ModelText) -> dict:
+    def entry(token_id: int, logprob: float) -> dict:
+        token = text.token_text(token_id)
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    content = []
+    for i, (token_id, logprob) in enumerate(zip(sample.token_ids, sample.logprobs)):
+        alt = sample.top_logprobs[i] if sample.top_logprobs else None
+        top = [entry(t, lp) for t, lp in zip(alt.token_ids, alt.logprobs)] if alt else []
+        content.append(entry(token_id, logprob) | {"top_logprobs": top})
+    return {"content": content}
+
+
+def _message(body, sample: Sample, text: ModelText) -> tuple[dict, bool]:
+    content, calls = text.tool_calls(body, sample.text)
+    message = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = [call.model_dump() for call in calls]
+    return message, bool(calls)
+
+
+def chat_choices(body, c: Completion, text: ModelText, stream: bool) -> list[dict]:
+    choices = []
+    for j, sample in enumerate(c.samples):
+        message, called = _message(body, sample, text)
+        if stream:  # the whole choice in one delta (the service streams choices as they finish)
+            for k, call in enumerate(message.get("tool_calls", [])):
+                call["index"] = k
+        choice = {
+            "index": j,
+            "delta" if stream else "message": message,
+            "logprobs": _chat_logprobs(sample, text) if body.logprobs else None,
+        } | _common(body, c, sample)
+        if called and sample.finish_reason == "stop":
+            choice["finish_reason"] = "tool_calls"
+        choices.append(choice)
+    return choices
+
+
+def chat_response(body, c: Completion, text: ModelText, head: dict) -> dict:
+    out = head | {"object": "chat.completion", "choices": chat_choices(body, c, text, False), "usage": usage([c])}
+    if body.return_token_ids:
+        out["prompt_token_ids"] = c.prompt_token_ids
+    return out
+
+
+def chat_chunk(body, c: Completion, text: ModelText, head: dict) -> dict:
+    out = head | {"object": "chat.completion.chunk", "choices": chat_choices(body, c, text, True)}
+    if body.return_token_ids:
+        out["prompt_token_ids"] = c.prompt_token_ids
+    return out
