@@ -99,7 +99,9 @@ class ServerConfig(BaseSettings):
         "drain",
         description="What a weight push does to samples being generated when it is applied: 'drain' lets "
         "them finish on the old weights first; 'abort' ends them with finish reason ABORTED (resubmit); "
-        "'continue' carries them across (their first_weight_version tells). A push may override it.",
+        "'continue' carries them across: their keys and values are computed again on the new weights (a fresh "
+        "prefill of prompt + tokens so far), so no token is sampled from KV of one version and weights of another; "
+        "first_weight_version and token_weight_versions tell. A push may override it.",
     )
     push_buffer_mib: int = Field(
         256,

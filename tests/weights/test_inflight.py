@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
+import torch
 
 from tests.observe import InBackground, held, step, wait_until
 from tests.weights.conftest import LONG_CONTEXT, PROMPTS, perturb
@@ -85,14 +87,39 @@ def test_abort_ends_running_samples_with_finish_reason_aborted(bf16_target, bf16
     assert bf16_target_client.status().counters.engine_requests_running == 0
 
 
-def test_continue_carries_samples_across_the_flip_and_reports_both_versions(bf16_target, bf16_target_client, new_weights):
-    samples, result, before = push_during_long_generation(bf16_target, bf16_target_client, new_weights, "continue")
+def test_continue_carries_samples_across_the_flip_and_recomputes_their_kv_on_the_new_weights(
+    bf16_target, bf16_target_client, weights0, tiny_model
+):
+    """Under "continue" no token is sampled from keys and values of one version and weights of
+    another: the pause drops the running samples' KV, and they are prefilled again (prompt + tokens
+    so far) on the new weights. So every token after the flip has the logprob that the new weights
+    give it over the whole sequence, as transformers computes it."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.engine.reference import hf_token_logprobs
+
+    other = perturb(weights0, seed=12)  # unlike what the tests before pushed: stale KV would show
+    samples, result, before = push_during_long_generation(bf16_target, bf16_target_client, other, "continue")
     assert result.version == before + 1 and result.samples_in_flight == SAMPLES
-    for s in samples:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    model.load_state_dict({k: v.float() for k, v in other.items()}, strict=False)
+    model.tie_weights()
+    errors, before_flip, first_after = [], [], []
+    for i, s in enumerate(samples):
         assert s.finish_reason == "length" and len(s.token_ids) == MAX_TOKENS
         assert (s.first_weight_version, s.weight_version) == (before, before + 1)
         (old, k), (new, rest) = s.token_weight_versions  # every token's version: two runs
         assert (old, new, k + rest) == (before, before + 1, MAX_TOKENS) and k >= 1
+        reference = hf_token_logprobs(model, PROMPTS[i // 2], s.token_ids).numpy()
+        errors.append(np.abs(s.logprobs[k:] - reference[k:]))
+        before_flip.append(np.abs(s.logprobs[:k] - reference[:k]))
+        first_after.append(errors[-1][:16])  # attending most to the positions whose KV was recomputed
+    errors, before_flip, first_after = (np.concatenate(x) for x in (errors, before_flip, first_after))
+    print(f"continue: vs transformers on the new weights, mean |d| {errors.mean():.4f} (max {errors.max():.3f}) over "
+          f"{errors.size} tokens after the flip, {before_flip.mean():.3f} over the {before_flip.size} before it")
+    print(f"continue: the 16 tokens right after the flip: mean |d| {first_after.mean():.4f}")
+    assert errors.mean() <= 0.02 and first_after.mean() <= 0.03  # bf16 engine vs float32 reference
+    assert before_flip.mean() >= 5 * errors.mean()  # the reference tells the two versions apart
     assert result.drain_ms == 0.0  # nothing waited for the running samples
 
 
