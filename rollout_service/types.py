@@ -7,6 +7,7 @@ dataclasses (built once per sample on the hot path, where validation would only 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
@@ -80,6 +81,22 @@ class GenerateRequest(BaseModel):
     session_id: str = Field(
         "", description="Requests with the same session id go to the same replica (its prefix cache)."
     )
+    min_weight_version: int = Field(
+        0, ge=0, description="Sample only with this weight version or a newer one: a replica on an older version "
+        "holds the request until it serves it (the call's deadline bounds the wait)."
+    )
+    max_staleness: int | None = Field(
+        None, ge=0, description="Sample only with a version at most this many behind the newest committed one "
+        "(raises min_weight_version when the call arrives)."
+    )
+
+    def at_least(self, committed: Callable[[], int]) -> GenerateRequest:
+        """This request with max_staleness turned into a min_weight_version against `committed()`,
+        the newest committed version (the backends call it as the request arrives)."""
+        if self.max_staleness is None:
+            return self
+        floor = max(self.min_weight_version, committed() - self.max_staleness)
+        return self.model_copy(update={"min_weight_version": floor, "max_staleness": None})
 
     @classmethod
     def parse(cls, data: dict) -> GenerateRequest:
@@ -166,6 +183,7 @@ class Counters:
     requests_rejected_overload: int = 0
     engine_requests_running: int = 0
     sequences_waiting: int = 0
+    requests_awaiting_version: int = 0
 
 
 @dataclass(slots=True)

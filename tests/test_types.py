@@ -67,3 +67,11 @@ def test_field_path_renders_indices_in_brackets(loc):
     assert path.count("[") == sum(isinstance(p, int) for p in loc)
     for part in loc:
         assert (f"[{part}]" if isinstance(part, int) else part) in path
+
+
+def test_max_staleness_becomes_a_minimum_version_against_the_newest_committed():
+    req = GenerateRequest.parse({"prompts": [{"text": "x"}], "max_staleness": 2, "min_weight_version": 1})
+    assert req.at_least(lambda: 10).min_weight_version == 8
+    assert req.at_least(lambda: 2).min_weight_version == 1  # never below what the call asked for
+    plain = GenerateRequest.parse({"prompts": [{"text": "x"}]})
+    assert plain.at_least(lambda: 1 / 0) is plain  # no staleness bound: the version is not even read

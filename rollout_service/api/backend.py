@@ -51,6 +51,7 @@ class LocalBackend:
         self.config = engine.config
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[Completion]:
+        req = req.at_least(self.push.store.current_version)
         async with contextlib.aclosing(self.engine.generate(req)) as stream:
             async for c in stream:
                 yield c

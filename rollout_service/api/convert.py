@@ -27,7 +27,11 @@ def request_from_proto(msg: pb.GenerateRequest) -> GenerateRequest:
     for key in ("n", "max_tokens", "top_k", "logprobs", "prompt_logprobs", "seed"):
         if key in sampling:  # MessageToDict renders 64-bit ints as strings
             sampling[key] = int(sampling[key])
-    return GenerateRequest.parse({"prompts": prompts, "sampling": sampling, "request_id": msg.request_id, "session_id": msg.session_id})
+    return GenerateRequest.parse({
+        "prompts": prompts, "sampling": sampling, "request_id": msg.request_id, "session_id": msg.session_id,
+        "min_weight_version": msg.min_weight_version,
+        "max_staleness": msg.max_staleness if msg.HasField("max_staleness") else None,
+    })
 
 
 def _top(items: list[TopLogprobs]) -> list[pb.TopLogprobs]:

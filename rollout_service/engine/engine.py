@@ -131,6 +131,8 @@ class RolloutEngine:
         # Serializes what pauses and resumes the scheduler (a push's apply, the debug hold), so a
         # resume can never restart generation on half-loaded weights.
         self._pausing = asyncio.Lock()
+        # Notified when weight_version changes: requests with a min_weight_version wait on it.
+        self._version_changed = asyncio.Condition()
 
     @classmethod
     async def start(cls, config: ServerConfig) -> RolloutEngine:
@@ -213,6 +215,15 @@ class RolloutEngine:
                 f"at most max_inflight_sequences={budget.capacity}); retry shortly"
             )
         self._check_alive()
+        if request.min_weight_version > self.weight_version:
+            # Held before any bookkeeping: it is not running until it can run on that version. The
+            # caller's deadline (or a disconnect) cancels the wait.
+            c.requests_awaiting_version += 1
+            try:
+                async with self._version_changed:
+                    await self._version_changed.wait_for(lambda: self.weight_version >= request.min_weight_version)
+            finally:
+                c.requests_awaiting_version -= 1
         c.requests_total += 1
         c.requests_running += 1
         call_id = f"{request.request_id or 'gen'}-{uuid.uuid4().hex[:12]}"
@@ -287,6 +298,8 @@ class RolloutEngine:
                 if version is not None:
                     await self._llm.update_weight_version(str(version))
                     self.weight_version = version
+                    async with self._version_changed:
+                        self._version_changed.notify_all()
             finally:
                 await self._llm.resume_generation()
         return ApplyStats(

@@ -30,6 +30,7 @@ class ServeBackend:
         self._stream = engines.options(stream=True)
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[Completion]:
+        req = req.at_least(self.push.store.current_version)  # each replica then holds it until it serves that
         runs = await self._split(req)
         responses, merged = [], None
         try:

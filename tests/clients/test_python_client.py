@@ -21,6 +21,12 @@ def test_text_and_token_prompts_and_sampling_are_set():
     assert not req.sampling.HasField("top_p") and req.request_id == "rid"
 
 
+def test_version_requirements_go_in_the_request_not_the_sampling():
+    req = build_request(None, [[1]], "", {"min_weight_version": 4, "max_staleness": 0, "n": 2})
+    assert (req.min_weight_version, req.max_staleness, req.HasField("max_staleness"), req.sampling.n) == (4, 0, True, 2)
+    assert not build_request(None, [[1]], "", {}).HasField("max_staleness")
+
+
 def test_unknown_sampling_parameter_is_a_type_error_naming_it():
     with pytest.raises(TypeError, match="temprature"):
         build_request(["a"], None, "", {"temprature": 1.0})

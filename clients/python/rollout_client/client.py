@@ -39,20 +39,26 @@ MIN_STATUS_TIMEOUT_S = 1.0
 # returns once they serve it, so the caller's next samples are of the version it pushed.
 CATCH_UP_WAIT_S = 300.0
 SAMPLING_FIELDS = tuple(f.name for f in pb.SamplingParams.DESCRIPTOR.fields)
+# GenerateRequest fields the generate methods take among their keyword arguments, beside sampling's.
+VERSION_FIELDS = ("min_weight_version", "max_staleness")
 
 
 def build_request(
     prompts: Sequence[str] | None, prompt_token_ids: Sequence[Sequence[int]] | None, request_id: str, sampling: dict,
     session_id: str = "",
 ) -> pb.GenerateRequest:
-    """A GenerateRequest from text prompts and/or token-id prompts plus SamplingParams fields."""
+    """A GenerateRequest from text prompts and/or token-id prompts plus SamplingParams fields, and
+    the version fields: `min_weight_version` (sample only with this version or newer; the server
+    holds the call until it serves it, within the call's deadline) and `max_staleness` (at most this
+    many versions behind the newest committed one)."""
+    versions = {k: sampling.pop(k) for k in VERSION_FIELDS if sampling.get(k) is not None}
     unknown = sorted(set(sampling) - set(SAMPLING_FIELDS))
     if unknown:
-        raise TypeError(f"unknown sampling parameter(s) {unknown}; known: {list(SAMPLING_FIELDS)}")
+        raise TypeError(f"unknown sampling parameter(s) {unknown}; known: {list(SAMPLING_FIELDS)} and {list(VERSION_FIELDS)}")
     batch = [pb.Prompt(text=t) for t in prompts or ()]
     batch += [pb.Prompt(token_ids=ids) for ids in prompt_token_ids or ()]
     params = pb.SamplingParams(**{k: v for k, v in sampling.items() if v is not None})
-    return pb.GenerateRequest(prompts=batch, sampling=params, request_id=request_id, session_id=session_id)
+    return pb.GenerateRequest(prompts=batch, sampling=params, request_id=request_id, session_id=session_id, **versions)
 
 
 def _completions(response: pb.GenerateResponse) -> list[Completion]:
@@ -187,7 +193,8 @@ class RolloutClient(_Connection):
         timeout: float | None = None,
         **sampling,
     ) -> list[Completion]:
-        """One Completion per prompt, in order (text prompts first, then token-id prompts)."""
+        """One Completion per prompt, in order (text prompts first, then token-id prompts).
+        `sampling`: SamplingParams fields, and min_weight_version / max_staleness (build_request)."""
         request = build_request(prompts, prompt_token_ids, request_id, sampling, session_id)
         try:
             response = self._stub.Generate(request, timeout=self._deadline(timeout), metadata=self._metadata)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.exceptions import VLLMValidationError
@@ -20,20 +20,23 @@ from rollout_service.errors import InvalidArgument, NotFound
 from rollout_service.types import GenerateRequest, Prompt, SamplingOptions, invalid_argument_from
 
 
-def _token_weight_versions():
-    # The service's extension field (the `openai` package sends it in `extra_body`).
-    return Field(
+class _Extensions(BaseModel):
+    """The service's fields (the `openai` package sends them in `extra_body`)."""
+
+    token_weight_versions: bool = Field(
         False, description="Each choice carries `token_weight_versions`: the version of every token as runs "
         "[version, count] (more than one run only when a push landed mid-sample)."
     )
+    min_weight_version: int = Field(0, ge=0, description="As GenerateRequest.min_weight_version.")
+    max_staleness: int | None = Field(None, ge=0, description="As GenerateRequest.max_staleness.")
 
 
-class CompletionBody(CompletionRequest):
-    token_weight_versions: bool = _token_weight_versions()
+class CompletionBody(CompletionRequest, _Extensions):
+    pass
 
 
-class ChatBody(ChatCompletionRequest):
-    token_weight_versions: bool = _token_weight_versions()
+class ChatBody(ChatCompletionRequest, _Extensions):
+    pass
 
 
 # What the service does with each field it reads; any other field that vLLM knows must be left at
@@ -44,7 +47,7 @@ _SAMPLING = {
     "logit_bias", "allowed_token_ids",
 }
 _COMMON = _SAMPLING | {
-    "model", "stream", "stream_options", "user", "request_id", "session_id", "return_token_ids", "token_weight_versions",
+    "model", "stream", "stream_options", "user", "request_id", "session_id", "return_token_ids", *_Extensions.model_fields,
 }
 COMPLETION_FIELDS = _COMMON | {"prompt", "add_special_tokens"}
 CHAT_FIELDS = _COMMON | {
@@ -137,6 +140,8 @@ def completion_request(body: CompletionBody, context: int) -> GenerateRequest:
         sampling=sampling(body, max_tokens, body.logprobs or 0),
         request_id=body.request_id if "request_id" in body.model_fields_set else "",
         session_id=body.session_id or "",
+        min_weight_version=body.min_weight_version,
+        max_staleness=body.max_staleness,
     )
 
 
@@ -149,6 +154,8 @@ def chat_request(body: ChatBody, prompt_token_ids: list[int], context: int) -> G
         sampling=sampling(body, max_tokens, body.top_logprobs or 0),
         request_id=body.request_id if "request_id" in body.model_fields_set else "",
         session_id=body.session_id or "",
+        min_weight_version=body.min_weight_version,
+        max_staleness=body.max_staleness,
     )
 
 

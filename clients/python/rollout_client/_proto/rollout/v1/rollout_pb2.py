@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.rollout_client/_proto/rollout/v1/rollout.proto\x12\nrollout.v1\")\n\x06Prompt\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"\x90\x06\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\rH\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x11\n\x04seed\x18\t \x01(\x03H\x06\x88\x01\x01\x12\x17\n\nignore_eos\x18\n \x01(\x08H\x07\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0b \x01(\rH\x08\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x0c \x01(\rH\t\x88\x01\x01\x12\x17\n\ndetokenize\x18\r \x01(\x08H\n\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0e \x01(\rH\x0b\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0f \x01(\x02H\x0c\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x10 \x01(\x02H\r\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x11 \x01(\x02H\x0e\x88\x01\x01\x12=\n\nlogit_bias\x18\x12 \x03(\x0b\x32).rollout.v1.SamplingParams.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\x13 \x03(\x05\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x04\n\x02_nB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\r\n\x0b_detokenizeB\r\n\x0b_min_tokensB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"\x8c\x01\n\x0fGenerateRequest\x12#\n\x07prompts\x18\x01 \x03(\x0b\x32\x12.rollout.v1.Prompt\x12,\n\x08sampling\x18\x02 \x01(\x0b\x32\x1a.rollout.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"\x9d\x02\n\x06Sample\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12-\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x17.rollout.v1.TopLogprobs\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.rollout.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x06 \x01(\t\x12\x16\n\x0eweight_version\x18\x07 \x01(\x04\x12\x1c\n\x14\x66irst_weight_version\x18\x08 \x01(\x04\x12\x35\n\x15token_weight_versions\x18\t \x03(\x0b\x32\x16.rollout.v1.VersionRun\",\n\nVersionRun\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"\xe2\x01\n\nCompletion\x12\x14\n\x0cprompt_index\x18\x01 \x01(\r\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12#\n\x07samples\x18\x03 \x03(\x0b\x32\x12.rollout.v1.Sample\x12\x17\n\x0fprompt_logprobs\x18\x04 \x03(\x02\x12\x34\n\x13prompt_top_logprobs\x18\x05 \x03(\x0b\x32\x17.rollout.v1.TopLogprobs\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x07 \x01(\r\"?\n\x10GenerateResponse\x12+\n\x0b\x63ompletions\x18\x01 \x03(\x0b\x32\x16.rollout.v1.Completion\"\x12\n\x10GetStatusRequest\"\xea\x01\n\x08\x43ounters\x12\x16\n\x0erequests_total\x18\x01 \x01(\x04\x12\x18\n\x10requests_running\x18\x02 \x01(\x04\x12\x17\n\x0fprompts_aborted\x18\x03 \x01(\x04\x12\x19\n\x11sequences_running\x18\x04 \x01(\x04\x12\x18\n\x10tokens_generated\x18\x05 \x01(\x04\x12\"\n\x1arequests_rejected_overload\x18\x06 \x01(\x04\x12\x1f\n\x17\x65ngine_requests_running\x18\x07 \x01(\x04\x12\x19\n\x11sequences_waiting\x18\x08 \x01(\x04\"\xf0\x04\n\x11GetStatusResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0cquantization\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x16\n\x0eweight_version\x18\x04 \x01(\x04\x12\x15\n\rmax_model_len\x18\x05 \x01(\r\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\x15\n\rlogprobs_mode\x18\x07 \x01(\t\x12\x14\n\x0clm_head_fp32\x18\x08 \x01(\x08\x12\x1e\n\x16max_inflight_sequences\x18\t \x01(\r\x12\x16\n\x0e\x65ngine_version\x18\n \x01(\t\x12\x10\n\x08uptime_s\x18\x0b \x01(\x01\x12&\n\x08\x63ounters\x18\x0c \x01(\x0b\x32\x14.rollout.v1.Counters\x12\x17\n\x0finflight_policy\x18\r \x01(\t\x12\x32\n\tlast_push\x18\x0e \x01(\x0b\x32\x1f.rollout.v1.PushWeightsResponse\x12\x10\n\x08replicas\x18\x0f \x01(\r\x12L\n\x10replica_versions\x18\x10 \x03(\x0b\x32\x32.rollout.v1.GetStatusResponse.ReplicaVersionsEntry\x12\x19\n\x11\x63ommitted_version\x18\x11 \x01(\x04\x12\x14\n\x0c\x64\x65lta_codecs\x18\x12 \x03(\t\x12/\n\rshared_memory\x18\x13 \x01(\x0b\x32\x18.rollout.v1.SharedMemory\x1a\x36\n\x14ReplicaVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"*\n\x0cSharedMemory\x12\x0b\n\x03\x64ir\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\"\xd4\x01\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\x12\x12\n\x05\x63rc32\x18\x05 \x01(\rH\x00\x88\x01\x01\x12)\n\x05\x64\x65lta\x18\x06 \x01(\x0b\x32\x15.rollout.v1.DeltaSpecH\x01\x88\x01\x01\x12,\n\x06shared\x18\x07 \x01(\x0b\x32\x17.rollout.v1.SharedBytesH\x02\x88\x01\x01\x42\x08\n\x06_crc32B\x08\n\x06_deltaB\t\n\x07_shared\"+\n\x0bSharedBytes\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"T\n\tDeltaSpec\x12\r\n\x05\x63odec\x18\x01 \x01(\t\x12\x12\n\nbase_crc32\x18\x02 \x01(\r\x12\x0f\n\x07\x63hanged\x18\x03 \x01(\x04\x12\x13\n\x0bwire_nbytes\x18\x04 \x01(\x04\"\xc2\x01\n\nPushHeader\x12\'\n\x07tensors\x18\x01 \x03(\x0b\x32\x16.rollout.v1.TensorSpec\x12\x1d\n\x10\x65xpected_version\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\r\n\x05label\x18\x03 \x01(\t\x12\x10\n\x08inflight\x18\x04 \x01(\t\x12\x1f\n\x12\x64\x65lta_base_version\x18\x05 \x01(\x04H\x01\x88\x01\x01\x42\x13\n\x11_expected_versionB\x15\n\x13_delta_base_version\"6\n\x0bPushDeclare\x12\'\n\x07tensors\x18\x01 \x03(\x0b\x32\x16.rollout.v1.TensorSpec\"?\n\tPushChunk\x12\x14\n\x0ctensor_index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x0c\n\nPushCommit\"\xc4\x01\n\x12PushWeightsRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.rollout.v1.PushHeaderH\x00\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.rollout.v1.PushChunkH\x00\x12(\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x16.rollout.v1.PushCommitH\x00\x12*\n\x07\x64\x65\x63lare\x18\x04 \x01(\x0b\x32\x17.rollout.v1.PushDeclareH\x00\x42\x06\n\x04kind\"\xbf\x02\n\x13PushWeightsResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\x12\x17\n\x0ftensors_applied\x18\x03 \x01(\r\x12\x11\n\treceive_s\x18\x04 \x01(\x01\x12\x14\n\x0crequantize_s\x18\x05 \x01(\x01\x12\x0f\n\x07\x61pply_s\x18\x06 \x01(\x01\x12\x10\n\x08pause_ms\x18\x07 \x01(\x01\x12\r\n\x05label\x18\x08 \x01(\t\x12\x10\n\x08\x64rain_ms\x18\t \x01(\x01\x12\x19\n\x11samples_in_flight\x18\n \x01(\r\x12\x1c\n\x14replicas_catching_up\x18\x0b \x03(\t\x12\x13\n\x0b\x64\x65nse_bytes\x18\x0c \x01(\x04\x12\x15\n\rdelta_tensors\x18\r \x01(\r\x12\x14\n\x0cshared_bytes\x18\x0e \x01(\x04*z\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x19\n\x15\x46INISH_REASON_ABORTED\x10\x03\x32\xc2\x02\n\x0eRolloutService\x12\x45\n\x08Generate\x12\x1b.rollout.v1.GenerateRequest\x1a\x1c.rollout.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x1b.rollout.v1.GenerateRequest\x1a\x1c.rollout.v1.GenerateResponse0\x01\x12H\n\tGetStatus\x12\x1c.rollout.v1.GetStatusRequest\x1a\x1d.rollout.v1.GetStatusResponse\x12P\n\x0bPushWeights\x12\x1e.rollout.v1.PushWeightsRequest\x1a\x1f.rollout.v1.PushWeightsResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.rollout_client/_proto/rollout/v1/rollout.proto\x12\nrollout.v1\")\n\x06Prompt\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"\x90\x06\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\rH\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x11\n\x04seed\x18\t \x01(\x03H\x06\x88\x01\x01\x12\x17\n\nignore_eos\x18\n \x01(\x08H\x07\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0b \x01(\rH\x08\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x0c \x01(\rH\t\x88\x01\x01\x12\x17\n\ndetokenize\x18\r \x01(\x08H\n\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0e \x01(\rH\x0b\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0f \x01(\x02H\x0c\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x10 \x01(\x02H\r\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x11 \x01(\x02H\x0e\x88\x01\x01\x12=\n\nlogit_bias\x18\x12 \x03(\x0b\x32).rollout.v1.SamplingParams.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\x13 \x03(\x05\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x04\n\x02_nB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\r\n\x0b_detokenizeB\r\n\x0b_min_tokensB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"\xd6\x01\n\x0fGenerateRequest\x12#\n\x07prompts\x18\x01 \x03(\x0b\x32\x12.rollout.v1.Prompt\x12,\n\x08sampling\x18\x02 \x01(\x0b\x32\x1a.rollout.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x1a\n\x12min_weight_version\x18\x05 \x01(\x04\x12\x1a\n\rmax_staleness\x18\x06 \x01(\rH\x00\x88\x01\x01\x42\x10\n\x0e_max_staleness\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"\x9d\x02\n\x06Sample\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12-\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x17.rollout.v1.TopLogprobs\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.rollout.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x06 \x01(\t\x12\x16\n\x0eweight_version\x18\x07 \x01(\x04\x12\x1c\n\x14\x66irst_weight_version\x18\x08 \x01(\x04\x12\x35\n\x15token_weight_versions\x18\t \x03(\x0b\x32\x16.rollout.v1.VersionRun\",\n\nVersionRun\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"\xe2\x01\n\nCompletion\x12\x14\n\x0cprompt_index\x18\x01 \x01(\r\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12#\n\x07samples\x18\x03 \x03(\x0b\x32\x12.rollout.v1.Sample\x12\x17\n\x0fprompt_logprobs\x18\x04 \x03(\x02\x12\x34\n\x13prompt_top_logprobs\x18\x05 \x03(\x0b\x32\x17.rollout.v1.TopLogprobs\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x07 \x01(\r\"?\n\x10GenerateResponse\x12+\n\x0b\x63ompletions\x18\x01 \x03(\x0b\x32\x16.rollout.v1.Completion\"\x12\n\x10GetStatusRequest\"\x8d\x02\n\x08\x43ounters\x12\x16\n\x0erequests_total\x18\x01 \x01(\x04\x12\x18\n\x10requests_running\x18\x02 \x01(\x04\x12\x17\n\x0fprompts_aborted\x18\x03 \x01(\x04\x12\x19\n\x11sequences_running\x18\x04 \x01(\x04\x12\x18\n\x10tokens_generated\x18\x05 \x01(\x04\x12\"\n\x1arequests_rejected_overload\x18\x06 \x01(\x04\x12\x1f\n\x17\x65ngine_requests_running\x18\x07 \x01(\x04\x12\x19\n\x11sequences_waiting\x18\x08 \x01(\x04\x12!\n\x19requests_awaiting_version\x18\t \x01(\x04\"\xf0\x04\n\x11GetStatusResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0cquantization\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x16\n\x0eweight_version\x18\x04 \x01(\x04\x12\x15\n\rmax_model_len\x18\x05 \x01(\r\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\x15\n\rlogprobs_mode\x18\x07 \x01(\t\x12\x14\n\x0clm_head_fp32\x18\x08 \x01(\x08\x12\x1e\n\x16max_inflight_sequences\x18\t \x01(\r\x12\x16\n\x0e\x65ngine_version\x18\n \x01(\t\x12\x10\n\x08uptime_s\x18\x0b \x01(\x01\x12&\n\x08\x63ounters\x18\x0c \x01(\x0b\x32\x14.rollout.v1.Counters\x12\x17\n\x0finflight_policy\x18\r \x01(\t\x12\x32\n\tlast_push\x18\x0e \x01(\x0b\x32\x1f.rollout.v1.PushWeightsResponse\x12\x10\n\x08replicas\x18\x0f \x01(\r\x12L\n\x10replica_versions\x18\x10 \x03(\x0b\x32\x32.rollout.v1.GetStatusResponse.ReplicaVersionsEntry\x12\x19\n\x11\x63ommitted_version\x18\x11 \x01(\x04\x12\x14\n\x0c\x64\x65lta_codecs\x18\x12 \x03(\t\x12/\n\rshared_memory\x18\x13 \x01(\x0b\x32\x18.rollout.v1.SharedMemory\x1a\x36\n\x14ReplicaVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"*\n\x0cSharedMemory\x12\x0b\n\x03\x64ir\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\"\xd4\x01\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\x12\x12\n\x05\x63rc32\x18\x05 \x01(\rH\x00\x88\x01\x01\x12)\n\x05\x64\x65lta\x18\x06 \x01(\x0b\x32\x15.rollout.v1.DeltaSpecH\x01\x88\x01\x01\x12,\n\x06shared\x18\x07 \x01(\x0b\x32\x17.rollout.v1.SharedBytesH\x02\x88\x01\x01\x42\x08\n\x06_crc32B\x08\n\x06_deltaB\t\n\x07_shared\"+\n\x0bSharedBytes\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"T\n\tDeltaSpec\x12\r\n\x05\x63odec\x18\x01 \x01(\t\x12\x12\n\nbase_crc32\x18\x02 \x01(\r\x12\x0f\n\x07\x63hanged\x18\x03 \x01(\x04\x12\x13\n\x0bwire_nbytes\x18\x04 \x01(\x04\"\xc2\x01\n\nPushHeader\x12\'\n\x07tensors\x18\x01 \x03(\x0b\x32\x16.rollout.v1.TensorSpec\x12\x1d\n\x10\x65xpected_version\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\r\n\x05label\x18\x03 \x01(\t\x12\x10\n\x08inflight\x18\x04 \x01(\t\x12\x1f\n\x12\x64\x65lta_base_version\x18\x05 \x01(\x04H\x01\x88\x01\x01\x42\x13\n\x11_expected_versionB\x15\n\x13_delta_base_version\"6\n\x0bPushDeclare\x12\'\n\x07tensors\x18\x01 \x03(\x0b\x32\x16.rollout.v1.TensorSpec\"?\n\tPushChunk\x12\x14\n\x0ctensor_index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x0c\n\nPushCommit\"\xc4\x01\n\x12PushWeightsRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.rollout.v1.PushHeaderH\x00\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.rollout.v1.PushChunkH\x00\x12(\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x16.rollout.v1.PushCommitH\x00\x12*\n\x07\x64\x65\x63lare\x18\x04 \x01(\x0b\x32\x17.rollout.v1.PushDeclareH\x00\x42\x06\n\x04kind\"\xbf\x02\n\x13PushWeightsResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\x12\x17\n\x0ftensors_applied\x18\x03 \x01(\r\x12\x11\n\treceive_s\x18\x04 \x01(\x01\x12\x14\n\x0crequantize_s\x18\x05 \x01(\x01\x12\x0f\n\x07\x61pply_s\x18\x06 \x01(\x01\x12\x10\n\x08pause_ms\x18\x07 \x01(\x01\x12\r\n\x05label\x18\x08 \x01(\t\x12\x10\n\x08\x64rain_ms\x18\t \x01(\x01\x12\x19\n\x11samples_in_flight\x18\n \x01(\r\x12\x1c\n\x14replicas_catching_up\x18\x0b \x03(\t\x12\x13\n\x0b\x64\x65nse_bytes\x18\x0c \x01(\x04\x12\x15\n\rdelta_tensors\x18\r \x01(\r\x12\x14\n\x0cshared_bytes\x18\x0e \x01(\x04*z\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x19\n\x15\x46INISH_REASON_ABORTED\x10\x03\x32\xc2\x02\n\x0eRolloutService\x12\x45\n\x08Generate\x12\x1b.rollout.v1.GenerateRequest\x1a\x1c.rollout.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x1b.rollout.v1.GenerateRequest\x1a\x1c.rollout.v1.GenerateResponse0\x01\x12H\n\tGetStatus\x12\x1c.rollout.v1.GetStatusRequest\x1a\x1d.rollout.v1.GetStatusResponse\x12P\n\x0bPushWeights\x12\x1e.rollout.v1.PushWeightsRequest\x1a\x1f.rollout.v1.PushWeightsResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_GETSTATUSRESPONSE_REPLICAVERSIONSENTRY']._loaded_options = None
   _globals['_GETSTATUSRESPONSE_REPLICAVERSIONSENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=3842
-  _globals['_FINISHREASON']._serialized_end=3964
+  _globals['_FINISHREASON']._serialized_start=3951
+  _globals['_FINISHREASON']._serialized_end=4073
   _globals['_PROMPT']._serialized_start=62
   _globals['_PROMPT']._serialized_end=103
   _globals['_SAMPLINGPARAMS']._serialized_start=106
@@ -44,45 +44,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=622
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=670
   _globals['_GENERATEREQUEST']._serialized_start=893
-  _globals['_GENERATEREQUEST']._serialized_end=1033
-  _globals['_TOPLOGPROBS']._serialized_start=1035
-  _globals['_TOPLOGPROBS']._serialized_end=1085
-  _globals['_SAMPLE']._serialized_start=1088
-  _globals['_SAMPLE']._serialized_end=1373
-  _globals['_VERSIONRUN']._serialized_start=1375
-  _globals['_VERSIONRUN']._serialized_end=1419
-  _globals['_COMPLETION']._serialized_start=1422
-  _globals['_COMPLETION']._serialized_end=1648
-  _globals['_GENERATERESPONSE']._serialized_start=1650
-  _globals['_GENERATERESPONSE']._serialized_end=1713
-  _globals['_GETSTATUSREQUEST']._serialized_start=1715
-  _globals['_GETSTATUSREQUEST']._serialized_end=1733
-  _globals['_COUNTERS']._serialized_start=1736
-  _globals['_COUNTERS']._serialized_end=1970
-  _globals['_GETSTATUSRESPONSE']._serialized_start=1973
-  _globals['_GETSTATUSRESPONSE']._serialized_end=2597
-  _globals['_GETSTATUSRESPONSE_REPLICAVERSIONSENTRY']._serialized_start=2543
-  _globals['_GETSTATUSRESPONSE_REPLICAVERSIONSENTRY']._serialized_end=2597
-  _globals['_SHAREDMEMORY']._serialized_start=2599
-  _globals['_SHAREDMEMORY']._serialized_end=2641
-  _globals['_TENSORSPEC']._serialized_start=2644
-  _globals['_TENSORSPEC']._serialized_end=2856
-  _globals['_SHAREDBYTES']._serialized_start=2858
-  _globals['_SHAREDBYTES']._serialized_end=2901
-  _globals['_DELTASPEC']._serialized_start=2903
-  _globals['_DELTASPEC']._serialized_end=2987
-  _globals['_PUSHHEADER']._serialized_start=2990
-  _globals['_PUSHHEADER']._serialized_end=3184
-  _globals['_PUSHDECLARE']._serialized_start=3186
-  _globals['_PUSHDECLARE']._serialized_end=3240
-  _globals['_PUSHCHUNK']._serialized_start=3242
-  _globals['_PUSHCHUNK']._serialized_end=3305
-  _globals['_PUSHCOMMIT']._serialized_start=3307
-  _globals['_PUSHCOMMIT']._serialized_end=3319
-  _globals['_PUSHWEIGHTSREQUEST']._serialized_start=3322
-  _globals['_PUSHWEIGHTSREQUEST']._serialized_end=3518
-  _globals['_PUSHWEIGHTSRESPONSE']._serialized_start=3521
-  _globals['_PUSHWEIGHTSRESPONSE']._serialized_end=3840
-  _globals['_ROLLOUTSERVICE']._serialized_start=3967
-  _globals['_ROLLOUTSERVICE']._serialized_end=4289
+  _globals['_GENERATEREQUEST']._serialized_end=1107
+  _globals['_TOPLOGPROBS']._serialized_start=1109
+  _globals['_TOPLOGPROBS']._serialized_end=1159
+  _globals['_SAMPLE']._serialized_start=1162
+  _globals['_SAMPLE']._serialized_end=1447
+  _globals['_VERSIONRUN']._serialized_start=1449
+  _globals['_VERSIONRUN']._serialized_end=1493
+  _globals['_COMPLETION']._serialized_start=1496
+  _globals['_COMPLETION']._serialized_end=1722
+  _globals['_GENERATERESPONSE']._serialized_start=1724
+  _globals['_GENERATERESPONSE']._serialized_end=1787
+  _globals['_GETSTATUSREQUEST']._serialized_start=1789
+  _globals['_GETSTATUSREQUEST']._serialized_end=1807
+  _globals['_COUNTERS']._serialized_start=1810
+  _globals['_COUNTERS']._serialized_end=2079
+  _globals['_GETSTATUSRESPONSE']._serialized_start=2082
+  _globals['_GETSTATUSRESPONSE']._serialized_end=2706
+  _globals['_GETSTATUSRESPONSE_REPLICAVERSIONSENTRY']._serialized_start=2652
+  _globals['_GETSTATUSRESPONSE_REPLICAVERSIONSENTRY']._serialized_end=2706
+  _globals['_SHAREDMEMORY']._serialized_start=2708
+  _globals['_SHAREDMEMORY']._serialized_end=2750
+  _globals['_TENSORSPEC']._serialized_start=2753
+  _globals['_TENSORSPEC']._serialized_end=2965
+  _globals['_SHAREDBYTES']._serialized_start=2967
+  _globals['_SHAREDBYTES']._serialized_end=3010
+  _globals['_DELTASPEC']._serialized_start=3012
+  _globals['_DELTASPEC']._serialized_end=3096
+  _globals['_PUSHHEADER']._serialized_start=3099
+  _globals['_PUSHHEADER']._serialized_end=3293
+  _globals['_PUSHDECLARE']._serialized_start=3295
+  _globals['_PUSHDECLARE']._serialized_end=3349
+  _globals['_PUSHCHUNK']._serialized_start=3351
+  _globals['_PUSHCHUNK']._serialized_end=3414
+  _globals['_PUSHCOMMIT']._serialized_start=3416
+  _globals['_PUSHCOMMIT']._serialized_end=3428
+  _globals['_PUSHWEIGHTSREQUEST']._serialized_start=3431
+  _globals['_PUSHWEIGHTSREQUEST']._serialized_end=3627
+  _globals['_PUSHWEIGHTSRESPONSE']._serialized_start=3630
+  _globals['_PUSHWEIGHTSRESPONSE']._serialized_end=3949
+  _globals['_ROLLOUTSERVICE']._serialized_start=4076
+  _globals['_ROLLOUTSERVICE']._serialized_end=4398
 # @@protoc_insertion_point(module_scope)

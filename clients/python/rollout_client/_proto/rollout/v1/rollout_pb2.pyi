@@ -76,16 +76,20 @@ class SamplingParams(_message.Message):
     def __init__(self, n: _Optional[int] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., seed: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., logprobs: _Optional[int] = ..., prompt_logprobs: _Optional[int] = ..., detokenize: _Optional[bool] = ..., min_tokens: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., allowed_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompts", "sampling", "request_id", "session_id")
+    __slots__ = ("prompts", "sampling", "request_id", "session_id", "min_weight_version", "max_staleness")
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MIN_WEIGHT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MAX_STALENESS_FIELD_NUMBER: _ClassVar[int]
     prompts: _containers.RepeatedCompositeFieldContainer[Prompt]
     sampling: SamplingParams
     request_id: str
     session_id: str
-    def __init__(self, prompts: _Optional[_Iterable[_Union[Prompt, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., request_id: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
+    min_weight_version: int
+    max_staleness: int
+    def __init__(self, prompts: _Optional[_Iterable[_Union[Prompt, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., request_id: _Optional[str] = ..., session_id: _Optional[str] = ..., min_weight_version: _Optional[int] = ..., max_staleness: _Optional[int] = ...) -> None: ...
 
 class TopLogprobs(_message.Message):
     __slots__ = ("token_ids", "logprobs")
@@ -154,7 +158,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Counters(_message.Message):
-    __slots__ = ("requests_total", "requests_running", "prompts_aborted", "sequences_running", "tokens_generated", "requests_rejected_overload", "engine_requests_running", "sequences_waiting")
+    __slots__ = ("requests_total", "requests_running", "prompts_aborted", "sequences_running", "tokens_generated", "requests_rejected_overload", "engine_requests_running", "sequences_waiting", "requests_awaiting_version")
     REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_RUNNING_FIELD_NUMBER: _ClassVar[int]
     PROMPTS_ABORTED_FIELD_NUMBER: _ClassVar[int]
@@ -163,6 +167,7 @@ class Counters(_message.Message):
     REQUESTS_REJECTED_OVERLOAD_FIELD_NUMBER: _ClassVar[int]
     ENGINE_REQUESTS_RUNNING_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_WAITING_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_AWAITING_VERSION_FIELD_NUMBER: _ClassVar[int]
     requests_total: int
     requests_running: int
     prompts_aborted: int
@@ -171,7 +176,8 @@ class Counters(_message.Message):
     requests_rejected_overload: int
     engine_requests_running: int
     sequences_waiting: int
-    def __init__(self, requests_total: _Optional[int] = ..., requests_running: _Optional[int] = ..., prompts_aborted: _Optional[int] = ..., sequences_running: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., requests_rejected_overload: _Optional[int] = ..., engine_requests_running: _Optional[int] = ..., sequences_waiting: _Optional[int] = ...) -> None: ...
+    requests_awaiting_version: int
+    def __init__(self, requests_total: _Optional[int] = ..., requests_running: _Optional[int] = ..., prompts_aborted: _Optional[int] = ..., sequences_running: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., requests_rejected_overload: _Optional[int] = ..., engine_requests_running: _Optional[int] = ..., sequences_waiting: _Optional[int] = ..., requests_awaiting_version: _Optional[int] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
     __slots__ = ("model", "quantization", "dtype", "weight_version", "max_model_len", "vocab_size", "logprobs_mode", "lm_head_fp32", "max_inflight_sequences", "engine_version", "uptime_s", "counters", "inflight_policy", "last_push", "replicas", "replica_versions", "committed_version", "delta_codecs", "shared_memory")
