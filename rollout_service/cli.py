@@ -49,6 +49,7 @@ def serve(
     lm_head_fp32: Optional[bool] = typer.Option(None, "--lm-head-fp32/--no-lm-head-fp32", help="LM head and logits in float32."),
     max_inflight_sequences: Optional[int] = typer.Option(None, help="In-flight sequence limit (default 1024)."),
     kv_cache_gib: Optional[int] = typer.Option(None, help="CPU KV cache in whole GiB (default 1)."),
+    block_size: Optional[int] = typer.Option(None, help="KV-cache block size in tokens; the prefix cache reuses whole blocks (default: vLLM's, 128 on CPU)."),
     seed: Optional[int] = typer.Option(None, help="Engine seed (default 0)."),
     cache_dir: Optional[Path] = typer.Option(None, help="Where quantized copies of checkpoints are kept."),
     inflight: Optional[str] = typer.Option(None, help="drain (default) | abort | continue: running samples at a push."),

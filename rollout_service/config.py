@@ -73,6 +73,11 @@ class ServerConfig(BaseSettings):
         1024, ge=1, description="Most sequences (prompts x n) in the engine at once; a larger call runs in parts, and a call "
         "arriving while running + waiting sequences reach it gets RESOURCE_EXHAUSTED."
     )
+    block_size: int | None = Field(
+        None, ge=1, description="KV-cache block size in tokens (vLLM block_size). The prefix cache reuses whole "
+        "blocks, so a multi-turn session's next turn recomputes up to a block of what the last turn computed; "
+        "default: vLLM's (128 on CPU, 16 on GPU; CPU prefers multiples of 32)."
+    )
     max_num_seqs: int = Field(256, ge=1, description="Most sequences the engine schedules in one step (vLLM max_num_seqs).")
     max_logprobs: int = Field(20, ge=0, description="Largest `logprobs` / `prompt_logprobs` a request may ask for.")
     served_model_name: str | None = Field(

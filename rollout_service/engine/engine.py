@@ -101,11 +101,17 @@ def engine_args(config: ServerConfig, model: Path):
         generation_config="vllm",
         seed=config.seed,
         max_num_seqs=config.max_num_seqs,
+        block_size=config.block_size,
         max_logprobs=config.max_logprobs,
         gpu_memory_utilization=config.gpu_memory_utilization,
         enable_log_requests=False,
         # Adds the methods that load pushed weights (rollout_apply) to vLLM's worker.
         worker_extension_cls="rollout_service.engine.worker_ext.RolloutWorkerExtension",
+        # On CPU a seeded request in a partial prefill chunk kills vLLM 0.32's engine (the model
+        # runner rewinds its generator by Philox offsets, which a CPU generator does not have:
+        # "CPU Generator does not use offset"; tests/engine/test_seeded_prefill.py). Whole-prompt
+        # prefills drop no sampled token, so nothing is rewound.
+        enable_chunked_prefill=False if current_platform.is_cpu() else None,
     )
 
 

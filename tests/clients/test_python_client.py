@@ -27,6 +27,25 @@ def test_version_requirements_go_in_the_request_not_the_sampling():
     assert not build_request(None, [[1]], "", {}).HasField("max_staleness")
 
 
+def test_a_resumed_sample_joins_tokens_logprobs_and_version_runs():
+    import numpy as np
+
+    from rollout_client.client import continuation
+    from rollout_client.types import Completion, Sample, joined
+
+    head = Sample([5, 6], "ab", np.array([-1.0, -2.0], np.float32), "aborted", 3, first_weight_version=3,
+                  token_weight_versions=[(3, 2)])
+    tail = Sample([7], "c", np.array([-0.5], np.float32), "length", 4, first_weight_version=4, token_weight_versions=[(4, 1)])
+    whole = joined(head, tail)
+    assert (whole.token_ids, whole.text, whole.logprobs.tolist(), whole.finish_reason) == ([5, 6, 7], "abc", [-1.0, -2.0, -0.5], "length")
+    assert (whole.first_weight_version, whole.weight_version, whole.token_weight_versions) == (3, 4, [(3, 2), (4, 1)])
+    assert joined(head, Sample([8], "d", np.array([-0.1], np.float32), "stop", 3, token_weight_versions=[(3, 1)])).token_weight_versions == [(3, 3)]
+    completion = Completion(0, [1, 2], [head])
+    assert continuation(completion, head, 5, {"temperature": 0.7}) == {
+        "prompt_token_ids": [[1, 2, 5, 6]], "max_tokens": 3, "n": 1, "temperature": 0.7}
+    assert continuation(completion, head, 2, {}) is None
+
+
 def test_unknown_sampling_parameter_is_a_type_error_naming_it():
     with pytest.raises(TypeError, match="temprature"):
         build_request(["a"], None, "", {"temprature": 1.0})

@@ -78,13 +78,28 @@ def test_drain_finishes_running_samples_on_the_old_weights_first(bf16_target, bf
         assert s.weight_version == s.first_weight_version == before
 
 
-def test_abort_ends_running_samples_with_finish_reason_aborted(bf16_target, bf16_target_client, new_weights):
-    samples, result, before = push_during_long_generation(bf16_target, bf16_target_client, new_weights, "abort")
+def test_abort_ends_running_samples_which_resume_from_their_tokens_on_the_new_version(bf16_target, bf16_target_client, new_weights):
+    client = bf16_target_client
+    captured = {}
+
+    def generate():
+        captured["completions"] = client.generate(**LONG)
+        return [s for c in captured["completions"] for s in c.samples]
+
+    samples, result, before = push_during_long_generation(bf16_target, client, new_weights, "abort", generate)
     assert result.version == before + 1 and result.samples_in_flight == SAMPLES
     assert all(s.finish_reason == "aborted" and len(s.token_ids) < MAX_TOKENS for s in samples)
     assert all(s.weight_version == s.first_weight_version == before for s in samples)
     assert all(len(s.logprobs) == len(s.token_ids) for s in samples)
-    assert bf16_target_client.status().counters.engine_requests_running == 0
+    assert client.status().counters.engine_requests_running == 0
+    sampling = {k: v for k, v in LONG.items() if k not in ("prompt_token_ids", "n", "max_tokens", "seed")}
+    for completion in captured["completions"]:
+        for s in completion.samples:
+            whole = client.resume(completion, s, max_tokens=MAX_TOKENS, **sampling)
+            assert whole.token_ids[: len(s.token_ids)] == s.token_ids and len(whole.token_ids) == MAX_TOKENS
+            assert len(whole.logprobs) == MAX_TOKENS and whole.finish_reason == "length"
+            runs = [(before, len(s.token_ids))] if s.token_ids else []
+            assert whole.token_weight_versions == runs + [(before + 1, MAX_TOKENS - len(s.token_ids))]
 
 
 def test_continue_carries_samples_across_the_flip_and_recomputes_their_kv_on_the_new_weights(

@@ -29,7 +29,7 @@ from rollout_client.blocking_push import BlockingPush
 from rollout_client.channel import ChannelOptions, RetryPolicy
 from rollout_client.errors import DeadlineExceededError, DeltaBaseError, RolloutClientError, from_rpc_error
 from rollout_client.push import PushResult
-from rollout_client.types import Completion, completion_from_proto
+from rollout_client.types import Completion, Sample, completion_from_proto, joined
 
 WAIT_POLL_S = 0.5
 # wait_for_version's last status call may outlast its deadline by this much, rather than fail with
@@ -59,6 +59,15 @@ def build_request(
     batch += [pb.Prompt(token_ids=ids) for ids in prompt_token_ids or ()]
     params = pb.SamplingParams(**{k: v for k, v in sampling.items() if v is not None})
     return pb.GenerateRequest(prompts=batch, sampling=params, request_id=request_id, session_id=session_id, **versions)
+
+
+def continuation(completion: Completion, sample: Sample, max_tokens: int, sampling: dict) -> dict | None:
+    """The generate() arguments that continue `sample` from its tokens (resume()), or None when it
+    already has max_tokens tokens."""
+    left = max_tokens - len(sample.token_ids)
+    if left <= 0:
+        return None
+    return {"prompt_token_ids": [completion.prompt_token_ids + sample.token_ids], "max_tokens": left, "n": 1, **sampling}
 
 
 def _completions(response: pb.GenerateResponse) -> list[Completion]:
@@ -201,6 +210,19 @@ class RolloutClient(_Connection):
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
         return _completions(response)
+
+    def resume(self, completion: Completion, sample: Sample, *, max_tokens: int, timeout: float | None = None, **sampling) -> Sample:
+        """Continue `sample` (one of `completion`'s, e.g. aborted by a push) from its tokens on the
+        weights served now: one token-in call with the prompt + the sample's tokens, for the
+        `max_tokens` the original call asked for less what it has. Returns the whole sample (see
+        types.joined): its per-token versions say which tokens came from which version. Pass the
+        original call's sampling options (with another seed, or none, to draw fresh randomness);
+        min_weight_version / max_staleness work as in generate()."""
+        args = continuation(completion, sample, max_tokens, sampling)
+        if args is None:
+            return sample
+        (rest,) = self.generate(**args, timeout=timeout)
+        return joined(sample, rest.samples[0])
 
     def generate_stream(
         self,
@@ -361,6 +383,16 @@ class AsyncRolloutClient(_Connection):
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
         return _completions(response)
+
+    async def resume(
+        self, completion: Completion, sample: Sample, *, max_tokens: int, timeout: float | None = None, **sampling
+    ) -> Sample:
+        """As RolloutClient.resume."""
+        args = continuation(completion, sample, max_tokens, sampling)
+        if args is None:
+            return sample
+        (rest,) = await self.generate(**args, timeout=timeout)
+        return joined(sample, rest.samples[0])
 
     async def generate_stream(
         self,

@@ -70,3 +70,26 @@ def completion_from_proto(c: pb.Completion) -> Completion:
         prompt_logprobs=np.asarray(c.prompt_logprobs, dtype=np.float32) if len(c.prompt_logprobs) else None,
         cached_prompt_tokens=c.cached_prompt_tokens,
     )
+
+
+def joined(head: Sample, tail: Sample) -> Sample:
+    """`head` continued by `tail` (a continuation generated from head's prompt + tokens): tokens,
+    logprobs, alternatives and per-token versions of both, in order; the end is tail's. The text is
+    the two texts joined (a character split across the boundary decodes as it did in each part)."""
+    runs = list(head.token_weight_versions)
+    for version, count in tail.token_weight_versions:
+        if runs and runs[-1][0] == version:
+            runs[-1] = (version, runs[-1][1] + count)
+        else:
+            runs.append((version, count))
+    return Sample(
+        token_ids=head.token_ids + tail.token_ids,
+        text=head.text + tail.text,
+        logprobs=np.concatenate([head.logprobs, tail.logprobs]).astype(np.float32),
+        finish_reason=tail.finish_reason,
+        weight_version=tail.weight_version if tail.token_ids else head.weight_version,
+        stop_reason=tail.stop_reason,
+        top_logprobs=head.top_logprobs + tail.top_logprobs,
+        first_weight_version=head.first_weight_version if head.token_ids else tail.first_weight_version,
+        token_weight_versions=runs,
+    )
