@@ -87,6 +87,7 @@ def serve(
         None, "--shared-memory/--no-shared-memory", help="Let same-host clients hand tensors over in shared memory (default on)."
     ),
     shared_memory_dir: Optional[Path] = typer.Option(None, help="Where the shared-memory directory is made (default /dev/shm)."),
+    max_version_wait_s: Optional[float] = typer.Option(None, help="Longest a call is held for its min_weight_version, seconds (default 600)."),
     served_model_name: Optional[str] = typer.Option(None, help="Model name in /v1/models and OpenAI requests (default: the checkpoint directory's name)."),
     tool_call_parser: Optional[str] = typer.Option(None, help="vLLM tool-call parser for chat completions, e.g. hermes (default: none)."),
     log_level: Optional[str] = typer.Option(None, help="debug | info | warning | error (default info)."),
@@ -116,6 +117,14 @@ def serve(
         raise typer.Exit(2) from None
     except ValidationError as exc:
         _config_error(exc)
+    if config.tool_call_parser:
+        from rollout_service.api.openai_compat.chat import check_tool_call_parser
+
+        try:
+            check_tool_call_parser(config.tool_call_parser)
+        except ConfigError as exc:
+            err.print(f"[red]error:[/red] --tool-call-parser: {exc}")
+            raise typer.Exit(2) from None
     if config.backend == "local":
         from rollout_service.server import run
     else:

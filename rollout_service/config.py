@@ -73,6 +73,10 @@ class ServerConfig(BaseSettings):
         1024, ge=1, description="Most sequences (prompts x n) in the engine at once; a larger call runs in parts, and a call "
         "arriving while running + waiting sequences reach it gets RESOURCE_EXHAUSTED."
     )
+    max_version_wait_s: float = Field(
+        600.0, gt=0, description="Longest a call with a min_weight_version (or max_staleness) is held for its "
+        "version to be served; then DEADLINE_EXCEEDED. The call's own deadline, if shorter, ends it first."
+    )
     block_size: int | None = Field(
         None, ge=1, description="KV-cache block size in tokens (vLLM block_size). The prefix cache reuses whole "
         "blocks, so a multi-turn session's next turn recomputes up to a block of what the last turn computed; "
@@ -244,15 +248,6 @@ class ServerConfig(BaseSettings):
                 "weights: give --api-keys FILE (rollout-service make-key), or --insecure to serve it open"
             )
         return self
-
-    @field_validator("tool_call_parser")
-    @classmethod
-    def _known_parser(cls, name: str | None) -> str | None:
-        if name is not None:
-            from rollout_service.api.openai_compat.chat import check_tool_call_parser
-
-            check_tool_call_parser(name)
-        return name
 
     @field_validator("autoscale")
     @classmethod

@@ -37,9 +37,9 @@ def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
-def _server(request, tiny_model: Path, tmp_path_factory, name: str, *args: str) -> ServerProcess:
+def _server(request, tiny_model: Path, tmp_path_factory, name: str, *args: str, context: int = MAX_MODEL_LEN) -> ServerProcess:
     log = tmp_path_factory.mktemp("logs") / f"{name}.log"
-    server = ServerProcess.start(tiny_model, log, "--backend", "local", "--max-model-len", str(MAX_MODEL_LEN), *args)
+    server = ServerProcess.start(tiny_model, log, "--backend", "local", "--max-model-len", str(context), *args)
     request.addfinalizer(server.stop)
     return server
 
@@ -84,5 +84,9 @@ def trainer_server(request, tiny_model, tmp_path_factory) -> ServerProcess:
     """bf16 engine that the client, adapter and GRPO tests push to; each test first pushes the
     weights it needs (as a trainer syncs before its first rollout), so their order does not matter.
     Without shared memory: the clients stream to it as to a server on another host, so the
-    adapters' pushes keep the streamed path tested (the other servers take same-host pushes)."""
-    return _server(request, tiny_model, tmp_path_factory, "trainer", "--no-shared-memory")
+    adapters' pushes keep the streamed path tested (the other servers take same-host pushes).
+    Tool calls in chat completions are parsed (hermes), and the context holds an agent's prompt
+    with its tool definitions, for the agent tests (tests/clients/test_agents.py)."""
+    return _server(
+        request, tiny_model, tmp_path_factory, "trainer", "--no-shared-memory", "--tool-call-parser", "hermes", context=1024
+    )

@@ -9,6 +9,7 @@ prompt tasks are cancelled and vLLM's generate() aborts each engine request, so 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -222,14 +223,7 @@ class RolloutEngine:
             )
         self._check_alive()
         if request.min_weight_version > self.weight_version:
-            # Held before any bookkeeping: it is not running until it can run on that version. The
-            # caller's deadline (or a disconnect) cancels the wait.
-            c.requests_awaiting_version += 1
-            try:
-                async with self._version_changed:
-                    await self._version_changed.wait_for(lambda: self.weight_version >= request.min_weight_version)
-            finally:
-                c.requests_awaiting_version -= 1
+            await self._served(request.min_weight_version)
         c.requests_total += 1
         c.requests_running += 1
         call_id = f"{request.request_id or 'gen'}-{uuid.uuid4().hex[:12]}"
@@ -250,6 +244,36 @@ class RolloutEngine:
             c.prompts_aborted += sum(t.cancel() for t in tasks)
             c.requests_running -= 1
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _served(self, version: int) -> None:
+        """Hold a call until the engine serves `version` (its min_weight_version), before any
+        bookkeeping: it is not running until it can run on that version. Bounded by the caller's
+        deadline or disconnect (they cancel this wait), by max_version_wait_s, and in number (as
+        many as max_inflight_sequences, then Overloaded); a dead engine ends every wait."""
+        c = self._counters
+        if c.requests_awaiting_version >= self._budget.capacity:
+            c.requests_rejected_overload += 1
+            raise Overloaded(
+                f"{c.requests_awaiting_version} calls already wait for a weight version (at most "
+                f"max_inflight_sequences={self._budget.capacity}); retry shortly"
+            )
+        c.requests_awaiting_version += 1
+        deadline = time.monotonic() + self.config.max_version_wait_s
+        try:
+            async with self._version_changed:
+                while self.weight_version < version:
+                    self._check_alive()
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise DeadlineExceeded(
+                            f"min_weight_version={version} was not served within max_version_wait_s="
+                            f"{self.config.max_version_wait_s:g} s (this engine serves version {self.weight_version})"
+                        )
+                    with contextlib.suppress(TimeoutError):  # wakes each second to see a dead engine
+                        async with asyncio.timeout(min(left, 1.0)):
+                            await self._version_changed.wait()
+        finally:
+            c.requests_awaiting_version -= 1
 
     async def _admitted(self, n: int, one: Coroutine[None, None, Completion]) -> Completion:
         try:

@@ -10,8 +10,8 @@ import openai.types
 import openai.types.chat
 import pytest
 
-from rollout_service.api.openai_compat import requests, responses
-from rollout_service.api.openai_compat.chat import ModelText
+from rollout_service.api.openai_compat import bodies, responses
+from rollout_service.api.openai_compat.chat import ModelText, check_tool_call_parser
 from rollout_service.config import ServerConfig
 from rollout_service.errors import ConfigError, InvalidArgument, NotFound, Overloaded
 from rollout_service.types import Completion, Sample, TopLogprobs
@@ -25,12 +25,22 @@ def config(tiny_model) -> ServerConfig:
     return ServerConfig(model=tiny_model, served_model_name="tiny", tool_call_parser="hermes", max_model_len=256)
 
 
+def test_the_openai_layer_loads_vllm_only_when_first_called():
+    import subprocess
+    import sys
+
+    code = "import sys, rollout_service.api.http_app; print('vllm' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"  # a Serve ingress that serves no OpenAI call never imports it
+
+
 @pytest.fixture(scope="module")
 def text(config) -> ModelText:
     return ModelText(config)
 
 
 def completion(*, n: int = 1, tokens=(5, 6, 7), text: str = "abc", runs=((3, 3),)) -> Completion:
+    runs = runs if sum(c for _, c in runs) == len(tokens) else ((runs[-1][0], len(tokens)),)
     samples = [
         Sample(token_ids=list(tokens), text=text, logprobs=[-0.5] * len(tokens), finish_reason="stop", weight_version=runs[-1][0],
                first_weight_version=runs[0][0], top_logprobs=[TopLogprobs([9, 10], [-0.1, -2.0])] * len(tokens),
@@ -42,17 +52,17 @@ def completion(*, n: int = 1, tokens=(5, 6, 7), text: str = "abc", runs=((3, 3),
 
 @pytest.mark.parametrize("field, value", [
     ("echo", True), ("use_beam_search", True), ("suffix", "x"), ("prompt_logprobs", 1), ("bad_words", ["no"]),
-    ("response_format", {"type": "json_object"}), ("include_stop_str_in_output", True),
+    ("response_format", {"type": "json_object"}), ("include_stop_str_in_output", True), ("add_special_tokens", False),
 ])
 def test_a_field_the_service_does_not_do_is_refused_by_name(field, value):
     with pytest.raises(InvalidArgument, match="is not supported") as err:
-        requests.parse(requests.CompletionBody, {"prompt": "x", field: value})
+        bodies.parse(bodies.CompletionBody, {"prompt": "x", field: value})
     assert err.value.field == field
 
 
 def test_fields_neither_openai_nor_vllm_know_are_ignored_and_defaults_are_openais():
-    body = requests.parse(requests.CompletionBody, {"prompt": "hello", "metadata": {"run": 1}, "store": False})
-    req = requests.completion_request(body, context=256)
+    body = bodies.parse(bodies.CompletionBody, {"prompt": "hello", "metadata": {"run": 1}, "store": False})
+    req = bodies.completion_request(body)
     s = req.sampling
     assert (s.n, s.max_tokens, s.temperature, s.top_p, s.top_k, s.logprobs) == (1, 16, 1.0, 1.0, 0, 0)
     assert req.prompts[0].text == "hello"
@@ -60,8 +70,8 @@ def test_fields_neither_openai_nor_vllm_know_are_ignored_and_defaults_are_openai
 
 def test_every_prompt_form_becomes_the_same_prompts():
     def prompts(prompt):
-        body = requests.parse(requests.CompletionBody, {"prompt": prompt})
-        return [(p.text, p.token_ids) for p in requests.completion_request(body, context=256).prompts]
+        body = bodies.parse(bodies.CompletionBody, {"prompt": prompt})
+        return [(p.text, p.token_ids) for p in bodies.completion_request(body).prompts]
 
     assert prompts("a") == [("a", None)]
     assert prompts(["a", "b"]) == [("a", None), ("b", None)]
@@ -72,34 +82,54 @@ def test_every_prompt_form_becomes_the_same_prompts():
 
 
 def test_sampling_options_map_to_the_services():
-    body = requests.parse(requests.ChatBody, {
+    body = bodies.parse(bodies.ChatBody, {
         "messages": [{"role": "user", "content": "x"}], "n": 3, "max_completion_tokens": 9, "temperature": 0.7,
         "top_p": 0.9, "top_k": -1, "min_p": 0.1, "stop": "END", "seed": 5, "logprobs": True, "top_logprobs": 4,
         "logit_bias": {"17": -5.0}, "presence_penalty": 0.5, "frequency_penalty": 0.25, "repetition_penalty": 1.1,
         "session_id": "episode-7", "ignore_eos": True, "min_tokens": 2,
     })
-    req = requests.chat_request(body, [1, 2, 3], context=256)
+    req = bodies.chat_request(body, [1, 2, 3], context=256)
     s = req.sampling
     assert (s.n, s.max_tokens, s.temperature, s.top_p, s.top_k, s.min_p, s.stop, s.seed, s.logprobs) == (3, 9, 0.7, 0.9, 0, 0.1, ["END"], 5, 4)
     assert (s.logit_bias, s.presence_penalty, s.frequency_penalty, s.repetition_penalty) == ({17: -5.0}, 0.5, 0.25, 1.1)
     assert (s.ignore_eos, s.min_tokens, req.session_id, req.prompts[0].token_ids) == (True, 2, "episode-7", [1, 2, 3])
 
 
-def test_a_chat_without_max_tokens_may_use_the_rest_of_the_context():
-    body = requests.parse(requests.ChatBody, {"messages": [{"role": "user", "content": "x"}]})
-    assert requests.chat_request(body, [1] * 200, context=256).sampling.max_tokens == 56
+def test_a_chat_without_max_tokens_may_use_the_rest_of_the_context_up_to_the_servers_limit():
+    body = bodies.parse(bodies.ChatBody, {"messages": [{"role": "user", "content": "x"}]})
+    assert bodies.chat_request(body, [1] * 200, context=256).sampling.max_tokens == 56
+    assert bodies.chat_request(body, [1] * 200, context=256, limit=32).sampling.max_tokens == 32
+    asked = bodies.parse(bodies.ChatBody, {"messages": [{"role": "user", "content": "x"}], "max_tokens": 7})
+    assert bodies.chat_request(asked, [1] * 200, context=256, limit=32).sampling.max_tokens == 7
+
+
+def test_version_requirements_reach_the_generate_request():
+    body = bodies.parse(bodies.CompletionBody, {"prompt": "x", "min_weight_version": 3, "max_staleness": 1})
+    req = bodies.completion_request(body)
+    assert (req.min_weight_version, req.max_staleness) == (3, 1)
+
+
+@pytest.mark.parametrize("part", [
+    {"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest"}},
+    {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+])
+def test_media_parts_are_refused_before_anything_reads_them(part):
+    messages = [{"role": "user", "content": [{"type": "text", "text": "look"}, part]}]
+    with pytest.raises(InvalidArgument, match=r"only text parts are served") as err:
+        bodies.parse(bodies.ChatBody, {"messages": messages})
+    assert err.value.field == "messages[0].content[1]"
 
 
 def test_bad_values_are_named_as_openai_names_them():
     with pytest.raises(InvalidArgument) as err:
-        requests.completion_request(requests.parse(requests.CompletionBody, {"prompt": "x", "top_p": 0}), context=256)
+        bodies.completion_request(bodies.parse(bodies.CompletionBody, {"prompt": "x", "top_p": 0}))
     assert responses.error_body(err.value)["error"]["param"] == "top_p"
     with pytest.raises(InvalidArgument, match=r"logit_bias\[tok\]"):
-        requests.completion_request(requests.parse(requests.CompletionBody, {"prompt": "x", "logit_bias": {"tok": 1}}), 256)
+        bodies.completion_request(bodies.parse(bodies.CompletionBody, {"prompt": "x", "logit_bias": {"tok": 1}}))
     with pytest.raises(InvalidArgument, match="tool_choice: 'required' is not supported"):
-        requests.parse(requests.ChatBody, {"messages": [{"role": "user", "content": "x"}], "tools": TOOLS, "tool_choice": "required"})
+        bodies.parse(bodies.ChatBody, {"messages": [{"role": "user", "content": "x"}], "tools": TOOLS, "tool_choice": "required"})
     with pytest.raises(InvalidArgument, match="body: expected a JSON object"):
-        requests.parse(requests.ChatBody, [1, 2])
+        bodies.parse(bodies.ChatBody, [1, 2])
 
 
 def test_errors_take_openais_shape_with_fields_in_its_terms():
@@ -117,16 +147,17 @@ def test_errors_take_openais_shape_with_fields_in_its_terms():
 
 
 def test_the_served_name_or_the_checkpoint_path_may_be_named(config):
-    requests.check_model(None, config)
-    requests.check_model("tiny", config)
-    requests.check_model(str(config.model), config)
+    bodies.check_model(None, config)
+    bodies.check_model("tiny", config)
+    bodies.check_model(str(config.model), config)
     with pytest.raises(NotFound, match="this server serves 'tiny'"):
-        requests.check_model("gpt-4o", config)
+        bodies.check_model("gpt-4o", config)
 
 
-def test_an_unknown_tool_call_parser_is_a_config_error(tiny_model):
+def test_an_unknown_tool_call_parser_is_a_config_error():
+    check_tool_call_parser("hermes")
     with pytest.raises(ConfigError, match="'nope' is not one of vLLM's tool-call parsers: .*hermes"):
-        ServerConfig(model=tiny_model, tool_call_parser="nope")
+        check_tool_call_parser("nope")
 
 
 async def test_chat_renders_with_the_models_own_template_tools_included(text, tiny_model):
@@ -139,38 +170,39 @@ async def test_chat_renders_with_the_models_own_template_tools_included(text, ti
             {"id": "c1", "type": "function", "function": {"name": "add", "arguments": "{\"a\": 2}"}}]},
         {"role": "tool", "tool_call_id": "c1", "content": "4"},
     ]
-    body = requests.parse(requests.ChatBody, {"messages": messages, "tools": TOOLS})
+    body = bodies.parse(bodies.ChatBody, {"messages": messages, "tools": TOOLS})
     ids = await text.render(body)
     hf = AutoTokenizer.from_pretrained(tiny_model)
     plain = [dict(m, content="What is 2+2?") if m["role"] == "user" else m for m in messages]
     plain[2] = dict(plain[2], tool_calls=[{"id": "c1", "type": "function", "function": {"name": "add", "arguments": {"a": 2}}}])
     expected = hf.apply_chat_template(plain, tools=TOOLS, add_generation_prompt=True, tokenize=True, return_dict=False)
     assert ids == expected
-    assert hf.decode(ids).endswith("<tool_response>\n4\n</tool_response><|endoftext|>\n<|im_start|>assistant\n")
-    no_tools = await text.render(requests.parse(requests.ChatBody, {"messages": messages, "tools": TOOLS, "tool_choice": "none"}))
+    assert hf.decode(ids).endswith("<tool_response>\n4\n</tool_response><|endoftext|><|im_start|>assistant\n")
+    no_tools = await text.render(bodies.parse(bodies.ChatBody, {"messages": messages, "tools": TOOLS, "tool_choice": "none"}))
     assert "# Tools" not in hf.decode(no_tools)
 
 
 def test_a_client_chat_template_is_refused():  # templates run code in the server's Jinja sandbox: the model's only
     with pytest.raises(InvalidArgument, match="chat_template: is not supported"):
-        requests.parse(requests.ChatBody, {"messages": [{"role": "user", "content": "x"}], "chat_template": "{{ 1 }}"})
+        bodies.parse(bodies.ChatBody, {"messages": [{"role": "user", "content": "x"}], "chat_template": "{{ 1 }}"})
 
 
 def test_sampled_tool_calls_are_parsed_by_vllms_parser(text):
     call = '<tool_call>\n{"name": "add", "arguments": {"a": 2}}\n</tool_call>'
-    body = requests.parse(requests.ChatBody, {"messages": [{"role": "user", "content": "x"}], "tools": TOOLS})
-    reply = responses.chat_response(body, completion(text=call), text, {"id": "chatcmpl-1", "created": 0, "model": "tiny"})
+    ids = text.tokenizer.encode(call) + [text.tokenizer.eos_token_id]  # as sampled: the parser reads them again
+    body = bodies.parse(bodies.ChatBody, {"messages": [{"role": "user", "content": "x"}], "tools": TOOLS})
+    reply = responses.chat_response(body, completion(text=call, tokens=ids), text, {"id": "chatcmpl-1", "created": 0, "model": "tiny"})
     parsed = openai.types.chat.ChatCompletion.model_validate(reply)
     (choice,) = parsed.choices
     assert choice.finish_reason == "tool_calls" and choice.message.tool_calls[0].function.name == "add"
     assert json.loads(choice.message.tool_calls[0].function.arguments) == {"a": 2}
-    none = requests.parse(requests.ChatBody, {"messages": [{"role": "user", "content": "x"}], "tools": TOOLS, "tool_choice": "none"})
-    kept = responses.chat_response(none, completion(text=call), text, {"id": "c", "created": 0, "model": "tiny"})
+    none = bodies.parse(bodies.ChatBody, {"messages": [{"role": "user", "content": "x"}], "tools": TOOLS, "tool_choice": "none"})
+    kept = responses.chat_response(none, completion(text=call, tokens=ids), text, {"id": "c", "created": 0, "model": "tiny"})
     assert kept["choices"][0]["message"] == {"role": "assistant", "content": call}
 
 
 def test_completion_choices_carry_logprobs_token_ids_and_versions_in_openais_shape(text):
-    body = requests.parse(requests.CompletionBody, {"prompt": [1, 2, 3, 4], "n": 2, "logprobs": 2, "return_token_ids": True,
+    body = bodies.parse(bodies.CompletionBody, {"prompt": [1, 2, 3, 4], "n": 2, "logprobs": 2, "return_token_ids": True,
                                                     "token_weight_versions": True})
     c = completion(n=2, runs=((3, 1), (4, 2)))
     reply = responses.completion_response(body, [c], text, {"id": "cmpl-1", "created": 0, "model": "tiny"})
@@ -188,7 +220,7 @@ def test_completion_choices_carry_logprobs_token_ids_and_versions_in_openais_sha
 
 
 def test_a_streamed_chat_chunk_parses_as_openais_chunk(text):
-    body = requests.parse(requests.ChatBody, {"messages": [{"role": "user", "content": "x"}], "n": 2, "stream": True, "logprobs": True})
+    body = bodies.parse(bodies.ChatBody, {"messages": [{"role": "user", "content": "x"}], "n": 2, "stream": True, "logprobs": True})
     chunk = responses.chat_chunk(body, completion(n=2), text, {"id": "c", "created": 0, "model": "tiny"})
     parsed = openai.types.chat.ChatCompletionChunk.model_validate(chunk)
     assert [c.delta.content for c in parsed.choices] == ["abc", "abc"]

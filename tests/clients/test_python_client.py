@@ -41,9 +41,10 @@ def test_a_resumed_sample_joins_tokens_logprobs_and_version_runs():
     assert (whole.first_weight_version, whole.weight_version, whole.token_weight_versions) == (3, 4, [(3, 2), (4, 1)])
     assert joined(head, Sample([8], "d", np.array([-0.1], np.float32), "stop", 3, token_weight_versions=[(3, 1)])).token_weight_versions == [(3, 3)]
     completion = Completion(0, [1, 2], [head])
-    assert continuation(completion, head, 5, {"temperature": 0.7}) == {
-        "prompt_token_ids": [[1, 2, 5, 6]], "max_tokens": 3, "n": 1, "temperature": 0.7}
-    assert continuation(completion, head, 2, {}) is None
+    assert continuation(completion, head, 5, {"temperature": 0.7, "n": 4, "min_tokens": 3}) == {
+        "prompt_token_ids": [[1, 2, 5, 6]], "max_tokens": 3, "n": 1, "temperature": 0.7, "min_tokens": 1}
+    assert continuation(completion, head, 2, {}) is None  # nothing left to generate
+    assert continuation(completion, tail, 5, {}) is None  # not aborted: it ended by itself
 
 
 def test_unknown_sampling_parameter_is_a_type_error_naming_it():

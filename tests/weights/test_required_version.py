@@ -1,6 +1,7 @@
 """A call may require the version it samples with: `min_weight_version` holds it until the server
-serves that version (as a rollout worker waits for the trainer's next push), `max_staleness`
-bounds how far behind the newest committed version it may be; the call's deadline bounds the wait."""
+serves that version (as a rollout worker waits for the trainer's next push); the call's deadline
+bounds the wait. (`max_staleness` becomes a min_weight_version as the call arrives: tests/test_types.py
+and tests/api/test_local_backend.py.)"""
 
 from __future__ import annotations
 
@@ -41,17 +42,10 @@ def test_the_wait_ends_at_the_calls_deadline_and_leaves_nothing_behind(bf16_targ
             oai.completions.create(model=model, prompt=PROMPTS[0], max_tokens=2, extra_body={"min_weight_version": far},
                                    extra_headers={"X-Request-Timeout": "2"})
         assert err.value.status_code == 504 and err.value.body["code"] == "DEADLINE_EXCEEDED"
+        with pytest.raises(openai.APIStatusError) as err:  # a stream is held the same way until its first chunk
+            oai.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], max_tokens=2, stream=True,
+                                        extra_body={"min_weight_version": far}, extra_headers={"X-Request-Timeout": "2"})
+        assert err.value.status_code == 504
     wait_until(lambda: client.status().counters.requests_awaiting_version == 0, "the held calls to be gone")
     counters = client.status().counters
     assert counters.requests_running == counters.engine_requests_running == 0
-
-
-def test_max_staleness_zero_samples_with_the_newest_committed_version(bf16_target, bf16_target_client):
-    client = bf16_target_client
-    newest = client.status().committed_version
-    (completion,) = client.generate(prompt_token_ids=PROMPTS[:1], max_tokens=2, max_staleness=0)
-    assert completion.samples[0].weight_version == newest
-    with openai.OpenAI(base_url=f"{bf16_target.http_url}/v1", api_key="none", max_retries=0, timeout=60) as oai:
-        reply = oai.completions.create(model=oai.models.list().data[0].id, prompt=PROMPTS[0], max_tokens=2,
-                                       extra_body={"max_staleness": 0})
-        assert reply.choices[0].model_extra["weight_version"] == newest

@@ -62,12 +62,15 @@ def build_request(
 
 
 def continuation(completion: Completion, sample: Sample, max_tokens: int, sampling: dict) -> dict | None:
-    """The generate() arguments that continue `sample` from its tokens (resume()), or None when it
-    already has max_tokens tokens."""
+    """The generate() arguments that continue an aborted `sample` from its tokens (resume()), or
+    None when there is nothing to continue: it was not aborted, or has max_tokens tokens."""
     left = max_tokens - len(sample.token_ids)
-    if left <= 0:
+    if sample.finish_reason != "aborted" or left <= 0:
         return None
-    return {"prompt_token_ids": [completion.prompt_token_ids + sample.token_ids], "max_tokens": left, "n": 1, **sampling}
+    args = {**sampling, "prompt_token_ids": [completion.prompt_token_ids + sample.token_ids], "max_tokens": left, "n": 1}
+    if args.get("min_tokens"):
+        args["min_tokens"] = max(0, args["min_tokens"] - len(sample.token_ids))
+    return args
 
 
 def _completions(response: pb.GenerateResponse) -> list[Completion]:
@@ -212,12 +215,14 @@ class RolloutClient(_Connection):
         return _completions(response)
 
     def resume(self, completion: Completion, sample: Sample, *, max_tokens: int, timeout: float | None = None, **sampling) -> Sample:
-        """Continue `sample` (one of `completion`'s, e.g. aborted by a push) from its tokens on the
+        """Continue `sample` (one of `completion`'s, aborted by a push) from its tokens on the
         weights served now: one token-in call with the prompt + the sample's tokens, for the
-        `max_tokens` the original call asked for less what it has. Returns the whole sample (see
-        types.joined): its per-token versions say which tokens came from which version. Pass the
-        original call's sampling options (with another seed, or none, to draw fresh randomness);
-        min_weight_version / max_staleness work as in generate()."""
+        `max_tokens` the original call asked for less what it has (min_tokens likewise). Returns
+        the whole sample (see types.joined): its per-token versions say which tokens came from
+        which version. A sample that was not aborted is returned as it is. Pass the original
+        call's sampling options (with another seed, or none, to draw fresh randomness);
+        min_weight_version / max_staleness work as in generate(). vLLM's presence and frequency
+        penalties count the sample's tokens only from where the continuation starts."""
         args = continuation(completion, sample, max_tokens, sampling)
         if args is None:
             return sample

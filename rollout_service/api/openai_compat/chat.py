@@ -63,13 +63,20 @@ class ModelText:
             return list(prompt["prompt_token_ids"])
         return self.tokenizer.encode(prompt["prompt"], add_special_tokens=False)
 
-    def tool_calls(self, body, text: str) -> tuple[str | None, list[Any]]:
-        """(content, tool calls) of a sampled text: with a tool-call parser configured and tools in
-        the request (tool_choice not "none"), what vLLM's parser finds; otherwise (text, [])."""
+    def tool_calls(self, body, sample) -> tuple[str | None, list[Any]]:
+        """(content, tool calls) of a sample: with a tool-call parser configured and tools in the
+        request (tool_choice not "none"), what vLLM's parser finds; otherwise (its text, [])."""
         if self._parser is None or not body.tools or body.tool_choice == "none":
-            return text, []
-        found = self._parser(self.tokenizer, body.tools).extract_tool_calls(text, body)
-        return (found.content, list(found.tool_calls)) if found.tools_called else (text, [])
+            return sample.text, []
+        parser = self._parser(self.tokenizer, body.tools)
+        # A parser may need the text with special tokens kept (its markers are special tokens in
+        # many models); vLLM's server asks the engine for that text, here the ids are decoded again.
+        wanted = parser.adjust_request(body.model_copy())
+        text = sample.text
+        if not wanted.skip_special_tokens:
+            text = self.tokenizer.decode(sample.token_ids, skip_special_tokens=False)
+        found = parser.extract_tool_calls(text, wanted)
+        return (found.content, list(found.tool_calls)) if found.tools_called else (sample.text, [])
 
     @functools.lru_cache(maxsize=65536)  # noqa: B019 (one instance per server, kept for its life)
     def token_text(self, token_id: int) -> str:

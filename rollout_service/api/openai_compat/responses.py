@@ -14,10 +14,13 @@ validating each would cost more than sampling it.
 from __future__ import annotations
 
 import itertools
+from typing import TYPE_CHECKING
 
-from rollout_service.api.openai_compat.chat import ModelText
 from rollout_service.errors import InvalidArgument, RolloutError, grpc_status, http_status, public_message
 from rollout_service.types import Completion, Sample
+
+if TYPE_CHECKING:
+    from rollout_service.api.openai_compat.chat import ModelText
 
 _FINISH = {"stop": "stop", "length": "length", "aborted": "abort"}
 
@@ -132,7 +135,7 @@ def _chat_logprobs(sample: Sample, text: ModelText) -> dict:
 
 
 def _message(body, sample: Sample, text: ModelText) -> tuple[dict, bool]:
-    content, calls = text.tool_calls(body, sample.text)
+    content, calls = text.tool_calls(body, sample)
     message = {"role": "assistant", "content": content}
     if calls:
         message["tool_calls"] = [call.model_dump() for call in calls]

@@ -9,8 +9,12 @@ GET  /v1/models             the served model (its name: --served-model-name)
 not token by token: the engine returns a sample once it is complete), then a usage chunk when
 `stream_options.include_usage`, then `data: [DONE]`. An error found before the first chunk is an
 HTTP error; one after it is sent as a last `data: {"error": ...}` event, as vLLM's server does.
-Access is the same as /v1/generate's (api/access.py); X-Request-Timeout applies to calls that do
-not stream.
+Access is the same as /v1/generate's (api/access.py). X-Request-Timeout bounds a call until its
+response (a stream: until its first chunk), and a client that disconnects has its engine requests
+aborted, as for /v1/generate.
+
+vLLM (its request models, renderer and parsers) is imported on the first OpenAI call, not when the
+front end starts: a Serve ingress that never serves one never loads it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -27,11 +32,12 @@ from fastapi.responses import StreamingResponse
 
 from rollout_service.api.cancel import run_cancellable
 from rollout_service.api.limits import check_generate
-from rollout_service.api.openai_compat import requests, responses
-from rollout_service.api.openai_compat.chat import ModelText
+from rollout_service.api.openai_compat import responses
 from rollout_service.config import ServerConfig
-from rollout_service.errors import InvalidArgument
+from rollout_service.errors import InvalidArgument, RolloutError
 from rollout_service.types import Completion, GenerateRequest
+
+log = logging.getLogger(__name__)
 
 PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models"})
 
@@ -42,18 +48,26 @@ def error_body(exc: BaseException, path: str) -> dict:
 
 
 class _Lazy:
-    """The ModelText of `config`, built on the first OpenAI call (off the event loop)."""
+    """The ModelText of `config` and the body models, built and imported on the first OpenAI call
+    (off the event loop: importing vLLM and reading the tokenizer take seconds)."""
 
     def __init__(self, config: ServerConfig):
         self._config = config
-        self._text: ModelText | None = None
+        self._loaded = None
         self._lock = asyncio.Lock()
 
-    async def get(self) -> ModelText:
+    def _load(self):
+        from rollout_service.api.openai_compat import bodies
+        from rollout_service.api.openai_compat.chat import ModelText
+
+        return bodies, ModelText(self._config)
+
+    async def get(self):
+        """(the bodies module, the ModelText)."""
         async with self._lock:
-            if self._text is None:
-                self._text = await asyncio.to_thread(ModelText, self._config)
-        return self._text
+            if self._loaded is None:
+                self._loaded = await asyncio.to_thread(self._load)
+        return self._loaded
 
 
 async def _json(request: Request):
@@ -67,11 +81,20 @@ def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-async def _streamed(backend, req: GenerateRequest, chunk: Callable[[Completion], dict], final: Callable | None, path: str):
-    """A StreamingResponse of one chunk per finished prompt; errors before the first chunk raise."""
+async def _streamed(
+    request: Request, backend, req: GenerateRequest, chunk: Callable[[Completion], dict], final: Callable | None,
+    timeout: float | None,
+):
+    """A StreamingResponse of one chunk per finished prompt. Until the first chunk the call is an
+    ordinary one (its errors raise; a disconnect or the timeout aborts it); after it, Starlette
+    closes the stream when the client goes, which aborts what is left."""
     stream = backend.generate(req)
+
+    async def first_chunk() -> Completion:
+        return await anext(stream)
+
     try:
-        first = await anext(stream)
+        first = await run_cancellable(request, first_chunk(), timeout)
     except BaseException:
         await stream.aclose()
         raise
@@ -87,7 +110,9 @@ async def _streamed(backend, req: GenerateRequest, chunk: Callable[[Completion],
             if final is not None:
                 yield _sse(final(done))
         except Exception as exc:  # the 200 went out with the first chunk: the error is the last event
-            yield _sse(error_body(exc, path))
+            if not isinstance(exc, RolloutError):
+                log.exception("internal error in a streamed OpenAI call", exc_info=exc)
+            yield _sse(error_body(exc, request.url.path))
         yield _sse("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream")
@@ -124,17 +149,17 @@ def add_routes(app: FastAPI, backend) -> None:
     async def completions(
         request: Request, x_request_timeout: float | None = Header(None, gt=0, description="Deadline in seconds.")
     ):
-        body = requests.parse(requests.CompletionBody, await _json(request))
-        requests.check_model(body.model, config)
-        text = await model_text.get()
-        req = requests.completion_request(body, text.context)
+        bodies, text = await model_text.get()
+        body = bodies.parse(bodies.CompletionBody, await _json(request))
+        bodies.check_model(body.model, config)
+        req = bodies.completion_request(body)
         check_generate(req, config)
         top = head("cmpl")
         if body.stream:
             final = (lambda done: top | {"object": "text_completion", "choices": [], "usage": responses.usage(done)}) \
                 if include_usage(body) else None
             return await _streamed(
-                backend, req, lambda c: responses.completion_chunk(body, c, text, top), final, request.url.path
+                request, backend, req, lambda c: responses.completion_chunk(body, c, text, top), final, x_request_timeout
             )
         return responses.completion_response(body, await collected(request, req, x_request_timeout), text, top)
 
@@ -142,15 +167,17 @@ def add_routes(app: FastAPI, backend) -> None:
     async def chat_completions(
         request: Request, x_request_timeout: float | None = Header(None, gt=0, description="Deadline in seconds.")
     ):
-        body = requests.parse(requests.ChatBody, await _json(request))
-        requests.check_model(body.model, config)
-        text = await model_text.get()
-        req = requests.chat_request(body, await text.render(body), text.context)
+        bodies, text = await model_text.get()
+        body = bodies.parse(bodies.ChatBody, await _json(request))
+        bodies.check_model(body.model, config)
+        req = bodies.chat_request(body, await text.render(body), text.context, config.max_tokens_per_sample)
         check_generate(req, config)
         top = head("chatcmpl")
         if body.stream:
             final = (lambda done: top | {"object": "chat.completion.chunk", "choices": [], "usage": responses.usage(done)}) \
                 if include_usage(body) else None
-            return await _streamed(backend, req, lambda c: responses.chat_chunk(body, c, text, top), final, request.url.path)
+            return await _streamed(
+                request, backend, req, lambda c: responses.chat_chunk(body, c, text, top), final, x_request_timeout
+            )
         (completion,) = await collected(request, req, x_request_timeout)
         return responses.chat_response(body, completion, text, top)

@@ -14,6 +14,9 @@ Importing this package registers the name `rollout_service` with both of verl's 
   pushes from rank 0 while the other ranks step their gathers in lockstep: one service version
   per sync, labelled with verl's `global_steps`.
 
+`agent_loop.RolloutServiceServerManager` runs verl's agent loops (ToolAgentLoop, ...) against
+the service directly, without verl's trainer, replicas or Ray.
+
 verl imports this module in every process that imports verl with the variable set (its Ray
 workers too, when the variable reaches them); registering twice is harmless.
 """
@@ -24,6 +27,7 @@ from verl.workers.rollout.base import _ROLLOUT_REGISTRY
 from verl.workers.rollout.replica import RolloutReplicaRegistry
 
 from rollout_client.integrations.connection import Connection
+from rollout_client.integrations.verl.agent_loop import RolloutServiceServerManager
 from rollout_client.integrations.verl.rollout import RolloutServiceRollout
 from rollout_client.integrations.verl.server import RolloutServiceReplica, RolloutServiceServer
 
@@ -32,4 +36,6 @@ NAME = "rollout_service"
 _ROLLOUT_REGISTRY[(NAME, "async")] = f"{RolloutServiceRollout.__module__}.{RolloutServiceRollout.__name__}"
 RolloutReplicaRegistry.register(NAME, lambda: RolloutServiceReplica)
 
-__all__ = ["NAME", "Connection", "RolloutServiceReplica", "RolloutServiceRollout", "RolloutServiceServer"]
+__all__ = [
+    "NAME", "Connection", "RolloutServiceReplica", "RolloutServiceRollout", "RolloutServiceServer", "RolloutServiceServerManager",
+]

@@ -49,7 +49,7 @@ _SAMPLING = {
 _COMMON = _SAMPLING | {
     "model", "stream", "stream_options", "user", "request_id", "session_id", "return_token_ids", *_Extensions.model_fields,
 }
-COMPLETION_FIELDS = _COMMON | {"prompt", "add_special_tokens"}
+COMPLETION_FIELDS = _COMMON | {"prompt"}
 CHAT_FIELDS = _COMMON | {
     "messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls",
     "add_generation_prompt", "continue_final_message", "chat_template_kwargs", "documents", "include_reasoning",
@@ -71,10 +71,23 @@ def parse(model: type[CompletionBody] | type[ChatBody], data: Any) -> Completion
         field = type(body).model_fields.get(name)
         if field is not None and getattr(body, name) != field.get_default(call_default_factory=True):
             raise InvalidArgument(name, f"is not supported by rollout-service (got {getattr(body, name)!r}); leave it unset")
-    if isinstance(body, ChatBody) and body.tools and body.tool_choice not in (None, "auto", "none"):
-        # "required" and a named function force a call through structured outputs, which the service does not run.
-        raise InvalidArgument("tool_choice", f"{body.tool_choice!r} is not supported: use \"auto\" or \"none\"")
+    if isinstance(body, ChatBody):
+        if body.tools and body.tool_choice not in (None, "auto", "none"):
+            # "required" and a named function force a call through structured outputs, which the service does not run.
+            raise InvalidArgument("tool_choice", f"{body.tool_choice!r} is not supported: use \"auto\" or \"none\"")
+        _text_only(data.get("messages"))
     return body
+
+
+def _text_only(messages) -> None:
+    """Refuse image, audio, video and file parts: the models served are text models, and vLLM's
+    renderer would fetch a part's URL (from the front end) before anything else looked at it."""
+    for i, message in enumerate(messages or []):
+        content = message.get("content") if isinstance(message, dict) else None
+        for j, part in enumerate(content if isinstance(content, list) else []):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                raise InvalidArgument(f"messages[{i}].content[{j}]", f"a {kind!r} part: only text parts are served")
 
 
 def check_model(name: str | None, config: ServerConfig) -> None:
@@ -118,8 +131,9 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
     return out
 
 
-def completion_request(body: CompletionBody, context: int) -> GenerateRequest:
-    """A /v1/completions body as a GenerateRequest; `context` is the model's context length."""
+def completion_request(body: CompletionBody) -> GenerateRequest:
+    """A /v1/completions body as a GenerateRequest (max_tokens: vLLM's request model makes an
+    unset or null one 16, as OpenAI's default)."""
     prompt = body.prompt
     if prompt is None or prompt == [] or prompt == "":
         raise InvalidArgument("prompt", "is required: a string, a list of strings, token ids or lists of token ids")
@@ -133,11 +147,9 @@ def completion_request(body: CompletionBody, context: int) -> GenerateRequest:
             if not p:
                 raise InvalidArgument(f"prompt[{i}]", "is empty")
             prompts.append(Prompt(text=p) if isinstance(p, str) else Prompt(token_ids=list(p)))
-    # OpenAI's max_tokens: null means "up to the context's end", like a chat completion's default.
-    max_tokens = body.max_tokens if body.max_tokens is not None else _room(prompts, context)
     return GenerateRequest(
         prompts=prompts,
-        sampling=sampling(body, max_tokens, body.logprobs or 0),
+        sampling=sampling(body, body.max_tokens or 16, body.logprobs or 0),
         request_id=body.request_id if "request_id" in body.model_fields_set else "",
         session_id=body.session_id or "",
         min_weight_version=body.min_weight_version,
@@ -145,10 +157,13 @@ def completion_request(body: CompletionBody, context: int) -> GenerateRequest:
     )
 
 
-def chat_request(body: ChatBody, prompt_token_ids: list[int], context: int) -> GenerateRequest:
-    """A /v1/chat/completions body whose messages rendered to `prompt_token_ids`."""
+def chat_request(body: ChatBody, prompt_token_ids: list[int], context: int, limit: int | None = None) -> GenerateRequest:
+    """A /v1/chat/completions body whose messages rendered to `prompt_token_ids`. Without
+    max_completion_tokens or max_tokens a chat may use the rest of the `context`, up to the
+    server's max_tokens_per_sample (`limit`)."""
     prompts = [Prompt(token_ids=prompt_token_ids)]
-    max_tokens = body.max_completion_tokens or body.max_tokens or _room(prompts, context)
+    asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    max_tokens = asked if asked is not None else min(max(context - len(prompt_token_ids), 1), limit or context)
     return GenerateRequest(
         prompts=prompts,
         sampling=sampling(body, max_tokens, body.top_logprobs or 0),
@@ -157,10 +172,3 @@ def chat_request(body: ChatBody, prompt_token_ids: list[int], context: int) -> G
         min_weight_version=body.min_weight_version,
         max_staleness=body.max_staleness,
     )
-
-
-def _room(prompts: list[Prompt], context: int) -> int:
-    """What the longest token-id prompt leaves of the context (at least 1: the engine refuses a
-    prompt that fills it, naming max_model_len). Text prompts are tokenized only by the engine."""
-    longest = max((len(p.token_ids) for p in prompts if p.token_ids), default=0)
-    return max(context - longest, 1)
