@@ -8,6 +8,7 @@ import contextlib
 from fastapi import Request
 
 from rollout_service.errors import Cancelled, DeadlineExceeded
+from rollout_service.types import Completion, GenerateRequest
 
 
 async def _until_disconnected(request: Request) -> None:
@@ -31,3 +32,14 @@ async def run_cancellable(request: Request, work, timeout: float | None):
     if watcher in done:
         raise Cancelled("the client disconnected; its engine requests were aborted")
     raise DeadlineExceeded(f"X-Request-Timeout ({timeout} s) passed; its engine requests were aborted")
+
+
+async def generate_all(request: Request, backend, req: GenerateRequest, timeout: float | None) -> list[Completion]:
+    """Every Completion of `req` from `backend`, in prompt order, ended as run_cancellable ends it."""
+
+    async def work() -> list[Completion]:
+        async with contextlib.aclosing(backend.generate(req)) as stream:
+            done = [c async for c in stream]
+        return sorted(done, key=lambda c: c.prompt_index)
+
+    return await run_cancellable(request, work(), timeout)

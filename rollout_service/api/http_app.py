@@ -31,7 +31,6 @@ is the HTTP counterpart of a gRPC deadline; a client that disconnects has its re
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import asdict
 
@@ -41,7 +40,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
 from rollout_service.api.access import Access, Operation, http_operation
-from rollout_service.api.cancel import run_cancellable
+from rollout_service.api.cancel import generate_all
 from rollout_service.api.idle import paced
 from rollout_service.api.limits import MIB, PushBudget, check_generate, max_push_bytes
 from rollout_service.api.metrics import CONTENT_TYPE, Metered
@@ -188,14 +187,7 @@ def create_app(backend: Metered, access: Access, events=None) -> FastAPI:
         x_request_timeout: float | None = Header(None, gt=0, description="Deadline in seconds."),
     ):
         check_generate(body, config)
-
-        async def work():
-            async with contextlib.aclosing(backend.generate(body)) as stream:
-                done = [c async for c in stream]
-            done.sort(key=lambda c: c.prompt_index)
-            return {"completions": [asdict(c) for c in done]}
-
-        return await run_cancellable(request, work(), x_request_timeout)
+        return {"completions": [asdict(c) for c in await generate_all(request, backend, body, x_request_timeout)]}
 
     @app.post("/v1/weights")
     async def push_weights(

@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import FastAPI, Header, Request
 from fastapi.responses import StreamingResponse
 
-from rollout_service.api.cancel import run_cancellable
+from rollout_service.api.cancel import generate_all, run_cancellable
 from rollout_service.api.limits import check_generate
 from rollout_service.api.openai_compat import responses
 from rollout_service.config import ServerConfig
@@ -126,14 +126,6 @@ def add_routes(app: FastAPI, backend) -> None:
     def head(prefix: str) -> dict:
         return {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": config.model_name}
 
-    async def collected(request: Request, req: GenerateRequest, timeout: float | None) -> list[Completion]:
-        async def work():
-            async with contextlib.aclosing(backend.generate(req)) as stream:
-                done = [c async for c in stream]
-            return sorted(done, key=lambda c: c.prompt_index)
-
-        return await run_cancellable(request, work(), timeout)
-
     def include_usage(body) -> bool:
         return bool(body.stream_options and body.stream_options.include_usage)
 
@@ -161,7 +153,7 @@ def add_routes(app: FastAPI, backend) -> None:
             return await _streamed(
                 request, backend, req, lambda c: responses.completion_chunk(body, c, text, top), final, x_request_timeout
             )
-        return responses.completion_response(body, await collected(request, req, x_request_timeout), text, top)
+        return responses.completion_response(body, await generate_all(request, backend, req, x_request_timeout), text, top)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(
@@ -179,5 +171,5 @@ def add_routes(app: FastAPI, backend) -> None:
             return await _streamed(
                 request, backend, req, lambda c: responses.chat_chunk(body, c, text, top), final, x_request_timeout
             )
-        (completion,) = await collected(request, req, x_request_timeout)
+        (completion,) = await generate_all(request, backend, req, x_request_timeout)
         return responses.chat_response(body, completion, text, top)
