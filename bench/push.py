@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import CACHE, emit, machine  # noqa: E402
+from bench.common import CACHE, emit, machine, quiet  # noqa: E402
 
 CHUNK = 4 * 1024 * 1024
 
@@ -254,17 +254,20 @@ def main() -> None:
         bare = pb_grpc.RolloutServiceStub(grpc.insecure_channel(f"127.0.0.1:{bare_port}", options=[("grpc.max_send_message_length", 256 << 20)]))
         client.push_weights(policies[1], chunk_bytes=CHUNK)  # warm both paths once
         bare.PushWeights(requests(weights, chunk_bytes=CHUNK))
-        client.push_weights(policies[0], chunk_bytes=CHUNK, shared_memory=False)
+        client.push_weights(policies[0], chunk_bytes=CHUNK, shared_memory=False, delta=False)
         push_s, stream_s, bare_s, tcp_s, extra_mb = [], [], [], [], []
         for r in range(rounds):
             sampler = RssSampler(server.proc.pid)
             base = sampler.rss()
+            quiet()
             with sampler:
                 result = client.push_weights(policies[r % 2], chunk_bytes=CHUNK)
             assert result.shared_bytes == nbytes, "the bench's client should see the server's shared memory"
             push_s.append(result.seconds)
             extra_mb.append((sampler.peak - base) / 1e6)
-            stream_s.append(client.push_weights(policies[(r + 1) % 2], chunk_bytes=CHUNK, shared_memory=False).seconds)
+            quiet()
+            stream_s.append(client.push_weights(policies[(r + 1) % 2], chunk_bytes=CHUNK, shared_memory=False, delta=False).seconds)
+            quiet()
             start = time.perf_counter()
             bare.PushWeights(requests(weights, chunk_bytes=CHUNK))
             bare_s.append(time.perf_counter() - start)

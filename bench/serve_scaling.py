@@ -30,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import CACHE, emit, machine  # noqa: E402
+from bench.common import CACHE, emit, machine, quiet  # noqa: E402
 from bench.push import CHUNK, _bare_grpc_server, _start, _tcp_sink, bench_model, tcp_send  # noqa: E402
 
 PROMPT = [(7 * j) % 1500 + 20 for j in range(24)]
@@ -105,7 +105,7 @@ def main() -> None:
         for r in range(rounds):
             order = [("local", local.grpc_address), ("serve", address)][:: 1 if r % 2 == 0 else -1]
             for name, a in order:
-                time.sleep(1.5)  # the idle engine's busy-poll ends 1 s after its last step
+                quiet()
                 (local_tps if name == "local" else serve_tps).append(tokens_per_s(a, **load))
             print(f"round {r + 1}: local {local_tps[-1]:.0f} tok/s, serve {serve_tps[-1]:.0f} tok/s", file=sys.stderr)
         results["local_tok_s"] = statistics.median(local_tps)
@@ -114,7 +114,7 @@ def main() -> None:
         local_client = RolloutClient(local.grpc_address, timeout=600)
 
         def pushes(n: int) -> list:
-            return [client.push_weights(policies[i % 2], chunk_bytes=CHUNK) for i in range(n)]
+            return [client.push_weights(policies[i % 2], chunk_bytes=CHUNK) for i in range(n) if quiet()]
 
         client.push_weights(policies[1], chunk_bytes=CHUNK)  # warm
         one = pushes(rounds)
@@ -128,12 +128,17 @@ def main() -> None:
         local_client.push_weights(policies[1], chunk_bytes=CHUNK)  # warm
         two, streamed, bare_s, single, tcp_s = [], [], [], [], []
         for r in range(rounds):
+            quiet()
             two.append(client.push_weights(policies[r % 2], chunk_bytes=CHUNK))
-            streamed.append(client.push_weights(policies[(r + 1) % 2], chunk_bytes=CHUNK, shared_memory=False))
+            quiet()
+            streamed.append(client.push_weights(policies[(r + 1) % 2], chunk_bytes=CHUNK, shared_memory=False, delta=False))
+            quiet()
             start = time.perf_counter()
             bare.PushWeights(requests(weights, chunk_bytes=CHUNK))
             bare_s.append(time.perf_counter() - start)
+            quiet()
             single.append(local_client.push_weights(policies[r % 2], chunk_bytes=CHUNK))
+            quiet()
             tcp_s.append(tcp_send(tcp_port, payload))
             print(f"round {r + 1}: push to 2 replicas {two[-1].seconds:.2f} s ({nbytes / two[-1].seconds / 1e9:.3f} GB/s, "
                   f"{two[-1].shared_bytes / 1e6:.0f} MB through shared memory), streamed {streamed[-1].seconds:.2f} s, bare gRPC {bare_s[-1]:.2f} s, "
@@ -165,7 +170,9 @@ def main() -> None:
             local_client.push_weights(policies[1], chunk_bytes=CHUNK)
             two8, single8 = [], []
             for r in range(rounds):
+                quiet()
                 two8.append(client.push_weights(policies[r % 2], chunk_bytes=CHUNK))
+                quiet()
                 single8.append(local_client.push_weights(policies[r % 2], chunk_bytes=CHUNK))
                 print(f"int8 round {r + 1}: push to 2 replicas {two8[-1].seconds:.2f} s (requantize+prepare "
                       f"{two8[-1].requantize_s:.2f} s), single-process {single8[-1].seconds:.2f} s", file=sys.stderr)

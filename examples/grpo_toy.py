@@ -52,7 +52,7 @@ class Settings:
     lr: float = 3e-5
     tis_cap: float = 2.0
     seed: int = 0
-    delta: bool = False  # push each step as its changes since the last push (push_weights(delta=True))
+    delta: bool | None = None  # push each step as its changes since the last push: None is the client's default (deltas when streamed)
 
 
 @dataclass
@@ -66,7 +66,7 @@ class StepRecord:
     tis_clipped: float
     push_s: float
     step_s: float
-    wire_ratio: float  # bytes the push sent / the model's bf16 bytes (1.0 unless --delta)
+    wire_ratio: float  # bytes the push sent / the model's bf16 bytes (1.0 for a whole push)
 
 
 def reward(token_ids: list[int]) -> float:
@@ -146,7 +146,7 @@ def train(client: RolloutClient, model_dir: Path, run: str, s: Settings, log=pri
         r = records[-1]
         log(f"[{run}] step {step:3d} reward {r.reward:.3f}  |Δlogprob| {r.mean_abs_dlogprob:.4f}  "
             f"KL {r.kl:.1e}  clipped {r.tis_clipped:.1%}  served v{r.weight_version} -> pushed v{version} "
-            f"({r.push_s:.2f} s{f', {r.wire_ratio:.3f} of its bytes' if s.delta else ''})  step {r.step_s:.1f} s")
+            f"({r.push_s:.2f} s{f', {r.wire_ratio:.3f} of its bytes' if r.wire_ratio < 1 else ''})  step {r.step_s:.1f} s")
     return records
 
 
@@ -212,7 +212,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=Settings.steps)
     parser.add_argument("--lr", type=float, default=Settings.lr)
     parser.add_argument("--seed", type=int, default=Settings.seed)
-    parser.add_argument("--delta", action="store_true", help="push each step as its changes since the last push")
+    parser.add_argument("--delta", action=argparse.BooleanOptionalAction, default=None,
+                        help="push each step as its changes since the last push (default: the client's choice, deltas when not through shared memory)")
     parser.add_argument("--out", type=Path, default=Path("docs"), help="where grpo_toy.csv and grpo_toy.png go")
     parser.add_argument("--json", action="store_true", help="print one JSON summary as the last line")
     args = parser.parse_args()

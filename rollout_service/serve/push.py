@@ -131,10 +131,8 @@ class ClusterPush:
         push_id = f"v{version}-{uuid.uuid4().hex[:8]}"
         try:
             start = time.monotonic()
-            requantized = None
-            if session.prepared is not None:
-                await asyncio.to_thread(session.prepared.flush)
-                requantized = {n: str(p) for n, p in session.prepared.files.items()}
+            prepared = await session.prepared_files()
+            requantized = None if prepared is None else {n: str(p) for n, p in prepared.items()}
             flush_s = time.monotonic() - start
             stored = {n: str(p) for n, p in files.items()}
             recipe = self.config.recipe()

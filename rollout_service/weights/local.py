@@ -110,10 +110,8 @@ class LocalPush:
         files = self.store.adopt(session.spool.dir, session.spool.files, version)
         start = time.monotonic()
         try:
-            prepared = files
-            if session.prepared is not None:
-                await asyncio.to_thread(session.prepared.flush)
-                prepared = session.prepared.files
+            requantized = await session.prepared_files()
+            prepared = files if requantized is None else requantized
         except BaseException:
             self.store.discard(files)
             raise

@@ -15,6 +15,7 @@ import time
 import warnings
 import zlib
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -105,6 +106,14 @@ class PushSession:
             future = asyncio.get_running_loop().run_in_executor(self._pool, self._finish_tensor, index, chunks)
             future.add_done_callback(lambda _f, n=spec.nbytes: asyncio.ensure_future(self._release(n)))
             self._pending.append(future)
+
+    async def prepared_files(self) -> dict[str, Path] | None:
+        """The requantized tensors' files, once their writes have landed (after `finish`); None
+        when nothing is requantized (an engine without quantization)."""
+        if self.prepared is None:
+            return None
+        await asyncio.to_thread(self.prepared.flush)
+        return self.prepared.files
 
     async def add_shared(self, index: int, data: memoryview) -> None:
         """A tensor's bytes handed over in shared memory (TensorSpec.shared): its one chunk."""

@@ -46,6 +46,26 @@ def test_a_delta_push_serves_bitwise_what_a_push_of_the_whole_tensors_serves(bf1
     assert [k for k in before if not torch.equal(before[k], by_delta[k])] != []  # the step changed the engine
 
 
+def test_by_default_a_streamed_push_is_a_delta_push_and_a_shared_memory_push_is_whole(bf16_target, weights1):
+    """delta=None (the default) sends deltas where bytes cross a link (streamed, as to another host)
+    and whole tensors through shared memory, where a delta only adds work."""
+    w2, w3 = step(weights1, seed=21), step(weights1, seed=22)
+    with RolloutClient(bf16_target.grpc_address, timeout=120) as remote:
+        first = remote.push_weights(weights1, shared_memory=False)
+        assert first.delta_tensors == 0 and remote.delta_base.version == first.version
+        second = remote.push_weights(w2, shared_memory=False)
+        assert second.delta_tensors == len(w2) and second.bytes_received < 0.2 * second.dense_bytes
+        assert second.shared_bytes == 0
+    with RolloutClient(bf16_target.grpc_address, timeout=120) as local:
+        local.push_weights(w2)
+        handed = local.push_weights(w3)
+        assert handed.delta_tensors == 0 and handed.shared_bytes == handed.bytes_received == handed.dense_bytes
+        assert local.delta_base.nbytes == 0  # no copy kept where no delta is sent
+        with RolloutClient(bf16_target.grpc_address, timeout=120) as never:
+            whole = never.push_weights(w3, shared_memory=False, delta=False)
+            assert whole.delta_tensors == 0 and whole.bytes_received == whole.dense_bytes and never.delta_base.nbytes == 0
+
+
 def test_a_delta_against_a_version_the_server_dropped_goes_whole_by_itself(bf16_target, bf16_target_client, weights0, weights1):
     w2 = step(weights1, seed=2)
     with RolloutClient(bf16_target.grpc_address, timeout=120) as trainer:

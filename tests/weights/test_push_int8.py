@@ -72,7 +72,7 @@ def test_an_int8_delta_push_holds_bitwise_what_a_push_of_the_whole_tensors_holds
         assert result.delta_tensors == len(w2) and result.bytes_received < 0.2 * result.dense_bytes
         assert result.shared_bytes == result.bytes_received
         by_delta, outputs = engine_weights(int8_target), greedy(trainer)
-        trainer.push_weights(weights1, shared_memory=False)
-        trainer.push_weights(w2, shared_memory=False)
+        trainer.push_weights(weights1, shared_memory=False, delta=False)
+        trainer.push_weights(w2, shared_memory=False, delta=False)
         whole = engine_weights(int8_target)
         assert [k for k in whole if not torch.equal(whole[k], by_delta[k])] == [] and greedy(trainer) == outputs

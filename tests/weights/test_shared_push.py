@@ -26,10 +26,10 @@ def _left_in(client: RolloutClient) -> list[str]:
 
 
 def test_a_push_through_shared_memory_serves_bitwise_what_a_streamed_push_serves(bf16_target, bf16_target_client, weights0, weights1):
-    streamed = bf16_target_client.push_weights(weights1, shared_memory=False)
+    streamed = bf16_target_client.push_weights(weights1, shared_memory=False, delta=False)
     assert streamed.shared_bytes == 0 and streamed.bytes_received == streamed.dense_bytes
     by_stream, outputs = engine_weights(bf16_target), greedy(bf16_target_client)
-    bf16_target_client.push_weights(weights0, shared_memory=False)
+    bf16_target_client.push_weights(weights0, shared_memory=False, delta=False)
     handed = bf16_target_client.push_weights(weights1)  # the default on one host
     assert handed.shared_bytes == handed.bytes_received == handed.dense_bytes == streamed.dense_bytes
     assert "through shared memory" in str(handed)
@@ -46,7 +46,7 @@ def test_delta_pushes_go_through_shared_memory_too(bf16_target, bf16_target_clie
         result = trainer.push_weights(w2, delta=True)
         assert result.delta_tensors == len(w2) and result.shared_bytes == result.bytes_received < 0.2 * result.dense_bytes
         outputs = greedy(trainer)
-    bf16_target_client.push_weights(w2, shared_memory=False)
+    bf16_target_client.push_weights(w2, shared_memory=False, delta=False)
     assert greedy(bf16_target_client) == outputs and _left_in(bf16_target_client) == ["token"]
 
 

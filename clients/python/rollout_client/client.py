@@ -135,33 +135,40 @@ class _Connection:
         self._shared_memory: pb.SharedMemory | None = None  # the server's, read on the first push
         self._shared_seen = False  # this process saw that directory at the last push
 
-    def _status_needed(self, delta: bool, shared_memory: bool | None) -> str:
-        """Whether a push reads the server's status first: "required" (its delta codecs are not
-        known yet; shared memory is required), "optional" (only to look for shared memory: where
-        the status call fails, the push streams), or "" (known: the first push read it, and the
-        directory seen at the last push is still usable, or none was seen)."""
+    def _status_needed(self, delta: bool | None, shared_memory: bool | None) -> str:
+        """Whether a push reads the server's status first: "required" (delta=True and its delta
+        codecs are not known yet; shared memory is required), "optional" (to look for shared memory
+        and, for the default delta choice, the codecs: where the status call fails, the push streams
+        whole tensors), or "" (known: the first push read it, and the directory seen at the last
+        push is still usable, or none was seen)."""
         if (delta and self._delta_codecs is None) or shared_memory:
             return "required"
+        if delta is None and self._delta_codecs is None:
+            return "optional"
         if shared_memory is False:
             return ""
         known = self._shared_memory
         return "optional" if known is None or (self._shared_seen and not shared.sees(known)) else ""
 
     def _push_setup(
-        self, delta: bool, shared_memory: bool | None, status: pb.GetStatusResponse | None
+        self, delta: bool | None, shared_memory: bool | None, status: pb.GetStatusResponse | None
     ) -> tuple[push.DeltaPlan | None, shared.SharedWriter | None]:
         """A push's delta plan and shared-memory writer (None: whole tensors; streamed)."""
         if status is not None:
             self._shared_memory = pb.SharedMemory()
             self._shared_memory.CopyFrom(status.shared_memory)
-            if delta and self._delta_codecs is None:
+            if delta is not False and self._delta_codecs is None:
                 self._delta_codecs = list(status.delta_codecs)
-                if not self._delta_codecs:
+                if delta and not self._delta_codecs:
                     warnings.warn("this server takes no delta pushes (its engine does not run bfloat16): pushing whole tensors", stacklevel=4)
         plan = writer = None
+        self._shared_seen = self._shared_memory is not None and shared.sees(self._shared_memory)
+        if delta is None:
+            # Deltas pay where bytes cross a link; through shared memory the wire is nearly free and
+            # the encoding only adds work (BENCHMARKS.md: 0.86x a whole push on one host).
+            delta = not (self._shared_seen and shared_memory is not False)
         if delta and self._delta_codecs:
             plan = push.DeltaPlan(self.delta_base, "zlib" if "zlib" in self._delta_codecs else self._delta_codecs[0])
-        self._shared_seen = self._shared_memory is not None and shared.sees(self._shared_memory)
         if shared_memory is not False:
             if self._shared_seen:
                 writer = shared.SharedWriter(Path(self._shared_memory.dir))
@@ -261,7 +268,7 @@ class RolloutClient(_Connection):
         inflight: str = "",
         progress: bool | None = None,
         timeout: float | None = None,
-        delta: bool = False,
+        delta: bool | None = None,
         shared_memory: bool | None = None,
     ) -> PushResult:
         """Stream new weights (a state_dict, a dict of numpy/torch tensors, or an iterable of
@@ -272,12 +279,16 @@ class RolloutClient(_Connection):
         `inflight`: "drain" | "abort" | "continue" for this push (default: the server's setting).
         `progress`: a byte progress bar (needs tqdm) and a one-line summary on stderr; by default
         only when stderr is a terminal.
-        `delta`: send each tensor this client pushed before (with delta=True) as its changes since
-        then, against the version that push made (`delta_base`, one bf16 copy of the model kept
-        here); float32/float16 torch tensors are cast to bfloat16 first, as the server casts them
-        for a bf16 engine. The first such push sends everything whole. If the server no longer
-        has that version, the push goes whole by itself, with a warning (`PushResult.fell_back`
-        says why). The served weights are bitwise those of a push of the same tensors whole.
+        `delta`: send each tensor this client pushed before as a delta as its changes since then,
+        against the version that push made (`delta_base`, one bf16 copy of the pushed tensors kept
+        here: 2 bytes per parameter of host memory); float32/float16 torch tensors are cast to
+        bfloat16 first, as the server casts them for a bf16 engine. The first such push sends
+        everything whole. If the server no longer has that version, the push goes whole by
+        itself, with a warning (`PushResult.fell_back` says why). The served weights are bitwise
+        those of a push of the same tensors whole. By default (None) a push is a delta push
+        whenever it streams to a server that takes them (another host: the bytes cross a link),
+        and whole through shared memory; True: always (a warning where the server takes none);
+        False: never, and no copy is kept.
         `shared_memory`: hand the tensors over as files in the server's shared memory instead of
         streaming them (one copy, no serialization); by default whenever this process sees the
         server's directory (same host, same /dev/shm, same user); True: required (ValueError
@@ -431,7 +442,7 @@ class AsyncRolloutClient(_Connection):
         inflight: str = "",
         progress: bool | None = None,
         timeout: float | None = None,
-        delta: bool = False,
+        delta: bool | None = None,
         shared_memory: bool | None = None,
     ) -> PushResult:
         """See RolloutClient.push_weights."""
