@@ -17,10 +17,9 @@ CACHE = REPO / ".cache"
 QUIET_S = 1.5
 
 
-def quiet() -> bool:
-    """Wait until the engines the last transfer woke are idle again; True, for use in conditions."""
+def quiet() -> None:
+    """Wait until the engines the last transfer woke are idle again."""
     time.sleep(QUIET_S)
-    return True
 
 
 def tiny_model() -> Path:

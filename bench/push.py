@@ -257,9 +257,9 @@ def main() -> None:
         client.push_weights(policies[0], chunk_bytes=CHUNK, shared_memory=False, delta=False)
         push_s, stream_s, bare_s, tcp_s, extra_mb = [], [], [], [], []
         for r in range(rounds):
+            quiet()
             sampler = RssSampler(server.proc.pid)
             base = sampler.rss()
-            quiet()
             with sampler:
                 result = client.push_weights(policies[r % 2], chunk_bytes=CHUNK)
             assert result.shared_bytes == nbytes, "the bench's client should see the server's shared memory"

@@ -114,7 +114,11 @@ def main() -> None:
         local_client = RolloutClient(local.grpc_address, timeout=600)
 
         def pushes(n: int) -> list:
-            return [client.push_weights(policies[i % 2], chunk_bytes=CHUNK) for i in range(n) if quiet()]
+            done = []
+            for i in range(n):
+                quiet()
+                done.append(client.push_weights(policies[i % 2], chunk_bytes=CHUNK))
+            return done
 
         client.push_weights(policies[1], chunk_bytes=CHUNK)  # warm
         one = pushes(rounds)

@@ -143,7 +143,7 @@ class TrainerUser(_GrpcUser):
 
     def push(self) -> None:
         def call():
-            result = RUN.push_client.push_weights(RUN.weights, label="load test", progress=False)
+            result = RUN.push_client.push_weights(RUN.weights, label="load test", progress=False, delta=False)
             RUN.tally.commit(result.version)
             return result.bytes_received, []
 

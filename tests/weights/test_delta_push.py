@@ -38,8 +38,8 @@ def test_a_delta_push_serves_bitwise_what_a_push_of_the_whole_tensors_serves(bf1
         assert second.delta_tensors == len(w2) and second.dense_bytes == first.dense_bytes
         assert second.bytes_received < 0.2 * second.dense_bytes, second.wire_ratio
         by_delta, outputs = engine_weights(bf16_target), greedy(trainer)
-    bf16_target_client.push_weights(weights1)
-    whole = bf16_target_client.push_weights(w2)
+    bf16_target_client.push_weights(weights1, delta=False)
+    whole = bf16_target_client.push_weights(w2, delta=False)
     assert whole.delta_tensors == 0 and whole.bytes_received == whole.dense_bytes == second.dense_bytes
     assert [k for k in by_delta if not torch.equal(by_delta[k], engine_weights(bf16_target)[k])] == []
     assert greedy(bf16_target_client) == outputs

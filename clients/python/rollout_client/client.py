@@ -129,9 +129,9 @@ class _Connection:
         self._metadata = options.metadata()
         self._channel = options.aio_channel(address) if self._asyncio else options.channel(address)
         self._stub = pb_grpc.RolloutServiceStub(self._channel)
-        # What push_weights(delta=True) encodes against (a bf16 copy of the tensors it pushed).
+        # What delta pushes encode against (a bf16 copy of the tensors they pushed).
         self.delta_base = push.DeltaBase()
-        self._delta_codecs: list[str] | None = None  # the server's, read on the first delta push
+        self._delta_codecs: list[str] | None = None  # the server's, read with its status
         self._shared_memory: pb.SharedMemory | None = None  # the server's, read on the first push
         self._shared_seen = False  # this process saw that directory at the last push
 
@@ -157,7 +157,7 @@ class _Connection:
         if status is not None:
             self._shared_memory = pb.SharedMemory()
             self._shared_memory.CopyFrom(status.shared_memory)
-            if delta is not False and self._delta_codecs is None:
+            if delta is not False:  # read again with each status: a restarted server may run another dtype
                 self._delta_codecs = list(status.delta_codecs)
                 if delta and not self._delta_codecs:
                     warnings.warn("this server takes no delta pushes (its engine does not run bfloat16): pushing whole tensors", stacklevel=4)
@@ -279,7 +279,7 @@ class RolloutClient(_Connection):
         `inflight`: "drain" | "abort" | "continue" for this push (default: the server's setting).
         `progress`: a byte progress bar (needs tqdm) and a one-line summary on stderr; by default
         only when stderr is a terminal.
-        `delta`: send each tensor this client pushed before as a delta as its changes since then,
+        `delta`: send each tensor this client's last delta push sent as its changes since then,
         against the version that push made (`delta_base`, one bf16 copy of the pushed tensors kept
         here: 2 bytes per parameter of host memory); float32/float16 torch tensors are cast to
         bfloat16 first, as the server casts them for a bf16 engine. The first such push sends
@@ -288,7 +288,7 @@ class RolloutClient(_Connection):
         those of a push of the same tensors whole. By default (None) a push is a delta push
         whenever it streams to a server that takes them (another host: the bytes cross a link),
         and whole through shared memory; True: always (a warning where the server takes none);
-        False: never, and no copy is kept.
+        False: never. A push without deltas drops the copy (it no longer matches the server).
         `shared_memory`: hand the tensors over as files in the server's shared memory instead of
         streaming them (one copy, no serialization); by default whenever this process sees the
         server's directory (same host, same /dev/shm, same user); True: required (ValueError
@@ -296,8 +296,6 @@ class RolloutClient(_Connection):
         """
         show = _show_progress(progress)
         start = time.perf_counter()
-        options = dict(chunk_bytes=chunk_bytes, bucket_bytes=bucket_bytes, expected_version=expected_version,
-                       label=label, inflight=inflight, progress=show, total=push.total_bytes(weights) if show else None)
         status, needed = None, self._status_needed(delta, shared_memory)
         if needed:
             try:
@@ -306,6 +304,8 @@ class RolloutClient(_Connection):
                 if needed == "required":
                     raise
         plan, writer = self._push_setup(delta, shared_memory, status)
+        options = dict(chunk_bytes=chunk_bytes, bucket_bytes=bucket_bytes, expected_version=expected_version, label=label,
+                       inflight=inflight, progress=show, total=push.total_bytes(weights, plan is not None) if show else None)
         items, fell_back = push.items(weights), ""
         source = push.SourceErrors(push.requests(items, plan=plan, shared=writer, **options), writer)
         try:
@@ -326,6 +326,8 @@ class RolloutClient(_Connection):
             source.close()
         if plan is not None:
             self.delta_base.version = response.version
+        else:  # the copy matches no version this push leaves: free it (the next delta push goes whole)
+            self.delta_base.clear()
         if response.replicas_catching_up:  # committed; the version is served once they have it
             try:
                 self.wait_for_version(response.version, timeout=CATCH_UP_WAIT_S)
@@ -448,8 +450,6 @@ class AsyncRolloutClient(_Connection):
         """See RolloutClient.push_weights."""
         show = _show_progress(progress)
         start = time.perf_counter()
-        options = dict(chunk_bytes=chunk_bytes, bucket_bytes=bucket_bytes, expected_version=expected_version,
-                       label=label, inflight=inflight, progress=show, total=push.total_bytes(weights) if show else None)
         status, needed = None, self._status_needed(delta, shared_memory)
         if needed:
             try:
@@ -458,6 +458,8 @@ class AsyncRolloutClient(_Connection):
                 if needed == "required":
                     raise
         plan, writer = self._push_setup(delta, shared_memory, status)
+        options = dict(chunk_bytes=chunk_bytes, bucket_bytes=bucket_bytes, expected_version=expected_version, label=label,
+                       inflight=inflight, progress=show, total=push.total_bytes(weights, plan is not None) if show else None)
         items, fell_back = push.items(weights), ""
         source = push.SourceErrors(push.requests(items, plan=plan, shared=writer, **options), writer)
         try:
@@ -479,6 +481,8 @@ class AsyncRolloutClient(_Connection):
             source.close()
         if plan is not None:
             self.delta_base.version = response.version
+        else:  # the copy matches no version this push leaves: free it (the next delta push goes whole)
+            self.delta_base.clear()
         if response.replicas_catching_up:  # committed; the version is served once they have it
             try:
                 await self.wait_for_version(response.version, timeout=CATCH_UP_WAIT_S)

@@ -43,7 +43,7 @@ class FailedPreconditionError(RolloutClientError):
 
 class DeltaBaseError(FailedPreconditionError):
     """A delta push's base is not what the server holds (a version it no longer keeps, or another
-    value): `push_weights(delta=True)` then pushes the whole tensors by itself."""
+    value): a delta push then pushes the whole tensors by itself."""
 
 
 class DataLossError(RolloutClientError):

@@ -6,9 +6,9 @@ tensors one by one is streamed without a second copy of the model. Bytes go as t
 no pickle. torch tensors (bfloat16/float16/float32) and numpy arrays (float16/float32, or
 ml_dtypes' bfloat16) are accepted; torch is only imported if the caller passes torch tensors.
 
-Delta pushes (`push_weights(delta=True)`, see rollout_client.delta): the client keeps a copy of the
-bf16 bits it last pushed (`DeltaBase`) and sends each tensor that had one as its changes against
-it, declaring the whole tensor's CRC-32 so the server's rebuild is checked end to end.
+Delta pushes (`push_weights`' default when it streams; see rollout_client.delta): the client keeps a
+copy of the bf16 bits it last pushed (`DeltaBase`) and sends each tensor that had one as its changes
+against it, declaring the whole tensor's CRC-32 so the server's rebuild is checked end to end.
 """
 
 from __future__ import annotations
@@ -100,11 +100,12 @@ def result_from_proto(msg: pb.PushWeightsResponse, seconds: float, fell_back: st
 
 
 class DeltaBase:
-    """What a client's delta pushes encode against: the bf16 bits of each tensor it pushed with
-    `delta=True`, as of weight version `version` (None until such a push commits). It costs one
+    """What a client's delta pushes encode against: the bf16 bits of each tensor its delta pushes
+    sent, as of weight version `version` (None until such a push commits). It costs one
     bf16 copy of the pushed model in host memory (2 bytes per parameter: 15 GB for a 7B model).
     Updated in place as a push encodes; dropped if a push fails other than by its base. One push
-    at a time uses it: don't run two delta pushes of one client concurrently."""
+    at a time uses it: don't run two pushes of one client concurrently (the server refuses the
+    second anyway, ABORTED; the base is then dropped and the next delta push goes whole)."""
 
     def __init__(self) -> None:
         self.version: int | None = None
@@ -203,11 +204,17 @@ def as_bytes(name: str, tensor: Any, to_bf16: bool = False) -> tuple[str, tuple[
     return dtype, tuple(array.shape), array.reshape(-1).view(np.uint8)
 
 
-def total_bytes(weights: Any) -> int | None:
-    """The bytes of a state_dict's tensors (None for an iterator: not known before it ends)."""
+def total_bytes(weights: Any, to_bf16: bool = False) -> int | None:
+    """The bytes a push sends of a state_dict's tensors (None for an iterator: not known before it
+    ends); `to_bf16` as in `as_bytes`: torch tensors then count 2 bytes an element."""
     if not isinstance(weights, Mapping):
         return None
-    return sum(int(np.prod(getattr(t, "shape", ()))) * _itemsize(t) for t in weights.values())
+
+    def size(t: Any) -> int:
+        torch_float = to_bf16 and type(t).__module__.startswith("torch") and t.is_floating_point()
+        return int(np.prod(getattr(t, "shape", ()))) * (2 if torch_float else _itemsize(t))
+
+    return sum(size(t) for t in weights.values())
 
 
 def items(weights: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:

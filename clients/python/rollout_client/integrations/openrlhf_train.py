@@ -12,8 +12,9 @@ with two of its parts replaced before the script runs:
   is never called: it is given no engines) and whose `broadcast_to_vllm` is one PushWeights:
   `push_actor`, on every actor rank, rank 0 streaming while the others step their ZeRO-3 gathers.
   Each sync makes one service version, fenced on the previous one (a push by anyone else in
-  between fails the sync with FAILED_PRECONDITION), and goes as a delta against the previous one
-  (rank 0 keeps a bf16 copy of the model in host memory for that). The actor also syncs once
+  between fails the sync with FAILED_PRECONDITION), and, when it streams (the service on another
+  host), goes as a delta against the previous one (rank 0 keeps a bf16 copy of the model in host
+  memory for that); through shared memory on the same host it goes whole. The actor also syncs once
   when its model is loaded, so the first rollout is of the weights it trains.
 
 The actor, critic, reference and reward models still need OpenRLHF's GPUs: its actor module
@@ -73,7 +74,7 @@ class _ServiceEngine(RolloutServiceEngine):
 
 
 def push_actor(model: Any, client: RolloutClient | None, group: Any, *, label: str,
-               expected_version: int | None, delta: bool = True) -> PushResult:
+               expected_version: int | None, delta: bool | None = None) -> PushResult:
     """One weight sync from OpenRLHF's actor (`actor.model.module`), called on every actor rank
     (`client`: rank 0's, kept across syncs for its delta base; None on the others): under ZeRO-3
     each parameter is gathered by all ranks in turn while rank 0 streams it. Every rank returns

@@ -4,8 +4,9 @@
 verl's weight sync calls `rollout.update_weights(generator, peft_config=, base_sync_done=,
 global_steps=)` on every rank, each `next()` of the generator being a collective gather of one
 full tensor. Rank 0 streams those tensors to the service in one PushWeights (one new version,
-labelled with `global_steps`, each tensor as a delta against the previous sync: rank 0 keeps a
-bf16 copy of the model in host memory for that) while the other ranks step through their
+labelled with `global_steps`; when it streams, to a service on another host, each tensor goes as a
+delta against the previous sync, and rank 0 keeps a bf16 copy of the model in host memory for
+that) while the other ranks step through their
 generators in lockstep; all ranks then return the same PushResult, or all raise (see `lockstep`).
 
 `generate_sequences` is verl's older batch interface (a left-padded DataProto in, verl's rollout
@@ -119,14 +120,14 @@ class RolloutServiceRollout(BaseRollout):
         # part-way (the asyncio client, whose loop each gather blocks, once reported only "INTERNAL:
         # Internal error from Core" in tests/clients/test_verl_plugin.py). No deadline: a push of
         # many GB takes as long as it takes. One client for every sync: it keeps the bf16 copy
-        # each sync's delta is taken against.
+        # each sync's delta is taken against (pushes that stream send deltas by default).
         if self._push_client is None:
             self._push_client = self.connection.push_client()
         # Fenced on this rollout's previous sync: a push by anyone else in between (another
         # trainer, a stale process) fails this sync with FAILED_PRECONDITION instead of being overwritten.
         expected = self.last_push.version if self.last_push is not None else None
         return self._push_client.push_weights(
-            weights, bucket_bytes=self.bucket_bytes, label=label, expected_version=expected, progress=False, delta=True
+            weights, bucket_bytes=self.bucket_bytes, label=label, expected_version=expected, progress=False
         )
 
     async def resume(self, tags: list[str]) -> None:
