@@ -165,7 +165,7 @@ class _Connection:
         self._shared_seen = self._shared_memory is not None and shared.sees(self._shared_memory)
         if delta is None:
             # Deltas pay where bytes cross a link; through shared memory the wire is nearly free and
-            # the encoding only adds work (BENCHMARKS.md: 0.86x a whole push on one host).
+            # the encoding only adds work (BENCHMARKS.md: 0.79-0.86x a whole push on one host).
             delta = not (self._shared_seen and shared_memory is not False)
         if delta and self._delta_codecs:
             plan = push.DeltaPlan(self.delta_base, "zlib" if "zlib" in self._delta_codecs else self._delta_codecs[0])
