@@ -18,9 +18,10 @@ lock is checked (and renewed) once more right before the commit point, so a push
 (its renewals failed, another ingress took it) commits nothing; and the weight store commits only
 under the newest fencing token (issued with the lock, recorded in the store as a push begins) and
 only onto the version the push was numbered after, so neither does a push that stalled between
-that check and its commit. After the commit point the push stands: a replica that fails to load it
-names itself in `replicas_catching_up` and loads the version from the store (serve/replica.py),
-and GetStatus reports the version once all serve it.
+that check and its commit. After the commit point (CURRENT renamed: the store's commit raises only
+before it, and a push whose commit raised is discarded only if the store does not hold it) the push
+stands: a replica that fails to load it names itself in `replicas_catching_up` and loads the
+version from the store (serve/replica.py), and GetStatus reports the version once all serve it.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ from rollout_service.weights.convert import requantizer, store_converter
 from rollout_service.weights.manifest import ParamTable, PushHeader
 from rollout_service.weights.service import receiving, shielded
 from rollout_service.weights.session import PushSession
-from rollout_service.weights.staging import Spool
 from rollout_service.weights.versions import VersionStore, storage_errors
 
 log = logging.getLogger(__name__)
@@ -70,13 +70,13 @@ class ClusterPush:
             raise Conflict("another push is in progress in this deployment; pushes are not queued: retry once it has committed")
         keeper = asyncio.create_task(self._keep_lock(owner))
         try:
-            with storage_errors():
+            with storage_errors():  # a read-only or full store fails here, before anything is received
                 await asyncio.to_thread(self.store.raise_fence, fence)  # a push under an older lock cannot commit now
-            # This push becomes the version after the one committed now, or nothing: numbered here,
-            # where expected_version is checked, so the commit cannot land on another version.
-            committed = self.store.current_version()
+                # This push becomes the version after the one committed now, or nothing: numbered here,
+                # where expected_version is checked, so the commit cannot land on another version.
+                committed = self.store.current_version()
+                spool = self.store.spool()
             cast_crc: dict[str, int] = {}
-            spool = Spool(self.store.incoming)
             prepare, prepared = requantizer(self._dtype, self.config.recipe(), self.store.incoming)
             convert = store_converter(self._dtype, cast_crc, prepare)
             try:
@@ -153,10 +153,14 @@ class ClusterPush:
         try:
             manifest = await asyncio.to_thread(self.store.commit, version, files, crc, session.header.label, session.fence)
         except BaseException:  # e.g. the disk is full, or fenced off: nothing committed, every replica drops its prepared push
-            with contextlib.suppress(Exception):
-                await broadcast_all(self.engines, "abort", push_id)
-            self.store.discard(files)
-            raise
+            if not await asyncio.to_thread(self.store.holds, version, files):
+                with contextlib.suppress(Exception):
+                    await broadcast_all(self.engines, "abort", push_id)
+                self.store.discard(files)
+                raise
+            # Past the commit point the version stands, whatever failed: never discard it.
+            log.exception("version %d is committed, though its commit raised afterwards; it stands", version)
+            manifest = self.store.manifest(version)
         session.committed = True
         try:
             await self.coordinator.set_version(version, self.store.manifest_path(version), manifest.label)

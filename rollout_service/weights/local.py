@@ -10,8 +10,10 @@ comes back on the last committed version (`resume`).
 
 Without `weights_dir` the store is temporary (`local_store`): versions are not kept across restarts.
 A push that fails before the commit leaves the store and the engine as they were. After it the push
-stands: an engine that fails to load it is given the whole version from the store once more; if
-that fails too the push reports UNAVAILABLE, and the server loads the version when it restarts.
+stands (the store's commit raises only before its commit point, and a push whose commit raised is
+discarded only if the store does not hold it): an engine that fails to load it is given the whole
+version from the store once more; if that fails too the push reports UNAVAILABLE, and the server
+loads the version when it restarts.
 One push runs at a time; a second is rejected (ABORTED), not queued: a trainer that pushes twice at
 once has a bug, and queueing would hide it behind a long wait.
 """
@@ -35,8 +37,7 @@ from rollout_service.weights.convert import store_converter
 from rollout_service.weights.manifest import PushHeader
 from rollout_service.weights.service import WeightService, receiving, shielded
 from rollout_service.weights.session import PushSession
-from rollout_service.weights.staging import Spool
-from rollout_service.weights.versions import VersionStore, open_store
+from rollout_service.weights.versions import VersionStore, open_store, storage_errors
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,8 @@ class LocalPush:
         try:
             await self.resume()  # the next version is numbered after the store's, which the engine must serve
             cast_crc: dict[str, int] = {}
-            spool = Spool(self.store.incoming)
+            with storage_errors():  # a read-only or full store fails here, before anything is received
+                spool = self.store.spool()
             prepare, prepared = self.weights.preparer()
             convert = store_converter(self._dtype, cast_crc, prepare)
             try:
@@ -126,8 +128,11 @@ class LocalPush:
         try:
             await asyncio.to_thread(self.store.commit, version, files, crc, session.header.label)
         except BaseException:  # e.g. the disk is full: nothing committed, the old version serves on
-            self.store.discard(files)
-            raise
+            if not await asyncio.to_thread(self.store.holds, version, files):
+                self.store.discard(files)
+                raise
+            # Past the commit point the version stands, whatever failed: never discard it.
+            log.exception("version %d is committed, though its commit raised afterwards; it stands", version)
         session.committed = True
         policy = session.header.inflight or self.config.inflight
         try:

@@ -2,7 +2,10 @@
 
 Staging to files keeps memory bounded whatever the model size (the engine reads the parts with
 mmap, module by module), makes an aborted push free to drop (delete the directory), and gives the
-engine's worker a path instead of tensors to unpickle.
+engine's worker a path instead of tensors to unpickle. A spool of the weight store (`durable`)
+syncs each part to the disk as it writes it: on the thread converting the push, so that the
+commit waits for the last part's sync only; an engine's own staging is rebuilt after a crash and
+is not synced.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import uuid
 from pathlib import Path
 
 import torch
+
+from rollout_service.weights import durable as _durable
 
 _SAFETENSORS_DTYPE = {
     torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.int8: "I8",
@@ -44,12 +49,14 @@ PART_BYTES = 64 * 1024 * 1024
 
 
 class Spool:
-    """One push's staging directory: `add` converted tensors, `flush` writes a part file."""
+    """One push's staging directory: `add` converted tensors, `flush` writes a part file (synced
+    to the disk when `durable`)."""
 
-    def __init__(self, root: Path, part_bytes: int = PART_BYTES):
+    def __init__(self, root: Path, part_bytes: int = PART_BYTES, durable: bool = False):
         self.dir = root / f"push-{uuid.uuid4().hex[:12]}"
         self.dir.mkdir(parents=True)
         self._part_bytes = part_bytes
+        self._durable = durable
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
         self.files: dict[str, Path] = {}  # tensor name -> part holding it
@@ -66,6 +73,8 @@ class Spool:
             return
         path = self.dir / f"part-{len(set(self.files.values())):05d}.safetensors"
         write_safetensors(self._pending, path)
+        if self._durable:
+            _durable.fsync_file(path)
         for name in self._pending:
             self.files[name] = path
         self._pending, self._pending_bytes = {}, 0

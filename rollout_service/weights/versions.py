@@ -27,6 +27,15 @@ version delete, so no push can overwrite or delete another's.
 
 A store belongs to one base checkpoint: its versions overlay that checkpoint's tensors, so it is
 refused to a server loading another (`bind`); the default directory is one per checkpoint.
+
+Durability (weights/durable.py): each shard is synced as it is written (on the push's conversion
+thread, `spool`); the commit syncs the shards' directories, the manifest and the store's directory,
+then renames CURRENT (the commit point) and syncs the directory again; only then are old versions
+deleted, each one's manifest before its files, so a crash part-way leaves no manifest naming
+deleted shards. Nothing after the commit point undoes it: an error there is logged, the version
+stands. A store that a power loss left torn (an empty or truncated CURRENT, manifest or shard) is
+refused at start (`open_store`) with the file named; `rollout-service store verify` and
+`store repair` (weights/repair.py) check it and roll it back to its newest complete version.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import struct
@@ -44,19 +54,26 @@ import threading
 import time
 import typing
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import safetensors
 import torch
 
+from rollout_service import faults
 from rollout_service.errors import ConfigError, Conflict, DataLoss, StorageFull, StorageUnavailable
+from rollout_service.weights import durable, staging
+from rollout_service.weights.staging import Spool
 from rollout_service.weights.store import safetensors_header
 
 if typing.TYPE_CHECKING:
     from rollout_service.config import ServerConfig
 
 log = logging.getLogger(__name__)
+
+# Bytes per element of safetensors' dtypes (the store's sizes; progress of a verify).
+_ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "I32": 4, "I64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
 
 # Bytes read from the start and the end of each shard's tensor data for a checkpoint's identity.
 IDENTITY_SAMPLE = 1 << 16
@@ -65,9 +82,13 @@ IDENTITY_SAMPLE = 1 << 16
 @dataclass(frozen=True)
 class StoredTensor:
     file: str  # relative to the store root
-    dtype: str
+    dtype: str  # safetensors' name
     shape: list[int]
     crc32: int
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _ITEMSIZE.get(self.dtype, 1)
 
 
 @dataclass(frozen=True)
@@ -130,12 +151,25 @@ def store_root(config: ServerConfig, identity: str | None = None) -> Path:
 
 
 def open_store(config: ServerConfig, *, shared: bool) -> VersionStore:
-    """The weight store of `config`, bound to its model's checkpoint and locked (`shared` by the
-    processes of a Serve deployment, else held alone)."""
+    """The weight store of `config`, bound to its model's checkpoint, locked (`shared` by the
+    processes of a Serve deployment, else held alone) and checked whole (`check`): a torn store
+    is refused with ConfigError naming the file and how to repair it."""
     identity = base_identity(config.model)
     store = VersionStore(store_root(config, identity), config.keep_versions)
-    store.bind(identity, config.model)
-    store.lock(shared=shared)
+    try:
+        store.bind(identity, config.model)
+        store.lock(shared=shared)
+        store.check()
+    except DataLoss as exc:
+        store.close()
+        raise ConfigError(
+            f"{exc}. A crash or power loss left the weight store torn: run `rollout-service store verify {store.root}` "
+            f"to see what is damaged, then (with every server on it stopped) `rollout-service store repair "
+            f"{store.root}` to roll it back to its newest complete version"
+        ) from None
+    except BaseException:
+        store.close()
+        raise
     return store
 
 
@@ -154,11 +188,11 @@ class VersionStore:
         """Record the base checkpoint of a new store; refuse one whose versions overlay another."""
         path = self.root / "BASE.json"
         try:
-            recorded = json.loads(path.read_text())
+            recorded = self.base()
         except FileNotFoundError:
             if self.current_version():
                 log.warning("weights_dir %s holds versions but no record of their checkpoint: taking them as %s's", self.root, model)
-            _write_atomic(path, json.dumps({"identity": identity, "model": str(model.resolve())}))
+            durable.write_durably(path, json.dumps({"identity": identity, "model": str(model.resolve())}))
             return
         if recorded["identity"] != identity:
             raise ConfigError(
@@ -166,6 +200,17 @@ class VersionStore:
                 f"{recorded['identity']}), not onto {model} (identity {identity}); give another --weights-dir, "
                 f"or delete {self.root} to start from the checkpoint"
             )
+
+    def base(self) -> dict:
+        """BASE.json: the checkpoint's identity and path (FileNotFoundError before `bind`)."""
+        path = self.root / "BASE.json"
+        text = path.read_text()
+        try:
+            recorded = json.loads(text)
+            recorded["identity"], recorded["model"]
+        except (ValueError, TypeError, KeyError):
+            raise DataLoss(f"weight store {path}: {_shown(text)} is not the record of a checkpoint") from None
+        return recorded
 
     def lock(self, shared: bool = False) -> None:
         """Lock the store while this process lives: alone (a single-process server: a second
@@ -197,18 +242,33 @@ class VersionStore:
         return self.root / f"v{version:06d}"
 
     def current_version(self) -> int:
+        """The committed version CURRENT names (0: none yet, the base checkpoint); DataLoss if a
+        crash left CURRENT torn (empty, or not a number)."""
+        path = self.root / "CURRENT"
         try:
-            return int((self.root / "CURRENT").read_text())
+            text = path.read_text()
         except FileNotFoundError:
             return 0
+        if not text.strip().isdigit():
+            raise DataLoss(f"weight store {path}: {_shown(text)} is not a version number")
+        return int(text)
 
     def manifest(self, version: int) -> Manifest | None:
-        """Version `version`'s manifest (None for 0, the base checkpoint)."""
+        """Version `version`'s manifest (None for 0, the base checkpoint); FileNotFoundError for a
+        version not kept, DataLoss for a manifest a crash left torn (empty, truncated)."""
         if version == 0:
             return None
-        raw = json.loads((self._dir(version) / "manifest.json").read_text())
-        raw["tensors"] = {n: StoredTensor(**t) for n, t in raw["tensors"].items()}
-        return Manifest(**raw)
+        path = self._dir(version) / "manifest.json"
+        text = path.read_text()
+        try:
+            raw = json.loads(text)
+            raw["tensors"] = {n: StoredTensor(**t) for n, t in raw["tensors"].items()}
+            manifest = Manifest(**raw)
+        except (ValueError, TypeError, KeyError, AttributeError):
+            raise DataLoss(f"weight store {path}: not a complete manifest ({len(text)} bytes: {_shown(text)})") from None
+        if manifest.version != version:
+            raise DataLoss(f"weight store {path}: it names version {manifest.version}, not {version}")
+        return manifest
 
     def current(self) -> Manifest | None:
         return self.manifest(self.current_version())
@@ -216,60 +276,129 @@ class VersionStore:
     def manifest_path(self, version: int) -> str:
         return str(self._dir(version) / "manifest.json") if version else ""
 
+    def spool(self) -> Spool:
+        """Where a push's shards are written as it is received: in incoming/, each shard synced to
+        the disk as it is written (on the conversion thread, off the receive path), so that the
+        commit waits for the sync of the last one only."""
+        return Spool(self.incoming, staging.PART_BYTES, durable=True)
+
     def adopt(self, staged: Path, files: dict[str, Path], version: int) -> dict[str, Path]:
-        """Move a received push's directory into the store as a candidate for `version`, under a
-        name of its own (`v000003-push-<id>`); it is part of the store once committed."""
+        """Move a received push's directory (a `spool`'s) into the store as a candidate for
+        `version`, under a name of its own (`v000003-push-<id>`); it is part of the store once
+        committed (which syncs the rename)."""
         target = self.root / f"{self._dir(version).name}-{staged.name}"
         os.replace(staged, target)
+        faults.fault_point("store.commit.after_adopt")
         return {name: target / path.name for name, path in files.items()}
 
     def commit(
         self, version: int, files: dict[str, Path], crc32: dict[str, int], label: str, fence: int | None = None
     ) -> Manifest:
-        """Make `version` (tensors `files`, adopted) the current one, if the current one is still
-        `version - 1` and `fence` (the push lock's token; None: a single-process server, which holds
-        the store alone) is the newest issued (`raise_fence`); else Conflict, and nothing is written."""
+        """Make `version` (tensors `files`, adopted from a `spool`) the current one, if the current
+        one is still `version - 1` and `fence` (the push lock's token; None: a single-process
+        server, which holds the store alone) is the newest issued (`raise_fence`); else Conflict,
+        and nothing is written. Raises only before its commit point (CURRENT renamed): whatever
+        fails after it is logged, and the version stands."""
         with self._committing():
-            current = self.current_version()
-            if current != version - 1:
-                raise Conflict(
-                    f"weight store {self.root}: version {current} was committed while this push ran (it was to "
-                    f"be version {version}, onto {version - 1}); nothing was committed: push again"
+            manifest = self._next(version, files, crc32, label, fence)
+            self._write_manifest(manifest, files)
+            faults.fault_point("store.commit.after_manifest")
+            self._point_current(version)
+            try:
+                durable.fsync_dir(self.root)
+                faults.fault_point("store.commit.after_current")
+                self._collect()
+            except Exception:  # reported, not raised: a caller would take it as "nothing committed"
+                log.exception(
+                    "weight store %s: version %d is committed (CURRENT names it), but what follows the commit "
+                    "failed; the version stands. Check the store with `rollout-service store verify %s`",
+                    self.root, version, self.root,
                 )
-            previous = self.manifest(current)
-            last_fence = previous.fence if previous else 0
-            if fence is not None and fence < (newest := self.fence_mark()):
-                raise Conflict(
-                    f"weight store {self.root}: this push's lock (fencing token {fence}) lapsed while it ran and "
-                    f"a newer push (token {newest}) has begun; nothing was committed: push again"
-                )
-            tensors = dict(previous.tensors) if previous else {}
-            headers = {path: safetensors_header(path) for path in set(files.values())}
-            for name, path in files.items():
-                info = headers[path][name]
-                tensors[name] = StoredTensor(str(path.relative_to(self.root)), info["dtype"], info["shape"], crc32[name])
-            manifest = Manifest(version, label, time.time(), tensors, last_fence if fence is None else fence)
-            body = {**asdict(manifest), "tensors": {n: asdict(t) for n, t in tensors.items()}}
-            self._dir(version).mkdir(exist_ok=True)
-            _write_atomic(self._dir(version) / "manifest.json", json.dumps(body, indent=1))
-            _write_atomic(self.root / "CURRENT", str(version))
-            self._collect()
         return manifest
+
+    def _next(self, version: int, files: dict[str, Path], crc32: dict[str, int], label: str, fence: int | None) -> Manifest:
+        """The manifest of `version`: the current one's tensors overlaid with `files` (see `commit`)."""
+        current = self.current_version()
+        if current != version - 1:
+            raise Conflict(
+                f"weight store {self.root}: version {current} was committed while this push ran (it was to "
+                f"be version {version}, onto {version - 1}); nothing was committed: push again"
+            )
+        previous = self.manifest(current)
+        last_fence = previous.fence if previous else 0
+        if fence is not None and fence < (newest := self.fence_mark()):
+            raise Conflict(
+                f"weight store {self.root}: this push's lock (fencing token {fence}) lapsed while it ran and "
+                f"a newer push (token {newest}) has begun; nothing was committed: push again"
+            )
+        tensors = dict(previous.tensors) if previous else {}
+        headers = {path: safetensors_header(path) for path in set(files.values())}
+        for name, path in files.items():
+            info = headers[path][name]
+            tensors[name] = StoredTensor(str(path.relative_to(self.root)), info["dtype"], info["shape"], crc32[name])
+        return Manifest(version, label, time.time(), tensors, last_fence if fence is None else fence)
+
+    def _point_current(self, version: int) -> None:
+        """Rename a synced CURRENT naming `version` into place: the commit point. Failing before
+        the rename, it removes the version's manifest (never committed)."""
+        pointer = self.root / "CURRENT"
+        tmp = durable.temp_name(pointer)
+        try:
+            durable.write_synced(tmp, str(version))
+            os.replace(tmp, pointer)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            shutil.rmtree(self._dir(version), ignore_errors=True)
+            raise
+
+    def _write_manifest(self, manifest: Manifest, files: dict[str, Path]) -> None:
+        """Everything `manifest`'s version is made of, on the disk before CURRENT may name it: its
+        shards (synced as their spool wrote them) and their directories' entries, the manifest,
+        and the store directory's entries (the adopted directories, the version's directory).
+        Whatever fails here leaves no manifest behind: the version was never committed."""
+        body = {**asdict(manifest), "tensors": {n: asdict(t) for n, t in manifest.tensors.items()}}
+        directory = self._dir(manifest.version)
+        directory.mkdir(exist_ok=True)
+        try:
+            for shards in sorted({path.parent for path in files.values()}):
+                durable.fsync_dir(shards)
+            durable.write_durably(directory / "manifest.json", json.dumps(body, indent=1))
+            durable.fsync_dir(self.root)
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+
+    def holds(self, version: int, files: dict[str, Path]) -> bool:
+        """Whether `version` is committed with the tensors in `files` (a push's own): for a push
+        whose commit raised, to tell "nothing committed" (its files may go) from a version that
+        stands. Raises when the store cannot be read: then nobody knows, and nothing may go."""
+        if self.current_version() < version:
+            return False
+        try:
+            manifest = self.manifest(version)
+        except FileNotFoundError:
+            return False
+        ours = {str(path.relative_to(self.root)) for path in files.values()}
+        return any(t.file in ours for t in manifest.tensors.values())
 
     def fence_mark(self) -> int:
         """The newest fencing token a push began under (0 before any)."""
+        path = self.root / "FENCE"
         try:
-            return int((self.root / "FENCE").read_text())
+            text = path.read_text()
         except FileNotFoundError:
             current = self.current()  # a store written before FENCE existed
             return current.fence if current else 0
+        if not text.strip().isdigit():
+            raise DataLoss(f"weight store {path}: {_shown(text)} is not a fencing token")
+        return int(text)
 
     def raise_fence(self, token: int) -> None:
         """Record that a push holds the lock with fencing token `token`: from now on a push under an
         older token commits nothing."""
         with self._committing():
             if token > self.fence_mark():
-                _write_atomic(self.root / "FENCE", str(token))
+                durable.write_durably(self.root / "FENCE", str(token))
 
     @contextlib.contextmanager
     def _committing(self):
@@ -282,13 +411,58 @@ class VersionStore:
         for d in {path.parent for path in files.values()}:
             shutil.rmtree(d, ignore_errors=True)
 
-    def verify(self, manifest: Manifest) -> None:
-        """Raise DataLoss naming the first stored tensor whose bytes do not match its CRC-32."""
+    def verify(self, manifest: Manifest, progress: Callable[[int], None] | None = None) -> None:
+        """Raise DataLoss naming the first stored tensor that is missing or whose bytes do not
+        match its CRC-32; `progress` is given the bytes of each tensor checked."""
         for name, t in manifest.tensors.items():
+            problem = self.tensor_problem(name, t)
+            if problem is not None:
+                raise DataLoss(f"weight store {self.root / t.file}: {problem} (a tensor of version {manifest.version})")
+            if progress is not None:
+                progress(t.nbytes)
+
+    def tensor_problem(self, name: str, t: StoredTensor) -> str | None:
+        """What is wrong with stored tensor `name`: it cannot be read, or its bytes do not match
+        its CRC-32; None when it is whole."""
+        try:
             with safetensors.safe_open(str(self.root / t.file), "pt") as f:
-                crc = crc32_of(f.get_tensor(name))
-            if crc != t.crc32:
-                raise DataLoss(f"weight store: {name} in {t.file} has CRC-32 {crc:#010x}, the manifest says {t.crc32:#010x}")
+                tensor = f.get_tensor(name)
+        except Exception as exc:  # missing, truncated, not safetensors: safetensors' own errors
+            return f"{name} cannot be read ({exc})"
+        crc = crc32_of(tensor)
+        if crc != t.crc32:
+            return f"{name} has CRC-32 {crc:#010x}, the manifest says {t.crc32:#010x}"
+        return None
+
+    def check(self) -> None:
+        """What a server checks as it opens the store: CURRENT, FENCE and BASE.json readable, the
+        current version's manifest complete, and each of its shards whole (its header and every
+        tensor's bytes present, dtype and shape as the manifest says: what a power loss tears);
+        DataLoss naming the first file that is not. (The bytes' CRC-32s are checked as the version
+        loads.) Versions a push may commit meanwhile (a Serve deployment) are read again."""
+        for _ in range(3):
+            version = self.current_version()
+            try:
+                self.check_files(self.manifest(version))
+                break
+            except FileNotFoundError as exc:
+                if self.current_version() == version:  # not a commit that moved CURRENT on meanwhile
+                    raise DataLoss(f"weight store {exc.filename}: missing, and CURRENT names version {version}") from None
+        self.fence_mark()
+        with contextlib.suppress(FileNotFoundError):
+            self.base()
+
+    def check_files(self, manifest: Manifest | None) -> None:
+        """Each shard `manifest` names is whole (see `check`); DataLoss naming the first that is not."""
+        if manifest is None:
+            return
+        by_file: dict[str, dict[str, StoredTensor]] = {}
+        for name, t in manifest.tensors.items():
+            by_file.setdefault(t.file, {})[name] = t
+        for file, tensors in by_file.items():
+            problem = _shard_problem(self.root / file, tensors)
+            if problem:
+                raise DataLoss(f"weight store {self.root / file}: {problem} (a shard of version {manifest.version})")
 
     def clean(self) -> None:
         """Drop what no committed version refers to: interrupted pushes and uncommitted versions.
@@ -296,30 +470,76 @@ class VersionStore:
         the push lock): a running push's files would go too."""
         for d in self.incoming.iterdir():
             shutil.rmtree(d, ignore_errors=True)
+        with self._committing():  # CURRENT and FENCE are written under it
+            for tmp in [*self.root.glob(".CURRENT.*.tmp"), *self.root.glob(".FENCE.*.tmp")]:
+                tmp.unlink(missing_ok=True)  # a writer killed before its rename
         self._collect(running=False)
 
     def _collect(self, running: bool = True) -> None:
         """Delete the versions older than the last `keep` and what only they refer to; with
-        `running`, keep the candidates of later versions (a push in flight may be preparing them)."""
+        `running`, keep the candidates of later versions (a push in flight may be preparing them).
+        Versions of the window already deleted (kept under a smaller `keep` before) are skipped; if
+        a manifest in the window cannot be read, nothing is deleted (what it refers to is unknown)."""
         current = self.current_version()
         kept = [v for v in range(max(1, current - self.keep + 1), current + 1)]
-        live = {self._dir(v) for v in kept}
+        live = set()
         for v in kept:
-            m = self.manifest(v)
-            live |= {(self.root / t.file).parent for t in m.tensors.values()} if m else set()
-        for d in self.root.glob("v*"):
+            try:
+                m = self.manifest(v)
+            except FileNotFoundError:
+                continue
+            except DataLoss as exc:
+                log.error("%s: deleting no old version until it is repaired (`rollout-service store repair %s`)", exc, self.root)
+                return
+            live |= {self._dir(v)} | {(self.root / t.file).parent for t in m.tensors.values()}
+        doomed = []
+        for d in sorted(self.root.glob("v*")):
             candidate = "-" in d.name  # v000004-push-*: adopted, maybe not committed yet
             if running and candidate and int(d.name[1:7]) > current:
                 continue
             if d.is_dir() and d not in live:
-                shutil.rmtree(d, ignore_errors=True)
+                doomed.append(d)
+        # Manifests first: a crash part-way must not leave a version whose shards are gone.
+        for d in doomed:
+            (d / "manifest.json").unlink(missing_ok=True)
+        if doomed:
+            durable.fsync_dir(self.root)
+        for d in doomed:
+            shutil.rmtree(d, ignore_errors=True)
+            faults.fault_point("store.collect")
 
 
 _COMMIT_LOCKS: dict[Path, threading.Lock] = {}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    # A temporary name of this writer's own: the ingress and the replicas bind a new store at once.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _shown(text: str) -> str:
+    """A file's content in an error message: short, and saying so when empty."""
+    return "empty" if not text else repr(text[:40] + ("..." if len(text) > 40 else ""))
+
+
+def _shard_problem(path: Path, tensors: dict[str, StoredTensor]) -> str | None:
+    """What makes the safetensors file `path` unable to hold `tensors` whole, or None."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return f"truncated ({size} bytes, not even a header)"
+            (header_bytes,) = struct.unpack("<Q", head)
+            if 8 + header_bytes > size:
+                return f"truncated ({size} bytes, its header alone takes {8 + header_bytes})"
+            header = json.loads(fh.read(header_bytes))
+    except FileNotFoundError:
+        return "missing"
+    except (ValueError, UnicodeDecodeError):
+        return "its header is not safetensors JSON"
+    for name, t in tensors.items():
+        info = header.get(name)
+        if not isinstance(info, dict):
+            return f"{name} is not in it"
+        if info.get("dtype") != t.dtype or info.get("shape") != t.shape:
+            return f"{name} is {info.get('dtype')} {info.get('shape')} in it, the manifest says {t.dtype} {t.shape}"
+        end = 8 + header_bytes + info["data_offsets"][1]
+        if end > size:
+            return f"truncated ({size} bytes; {name} ends at byte {end})"
+    return None

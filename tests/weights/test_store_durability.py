@@ -1,0 +1,211 @@
+"""The weight store keeps what it committed: a larger --keep-versions between two runs, an error
+after the commit point, the order in which a commit syncs what it wrote (so that a power loss
+leaves the old version or the new one, whole), and a store a crash left torn refused at start.
+
+The real store, push session and push protocol; the engine is a test double
+(tests/weights/test_local_push.py), and the syncs are recorded by wrapping weights/durable.py's."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from rollout_service.errors import ConfigError
+from rollout_service.weights import durable, staging
+from rollout_service.weights.local import LocalPush
+from rollout_service.weights.versions import VersionStore, open_store
+from tests.weights.test_local_push import CONFIG, WeightServiceDoubleForLocalPushTest, push, tensors
+from tests.weights.test_versions import _checkpoint
+from tests.weights.test_versions import push as commit_one
+from tests.weights.test_versions import t
+
+
+def versions_on_disk(root: Path) -> list[str]:
+    return sorted({d.name.split("-")[0] for d in root.glob("v*")})
+
+
+def test_a_larger_keep_between_two_runs_keeps_every_version_and_the_next_commit(tmp_path):
+    """keep 2, four commits; reopened with keep 4 the store cleans, commits version 5 and keeps
+    it (today: clean() and the collect after commit(5) read v1's deleted manifest and raise)."""
+    first = VersionStore(tmp_path, keep=2)
+    for v in range(1, 5):
+        commit_one(first, {"a.weight": t(v)})
+    assert versions_on_disk(tmp_path) == ["v000003", "v000004"]
+    second = VersionStore(tmp_path, keep=4)
+    second.clean()
+    assert second.current_version() == 4
+    manifest = commit_one(second, {"a.weight": t(5)})
+    assert second.current_version() == 5 and versions_on_disk(tmp_path) == ["v000003", "v000004", "v000005"]
+    second.verify(manifest)
+    third = VersionStore(tmp_path, keep=4)
+    third.clean()
+    assert third.current() == manifest
+    third.verify(third.current())
+
+
+def test_an_error_after_the_commit_point_is_logged_and_the_version_stands(tmp_path, monkeypatch, caplog):
+    store = VersionStore(tmp_path, keep=2)
+    commit_one(store, {"a.weight": t(1)})
+
+    def collect_fails(running: bool = True):  # test double: deleting old versions fails (EIO, a bug)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(store, "_collect", collect_fails)
+    with caplog.at_level(logging.ERROR):
+        manifest = commit_one(store, {"a.weight": t(2)})
+    assert store.current_version() == 2 and store.current() == manifest
+    store.verify(manifest)
+    assert "version 2 is committed (CURRENT names it), but what follows the commit failed" in caplog.text
+
+
+async def test_a_push_whose_commit_raised_after_the_commit_point_stands(tmp_path, monkeypatch, caplog):
+    """The single-process push path discards a push only if the store does not hold it: a commit
+    that raised after CURRENT named the version (a store's bug, an I/O error) leaves it standing."""
+    store = VersionStore(tmp_path / "store", keep=3)
+    engine = WeightServiceDoubleForLocalPushTest(store)
+    local = LocalPush(engine, store, CONFIG)
+    real_commit = store.commit
+
+    def raises_after_committing(*args):  # test double of a store whose commit fails late
+        real_commit(*args)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(store, "commit", raises_after_committing)
+    with caplog.at_level(logging.ERROR):
+        result = await push(local, tensors(1.0))
+    assert result.version == 1 and engine.engine.weight_version == 1
+    store.verify(store.current())  # its shards were not deleted
+    assert "version 1 is committed, though its commit raised afterwards" in caplog.text
+
+
+async def test_a_push_syncs_its_shards_as_written_then_the_manifest_then_current_then_deletes(tmp_path, monkeypatch):
+    """Each shard is synced on the conversion thread as it is written (not on the event loop, not
+    at the commit); the commit syncs the shards' directory, the manifest, the store directory,
+    then renames CURRENT and syncs the directory again; an old version is deleted after that."""
+    store = VersionStore(tmp_path / "store", keep=2)
+    local = LocalPush(WeightServiceDoubleForLocalPushTest(store), store, CONFIG)
+    await push(local, tensors(1.0))
+    await push(local, tensors(2.0))
+    calls: list[tuple[str, Path, str, str, bool]] = []  # (helper, path, thread, CURRENT then, v000001 there)
+
+    def recorded(helper):
+        def call(path):
+            current = (store.root / "CURRENT").read_text()
+            calls.append((helper.__name__, Path(path), threading.current_thread().name, current, (store.root / "v000001").exists()))
+            return helper(path)
+
+        return call
+
+    monkeypatch.setattr(durable, "fsync_file", recorded(durable.fsync_file))
+    monkeypatch.setattr(durable, "fsync_dir", recorded(durable.fsync_dir))
+    monkeypatch.setattr(staging, "PART_BYTES", 1)  # a part per tensor: two parts
+    result = await push(local, tensors(3.0))
+    assert result.version == 3
+    parts = [i for i, (_, path, *_) in enumerate(calls) if path.name.startswith("part-")]
+    assert len(parts) == 2 and all(calls[i][2].startswith("push-convert") for i in parts)  # off the receive path
+    (push_dir,) = store.root.glob("v000003-push-*")
+    kinds = {push_dir: "the push's directory", store.root / "v000003": "the version's directory", store.root: "the store"}
+
+    def kind(path: Path) -> str:
+        return kinds.get(path) or path.name.split(".")[1] if path.name.startswith(".") else kinds.get(path, path.name)
+
+    assert [kind(path) for _, path, *_ in calls[parts[-1] + 1 :]] == [
+        "the push's directory",  # the parts' entries
+        "manifest",  # the manifest, before its rename
+        "the version's directory",  # its rename
+        "the store",  # the adopted directory and the version's directory
+        "CURRENT",  # CURRENT, before its rename
+        "the store",  # its rename: the commit is durable
+        "the store",  # the old version's manifest deleted, before its files
+    ]
+    current_then = [c[3] for c in calls]
+    assert current_then[: parts[-1] + 6] == ["2"] * (parts[-1] + 6) and current_then[-2] == "3"
+    assert calls[-2][4] and not (store.root / "v000001").exists()  # deleted only after the durable commit
+    assert versions_on_disk(store.root) == ["v000002", "v000003"]
+
+
+def config_on(tmp_path: Path, store: Path):
+    from rollout_service.config import ServerConfig
+
+    model = tmp_path / "model" if (tmp_path / "model").exists() else _checkpoint(tmp_path / "model", 1.0)
+    return ServerConfig(model=model, weights_dir=store, cache_dir=tmp_path / "cache", keep_versions=3)
+
+
+def torn_store(tmp_path: Path) -> tuple[object, VersionStore]:
+    """A store of two committed versions (as a server leaves it), closed."""
+    config = config_on(tmp_path, tmp_path / "store")
+    store = open_store(config, shared=False)
+    commit_one(store, {"a.weight": t(1), "b.weight": t(1)})
+    commit_one(store, {"a.weight": t(2)})
+    store.close()
+    return config, store
+
+
+def shard_of(store: VersionStore, version: int, name: str = "a.weight") -> Path:
+    return store.root / store.manifest(version).tensors[name].file
+
+
+@pytest.mark.parametrize(
+    "tear, file, problem",
+    [
+        (lambda s: (s.root / "CURRENT").write_text(""), "CURRENT", "empty is not a version number"),
+        (lambda s: (s.root / "v000002" / "manifest.json").write_text('{"version": 2, "lab'), "v000002/manifest.json", "not a complete manifest"),
+        (lambda s: (s.root / "v000002" / "manifest.json").unlink(), "v000002/manifest.json", "missing, and CURRENT names version 2"),
+        (lambda s: shard_of(s, 2).write_bytes(b""), "v000002-push-", "truncated (0 bytes, not even a header)"),
+        (lambda s: shard_of(s, 2).write_bytes(shard_of(s, 2).read_bytes()[:-5]), "v000002-push-", "a.weight ends at byte"),
+        (lambda s: shard_of(s, 2, "b.weight").write_bytes(shard_of(s, 2, "b.weight").read_bytes()[:20]), "v000001-push-", "truncated"),
+        (lambda s: (s.root / "FENCE").write_text(""), "FENCE", "empty is not a fencing token"),
+        (lambda s: (s.root / "BASE.json").write_text('{"identity": "ab'), "BASE.json", "is not the record of a checkpoint"),
+    ],
+    ids=["empty CURRENT", "truncated manifest", "missing manifest", "empty shard", "truncated shard", "truncated older shard", "empty FENCE", "torn BASE.json"],
+)
+def test_a_torn_store_is_refused_at_start_naming_the_file_and_what_to_do(tmp_path, tear, file, problem):
+    config, store = torn_store(tmp_path)
+    tear(store)
+    with pytest.raises(ConfigError) as refused:
+        open_store(config, shared=False)
+    message = str(refused.value)
+    assert f"{store.root}/{file}" in message and problem in message, message
+    assert f"rollout-service store repair {store.root}" in message and f"rollout-service store verify {store.root}" in message
+    VersionStore(store.root, 3).lock()  # refused, it did not keep the store locked
+
+
+def test_an_intact_store_opens_with_leftovers_of_a_cut_off_commit(tmp_path):
+    """A commit cut off after its manifest (CURRENT not renamed) is not damage: the store opens on
+    the version before it, and the next start's clean deletes the left-over."""
+    config, store = torn_store(tmp_path)
+    manifest = json.loads((store.root / "v000002" / "manifest.json").read_text())
+    (store.root / "v000003").mkdir()
+    (store.root / "v000003" / "manifest.json").write_text(json.dumps({**manifest, "version": 3}))
+    reopened = open_store(config, shared=False)
+    assert reopened.current_version() == 2
+    reopened.clean()
+    assert versions_on_disk(store.root) == ["v000001", "v000002"]
+    reopened.close()
+
+
+def test_a_shard_torn_behind_a_whole_header_is_found_by_its_crc_at_load(tmp_path):
+    """Bytes changed in place (same size): the start-up check passes (it reads headers and sizes),
+    the load's CRC-32 check refuses it, naming the file and the tensor."""
+    from rollout_service.errors import DataLoss
+
+    config, store = torn_store(tmp_path)
+    path = shard_of(store, 2)
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    reopened = open_store(config, shared=False)
+    with pytest.raises(DataLoss, match=rf"{path}: a.weight has CRC-32 .* the manifest says .*version 2"):
+        reopened.verify(reopened.current())
+    reopened.close()
+
+
+def test_sizes_of_a_stored_tensor_follow_its_dtype(tmp_path):
+    store = VersionStore(tmp_path, keep=2)
+    manifest = commit_one(store, {"a.weight": t(1), "f": torch.ones(3, 5)})
+    assert manifest.tensors["a.weight"].nbytes == 24 and manifest.tensors["f"].nbytes == 60
