@@ -11,8 +11,10 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from rollout_service.models.tiny import ARCHS as TINY_ARCHS
+from rollout_service.tools.store_cli import app as store_app
 
 app = typer.Typer(help="Rollout-as-a-service for LLM reinforcement learning.", no_args_is_help=True, add_completion=False)
+app.add_typer(store_app, name="store")
 err = Console(stderr=True, soft_wrap=True)  # one error per line, greppable
 
 
