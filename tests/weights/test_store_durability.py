@@ -209,3 +209,39 @@ def test_sizes_of_a_stored_tensor_follow_its_dtype(tmp_path):
     store = VersionStore(tmp_path, keep=2)
     manifest = commit_one(store, {"a.weight": t(1), "f": torch.ones(3, 5)})
     assert manifest.tensors["a.weight"].nbytes == 24 and manifest.tensors["f"].nbytes == 60
+
+
+class SimulatedCrash(BaseException):
+    """The process died here (no code of the store catches it)."""
+
+
+@pytest.mark.parametrize("dies_after", [1, 2, 3])
+def test_a_crash_between_deletions_leaves_no_manifest_naming_deleted_shards(tmp_path, monkeypatch, dies_after):
+    """A smaller keep drops versions 1 and 2 at once; v2 names v1's shard of b, which no kept
+    version does (v3 pushed b again), and v1's directories sort before v2's. The process dies
+    after the `dies_after`-th directory deleted. Restarted with a larger keep, every version in
+    its window either verifies or is gone (manifests are deleted before any shard)."""
+    store = VersionStore(tmp_path, keep=4)
+    commit_one(store, {"a.weight": t(1), "b.weight": t(1)})
+    commit_one(store, {"a.weight": t(2)})
+    commit_one(store, {"b.weight": t(3)})
+    commit_one(store, {"a.weight": t(4)})
+    deleted = []
+
+    def dies(name):  # test double of the fault point: counts deletions, dies after `dies_after`
+        deleted.append(name)
+        if len(deleted) == dies_after:
+            raise SimulatedCrash()
+
+    monkeypatch.setattr("rollout_service.faults.fault_point", dies)
+    with pytest.raises(SimulatedCrash):
+        VersionStore(tmp_path, keep=2).clean()
+    monkeypatch.undo()
+    restarted = VersionStore(tmp_path, keep=4)
+    restarted.clean()
+    assert restarted.current_version() == 4
+    for version in range(1, 5):
+        try:
+            restarted.verify(restarted.manifest(version))
+        except FileNotFoundError:
+            assert version < 3  # dropped under keep 2
