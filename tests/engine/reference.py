@@ -72,3 +72,107 @@ def hf_token_logprobs(model, prompt: list[int], completion: list[int], *, raw: b
     logprobs = logits.log_softmax(-1)
     return logprobs.gather(-1, torch.tensor(completion)[:, None])[:, 0]
 
+
+
+# --- W8A8 (INT8 weights x INT8 activations) forward, written in plain torch ---------------------
+#
+# The arithmetic an int8 engine serves, from its definitions: compressed-tensors' scheme in the
+# checkpoint's config (int8 weights [N, K], symmetric, one float32 scale per output channel [N, 1];
+# activations quantized dynamically, symmetric, one scale per token) and vLLM 0.32's CPU kernels
+# (csrc/cpu/dnnl_kernels.cpp `dynamic_scaled_int8_quant_impl` + `onednn_scaled_mm`):
+#   scale_x = max|x| / 127 per token (float32); q_x = x * float32(1.0 / scale_x), clamped to
+#   [-128, 127] and rounded to nearest even; out = (q_x @ q_w^T) * scale_w * scale_x + bias.
+# Multiplying by the reciprocal (vLLM) instead of dividing (compressed-tensors) moves a value only
+# where it lies within a float32 ulp of a .5 boundary. The integer product is exact here (float64
+# holds |sum| <= 128 * 127 * K exactly), so this is no imitation of a kernel's summation order.
+
+
+def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                quantize_activations: bool = True) -> torch.Tensor:
+    """y = x W^T (+ bias) with int8 `weight` [N, K] and float32 `weight_scale` [N, 1], in x's dtype.
+    `quantize_activations=False` keeps x unquantized (a weight-only variant, to show a test can
+    tell the two apart)."""
+    rows = x.reshape(-1, x.shape[-1]).float()
+    if quantize_activations:
+        scale = rows.abs().amax(-1, keepdim=True) / 127
+        q = (rows * (1.0 / scale.double()).float()).clamp(-128, 127).round()  # round(): half to even
+        out = (q.double() @ weight.double().T) * weight_scale.double().T * scale.double()
+    else:
+        out = rows.double() @ (weight.double() * weight_scale.double()).T
+    out = out.float()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+class W8A8Linear(torch.nn.Module):
+    """A quantized Linear as the engine holds it: no float weight left."""
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, quantize_activations: bool):
+        super().__init__()
+        self.register_buffer("weight_q", weight)
+        self.register_buffer("weight_scale", weight_scale)
+        self.register_buffer("bias", bias)
+        self.quantize_activations = quantize_activations
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return w8a8_linear(x, self.weight_q, self.weight_scale, self.bias, self.quantize_activations)
+
+
+def _check_w8a8_scheme(quantized_dir) -> None:
+    """Refuse a checkpoint whose scheme is not the one w8a8_linear computes."""
+    import json
+    from pathlib import Path
+
+    config = json.loads((Path(quantized_dir) / "config.json").read_text())["quantization_config"]
+    (group,) = config["config_groups"].values()
+    w, a = group["weights"], group["input_activations"]
+    scheme = (config["format"], w["type"], w["num_bits"], w["strategy"], w["symmetric"], w["dynamic"],
+              a["type"], a["num_bits"], a["strategy"], a["symmetric"], a["dynamic"])
+    expected = ("int-quantized", "int", 8, "channel", True, False, "int", 8, "token", True, True)
+    if scheme != expected:
+        raise ValueError(f"{quantized_dir}: quantization scheme {scheme} is not W8A8 {expected}")
+
+
+def w8a8_model(source_dir, quantized_dir, dtype: torch.dtype, *, quantize_activations: bool = True,
+               per_tensor_weights: bool = False):
+    """The transformers model of `source_dir` holding the weights of the compressed-tensors
+    checkpoint `quantized_dir`: every int8 Linear computes with w8a8_linear from the checkpoint's
+    int8 weight and scale, everything else (embeddings, norms, rotary, attention, the `ignore`d
+    lm_head) is transformers' own code in `dtype` on the checkpoint's other tensors.
+
+    `quantize_activations=False` and `per_tensor_weights=True` (the weights requantized with one
+    scale per tensor) are deliberately wrong variants, to show a comparison can fail."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    _check_w8a8_scheme(quantized_dir)
+    model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=dtype).eval()
+    params = dict(model.named_parameters())
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(Path(quantized_dir).glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    replaced = 0
+    with torch.no_grad():
+        for name, t in tensors.items():
+            if name.endswith("_scale"):
+                continue
+            if t.dtype != torch.int8:
+                params[name].copy_(t)  # KeyError: a checkpoint tensor the model does not have
+                continue
+            module_name = name.removesuffix(".weight")
+            linear = model.get_submodule(module_name)
+            scale = tensors[name + "_scale"].float()
+            assert isinstance(linear, torch.nn.Linear) and tuple(t.shape) == tuple(linear.weight.shape), name
+            assert tuple(scale.shape) == (t.shape[0], 1), f"{name}_scale {tuple(scale.shape)}: not one scale per output channel"
+            if per_tensor_weights:
+                w = t.float() * scale
+                scale = (w.abs().max() / 127.5).expand_as(scale).contiguous()  # compressed-tensors' range / 2
+                t = (w / scale).clamp(-128, 127).round().to(torch.int8)
+            bias = None if linear.bias is None else tensors[module_name + ".bias"].float()
+            model.set_submodule(module_name, W8A8Linear(t, scale, bias, quantize_activations))
+            replaced += 1
+    assert replaced > 0, f"{quantized_dir} holds no int8 weight"
+    return model
