@@ -201,8 +201,13 @@ class ServerConfig(BaseSettings):
         "at its end)."
     )
     max_request_mib: int = Field(
-        256, ge=1, description="Largest HTTP request body and gRPC message, MiB (pushes: max_push_mib); gRPC always "
-        "takes at least 16 MiB, the clients' push chunks being 4 MiB."
+        64, ge=1, description="Largest HTTP request body and gRPC message, MiB (pushes: max_push_mib); gRPC always "
+        "takes at least 16 MiB, the clients' push chunks being 4 MiB. 64 MiB holds about 20 million prompt tokens."
+    )
+    max_request_mib_per_key: int = Field(
+        512, ge=1, description="Generate request bytes one API key may have in flight at once, MiB (their size on the "
+        "wire, counted before they are parsed; parsed, a request takes up to about 3x it): RESOURCE_EXHAUSTED beyond, "
+        "so a key's calls cannot take more memory than this grants, however many it sends."
     )
     max_push_mib: int | None = Field(
         None, ge=1, description="Largest push (declared tensor bytes, and an HTTP push body), MiB; default: the "
@@ -242,6 +247,11 @@ class ServerConfig(BaseSettings):
             raise ValueError("tls_cert and tls_key go together: give both or neither")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca needs tls_cert and tls_key (client certificates are checked over TLS)")
+        if self.max_request_mib > self.max_request_mib_per_key:
+            raise ValueError(
+                f"max_request_mib={self.max_request_mib} is above max_request_mib_per_key={self.max_request_mib_per_key}: "
+                "the largest request could never be taken"
+            )
         if self.api_keys is None and not self.insecure and not is_loopback(self.host):
             raise ValueError(
                 f"host={self.host!r} is not a loopback address, and without api_keys anyone who reaches it can push "

@@ -7,15 +7,66 @@ dataclasses (built once per sample on the hot path, where validation would only 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
 
 from rollout_service.errors import InvalidArgument
 
 FinishReason = Literal["stop", "length", "aborted"]
+
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+UINT64_MAX = 2**64 - 1
+# What vLLM's GPU model runner holds per request in fixed-size arrays, and treats an overflow of
+# as fatal in EngineCore.step (vllm/v1/worker/gpu/sample/logit_bias.py: MAX_NUM_ALLOWED_TOKEN_IDS,
+# MAX_NUM_LOGIT_BIAS_TOKENS, MAX_NUM_STOP_TOKEN_IDS; tests/test_types.py checks they still agree).
+# The CPU runner has no such arrays, which is why a CPU test suite never sees the crash.
+MAX_ALLOWED_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS_TOKENS = 1024
+MAX_STOP_TOKEN_IDS_WITH_MIN_TOKENS = 128  # stop ids and end-of-sequence ids together, when min_tokens > 0
+# Stop strings are matched in the front end's output processor at every step of every sample:
+# thousands of them would slow every caller's stream (OpenAI takes 4).
+MAX_STOP_STRINGS = 128
+
+
+def token_id_array(value: Iterable[int]) -> array:
+    """Token ids as a compact int32 array: 4 bytes a token where a list of Python ints takes 36, so
+    a large batch costs about its wire size in memory, not ten times it. Raises ValueError naming
+    the first element that is not an int32."""
+    if isinstance(value, array) and value.typecode == "i":
+        return value
+    if isinstance(value, (str, bytes, dict)):
+        raise ValueError(f"expected a list of token ids, got {type(value).__name__}")
+    try:
+        return array("i", value)
+    except (TypeError, OverflowError):
+        pass
+    for j, token in enumerate(value):
+        if isinstance(token, bool) or not isinstance(token, int) or not -(2**31) <= token <= INT32_MAX:
+            raise ValueError(f"token_ids[{j}]={token!r} is not a token id (an integer below 2**31)") from None
+    raise ValueError("expected a list of token ids")
+
+
+# A list of ints on the wire (JSON, protobuf, Python callers), an int32 array in memory.
+TokenIds = Annotated[
+    array,
+    PlainValidator(token_id_array),
+    PlainSerializer(lambda ids: ids.tolist(), return_type=list[int]),
+    WithJsonSchema({"type": "array", "items": {"type": "integer"}}),
+]
 
 
 class Prompt(BaseModel):
@@ -24,7 +75,7 @@ class Prompt(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     text: str | None = Field(None, description="Prompt text, tokenized with the model's tokenizer.")
-    token_ids: list[int] | None = Field(None, description="Prompt token ids, each in [0, vocab_size).")
+    token_ids: TokenIds | None = Field(None, description="Prompt token ids, each in [0, vocab_size).")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Prompt:
@@ -34,30 +85,49 @@ class Prompt(BaseModel):
 
 
 class SamplingOptions(BaseModel):
-    """Sampling parameters applied to every prompt of a request (see protos/rollout/v1/rollout.proto)."""
+    """Sampling parameters applied to every prompt of a request (see protos/rollout/v1/rollout.proto).
 
-    model_config = ConfigDict(extra="forbid")
+    The bounds here need no model: they keep every value within what vLLM's runners store it in
+    (int32 / int64 arrays, the GPU runner's fixed-size per-request arrays). The bounds that depend
+    on the served model (context length, vocabulary, max_logprobs, end-of-sequence ids) are
+    checked with it by api/limits.check_generate, which every front end calls.
+    """
+
+    # No infinities or NaNs: a NaN passes no bound but poisons every logit it touches.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     n: int = Field(1, ge=1, le=256, description="Samples per prompt.")
-    max_tokens: int = Field(16, ge=1, description="Most generated tokens per sample.")
-    temperature: float = Field(1.0, ge=0.0, description="Softmax temperature; 0 is greedy.")
+    max_tokens: int = Field(16, ge=1, le=INT32_MAX, description="Most generated tokens per sample (at most the context length).")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="Softmax temperature; 0 is greedy (vLLM takes [0, 2]).")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus mass, in (0, 1].")
-    top_k: int = Field(0, ge=0, description="Keep the top_k most likely tokens; 0 = no limit.")
+    top_k: int = Field(0, ge=0, le=INT32_MAX, description="Keep the top_k most likely tokens; 0 = no limit (at most the vocabulary size).")
     min_p: float = Field(0.0, ge=0.0, le=1.0, description="Drop tokens below min_p x the top token's probability.")
-    stop: list[str] = Field(default_factory=list, description="Stop strings (not returned).")
+    stop: list[str] = Field(
+        default_factory=list, max_length=MAX_STOP_STRINGS, description=f"Stop strings (not returned); at most {MAX_STOP_STRINGS}."
+    )
     stop_token_ids: list[int] = Field(default_factory=list, description="Stop token ids (returned).")
-    seed: int | None = Field(None, description="Per-request seed: same seed + same request = same tokens.")
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX, description="Per-request seed (an int64): same seed + same request = same tokens.")
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token.")
-    logprobs: int = Field(0, ge=0, description="Top alternatives per generated token; 0 = sampled token only.")
-    prompt_logprobs: int | None = Field(None, ge=0, description="When set: prompt token logprobs, with this many alternatives.")
+    logprobs: int = Field(0, ge=0, le=INT32_MAX, description="Top alternatives per generated token; 0 = sampled token only (at most the server's max_logprobs).")
+    prompt_logprobs: int | None = Field(
+        None, ge=0, le=INT32_MAX, description="When set: prompt token logprobs, with this many alternatives (at most max_logprobs)."
+    )
     detokenize: bool = Field(True, description="Decode samples into text; false: token ids and logprobs only.")
-    min_tokens: int = Field(0, ge=0, description="End-of-sequence and stop token ids get probability 0 until a sample has this many tokens.")
+    min_tokens: int = Field(
+        0, ge=0, le=INT32_MAX,
+        description="End-of-sequence and stop token ids get probability 0 until a sample has this many tokens (at most max_tokens).",
+    )
     repetition_penalty: float = Field(1.0, gt=0.0, description="Logits of tokens in the prompt or sample: positive / it, negative x it; 1 = off.")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Subtracted from the logit of every token the sample contains.")
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Subtracted from a token's logit once per time the sample contains it.")
     logit_bias: dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]] = Field(
-        default_factory=dict, description="Added to the logits of these token ids.")
-    allowed_token_ids: list[int] = Field(default_factory=list, description="When not empty: only these token ids can be sampled.")
+        default_factory=dict, max_length=MAX_LOGIT_BIAS_TOKENS,
+        description=f"Added to the logits of these token ids; at most {MAX_LOGIT_BIAS_TOKENS} entries.",
+    )
+    allowed_token_ids: list[int] = Field(
+        default_factory=list, max_length=MAX_ALLOWED_TOKEN_IDS,
+        description=f"When not empty: only these token ids can be sampled; at most {MAX_ALLOWED_TOKEN_IDS}.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> SamplingOptions:
@@ -82,27 +152,44 @@ class GenerateRequest(BaseModel):
         "", description="Requests with the same session id go to the same replica (its prefix cache)."
     )
     min_weight_version: int = Field(
-        0, ge=0, description="Sample only with this weight version or a newer one: a replica on an older version "
-        "holds the request until it serves it (the call's deadline bounds the wait)."
+        0, ge=0, le=UINT64_MAX, description="Sample only with this weight version or a newer one: a replica on an "
+        "older version holds the request until it serves it (the call's deadline bounds the wait); at most the "
+        "version after the newest committed one."
     )
     max_staleness: int | None = Field(
-        None, ge=0, description="Sample only with a version at most this many behind the newest committed one "
-        "(raises min_weight_version when the call arrives)."
+        None, ge=0, le=UINT64_MAX, description="Sample only with a version at most this many behind the newest "
+        "committed one (raises min_weight_version when the call arrives)."
     )
 
     def at_least(self, committed: Callable[[], int]) -> GenerateRequest:
         """This request with max_staleness turned into a min_weight_version against `committed()`,
-        the newest committed version (the backends call it as the request arrives)."""
+        the newest committed version (the backends call it as the request arrives).
+
+        A min_weight_version beyond the next version (committed + 1) is refused: such a call would
+        hold a version-gated slot until max_version_wait_s for a version no push has begun, so a
+        few of them could keep every other caller's gated calls out. No trainer needs more: an
+        asynchronous trainer (one step off-policy, as verl's and OpenRLHF's async modes run) asks
+        for the version its next push will commit, never for one two pushes ahead."""
+        if self.max_staleness is None and self.min_weight_version <= 1:
+            return self  # within bounds whatever is committed: the store is not read
+        newest = committed()
+        if self.min_weight_version > newest + 1:
+            raise InvalidArgument(
+                "min_weight_version", f"{self.min_weight_version} is beyond the next weight version: the newest "
+                f"committed is {newest}, so at most {newest + 1} (the one the next push commits) can be waited for"
+            )
         if self.max_staleness is None:
             return self
-        floor = max(self.min_weight_version, committed() - self.max_staleness)
+        floor = max(self.min_weight_version, newest - self.max_staleness)
         return self.model_copy(update={"min_weight_version": floor, "max_staleness": None})
 
     @classmethod
-    def parse(cls, data: dict) -> GenerateRequest:
-        """Validate `data`, raising InvalidArgument that names the first offending field and value."""
+    def parse(cls, data: dict | bytes) -> GenerateRequest:
+        """Validate `data` (a dict, or a JSON body as bytes: parsed straight into the model, never
+        into a dict of Python lists first), raising InvalidArgument that names the first offending
+        field and value."""
         try:
-            return cls.model_validate(data)
+            return cls.model_validate_json(data) if isinstance(data, bytes) else cls.model_validate(data)
         except ValidationError as exc:  # our own InvalidArgument (from a validator) passes through
             raise invalid_argument_from(exc.errors(include_url=False)) from None
 
@@ -128,8 +215,21 @@ def invalid_argument_from(errors: list[dict]) -> InvalidArgument:
     loc = tuple(p for p in err["loc"] if p != "body")
     message = err["msg"].removeprefix("Value error, ")
     if err["type"] not in ("missing", "model_type") and not isinstance(err.get("input"), dict):
-        message = f"{message} (got {err.get('input')!r})"
+        message = f"{message} (got {_shown(err.get('input'))})"
     return InvalidArgument(field_path(loc), message)
+
+
+def _shown(value, limit: int = 80) -> str:
+    """`value` as an error message shows it: a list of a million ids, or a megabyte of text, as
+    its first characters and its size."""
+    try:
+        text = repr(value)
+    except RecursionError:  # JSON nested a thousand levels deep
+        return f"a value of type {type(value).__name__} nested too deeply to show"
+    if len(text) <= limit:
+        return text
+    size = f"{len(value)} items" if isinstance(value, (list, tuple, dict, array)) else f"{len(text)} characters"
+    return f"{text[:limit]}... ({size})"
 
 
 @dataclass(slots=True)

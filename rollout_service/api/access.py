@@ -15,7 +15,6 @@ does not know needs `admin`. Health (gRPC `grpc.health.v1.Health`, `GET /healthz
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import logging
@@ -172,19 +171,49 @@ class KeyRing:
         return None if found is None else Caller(found, f"{found}:{wanted.hex()[:8]}")
 
 
-class Access:
-    """Authentication, authorization and per-key concurrency caps, for both front ends of a process."""
+class Slot:
+    """One call's share of its key's caps: the call itself, and (Generate) the bytes of its request.
+    `release` gives both back, once."""
 
-    def __init__(self, keys: KeyRing | None, max_generates: int, max_pushes: int):
+    def __init__(self, access: Access | None = None, key: tuple[str, Operation] | None = None):
+        self._access, self._key = access, key
+        self.nbytes = 0
+
+    def grow(self, nbytes: int) -> None:
+        """Count `nbytes` more of the request against the key's bytes in flight, before they are
+        parsed (Overloaded beyond the cap: nothing was taken)."""
+        if self._access is not None:
+            self._access._grow(self, nbytes)
+
+    def release(self) -> None:
+        if self._access is not None:
+            self._access._release(self)
+            self._access = None
+
+
+UNCAPPED = Slot()  # status, health, admin calls, and every call on a server without keys
+
+
+class Access:
+    """Authentication, authorization and per-key caps, for both front ends of a process: calls of
+    Generate and Push running at once, and the bytes of Generate requests in flight (their wire
+    size: a parsed request takes up to about three times it)."""
+
+    def __init__(self, keys: KeyRing | None, max_generates: int, max_pushes: int, max_request_bytes: int | None = None):
         self.keys = keys
         self._caps = {Operation.GENERATE: max_generates, Operation.PUSH: max_pushes}
+        self._max_bytes = max_request_bytes
         self._running: Counter[tuple[str, Operation]] = Counter()
+        self._bytes: Counter[str] = Counter()
 
     @classmethod
     def from_config(cls, config) -> Access:
         config.check_secret_files()
         keys = KeyRing(config.api_keys) if config.api_keys is not None else None
-        return cls(keys, config.max_concurrent_generates_per_key, config.max_concurrent_pushes_per_key)
+        return cls(
+            keys, config.max_concurrent_generates_per_key, config.max_concurrent_pushes_per_key,
+            config.max_request_mib_per_key * 1024 * 1024,
+        )
 
     def authorize(self, authorization: str | None, operation: Operation) -> Caller:
         """The caller behind an `authorization` value ("Bearer KEY"), if it may do `operation`."""
@@ -201,32 +230,38 @@ class Access:
             raise PermissionDenied(f"role {caller.role!r} may not {operation.value}; roles that may: {', '.join(allowed)}")
         return caller
 
-    def acquire(self, caller: Caller, operation: Operation) -> bool:
-        """Take one of the caller's concurrent calls of `operation` (generate and push are capped);
-        True when a slot was taken and must be given back with `release`."""
+    def acquire(self, caller: Caller, operation: Operation) -> Slot:
+        """One of the caller's concurrent calls of `operation` (generate and push are capped;
+        Overloaded beyond); give it back with `Slot.release`."""
         cap = self._caps.get(operation)
         if cap is None or caller is ANONYMOUS:
-            return False
-        slot = (caller.name, operation)
-        if self._running[slot] >= cap:
+            return UNCAPPED
+        key = (caller.name, operation)
+        if self._running[key] >= cap:
             raise Overloaded(f"{caller.name} already has {cap} {operation.value} call(s) running (the per-key limit)")
-        self._running[slot] += 1
-        return True
+        self._running[key] += 1
+        return Slot(self, key)
 
-    def release(self, caller: Caller, operation: Operation) -> None:
-        slot = (caller.name, operation)
-        self._running[slot] -= 1
-        if not self._running[slot]:
-            del self._running[slot]
+    def _grow(self, slot: Slot, nbytes: int) -> None:
+        name, operation = slot._key
+        if operation is not Operation.GENERATE or self._max_bytes is None:
+            return
+        if self._bytes[name] + nbytes > self._max_bytes:
+            mib = 1024 * 1024
+            raise Overloaded(
+                f"{name} has {self._bytes[name] / mib:.1f} MiB of generate requests in flight; "
+                f"{nbytes / mib:.1f} MiB more would pass the per-key limit (max_request_mib_per_key="
+                f"{self._max_bytes // mib}); retry when its calls have finished"
+            )
+        self._bytes[name] += nbytes
+        slot.nbytes += nbytes
 
-    @contextlib.contextmanager
-    def slot(self, caller: Caller, operation: Operation):
-        taken = self.acquire(caller, operation)
-        try:
-            yield
-        finally:
-            if taken:
-                self.release(caller, operation)
-
-    def running(self, caller_name: str, operation: Operation) -> int:
-        return self._running[(caller_name, operation)]
+    def _release(self, slot: Slot) -> None:
+        name, operation = slot._key
+        self._running[slot._key] -= 1
+        if not self._running[slot._key]:
+            del self._running[slot._key]
+        if slot.nbytes:
+            self._bytes[name] -= slot.nbytes
+            if not self._bytes[name]:
+                del self._bytes[name]

@@ -19,9 +19,9 @@ _FINISH = {
 
 def request_from_proto(msg: pb.GenerateRequest) -> GenerateRequest:
     """Validate a GenerateRequest message (same checks and messages as the HTTP JSON body)."""
-    prompts = []
-    for p in msg.prompts:
-        prompts.append({"text": p.text or None, "token_ids": list(p.token_ids) or None})
+    # Token ids go from the message's repeated field into an int32 array (types.TokenIds), never
+    # through a list of Python ints.
+    prompts = [{"text": p.text or None, "token_ids": p.token_ids or None} for p in msg.prompts]
     # Only fields the client set: unset optionals take the documented defaults.
     sampling = MessageToDict(msg.sampling, preserving_proto_field_name=True, always_print_fields_with_no_presence=False)
     for key in ("n", "max_tokens", "top_k", "logprobs", "prompt_logprobs", "seed"):

@@ -22,7 +22,7 @@ from rollout_service.api import convert
 from rollout_service.api.access import Access, Operation, grpc_operation
 from rollout_service.api.backend import Backend
 from rollout_service.api.idle import paced
-from rollout_service.api.limits import MIB, PushBudget, check_generate
+from rollout_service.api.limits import MIB, PushBudget, check_generate, check_generate_message
 from rollout_service.config import ServerConfig
 from rollout_service.errors import (
     Cancelled,
@@ -83,30 +83,39 @@ def _refusal(handler: grpc.RpcMethodHandler, exc: RolloutError) -> grpc.RpcMetho
 
 
 def _holding(handler: grpc.RpcMethodHandler, access: Access, caller, operation) -> grpc.RpcMethodHandler:
-    """The same handler, holding one of the caller's concurrency slots until the call is done. The
-    call's done callback gives it back, however the call ends: a streaming handler cancelled while
+    """The same handler, holding one of the caller's slots until the call is done. A unary request
+    reaches it as bytes and is parsed only once the slot holds them (Access counts a Generate's
+    bytes against its key's), so a capped key's messages are never parsed. The call's done
+    callback gives the slot back, however the call ends: a streaming handler cancelled while
     suspended at a `yield` would otherwise keep it until garbage collection."""
+    parse = None if handler.request_streaming else handler.request_deserializer
 
-    async def enter(context) -> None:
+    async def enter(request, context):
         try:
-            taken = access.acquire(caller, operation)
+            slot = access.acquire(caller, operation)
+            context.add_done_callback(lambda _: slot.release())
+            if parse is None:
+                return request
+            slot.grow(len(request))
         except RolloutError as exc:
             await context.abort(grpc_status(exc), public_message(exc))
-        if taken:
-            context.add_done_callback(lambda _: access.release(caller, operation))
+        try:
+            return parse(request)
+        except Exception:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the request message does not parse as its type")
 
     if handler.response_streaming:
         inner = handler.unary_stream or handler.stream_stream
 
         async def behaviour(request, context):
-            await enter(context)
+            request = await enter(request, context)
             async for item in inner(request, context):
                 yield item
     else:
         inner = handler.unary_unary or handler.stream_unary
 
         async def behaviour(request, context):
-            await enter(context)
+            request = await enter(request, context)
             return await inner(request, context)
 
     kind = {
@@ -115,7 +124,9 @@ def _holding(handler: grpc.RpcMethodHandler, access: Access, caller, operation) 
         (True, False): grpc.stream_unary_rpc_method_handler,
         (True, True): grpc.stream_stream_rpc_method_handler,
     }[(handler.request_streaming, handler.response_streaming)]
-    return kind(behaviour, handler.request_deserializer, handler.response_serializer)
+    # A unary request arrives as the bytes on the wire (no deserializer): `enter` parses it.
+    deserializer = handler.request_deserializer if handler.request_streaming else None
+    return kind(behaviour, deserializer, handler.response_serializer)
 
 
 class AccessInterceptor(grpc.aio.ServerInterceptor):
@@ -145,6 +156,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
         try:
+            check_generate_message(request, self.backend.config)
             req = convert.request_from_proto(request)
             check_generate(req, self.backend.config)
             async with _deadline(context):
@@ -157,6 +169,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
 
     async def GenerateStream(self, request: pb.GenerateRequest, context):
         try:
+            check_generate_message(request, self.backend.config)
             req = convert.request_from_proto(request)
             check_generate(req, self.backend.config)
             async with _deadline(context):

@@ -39,7 +39,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
-from rollout_service.api.access import Access, Operation, http_operation
+from rollout_service.api.access import UNCAPPED, Access, Operation, Slot, http_operation
 from rollout_service.api.cancel import generate_all
 from rollout_service.api.idle import paced
 from rollout_service.api.limits import MIB, PushBudget, check_generate, max_push_bytes
@@ -61,6 +61,9 @@ from rollout_service.types import GenerateRequest, invalid_argument_from
 from rollout_service.weights.safetensors_stream import SafetensorsStream
 
 log = logging.getLogger(__name__)
+
+# An event id as the events stream writes them (a Redis stream id): MILLISECONDS-SEQUENCE, or one number.
+EVENT_ID = r"^[0-9]{1,20}(-[0-9]{1,20})?$"
 
 
 def _error_response(exc: BaseException, path: str) -> JSONResponse:
@@ -94,28 +97,26 @@ class AccessMiddleware:
         operation = http_operation(scope["method"], scope["path"])
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         limit = self.max_push if operation is Operation.PUSH else self.max_body
-        taken = False
+        slot = UNCAPPED
         try:
             caller = self.access.authorize(headers.get("authorization"), operation)
             length = headers.get("content-length", "")
             if length.isdigit() and int(length) > limit:
                 raise TooLarge(f"the body of {int(length)} bytes is over the limit of {limit // MIB} MiB")
-            taken = self.access.acquire(caller, operation)  # before buffering: a capped key holds no memory
+            slot = self.access.acquire(caller, operation)  # before buffering: a capped key holds no memory
             if operation is Operation.PUSH:
                 receive = _bounded(receive, limit)
             else:
-                receive = await _buffered(receive, limit, self.body_idle_s)
+                receive = await _buffered(receive, limit, self.body_idle_s, slot)
         except RolloutError as exc:
-            if taken:
-                self.access.release(caller, operation)
+            slot.release()
             if not isinstance(exc, TooLarge):
                 log.info("refused %s %s: %s", scope["method"], scope["path"], exc)
             return await _error_response(exc, scope["path"])(scope, receive, send)
         try:
             await self.app(scope, receive, send)
         finally:
-            if taken:
-                self.access.release(caller, operation)
+            slot.release()
 
 
 def _too_large(limit: int) -> TooLarge:
@@ -136,9 +137,9 @@ def _bounded(receive, limit: int):
     return counting
 
 
-async def _buffered(receive, limit: int, idle_s: float):
-    """The whole body read now (at most `limit` bytes, each piece within `idle_s`), replayed to the
-    app as one message."""
+async def _buffered(receive, limit: int, idle_s: float, slot: Slot):
+    """The whole body read now (at most `limit` bytes, each piece within `idle_s`, each counted
+    against the caller's bytes in flight as it arrives), replayed to the app as one message."""
     parts, size = [], 0
     while True:
         try:
@@ -153,6 +154,7 @@ async def _buffered(receive, limit: int, idle_s: float):
         size += len(parts[-1])
         if size > limit:
             raise _too_large(limit)
+        slot.grow(len(parts[-1]))
         if not message.get("more_body", False):
             pending = [{"type": "http.request", "body": b"".join(parts), "more_body": False}]
             break
@@ -180,12 +182,17 @@ def create_app(backend: Metered, access: Access, events=None) -> FastAPI:
     async def _rollout_error(request: Request, exc: RolloutError):
         return _error_response(exc, request.url.path)
 
-    @app.post("/v1/generate")
+    @app.post(
+        "/v1/generate",
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": GenerateRequest.model_json_schema()}}}},
+    )
     async def generate(
-        body: GenerateRequest,
         request: Request,
         x_request_timeout: float | None = Header(None, gt=0, description="Deadline in seconds."),
     ):
+        # Parsed from the bytes straight into the request (token ids into int32 arrays), not into a
+        # dict of Python lists first as FastAPI's body parameter would: a tenth of the memory.
+        body = GenerateRequest.parse(await request.body())
         check_generate(body, config)
         return {"completions": [asdict(c) for c in await generate_all(request, backend, body, x_request_timeout)]}
 
@@ -221,9 +228,11 @@ def create_app(backend: Metered, access: Access, events=None) -> FastAPI:
 
         @app.get("/v1/events")
         async def version_events(
-            after: str = Query("0", description="Return events after this id ('0': from the oldest kept)."),
+            after: str = Query("0", description="Return events after this id ('0': from the oldest kept).", pattern=EVENT_ID),
             count: int = Query(100, ge=1, le=1000),
         ):
+            if any(int(part) >= 2**64 for part in after.split("-")):
+                raise InvalidArgument("after", f"{after!r}: each part of an event id is below 2**64")
             return {"events": [{"id": i, **e} for i, e in await events(after, count)]}
 
     if backend.config.debug_endpoints:

@@ -1,8 +1,11 @@
-"""Size limits on what one call may ask of the server, checked by both front ends before any work.
+"""What one call may ask of the server, checked by every front end before any work.
 
-Each refusal names the field and the limit (ServerConfig: max_prompts_per_call, max_samples_per_call,
-max_prompt_tokens, max_tokens_per_sample, max_push_mib); the per-key concurrency caps are in
-api/access.py and the request-body limit in the front ends.
+Generate: `check_generate` is the one validation of a request against the server's settings
+(ServerConfig: max_prompts_per_call, max_samples_per_call, max_prompt_tokens, max_tokens_per_sample,
+max_logprobs) and the served model (context length, vocabulary, end-of-sequence ids, read from the
+checkpoint); `check_generate_message` checks a protobuf's counts before anything is copied out of
+it. Pushes: `PushBudget` (max_push_mib). Each refusal names the field and the limit. The per-key
+caps are in api/access.py and the request-body limit in the front ends.
 """
 
 from __future__ import annotations
@@ -11,12 +14,13 @@ import functools
 import json
 import math
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from rollout_service.config import ServerConfig
 from rollout_service.errors import InvalidArgument, TooLarge
-from rollout_service.types import GenerateRequest
+from rollout_service.types import MAX_STOP_TOKEN_IDS_WITH_MIN_TOKENS, GenerateRequest, SamplingOptions
 from rollout_service.weights.manifest import TensorSpec
 
 MIB = 1024 * 1024
@@ -28,13 +32,50 @@ CHARS_PER_TOKEN_BOUND = 64
 PUSH_MARGIN = 2.0
 
 
+@dataclass(frozen=True)
+class ModelLimits:
+    """What the served model bounds in a request, read from its checkpoint's files (no engine is
+    needed: the Serve ingress checks requests before any replica sees them)."""
+
+    context: int  # max_model_len: prompt + generated tokens
+    vocab_size: int  # token ids are in [0, vocab_size), as the engine's embedding has them
+    eos_ids: frozenset[int]  # what min_tokens holds back besides a request's stop ids
+
+
 @functools.cache
-def context_length(model: Path, max_model_len: int | None) -> int:
-    if max_model_len is not None:
-        return max_model_len
+def model_limits(model: Path, max_model_len: int | None) -> ModelLimits:
     hf = json.loads((model / "config.json").read_text())
-    hf = hf.get("text_config", hf)
-    return int(hf.get("max_position_embeddings") or hf.get("n_positions") or 2048)
+    text = hf.get("text_config", hf)  # a multimodal config nests the language model's
+    context = max_model_len or int(text.get("max_position_embeddings") or text.get("n_positions") or 2048)
+    return ModelLimits(context, int(text["vocab_size"]), _eos_ids(model, hf, text))
+
+
+def context_length(model: Path, max_model_len: int | None) -> int:
+    return model_limits(model, max_model_len).context
+
+
+def _eos_ids(model: Path, *configs: dict) -> frozenset[int]:
+    """The end-of-sequence ids vLLM adds to a request's stop ids (SamplingParams
+    .update_from_generation_config): the tokenizer's, config.json's and generation_config.json's."""
+    generation = model / "generation_config.json"
+    if generation.is_file():
+        configs += (json.loads(generation.read_text()),)
+    ids: set[int] = set()
+    for c in configs:
+        eos = c.get("eos_token_id")
+        ids |= {eos} if isinstance(eos, int) else set(eos or ())
+    tokenizer_config = model / "tokenizer_config.json"
+    eos_token = json.loads(tokenizer_config.read_text()).get("eos_token") if tokenizer_config.is_file() else None
+    if isinstance(eos_token, dict):
+        eos_token = eos_token.get("content")
+    if eos_token and (model / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        found = Tokenizer.from_file(str(model / "tokenizer.json")).token_to_id(eos_token)
+        ids |= {found} if found is not None else set()
+    elif eos_token:
+        ids.add(-1)  # a tokenizer without tokenizer.json: count its end-of-sequence token unseen
+    return frozenset(ids)
 
 
 @functools.cache
@@ -56,25 +97,105 @@ def max_push_bytes(config: ServerConfig) -> int:
 
 
 def check_generate(req: GenerateRequest, config: ServerConfig) -> None:
+    """Every bound of a Generate call that needs the server's settings or the model: counts, token
+    lengths, token ids within the vocabulary, and the sampling options within the context, the
+    vocabulary and what vLLM's runners hold (types.SamplingOptions has the bounds that need
+    neither). The one check every front end calls (gRPC, /v1/generate, the OpenAI routes)."""
+    model = model_limits(config.model, config.max_model_len)
     if len(req.prompts) > config.max_prompts_per_call:
         raise InvalidArgument("prompts", f"{len(req.prompts)} prompts exceed max_prompts_per_call={config.max_prompts_per_call}")
-    samples = len(req.prompts) * req.sampling.n
+    opts = req.sampling
+    samples = len(req.prompts) * opts.n
     if samples > config.max_samples_per_call:
         raise InvalidArgument(
-            "sampling.n", f"{len(req.prompts)} prompts x n={req.sampling.n} = {samples} samples exceed "
+            "sampling.n", f"{len(req.prompts)} prompts x n={opts.n} = {samples} samples exceed "
             f"max_samples_per_call={config.max_samples_per_call}"
         )
-    # Unset, the token limits are the context's, which the engine enforces itself (a prompt that
-    # leaves no room is refused naming max_model_len; generation stops at the context's end).
-    limit = config.max_tokens_per_sample
-    if limit is not None and req.sampling.max_tokens > limit:
-        raise InvalidArgument("sampling.max_tokens", f"{req.sampling.max_tokens} exceeds max_tokens_per_sample={limit}")
-    limit = config.max_prompt_tokens
-    max_prompt = limit or context_length(config.model, config.max_model_len)
+    _check_sampling(opts, config, model)
+    max_prompt = prompt_token_limit(config)
     for i, prompt in enumerate(req.prompts):
-        if limit is not None and prompt.token_ids is not None and len(prompt.token_ids) > limit:
-            raise InvalidArgument(f"prompts[{i}].token_ids", f"{len(prompt.token_ids)} tokens exceed max_prompt_tokens={limit}")
-        if prompt.text is not None and len(prompt.text) > max_prompt * CHARS_PER_TOKEN_BOUND:
+        if prompt.token_ids is not None:
+            _check_prompt_length(i, len(prompt.token_ids), config, model)
+            _check_vocab(f"prompts[{i}].token_ids", prompt.token_ids, model)
+        elif len(prompt.text) > max_prompt * CHARS_PER_TOKEN_BOUND:
+            raise InvalidArgument(
+                f"prompts[{i}].text", f"{len(prompt.text)} characters are beyond any tokenization within {max_prompt} tokens"
+            )
+
+
+def prompt_token_limit(config: ServerConfig) -> int:
+    """The longest prompt in tokens: max_prompt_tokens, and at most the context less one token."""
+    context = model_limits(config.model, config.max_model_len).context
+    return min(config.max_prompt_tokens or context, context - 1)
+
+
+def _check_prompt_length(index: int, length: int, config: ServerConfig, model: ModelLimits) -> None:
+    if config.max_prompt_tokens is not None and length > config.max_prompt_tokens:
+        raise InvalidArgument(
+            f"prompts[{index}].token_ids", f"{length} prompt tokens exceed max_prompt_tokens={config.max_prompt_tokens}"
+        )
+    if length >= model.context:
+        raise InvalidArgument(
+            f"prompts[{index}]", f"{length} prompt tokens leave no room to generate: the context holds max_model_len={model.context} "
+            "tokens (prompt + generated)"
+        )
+
+
+def _check_sampling(opts: SamplingOptions, config: ServerConfig, model: ModelLimits) -> None:
+    limit = config.max_tokens_per_sample
+    if limit is not None and opts.max_tokens > limit:
+        raise InvalidArgument("sampling.max_tokens", f"{opts.max_tokens} exceeds max_tokens_per_sample={limit}")
+    if opts.max_tokens > model.context:
+        raise InvalidArgument(
+            "sampling.max_tokens", f"{opts.max_tokens} exceeds the context: max_model_len={model.context} (prompt + generated)"
+        )
+    if opts.top_k > model.vocab_size:
+        raise InvalidArgument("sampling.top_k", f"{opts.top_k} exceeds the vocabulary size {model.vocab_size} (0 = no limit)")
+    for name, asked in (("logprobs", opts.logprobs), ("prompt_logprobs", opts.prompt_logprobs or 0)):
+        if asked > config.max_logprobs:
+            raise InvalidArgument(f"sampling.{name}", f"{asked} exceeds the server's max_logprobs={config.max_logprobs}")
+    if len(opts.stop_token_ids) > model.vocab_size:
+        raise InvalidArgument(
+            "sampling.stop_token_ids", f"{len(opts.stop_token_ids)} ids: more than the vocabulary's {model.vocab_size} tokens"
+        )
+    _check_vocab("sampling.stop_token_ids", opts.stop_token_ids, model)
+    _check_vocab("sampling.allowed_token_ids", opts.allowed_token_ids, model)
+    for token in opts.logit_bias:  # a map: named by its key
+        if not 0 <= token < model.vocab_size:
+            raise InvalidArgument(f"sampling.logit_bias[{token}]", f"token id {token} is outside the vocabulary [0, {model.vocab_size})")
+    held_back = set(opts.stop_token_ids) | model.eos_ids
+    if opts.min_tokens and len(held_back) > MAX_STOP_TOKEN_IDS_WITH_MIN_TOKENS:
+        raise InvalidArgument(
+            "sampling.stop_token_ids", f"with min_tokens > 0, at most {MAX_STOP_TOKEN_IDS_WITH_MIN_TOKENS} stop ids and "
+            f"end-of-sequence ids ({len(model.eos_ids)} of this model) together; got {len(held_back)}"
+        )
+    if opts.min_tokens and opts.allowed_token_ids and set(opts.allowed_token_ids) <= held_back:
+        # vLLM would sample from a row of -inf logits (a token outside the allowed ids, NaN logprob).
+        raise InvalidArgument(
+            "sampling.min_tokens",
+            f"min_tokens={opts.min_tokens}, but every allowed token id {sorted(opts.allowed_token_ids)} is a stop or "
+            "end-of-sequence token, which min_tokens holds back: nothing could be sampled",
+        )
+
+
+def _check_vocab(field: str, ids: Sequence[int], model: ModelLimits) -> None:
+    if not ids or (min(ids) >= 0 and max(ids) < model.vocab_size):  # in C: a batch's million tokens in a few ms
+        return
+    for j, token in enumerate(ids):
+        if not 0 <= token < model.vocab_size:
+            raise InvalidArgument(f"{field}[{j}]", f"token id {token} is outside the vocabulary [0, {model.vocab_size})")
+
+
+def check_generate_message(msg, config: ServerConfig) -> None:
+    """The counts of a GenerateRequest protobuf message, checked before anything is copied out of it
+    (a message within max_request_mib may still hold far more prompts or tokens than allowed)."""
+    if len(msg.prompts) > config.max_prompts_per_call:
+        raise InvalidArgument("prompts", f"{len(msg.prompts)} prompts exceed max_prompts_per_call={config.max_prompts_per_call}")
+    max_prompt = prompt_token_limit(config)
+    for i, prompt in enumerate(msg.prompts):
+        if len(prompt.token_ids) > max_prompt:
+            _check_prompt_length(i, len(prompt.token_ids), config, model_limits(config.model, config.max_model_len))
+        elif len(prompt.text) > max_prompt * CHARS_PER_TOKEN_BOUND:
             raise InvalidArgument(
                 f"prompts[{i}].text", f"{len(prompt.text)} characters are beyond any tokenization within {max_prompt} tokens"
             )

@@ -15,7 +15,8 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from array import array
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 
 import vllm
@@ -127,10 +128,6 @@ class RolloutEngine:
         self._tokenizer = llm.get_tokenizer()
         self.vocab_size: int = llm.model_config.get_vocab_size()
         self.max_model_len: int = llm.model_config.max_model_len
-        # What vLLM's min_tokens holds back besides a request's stop ids (SamplingParams
-        # .update_from_generation_config): the tokenizer's end-of-sequence and the generation config's.
-        eos = llm.model_config.try_get_generation_config().get("eos_token_id")
-        self._eos_ids = ({self._tokenizer.eos_token_id} | ({eos} if isinstance(eos, int) else set(eos or ()))) - {None}
         self.weight_version = 0
         self._counters = Counters()
         self._budget = SequenceBudget(config.max_inflight_sequences)
@@ -153,47 +150,26 @@ class RolloutEngine:
 
     # ---- validation -------------------------------------------------------------------------
 
-    def tokenize(self, request: GenerateRequest) -> list[list[int]]:
-        """Token ids of every prompt, checked against the vocabulary and the context length."""
-        opts = request.sampling
-        for field, limit in (("logprobs", opts.logprobs), ("prompt_logprobs", opts.prompt_logprobs or 0)):
-            if limit > self.config.max_logprobs:
-                raise InvalidArgument(f"sampling.{field}", f"{limit} exceeds the server's max_logprobs={self.config.max_logprobs}")
-        self._check_vocab("sampling.stop_token_ids", opts.stop_token_ids)
-        self._check_vocab("sampling.allowed_token_ids", opts.allowed_token_ids)
-        for token in opts.logit_bias:  # a map: named by its key
-            if not 0 <= token < self.vocab_size:
-                raise InvalidArgument(f"sampling.logit_bias[{token}]", f"token id {token} is outside the vocabulary [0, {self.vocab_size})")
-        if opts.min_tokens and opts.allowed_token_ids and set(opts.allowed_token_ids) <= set(opts.stop_token_ids) | self._eos_ids:
-            # vLLM would sample from a row of -inf logits (a token outside the allowed ids, NaN logprob).
-            raise InvalidArgument(
-                "sampling.min_tokens",
-                f"min_tokens={opts.min_tokens}, but every allowed token id {sorted(opts.allowed_token_ids)} is a stop or "
-                "end-of-sequence token, which min_tokens holds back: nothing could be sampled",
-            )
-        prompts: list[list[int]] = []
+    def tokenize(self, request: GenerateRequest) -> list[array]:
+        """Token ids of every prompt: text prompts tokenized and checked against the prompt limits
+        (every other bound of the request was checked by api/limits.check_generate before it came
+        here), as int32 arrays: a large batch waiting for room takes 4 bytes a token."""
+        prompts: list[array] = []
         for i, prompt in enumerate(request.prompts):
             if prompt.token_ids is not None:
-                ids = prompt.token_ids
-                self._check_vocab(f"prompts[{i}].token_ids", ids)
-            else:
-                ids = self._tokenizer.encode(prompt.text)
-                limit = self.config.max_prompt_tokens
-                if limit is not None and len(ids) > limit:
-                    raise InvalidArgument(f"prompts[{i}].text", f"{len(ids)} tokens exceed max_prompt_tokens={limit}")
+                prompts.append(prompt.token_ids)
+                continue
+            ids = self._tokenizer.encode(prompt.text)
+            limit = self.config.max_prompt_tokens
+            if limit is not None and len(ids) > limit:
+                raise InvalidArgument(f"prompts[{i}].text", f"{len(ids)} prompt tokens exceed max_prompt_tokens={limit}")
             if len(ids) >= self.max_model_len:
                 raise InvalidArgument(
-                    f"prompts[{i}]",
-                    f"{len(ids)} prompt tokens leave no room to generate: the context holds "
-                    f"max_model_len={self.max_model_len} tokens (prompt + generated)",
+                    f"prompts[{i}]", f"{len(ids)} prompt tokens leave no room to generate: the context holds "
+                    f"max_model_len={self.max_model_len} tokens (prompt + generated)"
                 )
-            prompts.append(ids)
+            prompts.append(array("i", ids))
         return prompts
-
-    def _check_vocab(self, field: str, ids: Sequence[int]) -> None:
-        for j, token in enumerate(ids):
-            if not 0 <= token < self.vocab_size:
-                raise InvalidArgument(f"{field}[{j}]", f"token id {token} is outside the vocabulary [0, {self.vocab_size})")
 
     # ---- generation -------------------------------------------------------------------------
 
@@ -288,10 +264,11 @@ class RolloutEngine:
         except VLLMValidationError as exc:  # a check of vLLM's we do not duplicate
             raise InvalidArgument(f"sampling.{exc.parameter or ''}".rstrip("."), str(exc)) from None
 
-    async def _one(self, index: int, ids: list[int], params, request: GenerateRequest, engine_id: str) -> Completion:
+    async def _one(self, index: int, ids: array, params, request: GenerateRequest, engine_id: str) -> Completion:
         final = None
         try:
-            async for out in self._llm.generate({"prompt_token_ids": ids}, params, engine_id):
+            # A list only now, as the prompt enters the engine (vLLM keeps lists).
+            async for out in self._llm.generate({"prompt_token_ids": ids.tolist()}, params, engine_id):
                 final = out
         except VLLMValidationError as exc:  # a check of vLLM's we do not duplicate
             raise InvalidArgument(f"prompts[{index}]", str(exc)) from None

@@ -123,24 +123,44 @@ def test_a_keys_file_must_parse_whole_and_hold_a_key_at_start(tmp_path):
         KeyRing(keys_file(tmp_path, "# nothing"))
 
 
-def test_per_key_slots_cap_generate_and_push_and_free_on_exit(access):
+def test_per_key_slots_cap_generate_and_push_and_free_on_release(access):
     trainer = access.authorize(f"Bearer {TRAINER}", Operation.GENERATE)
     other = access.authorize(f"Bearer {ADMIN}", Operation.GENERATE)
-    with access.slot(trainer, Operation.GENERATE), access.slot(trainer, Operation.GENERATE):
-        with pytest.raises(Overloaded, match="per-key limit"):
-            access.acquire(trainer, Operation.GENERATE)
-        with access.slot(other, Operation.GENERATE):  # another key has its own slots
-            pass
-        with access.slot(trainer, Operation.PUSH):
-            with pytest.raises(Overloaded):
-                access.acquire(trainer, Operation.PUSH)
-    assert access.running(trainer.name, Operation.GENERATE) == 0
-    with access.slot(trainer, Operation.STATUS), access.slot(trainer, Operation.STATUS):
-        pass  # status is not capped
+    held = [access.acquire(trainer, Operation.GENERATE) for _ in range(2)]
+    with pytest.raises(Overloaded, match="per-key limit"):
+        access.acquire(trainer, Operation.GENERATE)
+    access.acquire(other, Operation.GENERATE).release()  # another key has its own slots
+    push = access.acquire(trainer, Operation.PUSH)
+    with pytest.raises(Overloaded):
+        access.acquire(trainer, Operation.PUSH)
+    for slot in [*held, push]:
+        slot.release()
+        slot.release()  # once only: a second release gives nothing back twice
+    for _ in range(2):
+        access.acquire(trainer, Operation.GENERATE)  # all free again
+    for _ in range(3):
+        access.acquire(trainer, Operation.STATUS)  # status is not capped
+
+
+def test_a_key_s_generate_bytes_in_flight_are_capped_before_parsing_and_freed_with_the_call(tmp_path):
+    capped = Access(KeyRing(keys_file(tmp_path, f"trainer:{TRAINER}", f"admin:{ADMIN}")), 8, 1, max_request_bytes=1000)
+    trainer = capped.authorize(f"Bearer {TRAINER}", Operation.GENERATE)
+    first, second = capped.acquire(trainer, Operation.GENERATE), capped.acquire(trainer, Operation.GENERATE)
+    first.grow(600)
+    second.grow(300)
+    with pytest.raises(Overloaded, match="max_request_mib_per_key"):
+        second.grow(200)  # 1100 > 1000: refused, and nothing of it counted
+    second.grow(100)
+    other = capped.authorize(f"Bearer {ADMIN}", Operation.GENERATE)
+    capped.acquire(other, Operation.GENERATE).grow(1000)  # another key's bytes are its own
+    first.release()
+    second.release()
+    capped.acquire(trainer, Operation.GENERATE).grow(1000)  # all of the key's bytes are back
 
 
 def test_without_keys_everyone_is_let_in(tmp_path):
-    open_access = Access(None, max_generates=1, max_pushes=1)
+    open_access = Access(None, max_generates=1, max_pushes=1, max_request_bytes=1)
     caller = open_access.authorize(None, Operation.PUSH)
-    with open_access.slot(caller, Operation.PUSH), open_access.slot(caller, Operation.PUSH):
-        pass
+    for _ in range(2):
+        open_access.acquire(caller, Operation.PUSH)
+        open_access.acquire(caller, Operation.GENERATE).grow(10)

@@ -135,7 +135,7 @@ def make_config(tiny_model: Path, tmp_path: Path, pki: Pki | None = None, **limi
 async def plain(tiny_model, tmp_path):
     config = make_config(
         tiny_model, tmp_path, max_prompts_per_call=4, max_samples_per_call=8, max_prompt_tokens=16,
-        max_tokens_per_sample=32, max_request_mib=1, max_push_mib=1, max_concurrent_generates_per_key=2,
+        max_tokens_per_sample=32, max_request_mib=1, max_request_mib_per_key=1, max_push_mib=1, max_concurrent_generates_per_key=2,
         max_concurrent_pushes_per_key=1, push_idle_timeout_s=1.0,
     )
     async with FrontEnds(config, None) as ends:
@@ -275,7 +275,7 @@ async def test_per_key_concurrency_caps_hold_and_free_with_the_call(plain):
     from rollout_service.api.access import Operation
 
     name = plain.access.authorize(f"Bearer {KEYS['trainer']}", Operation.GENERATE).name
-    running = lambda: plain.access.running(name, Operation.GENERATE)  # noqa: E731
+    running = lambda: plain.access._running[(name, Operation.GENERATE)]  # noqa: E731
     plain.backend.open.clear()  # every call stays in the backend until it opens
     first, other = plain.client(KEYS["trainer"]), plain.client(OTHER_TRAINER)
     unary = asyncio.create_task(first.generate(prompt_token_ids=[[1]]))
@@ -298,6 +298,36 @@ async def test_per_key_concurrency_caps_hold_and_free_with_the_call(plain):
     plain.backend.open.set()
     assert len(await again) == 1 and len(await other_call) == 1
     await until(lambda: running() == 0, "finished calls' slots freed")
+    await first.close()
+    await other.close()
+
+
+async def test_a_key_s_generate_bytes_in_flight_are_capped_before_the_request_is_parsed(tiny_model, tmp_path):
+    """max_request_mib_per_key=1: one call of 0.6 MiB held in the backend, a second of 0.6 MiB from
+    the same key is refused (gRPC and HTTP) before its message is parsed; another key's is not."""
+    config = make_config(tiny_model, tmp_path, max_request_mib=1, max_request_mib_per_key=1)
+    async with FrontEnds(config, None) as plain:
+        await _bytes_capped(plain)
+
+
+async def _bytes_capped(plain):
+    plain.backend.open.clear()
+    first, other = plain.client(KEYS["trainer"]), plain.client(OTHER_TRAINER)
+    big = [[7] * 40] * 15_000  # 0.63 MiB as a protobuf message; 6,500 of them 0.6 MiB as JSON
+    held = asyncio.create_task(first.generate(prompt_token_ids=big))
+    await until(lambda: plain.backend.generate_calls == 1, "the first call held in the backend")
+    with pytest.raises(ResourceExhaustedError, match="max_request_mib_per_key=1"):
+        await first.generate(prompt_token_ids=big)
+    async with plain.http_client(KEYS["trainer"]) as http:
+        reply = await http.post("/v1/generate", json={"prompts": [{"token_ids": ids} for ids in big[:6_500]]})
+        assert reply.status_code == 429 and "max_request_mib_per_key" in reply.text, reply.text
+    assert plain.backend.generate_calls == 1
+    other_call = asyncio.create_task(other.generate(prompt_token_ids=big))  # another key's bytes are its own
+    await until(lambda: plain.backend.generate_calls == 2, "the other key's call admitted")
+    plain.backend.open.set()
+    await held
+    await other_call
+    assert len(await first.generate(prompt_token_ids=big)) == len(big)  # the bytes came back with the call
     await first.close()
     await other.close()
 

@@ -71,7 +71,7 @@ def test_fields_neither_openai_nor_vllm_know_are_ignored_and_defaults_are_openai
 def test_every_prompt_form_becomes_the_same_prompts():
     def prompts(prompt):
         body = bodies.parse(bodies.CompletionBody, {"prompt": prompt})
-        return [(p.text, p.token_ids) for p in bodies.completion_request(body).prompts]
+        return [(p.text, p.token_ids and p.token_ids.tolist()) for p in bodies.completion_request(body).prompts]
 
     assert prompts("a") == [("a", None)]
     assert prompts(["a", "b"]) == [("a", None), ("b", None)]
@@ -92,7 +92,7 @@ def test_sampling_options_map_to_the_services():
     s = req.sampling
     assert (s.n, s.max_tokens, s.temperature, s.top_p, s.top_k, s.min_p, s.stop, s.seed, s.logprobs) == (3, 9, 0.7, 0.9, 0, 0.1, ["END"], 5, 4)
     assert (s.logit_bias, s.presence_penalty, s.frequency_penalty, s.repetition_penalty) == ({17: -5.0}, 0.5, 0.25, 1.1)
-    assert (s.ignore_eos, s.min_tokens, req.session_id, req.prompts[0].token_ids) == (True, 2, "episode-7", [1, 2, 3])
+    assert (s.ignore_eos, s.min_tokens, req.session_id, req.prompts[0].token_ids.tolist()) == (True, 2, "episode-7", [1, 2, 3])
 
 
 def test_a_chat_without_max_tokens_may_use_the_rest_of_the_context_up_to_the_servers_limit():

@@ -75,6 +75,8 @@ async def _json(request: Request):
         return json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidArgument("body", f"invalid JSON: {exc}") from None
+    except RecursionError:  # json's C parser recurses once per level of nesting
+        raise InvalidArgument("body", "invalid JSON: nested too deeply") from None
 
 
 def _sse(data: dict | str) -> str:
