@@ -11,6 +11,7 @@ import pytest
 from rollout_client import RolloutClient
 
 from tests.agents import ADD_TOOL, TOOL_CALL, taught
+from tests.trainers import require_trainer
 
 pytestmark = pytest.mark.engine
 
@@ -62,7 +63,7 @@ async def test_verls_own_tool_agent_loop_runs_a_tool_calling_episode_through_the
     """verl 0.9.1's ToolAgentLoop, its hermes parser and its tool classes, with the service as its
     server manager: turn 1 samples the tool call, verl runs the tool and appends its reply (token
     ids, never re-tokenizing what was sampled), turn 2 samples on the same context."""
-    pytest.importorskip("verl", reason="make install puts verl in .venv (clients/python/trainer-adapters.txt)")
+    require_trainer("verl")
     from omegaconf import OmegaConf
     from transformers import AutoTokenizer
     from verl.experimental.agent_loop.agent_loop import DictConfigWrap, ToolListWrap

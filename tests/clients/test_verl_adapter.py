@@ -11,7 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-pytest.importorskip("verl", reason="make install puts verl in .venv (clients/python/trainer-adapters.txt)")
+from tests.trainers import require_trainer
+
+require_trainer("verl")  # skipped where not installed; in CI a failure
 from verl import DataProto  # noqa: E402
 from verl.workers.config import RolloutConfig  # noqa: E402
 from verl.workers.rollout.base import BaseRollout  # noqa: E402
