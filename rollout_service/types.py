@@ -56,7 +56,7 @@ def token_id_array(value: Iterable[int]) -> array:
         pass
     for j, token in enumerate(value):
         if isinstance(token, bool) or not isinstance(token, int) or not -(2**31) <= token <= INT32_MAX:
-            raise ValueError(f"token_ids[{j}]={token!r} is not a token id (an integer below 2**31)") from None
+            raise ValueError(f"token_ids[{j}]={token!r} is not a token id (a 32-bit integer)") from None
     raise ValueError("expected a list of token ids")
 
 

@@ -75,3 +75,67 @@ def test_max_staleness_becomes_a_minimum_version_against_the_newest_committed():
     assert req.at_least(lambda: 2).min_weight_version == 1  # never below what the call asked for
     plain = GenerateRequest.parse({"prompts": [{"text": "x"}]})
     assert plain.at_least(lambda: 1 / 0) is plain  # no staleness bound: the version is not even read
+
+
+def test_the_runner_limits_are_vllm_s_own():
+    """The bounds on list lengths are the GPU runner's array sizes (read here, where the suite has
+    vLLM; the API layer does not import it): a vLLM that changes them fails this test."""
+    from vllm.v1.worker.gpu.sample import logit_bias
+
+    from rollout_service import types
+
+    assert types.MAX_ALLOWED_TOKEN_IDS == logit_bias.MAX_NUM_ALLOWED_TOKEN_IDS
+    assert types.MAX_LOGIT_BIAS_TOKENS == logit_bias.MAX_NUM_LOGIT_BIAS_TOKENS
+    assert types.MAX_STOP_TOKEN_IDS_WITH_MIN_TOKENS == logit_bias.MAX_NUM_STOP_TOKEN_IDS
+
+
+@pytest.mark.parametrize(
+    "sampling, field, text",
+    [
+        ({"allowed_token_ids": list(range(1025))}, "sampling.allowed_token_ids", "at most 1024"),
+        ({"logit_bias": {str(i): 1.0 for i in range(1025)}}, "sampling.logit_bias", "at most 1024"),
+        ({"stop": ["x"] * 129}, "sampling.stop", "at most 128"),
+        ({"seed": 2**63}, "sampling.seed", str(2**63)),
+        ({"seed": -(2**63) - 1}, "sampling.seed", str(-(2**63) - 1)),
+        ({"max_tokens": 2**31}, "sampling.max_tokens", str(2**31)),
+        ({"min_tokens": 2**64, "max_tokens": 16}, "sampling.min_tokens", str(2**64)),
+        ({"top_k": 2**70}, "sampling.top_k", str(2**70)),
+        ({"logprobs": 2**64}, "sampling.logprobs", str(2**64)),
+        ({"prompt_logprobs": 2**64}, "sampling.prompt_logprobs", str(2**64)),
+        ({"temperature": 2.5}, "sampling.temperature", "2.5"),
+        ({"temperature": float("nan")}, "sampling.temperature", "nan"),
+        ({"repetition_penalty": float("inf")}, "sampling.repetition_penalty", "inf"),
+    ],
+)
+def test_values_beyond_what_vllm_holds_are_refused_naming_the_field(sampling, field, text):
+    with pytest.raises(InvalidArgument) as info:
+        _parse(**sampling)
+    assert info.value.field == field and text in str(info.value), info.value
+
+
+def test_seeds_span_int64_and_versions_uint64():
+    assert _parse(seed=2**63 - 1).sampling.seed == 2**63 - 1 and _parse(seed=-(2**63)).sampling.seed == -(2**63)
+    assert GenerateRequest.parse({"prompts": [{"text": "x"}], "min_weight_version": 2**64 - 1}).min_weight_version == 2**64 - 1
+    with pytest.raises(InvalidArgument, match="min_weight_version"):
+        GenerateRequest.parse({"prompts": [{"text": "x"}], "min_weight_version": 2**64})
+
+
+def test_token_ids_are_int32_arrays_and_a_value_beyond_int32_is_named_by_its_index():
+    req = GenerateRequest.parse(b'{"prompts": [{"token_ids": [1, 2, 3]}]}')
+    assert req.prompts[0].token_ids.typecode == "i" and req.prompts[0].token_ids.tolist() == [1, 2, 3]
+    assert req.model_dump()["prompts"][0]["token_ids"] == [1, 2, 3]
+    for bad in (2**31, -(2**31) - 1, 2**64, "7", 1.5):
+        with pytest.raises(InvalidArgument, match=r"prompts\[0\]\.token_ids: token_ids\[1\]=") as info:
+            GenerateRequest.parse({"prompts": [{"token_ids": [1, bad]}]})
+        assert repr(bad) in str(info.value)
+
+
+def test_a_huge_bad_value_is_shown_by_its_start_and_size_only():
+    with pytest.raises(InvalidArgument) as info:
+        _parse(allowed_token_ids=list(range(1_000_000)))
+    assert len(str(info.value)) < 300 and "1000000 items" in str(info.value)
+
+
+def test_json_nested_past_any_limit_is_invalid_json():
+    with pytest.raises(InvalidArgument, match="body: invalid JSON"):
+        GenerateRequest.parse(b'{"prompts": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
