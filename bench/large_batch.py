@@ -42,7 +42,7 @@ def main() -> None:
     from rollout_client import RolloutClient
 
     from rollout_service.config import ServerConfig
-    from rollout_service.serve.runner import deploy
+    from rollout_service.serve.runner import deploy, start_ray
 
     model = tiny_model()
     prompts = [[10 + (i * 7 + j) % 2000 for j in range(16)] for i in range(prompts_n)]
@@ -51,7 +51,8 @@ def main() -> None:
                           weights_dir=store / "weights", cache_dir=CACHE / "rollout")
     results: dict = {"prompts": prompts_n, "n": 8, "max_tokens": max_tokens, "rounds": rounds, "machine": machine()}
     print(f"{prompts_n} prompts x 8 x {max_tokens} tokens; {machine()}", file=sys.stderr)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    # start_ray: loopback, Ray's token, and room for the GCS to start beside the bench's other processes.
+    start_ray(num_cpus=2, private_dir=config.cache_dir, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
         address = deploy(config).endpoints.remote().result()["grpc"]
         with RolloutClient(address, timeout=1800) as client:

@@ -75,7 +75,7 @@ def main() -> None:
 
     from rollout_service.config import ServerConfig
     from rollout_service.launcher import ServerProcess
-    from rollout_service.serve.runner import deploy
+    from rollout_service.serve.runner import deploy, start_ray
 
     model = bench_model(args.quick)
     weights = load_file(model / "model.safetensors")
@@ -94,7 +94,8 @@ def main() -> None:
     store = Path(tempfile.mkdtemp(prefix="serve-bench-", dir=CACHE))
     config = ServerConfig(model=model, port=0, http_port=None, max_model_len=256, replicas=1, replica_cpus=1,
                           weights_dir=store / "weights", cache_dir=CACHE / "rollout")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    # start_ray: loopback, Ray's token, and room for the GCS to start beside the bench's other processes.
+    start_ray(num_cpus=2, private_dir=config.cache_dir, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
         address = deploy(config).endpoints.remote().result()["grpc"]
         client = RolloutClient(address, timeout=600)

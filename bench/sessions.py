@@ -100,7 +100,7 @@ def main() -> None:
 
     from rollout_service.config import ServerConfig
     from rollout_service.serve.app import APP_NAME
-    from rollout_service.serve.runner import deploy
+    from rollout_service.serve.runner import deploy, start_ray
 
     model = tiny_model()
     store = Path(tempfile.mkdtemp(prefix="sessions-bench-", dir=CACHE))
@@ -111,7 +111,8 @@ def main() -> None:
     results: dict = {"sessions": sessions, "turns": turns, "rounds": rounds, "machine": machine(),
                      "block_size": args.block_size or "default"}
     print(f"{sessions} sessions x {turns} turns on 2 replicas; {machine()}", file=sys.stderr)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    # start_ray: loopback, Ray's token, and room for the GCS to start beside the bench's other processes.
+    start_ray(num_cpus=2, private_dir=config.cache_dir, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
         address = deploy(config).endpoints.remote().result()["grpc"]
         engines = serve.get_deployment_handle("EngineReplica", APP_NAME)

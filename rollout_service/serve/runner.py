@@ -4,6 +4,7 @@ ready line once every replica serves, stop on SIGINT/SIGTERM."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import tempfile
 import threading
@@ -20,31 +21,43 @@ from rollout_service.config import ServerConfig
 from rollout_service.engine.engine import resolve_model
 from rollout_service.launcher import READY_PREFIX
 from rollout_service.errors import ConfigError
+from rollout_service.serve import local_ray
 from rollout_service.serve.app import APP_NAME, ENGINE_DEPLOYMENT, app_config
 from rollout_service.serve.coordinator import redacted
 from rollout_service.server import check_ports_free
 from rollout_service.weights.versions import store_root
 
 log = logging.getLogger("rollout_service")
+DEFAULT_CACHE_DIR: Path = ServerConfig.model_fields["cache_dir"].default
 
 
-def start_ray(**kwargs) -> None:
-    """`ray.init(**kwargs)`, tried twice when a new local node fails to come up. Ray gives its raylet
-    a fixed 30 s to register (ray/_private/node.py, not configurable) and its GCS a fixed time to
-    write its port file, and on a loaded machine a first start can miss either ("... timed out
-    during startup", "Timed out waiting for file .../gcs_server_port_..."); a second start is the
-    remedy Ray's own message suggests. The second failure is raised with the machine's free
-    memory and the node's log files, to tell why."""
+def start_ray(address: str | None = None, *, host: str = "127.0.0.1", private_dir: Path = DEFAULT_CACHE_DIR,
+              **kwargs) -> None:
+    """`ray.init(address, **kwargs)`. A new local node (no `address`) is started as
+    `serve/local_ray.py` says: on loopback unless `host` (the service's bind address) is not, with
+    Ray's token authentication (token from the environment or generated into
+    `private_dir`/ray), and with 120 s for its GCS to come up; a cluster given by `address` keeps
+    its own settings.
+
+    A new node is tried twice. Ray gives its raylet a fixed 30 s to register with the GCS (a literal
+    in ray/_private/node.py) and the GCS `RAY_gcs_server_port_wait_time_s` to write its port file,
+    and on a loaded machine a first start can miss either ("... timed out during startup", "Timed
+    out waiting for file .../gcs_server_port_..."); a second start is the remedy Ray's own message
+    suggests. The second failure is raised with the machine's free memory and the node's log
+    files, to tell why."""
+    if address is None and not os.environ.get("RAY_ADDRESS"):  # which ray.init joins when given no address
+        local_ray.prepare(host, private_dir)
+        kwargs["runtime_env"] = local_ray.runtime_env(host, kwargs.get("runtime_env"))
     try:
-        ray.init(**kwargs)
+        ray.init(address=address, **kwargs)
         return
     except Exception as exc:  # noqa: BLE001 -- Ray raises a bare Exception / RuntimeError for these
-        if kwargs.get("address") or not any(m in str(exc) for m in ("timed out during startup", "Timed out waiting for file")):
+        if address or not any(m in str(exc) for m in ("timed out during startup", "Timed out waiting for file")):
             raise
         log.warning("Ray's node did not start (%s); shutting it down and starting again", exc)
         ray.shutdown()
     try:
-        ray.init(**kwargs)
+        ray.init(address=address, **kwargs)
     except Exception as exc:  # noqa: BLE001
         raise ConfigError(f"Ray's local node failed to start twice: {exc} ({_ray_diagnostics()})") from exc
 
@@ -68,7 +81,9 @@ def deploy(config: ServerConfig, timeout_s: float = 900):
     )
     # Serve's public Python API (serve.run) deploys code, not configs, and restarts every replica on
     # each call; the config path (what `serve deploy` sends) makes scaling a lightweight update.
-    _private_api.serve_start().deploy_apps(schema)
+    # Disabled at the controller's start too: the config's proxy_location applies only from the
+    # deploy on, and by then serve_start's default (an HTTP proxy on port 8000) is running.
+    _private_api.serve_start(proxy_location="Disabled").deploy_apps(schema)
     want = config.autoscale[0] if config.autoscale else config.replicas
     deadline = time.monotonic() + timeout_s
     while True:
@@ -91,8 +106,8 @@ def run(config: ServerConfig) -> None:
     # rather than as replicas failing to start; the quantized copy is made once, before the replicas.
     resolve_model(config)
     own_cluster = config.ray_address is None
-    start_ray(address=config.ray_address, logging_level=logging.WARNING, include_dashboard=False,
-              configure_logging=False, log_to_driver=True)
+    start_ray(config.ray_address, host=config.host, private_dir=config.cache_dir, logging_level=logging.WARNING,
+              include_dashboard=False, configure_logging=False, log_to_driver=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
         signal.signal(sig, lambda *_: stop.set())
