@@ -166,3 +166,29 @@ def test_dockerfiles_install_the_package_and_run_the_cli(name):
     text = (DEPLOY / "docker" / name).read_text()
     assert "pip install" in text and "./clients/python" in text
     assert 'ENTRYPOINT ["rollout-service"]' in text
+
+
+def ray_env(container: dict) -> dict:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+def test_kuberay_requires_rays_token_from_a_secret_on_every_ray_container():
+    # Anyone who attaches to the cluster as a driver runs code as the service, past the API keys.
+    docs = list(yaml.safe_load_all((DEPLOY / "kuberay" / "rayservice.yaml").read_text()))
+    cluster = next(d for d in docs if d["kind"] == "RayService")["spec"]["rayClusterConfig"]
+    secret = cluster["authOptions"]["secretName"]
+    assert cluster["authOptions"]["mode"] == "token"  # the operator submits serveConfigV2 with it
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        for container in group["template"]["spec"]["containers"]:
+            env = ray_env(container)
+            assert env.get("RAY_AUTH_MODE") == "token", container["name"]
+            assert env.get("RAY_AUTH_TOKEN") == {"secretKeyRef": {"name": secret, "key": "auth_token"}}, container["name"]
+    assert f"kubectl create secret generic {secret} --from-literal=auth_token=" in (DEPLOY / "kuberay" / "rayservice.yaml").read_text()
+
+
+def test_no_deploy_file_turns_rays_token_authentication_off():
+    for f in DEPLOY.rglob("*"):
+        if f.is_file() and f.suffix != ".md":  # the README names the value it refuses
+            for value in re.findall(r"RAY_AUTH_MODE(?:\W+value:)?\W+(\w+)", f.read_text()):
+                assert value == "token", f"{f.relative_to(DEPLOY)}: RAY_AUTH_MODE {value}"
