@@ -72,9 +72,14 @@ class Spool:
         if not self._pending:
             return
         path = self.dir / f"part-{len(set(self.files.values())):05d}.safetensors"
-        write_safetensors(self._pending, path)
-        if self._durable:
-            _durable.fsync_file(path)
+        try:
+            write_safetensors(self._pending, path)
+            if self._durable:
+                _durable.fsync_file(path)
+        except OSError as exc:
+            if exc.filename is None:  # write() names no file; the client is told which one failed
+                raise OSError(exc.errno, exc.strerror, str(path)) from exc
+            raise
         for name in self._pending:
             self.files[name] = path
         self._pending, self._pending_bytes = {}, 0

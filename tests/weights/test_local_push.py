@@ -3,7 +3,8 @@ weight store, commit, then load; a full or read-only store refuses the push and 
 a committed push the engine fails to load is loaded whole from the store, or stands for the restart.
 
 The engine side is a test double (it records what it is given to load, and fails on cue); the
-store, the push session and the protocol are the real ones."""
+store, the push session and the protocol are the real ones. The same faults against a real server
+on a real full or read-only disk: tests/weights/test_store_disk.py."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from safetensors.torch import load_file
 
 from rollout_service.errors import EngineUnavailable, FailedPrecondition, StorageFull, StorageUnavailable
 from rollout_service.types import ApplyStats
-from rollout_service.weights import staging
+from rollout_service.weights import durable, staging
 from rollout_service.weights.staging import Spool
 from rollout_service.weights.local import LocalPush
 from rollout_service.weights.manifest import ParamTable, PushHeader, TensorSpec
@@ -118,18 +119,23 @@ async def test_a_refused_push_drops_what_it_prepared(store, monkeypatch):
 
 
 @pytest.mark.reliability("fault")
-async def test_a_full_disk_refuses_the_push_and_the_version_stays(store, engine, monkeypatch):
-    """The weight store's disk is full at the commit (ENOSPC): the push is refused with
-    RESOURCE_EXHAUSTED naming the file, the old version stays, and the next push commits."""
+async def test_a_disk_full_at_the_commit_refuses_the_push_and_the_version_stays(store, engine, monkeypatch):
+    """The weight store's disk fills up as the commit writes the manifest (ENOSPC), after the
+    push's shards were moved into the store: refused RESOURCE_EXHAUSTED naming the file, the old
+    version stays, neither the shards nor the manifest's directory are left, and the next push
+    commits. (tests/weights/test_store_disk.py fills a real disk while a push is received.)"""
     local = LocalPush(engine, store, CONFIG)
     await push(local, tensors(1.0))
+    real_write = durable.write_durably
 
-    def disk_full(*args):
-        raise OSError(errno.ENOSPC, "No space left on device", str(store.root / "v000002" / "manifest.json"))
+    def disk_full(path, text):  # test double: the disk fills up at the manifest
+        if path.name == "manifest.json":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_write(path, text)
 
     with monkeypatch.context() as m:
-        m.setattr(store, "commit", disk_full)
-        with pytest.raises(StorageFull, match=r"no space left on the disk of the weight store \(.*v000002"):
+        m.setattr(durable, "write_durably", disk_full)
+        with pytest.raises(StorageFull, match=r"no space left on the disk of the weight store \(.*v000002/manifest.json"):
             await push(local, tensors(2.0))
     assert store.current_version() == 1 and engine.engine.weight_version == 1 and len(engine.loaded) == 1
     assert not list(store.root.glob("v000002*")) and leftovers(store) == []
