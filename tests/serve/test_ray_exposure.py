@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
@@ -142,5 +143,10 @@ def test_beyond_loopback_the_cluster_requires_the_token_kept_private(tiny_model,
         # The same driver with the token attaches: the refusals above were the token's, not the network's.
         accepted = attach(gcs, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}, home)
         assert accepted.returncode == 0 and "attached to 1 node(s)" in accepted.stdout, accepted.stderr[-2000:]
+        # The runtime-env agent installs packages on request (code execution by another door).
+        (agent_port,) = {port for name, _, kind, _, port in sockets if name == "ray::RuntimeEnvAgent" and kind == "TCP"}
+        for headers, status in (({}, 401), ({"authorization": "Bearer " + "0" * 64}, 403)):
+            reply = httpx.post(f"http://{ip}:{agent_port}/get_or_create_runtime_env", headers=headers, content=b"", timeout=30)
+            assert reply.status_code == status, (reply.status_code, reply.text)
     finally:
         assert server.stop() == 0
