@@ -14,10 +14,12 @@ calls replica methods) past the API keys. So:
   Given that address, the GCS, raylet, object manager and workers' gRPC servers bind it alone
   (their C++ servers listen on all interfaces for any other node address), and the dashboard
   agent, runtime-env agent and the two metrics servers follow the node address
-  (ray/dashboard/agent.py, ray/dashboard/head.py, ray/autoscaler/_private/monitor.py).
+  (ray/dashboard/agent.py, ray/dashboard/head.py, ray/autoscaler/_private/monitor.py). Serve's
+  replica gRPC servers do not (a literal `[::]:0`): serve/worker_setup.py binds them.
 - **Token.** Beyond loopback those servers listen on every interface, so the cluster requires
   Ray's token (`RAY_AUTH_MODE=token`): the GCS, raylet and workers' gRPC servers (C++), the
-  agents' gRPC and HTTP servers (ray/_private/authentication/) refuse a caller without it. The
+  agents' gRPC and HTTP servers and Serve's replica gRPC servers (ray/_private/authentication/,
+  ray/_private/grpc_utils.py) refuse a caller without it. The
   token is the operator's (`RAY_AUTH_TOKEN` or `RAY_AUTH_TOKEN_PATH`) or one generated into
   <cache_dir>/ray/auth_token (0600, directory 0700), never Ray's default ~/.ray/auth_token, which
   Ray writes with the umask's mode. A loopback node uses it too: loopback keeps other machines
