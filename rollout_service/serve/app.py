@@ -15,6 +15,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
+from rollout_service import faults
 from rollout_service.config import ServerConfig
 from rollout_service.serve.ingress import Ingress
 from rollout_service.serve.replica import EngineReplica
@@ -57,6 +58,14 @@ def _engine_env(config: ServerConfig) -> dict[str, str]:
     return env
 
 
+def _ingress_options() -> dict:
+    options: dict = {"num_cpus": 0}
+    # Tests arm fault points in the ingress (rollout_service/faults.py) through this variable.
+    if faults.ENV in os.environ:
+        options["runtime_env"] = {"env_vars": {faults.ENV: os.environ[faults.ENV]}}
+    return options
+
+
 def build_app(config: ServerConfig) -> Application:
     engines = serve.deployment(
         EngineReplica,
@@ -77,7 +86,7 @@ def build_app(config: ServerConfig) -> Application:
     ).bind(config)
     ingress = serve.deployment(
         Ingress, name="Ingress", num_replicas=1, max_ongoing_requests=MAX_ONGOING_PER_REPLICA,
-        ray_actor_options={"num_cpus": 0}, logging_config=_LOGGING,
+        ray_actor_options=_ingress_options(), logging_config=_LOGGING,
     )
     return ingress.bind(config, engines)
 
