@@ -65,7 +65,9 @@ test-stress: install
 # the Ray Serve tests build on each other in order.
 RELIABILITY_TESTS := tests/serve/test_cluster.py tests/weights/test_restart.py tests/weights/test_bad_pushes.py \
 	tests/weights/test_local_push.py tests/test_server_engine_death.py tests/api/test_fuzz_requests.py \
-	tests/api/test_fuzz_server.py tests/api/test_security.py tests/load/test_locust.py
+	tests/api/test_fuzz_server.py tests/api/test_security.py tests/load/test_locust.py \
+	tests/weights/test_store_crash.py tests/weights/test_store_disk.py tests/weights/test_store_machine.py \
+	tests/serve/test_store_crash.py
 FUZZ_EXAMPLES ?= 10000
 reliability: install
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_SERVER_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -ra \

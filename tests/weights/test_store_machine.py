@@ -14,22 +14,24 @@ reliability`: many more than `make test`)."""
 
 from __future__ import annotations
 
+import collections
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
 
 from rollout_service import faults
 from rollout_service.weights import durable
 from rollout_service.weights.versions import VersionStore, crc32_of
 
 NAMES = ("a.weight", "b.weight", "c.weight")
-# `make test`: 100 sequences (about 15 s); `make reliability` (FUZZ_EXAMPLES=10000): 2,000.
+# `make test`: 100 sequences (about 10 s); `make reliability` (FUZZ_EXAMPLES=10000): 2,000.
 EXAMPLES = max(100, int(os.environ.get("FUZZ_EXAMPLES", "0")) // 5)
 
 
@@ -42,6 +44,8 @@ def tensor(value: int) -> torch.Tensor:
 
 
 class StoreMachine(RuleBasedStateMachine):
+    seen: collections.Counter = collections.Counter()  # over every sequence: the test's figures
+
     def __init__(self):
         super().__init__()
         self.root = Path(tempfile.mkdtemp(prefix="store-machine-"))
@@ -92,6 +96,7 @@ class StoreMachine(RuleBasedStateMachine):
             return False
         except SimulatedCrash:
             self.store, self.pending = None, None
+            self.seen["power losses" if self.power_loss else "kills"] += 1
             if self.power_loss:
                 self._lose_unsynced_bytes()
             return True
@@ -128,6 +133,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.attempted = version
         self.store.commit(version, files, crc, f"step {version}")
         self.reported, self.attempted, self.pending = version, None, None
+        self.seen["commits reported"] += 1
 
     @precondition(lambda self: self.store is not None and self.pending is None)
     @rule(names=st.sets(st.sampled_from(NAMES), min_size=1))
@@ -177,8 +183,10 @@ class StoreMachine(RuleBasedStateMachine):
         self.store.check()  # what open_store refuses a torn store with
         self.store.clean()
         current = self.store.current_version()
+        self.seen["restarts"] += 1
         if self.attempted is not None and current == self.attempted:
             self.reported = current  # the commit the process died in had passed its commit point
+            self.seen["commits cut off after their commit point, kept"] += 1
         self.attempted = None
         assert not any(self.store.incoming.iterdir())
         assert not [d for d in self.root.glob("v*") if int(d.name[1:7]) > current]
@@ -207,7 +215,16 @@ class StoreMachine(RuleBasedStateMachine):
                 pass
 
 
-StoreMachine.TestCase.settings = settings(
-    max_examples=EXAMPLES, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
-test_the_store_keeps_every_reported_commit_through_crashes_and_restarts = StoreMachine.TestCase
+@pytest.mark.reliability("fuzz")
+def test_the_store_keeps_every_reported_commit_through_crashes_and_restarts(record_property):
+    """Random sequences of pushes, commits, kills and power losses at any sync or fault point,
+    restarts with another keep and cleans on the weight store alone: CURRENT always names a
+    complete version that verifies, and no reported commit is lost."""
+    StoreMachine.seen.clear()
+    run_state_machine_as_test(StoreMachine, settings=settings(
+        max_examples=EXAMPLES, stateful_step_count=50, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    ))
+    record_property("sequences", EXAMPLES)
+    for what, n in sorted(StoreMachine.seen.items()):
+        record_property(what, n)
+    assert StoreMachine.seen["kills"] and StoreMachine.seen["power losses"]  # it crashed, both ways
