@@ -19,7 +19,7 @@ from rollout_service.weights.versions import VersionStore, base_identity, crc32_
 
 def received(store: VersionStore, tensors: dict[str, torch.Tensor], version: int):
     """A push received and adopted as a candidate for `version`, not committed."""
-    spool = store.spool()
+    spool = Spool(store.incoming, 1 << 20)
     spool.add(tensors)
     spool.flush()
     return store.adopt(spool.dir, spool.files, version), {n: crc32_of(t) for n, t in tensors.items()}
