@@ -8,14 +8,13 @@ import errno
 import fcntl
 import os
 import threading
-import time
 
 import numpy as np
 import pytest
 from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
 
 from rollout_client import push
-from rollout_client.shared import MAX_FILES, SharedWriter, sees
+from rollout_client.shared import MAX_FILES, SharedWriter, Stopped, sees
 
 
 def _serving(directory) -> int:
@@ -57,30 +56,70 @@ def test_a_bucket_is_one_file_with_each_tensor_at_an_aligned_offset(tmp_path):
 
 
 def test_the_writer_waits_while_the_server_has_not_taken_earlier_files(tmp_path):
-    writer = SharedWriter(tmp_path)
+    """Shared memory holds MAX_FILES buckets, never the model. No timing: a write without room
+    can end only by waiting until the server takes a file, or by the push stopping meanwhile
+    (Stopped), never by writing; the timeouts only bound a hang."""
+    stopped, taken = tmp_path / "stopped", tmp_path / "taken"
+    for d in (stopped, taken):
+        d.mkdir()
+    writer = SharedWriter(stopped)
+    names = [writer.write([np.ones(8, np.uint8)])[0] for _ in range(MAX_FILES)]
+    ended = []
+    thread = threading.Thread(target=lambda: ended.append(_outcome(writer.write, [np.ones(8, np.uint8)])), daemon=True)
+    thread.start()
+    writer.stop()  # before or after it began to wait: either way it must not write
+    thread.join(60)
+    assert ended == ["Stopped"] and sorted(p.name for p in stopped.iterdir()) == sorted(names)
+
+    writer = SharedWriter(taken)
     names = [writer.write([np.ones(8, np.uint8)])[0] for _ in range(MAX_FILES)]
     done = threading.Event()
     threading.Thread(target=lambda: (writer.write([np.ones(8, np.uint8)]), done.set()), daemon=True).start()
-    assert not done.wait(0.2)  # shared memory holds MAX_FILES buckets, never the model
-    (tmp_path / names[0]).unlink()  # the server took the oldest
-    assert done.wait(5)
+    (taken / names[0]).unlink()  # the server took the oldest
+    assert done.wait(60)
+    left = sorted(p.name for p in taken.iterdir())
+    assert len(left) == MAX_FILES and names[0] not in left and set(names[1:]) <= set(left)
+
+
+def _outcome(call, *args) -> str:
+    try:
+        call(*args)
+    except Stopped:
+        return "Stopped"
+    return "returned"
 
 
 def test_a_stopped_push_stops_waiting_and_closing_deletes_what_the_server_did_not_take(tmp_path):
     writer = SharedWriter(tmp_path)
-    tensors = {f"t{i}": np.full(16, i, np.float32) for i in range(4)}
-    source = push.SourceErrors(push.requests(tensors, bucket_bytes=1, shared=writer), writer)
+    pulled = threading.Event()
+
+    def tensors():
+        for i in range(4):
+            if i == MAX_FILES:
+                pulled.set()  # its bucket is next: no room for it until the server takes a file
+            yield f"t{i}", np.full(16, i, np.float32)
+
+    source = push.SourceErrors(push.requests(tensors(), bucket_bytes=1, shared=writer), writer)
     taken = [next(source) for _ in range(1 + MAX_FILES)]  # the header, then a declare per bucket
     assert [m.WhichOneof("kind") for m in taken[1:]] == ["declare"] * MAX_FILES  # no chunks: the bytes are in files
     assert all(m.declare.tensors[0].HasField("shared") for m in taken[1:])
-    blocked = threading.Thread(target=lambda: list(source), daemon=True)
+    drawn: list = []
+    blocked = threading.Thread(target=lambda: drawn.extend(source), daemon=True)
     blocked.start()
-    time.sleep(0.1)
-    assert blocked.is_alive()  # waiting for the server
-    source.close()
-    blocked.join(5)
+    assert pulled.wait(60)  # the thread is at the next bucket, which must wait for the server
+    _bounded(source.close)
+    blocked.join(60)
     assert not blocked.is_alive() and source.error is None
+    assert drawn == []  # the stream ended without writing another bucket (nor committing)
     assert list(tmp_path.iterdir()) == []
+
+
+def _bounded(call, timeout_s: float = 120) -> None:
+    """Run `call` on a thread and fail (instead of hanging the suite) if it does not return."""
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    assert not thread.is_alive(), f"{call} did not return within {timeout_s} s"
 
 
 def test_a_tensor_with_no_bytes_is_declared_without_a_file(tmp_path):
@@ -95,11 +134,15 @@ def test_closing_never_waits_for_a_caller_generator_that_waits_for_the_push_to_e
     """gRPC's thread may be inside the caller's generator when the call fails, and the generator
     may wait for that very call to return (two pushes racing, the loser's gather waiting for a
     flag the caller sets once push_weights returns): closing must not wait for it."""
-    released = threading.Event()
+    inside, released = threading.Event(), threading.Event()
+    released_by_caller = []
 
     def held():
         yield "a", np.ones(4, np.float32)
-        released.wait(30)  # set by the caller only after push_weights has returned
+        inside.set()
+        # Set by the caller only after close() has returned: a close that waited for this thread
+        # would leave it here until the bound, which the test then reports (no timing measured).
+        released_by_caller.append(released.wait(60))
         yield "b", np.ones(4, np.float32)
 
     writer = SharedWriter(tmp_path)
@@ -107,12 +150,11 @@ def test_closing_never_waits_for_a_caller_generator_that_waits_for_the_push_to_e
     next(source)  # the header
     drawing = threading.Thread(target=lambda: list(source), daemon=True)
     drawing.start()
-    time.sleep(0.1)  # gRPC's thread now waits inside the generator
-    start = time.monotonic()
-    source.close()
-    assert time.monotonic() - start < 1
+    assert inside.wait(60)  # gRPC's thread now waits inside the generator
+    _bounded(source.close)
     released.set()
-    drawing.join(5)
+    drawing.join(60)
+    assert released_by_caller == [True]
     assert not drawing.is_alive() and list(tmp_path.iterdir()) == []  # nothing written after the close
 
 

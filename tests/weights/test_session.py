@@ -171,37 +171,46 @@ def test_staged_files_are_safetensors_that_the_library_reads_back(tmp_path):
 
 def test_closing_a_failed_push_waits_for_its_conversion_off_the_event_loop(tmp_path):
     """A push cancelled while a tensor converts: the close waits for that conversion on a thread,
-    and the loop (which serves Generate in the single-process server) keeps running meanwhile."""
+    and the loop (which serves Generate in the single-process server) keeps running meanwhile.
+
+    No timing: the conversion is released by a coroutine on the loop, after the close has begun,
+    so a close that held the loop would never see it released. The timeouts only bound a hang."""
     import threading
 
     from rollout_service.weights.service import closed
 
-    release = threading.Event()
+    converting, converted, closing_started, release = (threading.Event() for _ in range(4))
+    released_in_time, converted_when_closed = [], []
     a = torch.randn(64, 32)
 
     def slow_convert(name, t):
-        release.wait(10)
-        return to_engine_format(name, t, torch.bfloat16, None)
+        converting.set()
+        released_in_time.append(release.wait(60))
+        out = to_engine_format(name, t, torch.bfloat16, None)
+        converted.set()
+        return out
+
+    class Observed(PushSession):
+        """The real session; it only reports when its close begins and what it waited for."""
+
+        def close(self) -> None:
+            closing_started.set()
+            super().close()
+            converted_when_closed.append(converted.is_set())
 
     async def run():
         header = PushHeader((spec("a.weight", a),))
-        s = PushSession(header, TABLE, slow_convert, Spool(tmp_path, part_bytes=4096), 1 << 20)
+        s = Observed(header, TABLE, slow_convert, Spool(tmp_path, part_bytes=4096), 1 << 20)
         await s.add_chunk(0, 0, raw(a))  # the whole tensor: its conversion starts, and blocks
-        ticks = 0
-
-        async def ticker():
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.01)
-                ticks += 1
-
-        tick = asyncio.create_task(ticker())
+        assert await asyncio.to_thread(converting.wait, 60)
         closing = asyncio.create_task(closed(s, s.spool))
-        await asyncio.sleep(0.3)
-        assert not closing.done() and ticks >= 10  # waiting for the conversion, the loop free
+        # This coroutine runs on the loop while the close is under way: the loop is free.
+        assert await asyncio.to_thread(closing_started.wait, 60)
+        assert not closing.done()  # the close waits for the conversion, still held below
         release.set()
-        await closing
-        tick.cancel()
+        await asyncio.wait_for(closing, 60)
+        assert released_in_time == [True]  # released by this coroutine, not by the bound
+        assert converted_when_closed == [True]  # the close returned only after the conversion
         assert not s.spool.dir.exists()  # its staging dropped
 
     asyncio.run(run())

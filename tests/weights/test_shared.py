@@ -92,9 +92,13 @@ def test_without_a_usable_root_the_server_takes_no_shared_memory(tmp_path):
 
 
 def test_files_of_pushes_whose_clients_died_are_swept_and_nothing_else(shared):
+    """Ages an hour apart on each side of the limit: only a test stalled for an hour between
+    writing and sweeping could see the live file as old (no timing is measured)."""
     old, new = shared.dir / "push-dead.bin", shared.dir / "push-live.bin"
     old.write_bytes(b"x")
     new.write_bytes(b"y")
-    os.utime(old, (0, 0))
-    shared.sweep(older_than_s=120)
+    limit_s = 3600
+    written = new.stat().st_mtime
+    os.utime(old, (written - 2 * limit_s, written - 2 * limit_s))
+    shared.sweep(older_than_s=limit_s)
     assert sorted(p.name for p in shared.dir.iterdir()) == ["push-live.bin", TOKEN_FILE]
