@@ -445,9 +445,12 @@ class VersionStore:
             try:
                 self.check_files(self.manifest(version))
                 break
-            except FileNotFoundError as exc:
-                if self.current_version() == version:  # not a commit that moved CURRENT on meanwhile
+            except (FileNotFoundError, DataLoss) as exc:
+                if self.current_version() != version:  # a commit moved CURRENT on meanwhile: look again
+                    continue
+                if isinstance(exc, FileNotFoundError):
                     raise DataLoss(f"weight store {exc.filename}: missing, and CURRENT names version {version}") from None
+                raise
         self.fence_mark()
         with contextlib.suppress(FileNotFoundError):
             self.base()
@@ -470,9 +473,9 @@ class VersionStore:
         the push lock): a running push's files would go too."""
         for d in self.incoming.iterdir():
             shutil.rmtree(d, ignore_errors=True)
-        with self._committing():  # CURRENT and FENCE are written under it
-            for tmp in [*self.root.glob(".CURRENT.*.tmp"), *self.root.glob(".FENCE.*.tmp")]:
-                tmp.unlink(missing_ok=True)  # a writer killed before its rename
+        for tmp in [*self.root.glob(".CURRENT.*.tmp"), *self.root.glob(".FENCE.*.tmp")]:  # written by pushes only
+            with contextlib.suppress(OSError):  # best effort: a read-only store still opens
+                tmp.unlink()  # a writer killed before its rename
         self._collect(running=False)
 
     def _collect(self, running: bool = True) -> None:
@@ -499,11 +502,12 @@ class VersionStore:
                 continue
             if d.is_dir() and d not in live:
                 doomed.append(d)
-        # Manifests first: a crash part-way must not leave a version whose shards are gone.
+        # Manifests first, each removal synced: a crash (or a power loss) part-way must not leave
+        # a manifest naming shards that are gone.
         for d in doomed:
-            (d / "manifest.json").unlink(missing_ok=True)
-        if doomed:
-            durable.fsync_dir(self.root)
+            if (d / "manifest.json").exists():
+                (d / "manifest.json").unlink()
+                durable.fsync_dir(d)
         for d in doomed:
             shutil.rmtree(d, ignore_errors=True)
             faults.fault_point("store.collect")

@@ -109,10 +109,15 @@ async def test_a_push_syncs_its_shards_as_written_then_the_manifest_then_current
     parts = [i for i, (_, path, *_) in enumerate(calls) if path.name.startswith("part-")]
     assert len(parts) == 2 and all(calls[i][2].startswith("push-convert") for i in parts)  # off the receive path
     (push_dir,) = store.root.glob("v000003-push-*")
-    kinds = {push_dir: "the push's directory", store.root / "v000003": "the version's directory", store.root: "the store"}
+    kinds = {
+        push_dir: "the push's directory", store.root / "v000003": "the version's directory", store.root: "the store",
+        store.root / "v000001": "the old version's directory",
+    }
 
     def kind(path: Path) -> str:
-        return kinds.get(path) or path.name.split(".")[1] if path.name.startswith(".") else kinds.get(path, path.name)
+        if path in kinds:
+            return kinds[path]
+        return path.name.split(".")[1] if path.name.startswith(".") else path.name  # .CURRENT.<pid>.<thread>.tmp
 
     assert [kind(path) for _, path, *_ in calls[parts[-1] + 1 :]] == [
         "the push's directory",  # the parts' entries
@@ -121,7 +126,7 @@ async def test_a_push_syncs_its_shards_as_written_then_the_manifest_then_current
         "the store",  # the adopted directory and the version's directory
         "CURRENT",  # CURRENT, before its rename
         "the store",  # its rename: the commit is durable
-        "the store",  # the old version's manifest deleted, before its files
+        "the old version's directory",  # its manifest deleted, before its files
     ]
     current_then = [c[3] for c in calls]
     assert current_then[: parts[-1] + 6] == ["2"] * (parts[-1] + 6) and current_then[-2] == "3"
