@@ -62,6 +62,9 @@ from rollout_service.weights.safetensors_stream import SafetensorsStream
 
 log = logging.getLogger(__name__)
 
+# Bodies beyond this are parsed in a thread: tens of MiB of JSON take seconds, which would stall
+# every other call on the event loop.
+LARGE_BODY = 1 << 20
 # An event id as the events stream writes them (a Redis stream id): MILLISECONDS-SEQUENCE, or one number.
 EVENT_ID = r"^[0-9]{1,20}(-[0-9]{1,20})?$"
 
@@ -192,9 +195,10 @@ def create_app(backend: Metered, access: Access, events=None) -> FastAPI:
     ):
         # Parsed from the bytes straight into the request (token ids into int32 arrays), not into a
         # dict of Python lists first as FastAPI's body parameter would: a tenth of the memory.
-        body = GenerateRequest.parse(await request.body())
+        raw = await request.body()
+        body = await asyncio.to_thread(GenerateRequest.parse, raw) if len(raw) > LARGE_BODY else GenerateRequest.parse(raw)
         check_generate(body, config)
-        return {"completions": [asdict(c) for c in await generate_all(request, backend, body, x_request_timeout)]}
+        return {"completions": [c.as_json() for c in await generate_all(request, backend, body, x_request_timeout)]}
 
     @app.post("/v1/weights")
     async def push_weights(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from array import array
+
 from vllm import SamplingParams
 from vllm.logprobs import FlatLogprobs
 from vllm.outputs import CompletionOutput, RequestOutput
@@ -80,7 +82,9 @@ def completion(
     samples = sorted(out.outputs, key=lambda o: o.index)
     result = Completion(
         prompt_index=index,
-        prompt_token_ids=list(out.prompt_token_ids or []),
+        # The prompt echoed back as an int32 array: a batch's finished completions wait for the
+        # call's end, and as lists of Python ints their prompts would take 9x the request's size.
+        prompt_token_ids=array("i", out.prompt_token_ids or ()),
         samples=[_sample(o, opts.logprobs > 0, current_version) for o in samples],
         request_id=request_id,
         cached_prompt_tokens=out.num_cached_tokens or 0,

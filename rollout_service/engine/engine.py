@@ -16,7 +16,7 @@ import os
 import time
 import uuid
 from array import array
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import vllm
@@ -203,23 +203,41 @@ class RolloutEngine:
         c.requests_total += 1
         c.requests_running += 1
         call_id = f"{request.request_id or 'gen'}-{uuid.uuid4().hex[:12]}"
-        # Every prompt waits for room for its n samples (admission.py): a batch larger than the
-        # server's room runs in parts, in arrival order.
-        tasks = [
-            asyncio.create_task(self._admitted(n, self._one(i, ids, params, request, f"{call_id}-{i}")))
-            for i, ids in enumerate(prompts)
-        ]
+        finished: asyncio.Queue[asyncio.Task] = asyncio.Queue()
+        running: set[asyncio.Task] = set()
+        started = 0
+
+        def done(task: asyncio.Task) -> None:
+            budget.release(n)
+            running.discard(task)
+            finished.put_nowait(task)
+
+        async def feed() -> None:
+            # A prompt becomes a task only once it has room for its n samples (admission.py): a
+            # batch larger than the server's room runs in parts, in arrival order, and its waiting
+            # prompts cost their token ids alone.
+            nonlocal started
+            async with contextlib.aclosing(budget.admit(n, len(prompts))) as grants:
+                async for _ in grants:
+                    i, started = started, started + 1
+                    task = asyncio.create_task(self._one(i, prompts[i], params, request, f"{call_id}-{i}"))
+                    running.add(task)
+                    task.add_done_callback(done)
+
+        feeder = asyncio.create_task(feed())
         try:
-            for next_done in asyncio.as_completed(tasks):
-                yield await next_done
+            for _ in prompts:
+                yield (await finished.get()).result()
         finally:
             # Bookkeeping first: the caller may be cancelled again while we wait below (gRPC
             # cancels a handler whose deadline passed), and cancelled tasks abort their engine
-            # requests on their own. A prompt still pending is aborted whether or not its engine
+            # requests on their own. A prompt not finished is aborted whether or not its engine
             # request had started.
-            c.prompts_aborted += sum(t.cancel() for t in tasks)
+            feeder.cancel()
+            left = list(running)
+            c.prompts_aborted += len(prompts) - started + sum(t.cancel() for t in left)
             c.requests_running -= 1
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(feeder, *left, return_exceptions=True)
 
     async def _served(self, version: int) -> None:
         """Hold a call until the engine serves `version` (its min_weight_version), before any
@@ -250,13 +268,6 @@ class RolloutEngine:
                             await self._version_changed.wait()
         finally:
             c.requests_awaiting_version -= 1
-
-    async def _admitted(self, n: int, one: Coroutine[None, None, Completion]) -> Completion:
-        try:
-            async with self._budget.hold(n):
-                return await one
-        finally:
-            one.close()  # never started if cancelled while waiting for room
 
     def _sampling_params(self, request: GenerateRequest):
         try:

@@ -1,5 +1,7 @@
 """Protobuf -> request: unset optional fields take the defaults; set ones are kept, zero included."""
 
+from array import array
+
 import pytest
 from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
 
@@ -34,7 +36,7 @@ def test_token_id_prompts_and_validation_errors_name_the_index():
 def test_completion_round_trips_into_the_proto():
     c = Completion(
         prompt_index=3,
-        prompt_token_ids=[1, 2],
+        prompt_token_ids=array("i", [1, 2]),
         samples=[Sample([7, 8], "ab", [-0.5, -1.5], "length", 4, top_logprobs=[TopLogprobs([7, 9], [-0.5, -2.0])] * 2)],
         request_id="r",
     )

@@ -4,6 +4,7 @@ double of the backend: a unit test of the API layer (the engine-backed server is
 
 from __future__ import annotations
 
+from array import array
 import asyncio
 import contextlib
 import json
@@ -55,7 +56,7 @@ class RecordingBackendDouble:
         await self.open.wait()
         for i, prompt in enumerate(req.prompts):
             sample = Sample([5, 6], "ab", [-0.5, -0.25], "length", self.commits)
-            yield Completion(i, list(prompt.token_ids or [1]), [sample] * req.sampling.n)
+            yield Completion(i, prompt.token_ids or array("i", [1]), [sample] * req.sampling.n)
 
     async def status(self) -> ServerStatus:
         return ServerStatus("double", "none", "bfloat16", self.commits, 256, 100, "processed", False, 64, "-", 0.0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from array import array
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -22,7 +23,7 @@ class BackendDoubleForMetricsTest:
 
     async def generate(self, req):
         for i, n in enumerate((3, 5)):
-            yield Completion(prompt_index=i, prompt_token_ids=[1], samples=[_sample(n)])
+            yield Completion(prompt_index=i, prompt_token_ids=array("i", [1]), samples=[_sample(n)])
 
     async def status(self):
         return ServerStatus(

@@ -4,6 +4,7 @@ rendering and tool-call parsing by vLLM's own renderer and parser on the tiny mo
 
 from __future__ import annotations
 
+from array import array
 import json
 
 import openai.types
@@ -47,7 +48,7 @@ def completion(*, n: int = 1, tokens=(5, 6, 7), text: str = "abc", runs=((3, 3),
                token_weight_versions=[list(r) for r in runs])
         for _ in range(n)
     ]
-    return Completion(prompt_index=0, prompt_token_ids=[1, 2, 3, 4], samples=samples, cached_prompt_tokens=2)
+    return Completion(prompt_index=0, prompt_token_ids=array("i", [1, 2, 3, 4]), samples=samples, cached_prompt_tokens=2)
 
 
 @pytest.mark.parametrize("field, value", [

@@ -4,6 +4,7 @@ the caller's prompt indices, and one part's error ends the call."""
 from __future__ import annotations
 
 import asyncio
+from array import array
 
 import pytest
 
@@ -23,7 +24,7 @@ async def _stream(indices, fail_after=None):
         if fail_after is not None and k == fail_after:
             raise RuntimeError("replica b failed")
         await asyncio.sleep(0)
-        yield Completion(prompt_index=i, prompt_token_ids=[i], samples=[])
+        yield Completion(prompt_index=i, prompt_token_ids=array("i", [i]), samples=[])
 
 
 def test_parts_merge_back_with_the_callers_prompt_indices():

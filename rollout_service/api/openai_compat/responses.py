@@ -104,7 +104,7 @@ def completion_choices(body, c: Completion, text: ModelText) -> list[dict]:
             "logprobs": _completion_logprobs(sample, text) if body.logprobs is not None else None,
         } | _common(body, c, sample)
         if body.return_token_ids:
-            choice["prompt_token_ids"] = c.prompt_token_ids
+            choice["prompt_token_ids"] = c.prompt_token_ids.tolist()
         choices.append(choice)
     return choices
 
@@ -163,12 +163,12 @@ def chat_choices(body, c: Completion, text: ModelText, stream: bool) -> list[dic
 def chat_response(body, c: Completion, text: ModelText, head: dict) -> dict:
     out = head | {"object": "chat.completion", "choices": chat_choices(body, c, text, False), "usage": usage([c])}
     if body.return_token_ids:
-        out["prompt_token_ids"] = c.prompt_token_ids
+        out["prompt_token_ids"] = c.prompt_token_ids.tolist()
     return out
 
 
 def chat_chunk(body, c: Completion, text: ModelText, head: dict) -> dict:
     out = head | {"object": "chat.completion.chunk", "choices": chat_choices(body, c, text, True)}
     if body.return_token_ids:
-        out["prompt_token_ids"] = c.prompt_token_ids
+        out["prompt_token_ids"] = c.prompt_token_ids.tolist()
     return out
