@@ -15,9 +15,10 @@ implementations whose inputs differ by float noise round some activations to nei
   ulps (vLLM's compiled norms and activations round once, transformers' eager code several
   times), about 1/6 of an int8 step, so roundings flip everywhere: same machine, mean |d| 0.0375
   against the reference, 1.9x what bf16 serving itself gives against transformers bf16 (0.0198,
-  bf16 engine on the same prompts). The bound is 3x that floor, measured in the same run: a
-  reference with per-tensor weight scales is at 3.9x. Missing activation quantization (1.0x of
-  the correct reference here) is below bf16's noise; the float32 test catches it.
+  bf16 engine on the same prompts). The bound is 3x that floor, measured in the same run; a
+  reference with per-tensor weight scales was at 3.9x (same machine), too close to the bound for
+  a permanent check on every CPU. Missing activation quantization (1.0x of the correct
+  reference here) is below bf16's noise: the float32 tests catch both, 100x beyond their bound.
 """
 
 from __future__ import annotations
@@ -125,32 +126,16 @@ def test_the_float32_comparison_fails_for_a_reference_with_another_quantization_
     assert np.median(d) > 100 * FP32_MEDIAN, np.median(d)
 
 
-@pytest.fixture(scope="module")
-def bf16_errors(int8_server, bf16_client, prompts, tiny_model):
-    """Mean |d| of the bf16 int8 engine against the W8A8 reference, and the floor: of the bf16
-    engine against transformers bf16, same prompts and options."""
+def test_the_served_bf16_int8_logprobs_are_as_close_to_the_w8a8_forward_as_bf16_serving_allows(int8_server, bf16_client, prompts, tiny_model):
+    """The floor: the bf16 engine against transformers bf16, same prompts and options."""
     from rollout_client import RolloutClient
     from transformers import AutoModelForCausalLM
 
     with RolloutClient(int8_server.grpc_address, timeout=120) as client:
         int8 = rollouts(client, prompts)
+    d = differences(w8a8_model(tiny_model, quantized_checkpoint(int8_server), torch.bfloat16), int8)
     bf16_model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).eval()
     floor = float(differences(bf16_model, rollouts(bf16_client, prompts)).mean())
-
-    def error(**variant) -> np.ndarray:
-        return differences(w8a8_model(tiny_model, quantized_checkpoint(int8_server), torch.bfloat16, **variant), int8)
-
-    return error, floor
-
-
-def test_the_served_bf16_int8_logprobs_are_as_close_to_the_w8a8_forward_as_bf16_serving_allows(bf16_errors):
-    error, floor = bf16_errors
-    d = error()
     print(f"bf16 int8 engine vs W8A8 reference: max {d.max():.3f} mean {d.mean():.4f} "
           f"(bf16 engine vs transformers bf16: mean {floor:.4f}; {d.size} tokens)")
     assert d.mean() <= BF16_FLOOR_FACTOR * floor, (d.mean(), floor)
-
-
-def test_the_bf16_comparison_fails_for_a_reference_with_per_tensor_weight_scales(bf16_errors):
-    error, floor = bf16_errors
-    assert error(per_tensor_weights=True).mean() > BF16_FLOOR_FACTOR * floor
