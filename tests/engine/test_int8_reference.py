@@ -13,9 +13,9 @@ implementations whose inputs differ by float noise round some activations to nei
   with per-tensor weight scales (5.9e-2).
 - bf16 int8 engine (the served configuration, the session's `int8_server`): inputs differ by bf16
   ulps (vLLM's compiled norms and activations round once, transformers' eager code several
-  times), about 1/6 of an int8 step, so roundings flip everywhere: same machine, mean |d| 0.0375
-  against the reference, 1.9x what bf16 serving itself gives against transformers bf16 (0.0198,
-  bf16 engine on the same prompts). The bound is 3x that floor, measured in the same run; a
+  times), for a typical element about 1/6 of an int8 step, so roundings flip everywhere: same
+  machine, mean |d| 0.0375 against the reference, 1.9x what bf16 serving itself gives against
+  transformers bf16 (0.0198, bf16 engine on the same prompts). The bound is 3x that floor, measured in the same run; a
   reference with per-tensor weight scales was at 3.9x (same machine), too close to the bound for
   a permanent check on every CPU. Missing activation quantization (1.0x of the correct
   reference here) is below bf16's noise: the float32 tests catch both, 100x beyond their bound.
