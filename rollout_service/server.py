@@ -14,15 +14,14 @@ import contextlib
 import logging
 import signal
 import socket
-import ssl
 
-import uvicorn
 from grpc_health.v1 import health_pb2
 
 from rollout_service.api.access import Access
 from rollout_service.api.backend import LocalBackend
 from rollout_service.api.grpc_server import SERVICE_NAME, create_server
 from rollout_service.api.http_app import create_app
+from rollout_service.api.http_server import start_http
 from rollout_service.api.metrics import Metered
 from rollout_service.config import ServerConfig, is_loopback
 from rollout_service.engine import RolloutEngine
@@ -35,28 +34,6 @@ log = logging.getLogger("rollout_service")
 
 SHUTDOWN_GRACE_S = 5.0
 HEALTH_POLL_S = 2.0
-
-
-async def start_http(app, config: ServerConfig) -> tuple[uvicorn.Server, asyncio.Task, int]:
-    """A started uvicorn server for `app` on config.host:config.http_port (HTTPS with config.tls_*)
-    on this loop; returns it, its task and the bound port."""
-    host, port = config.host, config.http_port
-    tls = {}
-    if config.tls_cert is not None:
-        tls = {"ssl_certfile": str(config.tls_cert), "ssl_keyfile": str(config.tls_key)}
-        if config.tls_client_ca is not None:
-            tls |= {"ssl_ca_certs": str(config.tls_client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off", **tls))
-    # The runner owns the signals; uvicorn would otherwise install its own handlers.
-    server.install_signal_handlers = lambda: None
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()  # raises the bind error
-            raise OSError(f"HTTP server on {host}:{port} stopped during start-up")
-        await asyncio.sleep(0.02)
-    bound = server.servers[0].sockets[0].getsockname()[1]
-    return server, task, bound
 
 
 async def watch_health(backend, health) -> None:

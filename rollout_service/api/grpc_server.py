@@ -21,7 +21,7 @@ from rollout_client._proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
 from rollout_service.api import convert
 from rollout_service.api.access import Access, Operation, grpc_operation
 from rollout_service.api.backend import Backend
-from rollout_service.api.idle import paced
+from rollout_service.api.idle import Pace, paced
 from rollout_service.api.limits import MIB, PushBudget, check_generate, check_generate_message
 from rollout_service.config import ServerConfig
 from rollout_service.errors import (
@@ -206,7 +206,8 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
             await _abort_with(context, exc)
 
     async def PushWeights(self, request_iterator, context) -> pb.PushWeightsResponse:
-        request_iterator = paced(request_iterator, self.backend.config.push_idle_timeout_s, "the push stream")
+        pace = Pace(self.backend.config.push_idle_timeout_s, "the push stream")
+        request_iterator = paced(request_iterator, pace)
         try:
             first = await anext(request_iterator, None)
             if first is None or first.WhichOneof("kind") != "header":
@@ -214,6 +215,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
             header = convert.push_header_from_proto(first.header)
             budget = PushBudget(self.backend.config)
             budget.add(header.tensors)
+            pace.expect(budget.declared)
             if self.shared is not None:
                 self.shared.sweep(self.backend.config.push_idle_timeout_s)
             async with self.backend.begin_push(header) as session:
@@ -226,6 +228,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
                     elif kind == "declare":
                         specs = [convert.tensor_spec_from_proto(t) for t in msg.declare.tensors]
                         budget.add(specs)
+                        pace.expect(budget.declared)
                         session.declare(specs)
                         await self._take_shared(session, specs, declared)
                         declared += len(specs)

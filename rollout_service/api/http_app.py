@@ -41,7 +41,7 @@ from starlette.requests import ClientDisconnect
 
 from rollout_service.api.access import UNCAPPED, Access, Operation, Slot, http_operation
 from rollout_service.api.cancel import generate_all
-from rollout_service.api.idle import paced
+from rollout_service.api.idle import Pace, paced
 from rollout_service.api.limits import MIB, PushBudget, check_generate, max_push_bytes
 from rollout_service.api.metrics import CONTENT_TYPE, Metered
 from rollout_service.api.openai_compat import routes as openai_routes
@@ -110,7 +110,7 @@ class AccessMiddleware:
             if operation is Operation.PUSH:
                 receive = _bounded(receive, limit)
             else:
-                receive = await _buffered(receive, limit, self.body_idle_s, slot)
+                receive = await _buffered(receive, limit, self.body_idle_s, slot, int(length) if length.isdigit() else None)
         except RolloutError as exc:
             slot.release()
             if not isinstance(exc, TooLarge):
@@ -140,16 +140,15 @@ def _bounded(receive, limit: int):
     return counting
 
 
-async def _buffered(receive, limit: int, idle_s: float, slot: Slot):
-    """The whole body read now (at most `limit` bytes, each piece within `idle_s`, each counted
-    against the caller's bytes in flight as it arrives), replayed to the app as one message."""
+async def _buffered(receive, limit: int, idle_s: float, slot: Slot, length: int | None = None):
+    """The whole body read now (at most `limit` bytes, each piece counted against the caller's bytes
+    in flight as it arrives, within `idle_s` of the last and the body within its pace: idle.py),
+    replayed to the app as one message."""
+    pace = Pace(idle_s, "the request body")
+    pace.expect(length if length is not None else limit)
     parts, size = [], 0
     while True:
-        try:
-            async with asyncio.timeout(idle_s):
-                message = await receive()
-        except TimeoutError:
-            raise DeadlineExceeded(f"the request body stalled for {idle_s:g} s (push_idle_timeout_s)") from None
+        message = await pace.wait(receive())
         if message["type"] != "http.request":
             pending = [message]
             break
@@ -207,10 +206,13 @@ def create_app(backend: Metered, access: Access, events=None) -> FastAPI:
         label: str = Query("", description="Stored with the version and echoed."),
         inflight: str = Query("", description="drain | abort | continue; default: the server's."),
     ):
-        body = SafetensorsStream(paced(request.stream(), config.push_idle_timeout_s, "the push body"))
+        pace = Pace(config.push_idle_timeout_s, "the push body")
+        body = SafetensorsStream(paced(request.stream(), pace))
         try:
             header = await body.header(expected_version, label, inflight)
-            PushBudget(config).add(header.tensors)
+            budget = PushBudget(config)
+            budget.add(header.tensors)
+            pace.expect(budget.declared)
             async with backend.begin_push(header) as session:
                 async for index, offset, data in body.chunks():
                     await session.add_chunk(index, offset, data)

@@ -30,7 +30,8 @@ from rollout_service.serve.backend import ServeBackend
 from rollout_service.serve.coordinator import make_coordinator
 from rollout_service.serve.errors import broadcast
 from rollout_service.serve.push import ClusterPush
-from rollout_service.server import SHUTDOWN_GRACE_S, log_exposure, start_http, watch_health
+from rollout_service.api.http_server import start_http
+from rollout_service.server import SHUTDOWN_GRACE_S, log_exposure, watch_health
 from rollout_service.weights.versions import open_store
 
 log = logging.getLogger("rollout_service.ingress")

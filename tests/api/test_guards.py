@@ -31,7 +31,7 @@ from rollout_service.api.grpc_server import create_server
 from rollout_service.api.http_app import create_app
 from rollout_service.api.metrics import Metered
 from rollout_service.config import ServerConfig
-from rollout_service.server import start_http
+from rollout_service.api.http_server import start_http
 from rollout_service.types import Completion, Counters, PushResult, Sample, ServerStatus
 from tests.tls import Pki
 
@@ -361,6 +361,59 @@ async def test_a_push_whose_sender_goes_silent_is_aborted_and_applies_nothing(pl
     client = plain.client(KEYS["trainer"])  # the per-key push slot was given back
     assert (await client.push_weights(weights())).version == commits + 1
     await client.close()
+
+
+async def test_a_push_or_body_that_trickles_in_under_the_idle_timeout_is_aborted(plain):
+    """A byte every 0.4 s never trips push_idle_timeout_s (1 s), but the sender's waiting in all is
+    bounded by 1 s plus its bytes at 1 MiB/s: gRPC pushes, HTTP pushes and Generate bodies alike."""
+    from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
+    from rollout_client._proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
+
+    commits = plain.backend.commits
+    spec = pb.TensorSpec(name="model.norm.weight", dtype="float32", shape=[16], nbytes=64)
+
+    async def trickling_chunks():
+        yield pb.PushWeightsRequest(header=pb.PushHeader(tensors=[spec]))
+        for offset in range(64):
+            await asyncio.sleep(0.4)
+            yield pb.PushWeightsRequest(chunk=pb.PushChunk(tensor_index=0, offset=offset, data=b"\0"))
+
+    async with grpc.aio.insecure_channel(plain.grpc_address) as channel:
+        stub = pb_grpc.RolloutServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.PushWeights(trickling_chunks(), metadata=(("authorization", f"Bearer {KEYS['trainer']}"),), timeout=20)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "MiB/s" in info.value.details(), info.value.details()
+
+    port = int(plain.url.rsplit(":", 1)[1])
+    body = safetensors_body(64)
+    status, text = await trickled_http(port, "/v1/weights", body, len(body) - 64)
+    assert status == 504 and "MiB/s" in text, text
+    generate = json.dumps({"prompts": [{"token_ids": [1, 2, 3]}]}).encode()
+    status, text = await trickled_http(port, "/v1/generate", generate, 5)
+    assert status == 504 and "MiB/s" in text, text
+    assert plain.backend.commits == commits and plain.backend.generate_calls == 0
+
+
+async def trickled_http(port: int, path: str, body: bytes, head: int) -> tuple[int, str]:
+    """POST `body` to `path`: its first `head` bytes at once, then a byte every 0.4 s until the
+    server answers; returns (status, response text)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"POST {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEYS['trainer']}\r\n"
+                 f"connection: close\r\ncontent-type: application/octet-stream\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body[:head])
+
+    async def trickle():
+        for i in range(head, len(body)):
+            await asyncio.sleep(0.4)
+            writer.write(body[i : i + 1])
+
+    sender = asyncio.create_task(trickle())
+    try:
+        response = await asyncio.wait_for(reader.read(), 30)
+    finally:
+        sender.cancel()
+        writer.close()
+    status_line, _, rest = response.decode().partition("\r\n")
+    return int(status_line.split()[1]), rest
 
 
 # --- TLS ---------------------------------------------------------------------------------------

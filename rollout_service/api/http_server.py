@@ -1,0 +1,109 @@
+"""The HTTP server (uvicorn) that both assemblies run the FastAPI app on, hardened against strangers
+who connect and then say nothing.
+
+uvicorn 0.55 arms no timer until a connection's first response, and cancels its keep-alive timer
+on any byte received, so a connection that sends nothing, or a request head one byte at a time,
+stays open forever. `GuardedHttpProtocol` closes a connection whose request head is not complete
+within FIRST_REQUEST_S of its opening (or of its last response). `limit_concurrency` answers 503
+beyond HTTP_CONCURRENCY open connections and running requests together, and the process's
+open-file limit is raised to its hard limit so that thousands of idle sockets do not use up the
+descriptors /healthz and a trainer's call need.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import ssl
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from rollout_service.config import ServerConfig
+
+log = logging.getLogger(__name__)
+
+# Seconds a connection may take to send a complete request head (nginx's client_header_timeout
+# is 60 s, Apache's RequestReadTimeout header=20-40 s).
+FIRST_REQUEST_S = 20.0
+# Open connections and running requests beyond which uvicorn answers 503: above the per-key
+# Generate cap (1,024) for a few keys, far below the open files the server can have.
+HTTP_CONCURRENCY = 8192
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, closing a connection whose request head takes longer than
+    FIRST_REQUEST_S to arrive (counted from the connection, or from the last response)."""
+
+    head_timeout_s = FIRST_REQUEST_S
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._arm_head_timer()
+
+    def _arm_head_timer(self) -> None:
+        self._disarm_head_timer()
+        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+
+    def _disarm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+            self.transport.close()
+
+    def on_headers_complete(self) -> None:
+        self._disarm_head_timer()
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm_head_timer()  # the next request on this keep-alive connection
+
+    def connection_lost(self, exc) -> None:
+        self._disarm_head_timer()
+        super().connection_lost(exc)
+
+
+def raise_open_file_limit() -> int:
+    """The soft limit on open files raised to the hard one (often 1,024 of 524,288); returns it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit from %d to %d: %s", soft, hard, exc)
+    return soft
+
+
+async def start_http(app, config: ServerConfig) -> tuple[uvicorn.Server, asyncio.Task, int]:
+    """A started uvicorn server for `app` on config.host:config.http_port (HTTPS with config.tls_*)
+    on this loop; returns it, its task and the bound port."""
+    host, port = config.host, config.http_port
+    tls = {}
+    if config.tls_cert is not None:
+        tls = {"ssl_certfile": str(config.tls_cert), "ssl_keyfile": str(config.tls_key)}
+        if config.tls_client_ca is not None:
+            tls |= {"ssl_ca_certs": str(config.tls_client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
+    raise_open_file_limit()
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=host, port=port, log_level="warning", lifespan="off", http=GuardedHttpProtocol,
+        limit_concurrency=HTTP_CONCURRENCY, **tls,
+    ))
+    # The runner owns the signals; uvicorn would otherwise install its own handlers.
+    server.install_signal_handlers = lambda: None
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()  # raises the bind error
+            raise OSError(f"HTTP server on {host}:{port} stopped during start-up")
+        await asyncio.sleep(0.02)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    return server, task, bound

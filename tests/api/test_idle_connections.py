@@ -1,0 +1,81 @@
+"""A stranger's idle and half-sent HTTP connections cannot take the server from its callers: 2,000 of
+them leave /healthz and a trainer's call answering, and each is closed once its request head is
+late (api/http_server.py). In-process over a test double of the backend (tests/api/test_guards.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from rollout_service.api.http_server import GuardedHttpProtocol, raise_open_file_limit
+from tests.api.test_guards import KEYS, FrontEnds, make_config
+
+IDLE = 2000  # connections that never send a byte
+SLOW = 100  # connections sending a request head a byte a second
+HEAD_TIMEOUT_S = 3.0
+
+
+@pytest.fixture
+def short_head_timeout(monkeypatch):
+    monkeypatch.setattr(GuardedHttpProtocol, "head_timeout_s", HEAD_TIMEOUT_S)
+
+
+async def _closed_by_server(reader: asyncio.StreamReader) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(1), 0.5) == b""
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        return True
+
+
+async def test_thousands_of_idle_connections_leave_health_and_a_trainer_answering(tiny_model, tmp_path, short_head_timeout):
+    if raise_open_file_limit() < 2 * (IDLE + SLOW) + 200:  # both ends of every connection are in this process
+        pytest.skip("the open-file limit is too low for this test")
+    async with FrontEnds(make_config(tiny_model, tmp_path), None) as ends:
+        port = int(ends.url.rsplit(":", 1)[1])
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(IDLE)]
+        slow = [await asyncio.open_connection("127.0.0.1", port) for _ in range(SLOW)]
+        head = b"GET /healthz HTTP/1.1\r\nhost: x\r\n"
+
+        async def dribble(writer: asyncio.StreamWriter):
+            for i in range(len(head)):  # never the blank line that ends the head
+                writer.write(head[i : i + 1])
+                await asyncio.sleep(1.0)
+
+        dribblers = [asyncio.create_task(dribble(w)) for _, w in slow]
+        opened = time.monotonic()
+        try:
+            async with ends.http_client(KEYS["trainer"]) as http:
+                start = time.monotonic()
+                assert (await http.get("/healthz")).status_code == 200
+                reply = await http.post("/v1/generate", json={"prompts": [{"token_ids": [1, 2]}]})
+                assert reply.status_code == 200 and len(reply.json()["completions"]) == 1, reply.text
+                assert time.monotonic() - start < 5.0
+            client = ends.client(KEYS["trainer"])  # gRPC too
+            assert len(await client.generate(prompt_token_ids=[[1]])) == 1
+            await client.close()
+            # Past the head timeout the server has closed every one of them, the dribbling ones included.
+            await asyncio.sleep(max(0.0, opened + HEAD_TIMEOUT_S + 1.0 - time.monotonic()))
+            closed = await asyncio.gather(*(_closed_by_server(r) for r, _ in idle + slow))
+            assert sum(closed) == IDLE + SLOW, f"{IDLE + SLOW - sum(closed)} connections still open"
+        finally:
+            for task in dribblers:
+                task.cancel()
+            for _, writer in idle + slow:
+                writer.close()
+
+
+async def test_a_keep_alive_connection_gets_the_head_timeout_again_after_each_response(tiny_model, tmp_path, short_head_timeout):
+    async with FrontEnds(make_config(tiny_model, tmp_path), None) as ends:
+        reader, writer = await asyncio.open_connection("127.0.0.1", int(ends.url.rsplit(":", 1)[1]))
+        for _ in range(2):  # a request within the timeout is served, twice on one connection
+            await asyncio.sleep(HEAD_TIMEOUT_S / 2)
+            writer.write(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            assert (await reader.readuntil(b"\r\n")).startswith(b"HTTP/1.1 200")
+            await reader.readuntil(b'"SERVING"}')
+        await asyncio.sleep(HEAD_TIMEOUT_S + 1.0)
+        assert await _closed_by_server(reader)
+        writer.close()
