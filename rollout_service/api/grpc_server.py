@@ -212,8 +212,9 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
             first = await anext(request_iterator, None)
             if first is None or first.WhichOneof("kind") != "header":
                 raise InvalidArgument("header", "the first message of a push must be its header")
-            header = convert.push_header_from_proto(first.header)
             budget = PushBudget(self.backend.config)
+            budget.count(len(first.header.tensors))  # before a spec is converted
+            header = convert.push_header_from_proto(first.header)
             budget.add(header.tensors)
             pace.expect(budget.declared)
             if self.shared is not None:
@@ -226,6 +227,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
                     if kind == "chunk":
                         await session.add_chunk(msg.chunk.tensor_index, msg.chunk.offset, msg.chunk.data)
                     elif kind == "declare":
+                        budget.count(len(msg.declare.tensors))
                         specs = [convert.tensor_spec_from_proto(t) for t in msg.declare.tensors]
                         budget.add(specs)
                         pace.expect(budget.declared)

@@ -42,7 +42,7 @@ from starlette.requests import ClientDisconnect
 from rollout_service.api.access import UNCAPPED, Access, Operation, Slot, http_operation
 from rollout_service.api.cancel import generate_all
 from rollout_service.api.idle import Pace, paced
-from rollout_service.api.limits import MIB, PushBudget, check_generate, max_push_bytes
+from rollout_service.api.limits import MIB, PushBudget, check_generate, max_push_bytes, max_push_header_bytes
 from rollout_service.api.metrics import CONTENT_TYPE, Metered
 from rollout_service.api.openai_compat import routes as openai_routes
 from rollout_service.config import InflightPolicy
@@ -207,7 +207,7 @@ def create_app(backend: Metered, access: Access, events=None) -> FastAPI:
         inflight: str = Query("", description="drain | abort | continue; default: the server's."),
     ):
         pace = Pace(config.push_idle_timeout_s, "the push body")
-        body = SafetensorsStream(paced(request.stream(), pace))
+        body = SafetensorsStream(paced(request.stream(), pace), max_header=max_push_header_bytes(config))
         try:
             header = await body.header(expected_version, label, inflight)
             budget = PushBudget(config)

@@ -15,7 +15,7 @@ import json
 import math
 import struct
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,15 +82,38 @@ def _eos_ids(model: Path, *configs: dict) -> frozenset[int]:
 
 
 @functools.cache
-def checkpoint_fp32_bytes(model: Path) -> int:
-    """The checkpoint's parameters at 4 bytes each, from its safetensors headers (no tensor is read)."""
-    total = 0
+def _checkpoint_headers(model: Path) -> tuple[int, int, int]:
+    """(parameters at 4 bytes each, tensors, header bytes) of the checkpoint's safetensors shards,
+    read from their headers (no tensor is read)."""
+    fp32 = tensors = header_bytes = 0
     for path in model.glob("*.safetensors"):
         with path.open("rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(size))
-        total += sum(4 * math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
-    return total
+        header.pop("__metadata__", None)
+        fp32 += sum(4 * math.prod(v["shape"]) for v in header.values())
+        tensors += len(header)
+        header_bytes += size
+    return fp32, tensors, header_bytes
+
+
+def checkpoint_fp32_bytes(model: Path) -> int:
+    """The checkpoint's parameters at 4 bytes each."""
+    return _checkpoint_headers(model)[0]
+
+
+def max_push_tensors(config: ServerConfig) -> int:
+    """The most tensors a push may declare: PUSH_MARGIN x the checkpoint's (a trainer's state_dict
+    may split or fuse some), at least 1,024. Each declared tensor costs the server a few hundred
+    bytes before any of its data arrives."""
+    return max(int(_checkpoint_headers(config.model)[1] * PUSH_MARGIN), 1024)
+
+
+def max_push_header_bytes(config: ServerConfig) -> int:
+    """The largest safetensors header an HTTP push may send: 8x the checkpoint's own headers (long
+    names, CRC-32s in the metadata), at least 1 MiB; safetensors' own limit, 100 MiB of JSON, would
+    cost the server over a gigabyte to parse."""
+    return max(8 * _checkpoint_headers(config.model)[2], MIB)
 
 
 def max_push_bytes(config: ServerConfig) -> int:
@@ -212,13 +235,25 @@ def check_generate_message(msg, config: ServerConfig) -> None:
 
 
 class PushBudget:
-    """The bytes a push has declared so far, against max_push_mib."""
+    """The bytes and tensors a push has declared so far, against max_push_mib and max_push_tensors."""
 
     def __init__(self, config: ServerConfig):
         self.limit = max_push_bytes(config)
+        self.max_tensors = max_push_tensors(config)
         self.declared = 0
+        self.tensors = 0
 
-    def add(self, tensors: Iterable[TensorSpec]) -> None:
+    def count(self, tensors: int) -> None:
+        """Refuse `tensors` more before they are converted (TooLarge beyond max_push_tensors)."""
+        if self.tensors + tensors > self.max_tensors:
+            raise TooLarge(
+                f"the push declares {self.tensors + tensors} tensors, more than {self.max_tensors} (twice the served "
+                "checkpoint's tensors)"
+            )
+
+    def add(self, tensors: Sequence[TensorSpec]) -> None:
+        self.count(len(tensors))
+        self.tensors += len(tensors)
         self.declared += sum(t.nbytes for t in tensors)
         if self.declared > self.limit:
             raise TooLarge(

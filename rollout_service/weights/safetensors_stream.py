@@ -13,15 +13,16 @@ import math
 import struct
 from collections.abc import AsyncIterator
 
-from rollout_service.errors import DataLoss, InvalidArgument
+from rollout_service.errors import DataLoss, InvalidArgument, TooLarge
 from rollout_service.weights.manifest import DTYPES, SAFETENSORS_DTYPES, PushHeader, TensorSpec
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 
 
 class SafetensorsStream:
-    def __init__(self, body: AsyncIterator[bytes]):
+    def __init__(self, body: AsyncIterator[bytes], max_header: int = MAX_HEADER_BYTES):
         self._body = aiter(body)
+        self._max_header = max_header
         self._buffer = bytearray()
         self._spans: list[tuple[int, int]] = []  # [begin, end) of each declared tensor, in order
 
@@ -37,8 +38,8 @@ class SafetensorsStream:
 
     async def header(self, expected_version: int | None, label: str, inflight: str) -> PushHeader:
         (size,) = struct.unpack("<Q", await self._take(8, "header size"))
-        if size > MAX_HEADER_BYTES:
-            raise InvalidArgument("body", f"safetensors header of {size} bytes exceeds {MAX_HEADER_BYTES}")
+        if size > self._max_header:
+            raise TooLarge(f"a safetensors header of {size} bytes is over this server's limit of {self._max_header} bytes")
         try:
             raw = json.loads(await self._take(size, "header"))
         except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors

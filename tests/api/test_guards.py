@@ -363,6 +363,27 @@ async def test_a_push_whose_sender_goes_silent_is_aborted_and_applies_nothing(pl
     await client.close()
 
 
+async def test_a_push_declaring_too_many_tensors_or_a_huge_header_is_refused_before_it_is_parsed(plain):
+    """At most 1,024 tensors (twice the checkpoint's, at least 1,024) and a safetensors header of at
+    most 1 MiB (8x the checkpoint's, at least 1 MiB): refused as they are announced, nothing parsed."""
+    from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
+    from rollout_client._proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
+
+    specs = [pb.TensorSpec(name=f"t{i}", dtype="float32", shape=[1], nbytes=4) for i in range(1025)]
+    for messages in ([pb.PushWeightsRequest(header=pb.PushHeader(tensors=specs))],
+                     [pb.PushWeightsRequest(header=pb.PushHeader(tensors=specs[:1])),
+                      pb.PushWeightsRequest(declare=pb.PushDeclare(tensors=specs[1:]))]):
+        async with grpc.aio.insecure_channel(plain.grpc_address) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await pb_grpc.RolloutServiceStub(channel).PushWeights(
+                    iter(messages), metadata=(("authorization", f"Bearer {KEYS['trainer']}"),), timeout=20)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "1025 tensors" in info.value.details()
+    async with plain.http_client(KEYS["trainer"]) as http:
+        reply = await http.post("/v1/weights", content=struct.pack("<Q", 2 << 20) + b"{")
+    assert reply.status_code == 413 and "safetensors header of 2097152 bytes" in reply.text, reply.text
+    assert plain.backend.declared == ["t0"] and plain.backend.commits == 0  # the second push's first header only
+
+
 async def test_a_push_or_body_that_trickles_in_under_the_idle_timeout_is_aborted(plain):
     """A byte every 0.4 s never trips push_idle_timeout_s (1 s), but the sender's waiting in all is
     bounded by 1 s plus its bytes at 1 MiB/s: gRPC pushes, HTTP pushes and Generate bodies alike."""
