@@ -105,7 +105,8 @@ def run(config: ServerConfig) -> None:
     # Settings errors (FP8 on CPU, a quantized checkpoint given with --quantization) surface here
     # rather than as replicas failing to start; the quantized copy is made once, before the replicas.
     resolve_model(config)
-    own_cluster = config.ray_address is None
+    # ray.init joins RAY_ADDRESS when given no address: that cluster is the operator's, not ours to shut down.
+    own_cluster = config.ray_address is None and not os.environ.get("RAY_ADDRESS")
     start_ray(config.ray_address, host=config.host, private_dir=config.cache_dir, logging_level=logging.WARNING,
               include_dashboard=False, configure_logging=False, log_to_driver=True)
     stop = threading.Event()
@@ -127,5 +128,5 @@ def run(config: ServerConfig) -> None:
         serve.delete(APP_NAME)
         if own_cluster:
             serve.shutdown()
-            ray.shutdown()
+        ray.shutdown()  # the driver's connection; a joined cluster runs on
         log.info("stopped")

@@ -210,3 +210,35 @@ def test_the_worker_hook_binds_rays_wildcard_grpc_ports_to_a_loopback_node():
     assert out.returncode == 0, out.stderr[-2000:]
     # gRPC binds IPv4 through a dual-stack socket: ::ffff:127.0.0.1 is 127.0.0.1.
     assert out.stdout.strip().splitlines()[-1] in ("['127.0.0.1']", "['::ffff:127.0.0.1']"), out.stdout
+
+
+class ServeShutdownDouble:
+    """Stands in for the Serve calls `run` makes around a deployment that fails at once."""
+
+    def __init__(self):
+        self.shutdowns = 0
+
+    def shutdown(self):
+        self.shutdowns += 1
+
+
+@pytest.mark.parametrize("joined", ["--ray-address", "RAY_ADDRESS", None])
+def test_stopping_shuts_down_only_a_cluster_serve_started_itself(ray_double, ray_env, tmp_path, tiny_model, joined):
+    """A cluster joined by --ray-address or RAY_ADDRESS is the operator's: `serve` deletes its
+    application and disconnects, but leaves Serve running there."""
+    from rollout_service.config import ServerConfig
+
+    ray_double(failures=0)
+    served = ServeShutdownDouble()
+    ray_env.setattr(runner.serve, "delete", lambda name: None)
+    ray_env.setattr(runner.serve, "shutdown", served.shutdown)
+    ray_env.setattr(runner, "deploy", lambda config: (_ for _ in ()).throw(RuntimeError("deploy failed")))
+    ray_env.setattr(runner, "check_ports_free", lambda config: None)
+    ray_env.setattr(runner, "resolve_model", lambda config: config.model)
+    if joined == "RAY_ADDRESS":
+        ray_env.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    address = "10.0.0.1:6379" if joined == "--ray-address" else None
+    config = ServerConfig(model=tiny_model, ray_address=address, cache_dir=tmp_path)
+    with pytest.raises(RuntimeError, match="deploy failed"):
+        runner.run(config)
+    assert served.shutdowns == (0 if joined else 1)
