@@ -67,7 +67,8 @@ RELIABILITY_TESTS := tests/serve/test_cluster.py tests/weights/test_restart.py t
 	tests/weights/test_local_push.py tests/test_server_engine_death.py tests/api/test_fuzz_requests.py \
 	tests/api/test_fuzz_server.py tests/api/test_security.py tests/load/test_locust.py \
 	tests/weights/test_store_crash.py tests/weights/test_store_disk.py tests/weights/test_store_machine.py \
-	tests/serve/test_store_crash.py
+	tests/serve/test_store_crash.py tests/api/test_fuzz_generate.py tests/api/test_idle_connections.py \
+	tests/api/test_request_memory.py
 FUZZ_EXAMPLES ?= 10000
 reliability: install
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_SERVER_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -ra \
