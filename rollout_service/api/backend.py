@@ -15,7 +15,7 @@ from rollout_service.config import InflightPolicy, ServerConfig
 from rollout_service.engine import RolloutEngine
 from rollout_service.types import Completion, GenerateRequest, PushResult, ServerStatus
 from rollout_service.weights.local import LocalPush
-from rollout_service.weights.manifest import PushHeader
+from rollout_service.weights.manifest import HeaderReader
 from rollout_service.weights.session import PushSession
 
 
@@ -27,8 +27,9 @@ class Backend(Protocol):
 
     async def status(self) -> ServerStatus: ...
 
-    def begin_push(self, header: PushHeader) -> AsyncContextManager[PushSession]:
-        """A checked push session; what it staged is dropped unless it is committed."""
+    def begin_push(self, read_header: HeaderReader) -> AsyncContextManager[PushSession]:
+        """A checked push session; what it staged is dropped unless it is committed. Its header is
+        read (`read_header`) once the push lock is held."""
 
     async def commit_push(self, session: PushSession) -> PushResult: ...
 
@@ -63,8 +64,8 @@ class LocalBackend:
         result.committed_version = self.push.store.current_version()
         return result
 
-    def begin_push(self, header: PushHeader) -> AsyncContextManager[PushSession]:
-        return self.push.begin(header)
+    def begin_push(self, read_header: HeaderReader) -> AsyncContextManager[PushSession]:
+        return self.push.begin(read_header)
 
     async def commit_push(self, session: PushSession) -> PushResult:
         return await self.push.commit(session)

@@ -34,6 +34,7 @@ from rollout_service.errors import (
     public_message,
 )
 from rollout_service.types import GenerateRequest
+from rollout_service.weights.manifest import PushHeader
 from rollout_service.weights.session import PushSession
 from rollout_service.weights.shared import SharedMemoryDir
 
@@ -214,14 +215,18 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
                 raise InvalidArgument("header", "the first message of a push must be its header")
             budget = PushBudget(self.backend.config)
             budget.count(len(first.header.tensors))  # before a spec is converted
-            header = convert.push_header_from_proto(first.header)
-            budget.add(header.tensors)
-            pace.expect(budget.declared)
+
+            async def read_header() -> PushHeader:  # once the push lock is held
+                header = convert.push_header_from_proto(first.header)
+                budget.add(header.tensors)
+                pace.expect(budget.declared)
+                return header
+
             if self.shared is not None:
                 self.shared.sweep(self.backend.config.push_idle_timeout_s)
-            async with self.backend.begin_push(header) as session:
-                await self._take_shared(session, header.tensors, 0)
-                declared = len(header.tensors)
+            async with self.backend.begin_push(read_header) as session:
+                await self._take_shared(session, session.header.tensors, 0)
+                declared = len(session.header.tensors)
                 async for msg in request_iterator:
                     kind = msg.WhichOneof("kind")
                     if kind == "chunk":

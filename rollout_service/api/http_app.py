@@ -58,6 +58,7 @@ from rollout_service.errors import (
     public_message,
 )
 from rollout_service.types import GenerateRequest, invalid_argument_from
+from rollout_service.weights.manifest import PushHeader
 from rollout_service.weights.safetensors_stream import SafetensorsStream
 
 log = logging.getLogger(__name__)
@@ -208,12 +209,16 @@ def create_app(backend: Metered, access: Access, events=None) -> FastAPI:
     ):
         pace = Pace(config.push_idle_timeout_s, "the push body")
         body = SafetensorsStream(paced(request.stream(), pace), max_header=max_push_header_bytes(config))
-        try:
+
+        async def read_header() -> PushHeader:  # once the push lock is held: one header parsed at a time
             header = await body.header(expected_version, label, inflight)
             budget = PushBudget(config)
             budget.add(header.tensors)
             pace.expect(budget.declared)
-            async with backend.begin_push(header) as session:
+            return header
+
+        try:
+            async with backend.begin_push(read_header) as session:
                 async for index, offset, data in body.chunks():
                     await session.add_chunk(index, offset, data)
                 return asdict(await backend.commit_push(session))

@@ -79,8 +79,8 @@ class Metered:
         self.replicas.set(result.replicas)
         return result
 
-    def begin_push(self, header):
-        return self.backend.begin_push(header)
+    def begin_push(self, read_header):
+        return self.backend.begin_push(read_header)
 
     async def commit_push(self, session) -> PushResult:
         try:

@@ -19,7 +19,7 @@ from rollout_service.serve import split
 from rollout_service.serve.errors import broadcast, broadcast_all, unwrap
 from rollout_service.serve.push import ClusterPush
 from rollout_service.types import Completion, Counters, GenerateRequest, PushResult, ServerStatus
-from rollout_service.weights.manifest import PushHeader
+from rollout_service.weights.manifest import HeaderReader
 
 
 class ServeBackend:
@@ -89,8 +89,8 @@ class ServeBackend:
             committed_version=self.push.store.current_version(),
         )
 
-    def begin_push(self, header: PushHeader):
-        return self.push.begin(header)
+    def begin_push(self, read_header: HeaderReader):
+        return self.push.begin(read_header)
 
     async def commit_push(self, session) -> PushResult:
         return await self.push.commit(session)

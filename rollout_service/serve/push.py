@@ -42,7 +42,7 @@ from rollout_service.serve.coordinator import Coordinator
 from rollout_service.serve.errors import ApplyFailed, broadcast, broadcast_all
 from rollout_service.types import PushResult
 from rollout_service.weights.convert import requantizer, store_converter
-from rollout_service.weights.manifest import ParamTable, PushHeader
+from rollout_service.weights.manifest import HeaderReader, ParamTable
 from rollout_service.weights.service import receiving, shielded
 from rollout_service.weights.session import PushSession
 from rollout_service.weights.versions import VersionStore, storage_errors
@@ -63,13 +63,14 @@ class ClusterPush:
         self.last_push: PushResult | None = None
 
     @contextlib.asynccontextmanager
-    async def begin(self, header: PushHeader) -> AsyncIterator[PushSession]:
+    async def begin(self, read_header: HeaderReader) -> AsyncIterator[PushSession]:
         owner = uuid.uuid4().hex
         fence = await self.coordinator.lock(owner, LOCK_TTL_S, floor=self.store.fence_mark())
         if not fence:
             raise Conflict("another push is in progress in this deployment; pushes are not queued: retry once it has committed")
         keeper = asyncio.create_task(self._keep_lock(owner))
         try:
+            header = await read_header()  # only now that this push holds the lock
             with storage_errors():  # a read-only or full store fails here, before anything is received
                 await asyncio.to_thread(self.store.raise_fence, fence)  # a push under an older lock cannot commit now
                 # This push becomes the version after the one committed now, or nothing: numbered here,

@@ -34,7 +34,7 @@ from rollout_service.config import ServerConfig
 from rollout_service.errors import Conflict, EngineUnavailable
 from rollout_service.types import ApplyStats, PushResult
 from rollout_service.weights.convert import store_converter
-from rollout_service.weights.manifest import PushHeader
+from rollout_service.weights.manifest import HeaderReader
 from rollout_service.weights.service import WeightService, receiving, shielded
 from rollout_service.weights.session import PushSession
 from rollout_service.weights.versions import VersionStore, open_store, storage_errors
@@ -82,12 +82,13 @@ class LocalPush:
         return self.engine.weight_version
 
     @contextlib.asynccontextmanager
-    async def begin(self, header: PushHeader) -> AsyncIterator[PushSession]:
+    async def begin(self, read_header: HeaderReader) -> AsyncIterator[PushSession]:
         if self._busy:
             raise Conflict("another push is in progress; pushes are not queued: retry once it has committed")
         self._busy = True
         session: PushSession | None = None
         try:
+            header = await read_header()  # only now that this push holds the store
             await self.resume()  # the next version is numbered after the store's, which the engine must serve
             cast_crc: dict[str, int] = {}
             with storage_errors():  # a read-only or full store fails here, before anything is received

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,11 @@ class PushHeader:
     label: str = ""
     inflight: str = ""
     delta_base_version: int | None = None
+
+
+# Reads a push's header (its first message, a safetensors header): called once the push lock is
+# held, so a second pusher's announcement is not even parsed while a push runs.
+HeaderReader = Callable[[], Awaitable[PushHeader]]
 
 
 class ParamTable:

@@ -63,10 +63,14 @@ class RecordingBackendDouble:
                             Counters(), "drain")
 
     @contextlib.asynccontextmanager
-    async def begin_push(self, header):
+    async def begin_push(self, read_header):
         double = self
+        header = await read_header()
 
         class Session:
+            def __init__(self):
+                self.header = header
+
             def declare(self, specs):
                 double.declared += [s.name for s in specs]
 

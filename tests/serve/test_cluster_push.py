@@ -62,11 +62,20 @@ def norm(value: float) -> bytes:
     return torch.full((256,), value, dtype=torch.bfloat16).view(torch.uint8).numpy().tobytes()
 
 
+def given(header: PushHeader):
+    """A header reader (what the front ends hand begin) of an already parsed header."""
+
+    async def read() -> PushHeader:
+        return header
+
+    return read
+
+
 async def receive(ingress: ClusterPush, value: float, expected_version: int | None = None):
     """Begin a push of one tensor and receive it; `commit` commits it."""
     raw = norm(value)
     specs = (TensorSpec(NAME, "bfloat16", (256,), len(raw), zlib.crc32(raw)),)
-    cm = ingress.begin(PushHeader(specs, expected_version=expected_version))
+    cm = ingress.begin(given(PushHeader(specs, expected_version=expected_version)))
     session = await cm.__aenter__()
     await session.add_chunk(0, 0, raw)
     return cm, session
@@ -193,7 +202,7 @@ async def test_int8_replicas_are_handed_each_tensor_requantized_once_by_the_ingr
         return real_broadcast(method, *args)
 
     deployment.replicas.broadcast = broadcast
-    async with ingress.begin(PushHeader((TensorSpec(name, "bfloat16", shape, len(raw), zlib.crc32(raw)),))) as session:
+    async with ingress.begin(given(PushHeader((TensorSpec(name, "bfloat16", shape, len(raw), zlib.crc32(raw)),)))) as session:
         await session.add_chunk(0, 0, raw)
         result = await ingress.commit(session)
     expected = to_engine_format(name, tensor, torch.bfloat16, recipe)

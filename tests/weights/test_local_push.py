@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rollout_service.errors import EngineUnavailable, FailedPrecondition, StorageFull, StorageUnavailable
+from rollout_service.errors import Conflict, EngineUnavailable, FailedPrecondition, StorageFull, StorageUnavailable
 from rollout_service.types import ApplyStats
 from rollout_service.weights import durable, staging
 from rollout_service.weights.staging import Spool
@@ -70,10 +70,19 @@ def tensors(value: float) -> dict[str, torch.Tensor]:
     return {"a.weight": torch.full((8, 4), value, dtype=torch.bfloat16), "b.weight": torch.full((4, 4), -value, dtype=torch.bfloat16)}
 
 
+def given(header: PushHeader):
+    """A header reader (what the front ends hand begin) of an already parsed header."""
+
+    async def read() -> PushHeader:
+        return header
+
+    return read
+
+
 async def push(local: LocalPush, weights: dict[str, torch.Tensor], **header):
     raw = {n: t.contiguous().view(torch.uint8).numpy().tobytes() for n, t in weights.items()}
     specs = tuple(TensorSpec(n, "bfloat16", tuple(t.shape), len(raw[n]), zlib.crc32(raw[n])) for n, t in weights.items())
-    async with local.begin(PushHeader(specs, **header)) as session:
+    async with local.begin(given(PushHeader(specs, **header))) as session:
         for i, name in enumerate(weights):
             await session.add_chunk(i, 0, raw[name])
         return await local.commit(session)
@@ -100,6 +109,27 @@ async def test_a_push_is_committed_to_the_store_and_then_loaded(store, engine):
     assert engine.loaded == [(["a.weight", "b.weight"], 1, 1)]  # loaded after the commit point
     store.verify(store.current())
     assert leftovers(store) == []
+
+
+async def test_a_second_push_is_refused_before_its_header_is_read(store, engine):
+    """While a push holds the store, another is ABORTED without its header being read: an HTTP
+    push's header is JSON of up to megabytes, parsed only by the push that holds the lock."""
+    local = LocalPush(engine, store, CONFIG)
+    raw = tensors(1.0)["a.weight"].view(torch.uint8).numpy().tobytes()
+    first = PushHeader((TensorSpec("a.weight", "bfloat16", (8, 4), len(raw), zlib.crc32(raw)),))
+    read = []
+
+    async def second_header() -> PushHeader:
+        read.append(True)
+        return first
+
+    async with local.begin(given(first)) as session:
+        with pytest.raises(Conflict, match="another push is in progress"):
+            async with local.begin(second_header):
+                pass
+        await session.add_chunk(0, 0, raw)
+        assert (await local.commit(session)).version == 1
+    assert read == []
 
 
 async def test_a_quantized_engine_loads_what_it_prepared_as_the_tensors_arrived(store):

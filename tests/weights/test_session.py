@@ -214,3 +214,37 @@ def test_closing_a_failed_push_waits_for_its_conversion_off_the_event_loop(tmp_p
         assert not s.spool.dir.exists()  # its staging dropped
 
     asyncio.run(run())
+
+
+def test_a_delta_tensor_takes_from_the_push_buffer_what_rebuilding_it_allocates():
+    """A delta is rebuilt whole beside its base: it reserves its wire bytes and DELTA_REBUILD_FACTOR
+    times its dense bytes (base read, a fused base joined, the decode and its result), and the decode
+    alone (numpy, traced) stays within the share the factor gives it."""
+    import tracemalloc
+
+    import numpy as np
+    from rollout_client import delta as codec
+
+    from rollout_service.weights.delta import rebuild
+    from rollout_service.weights.manifest import DeltaSpec
+    from rollout_service.weights.session import DELTA_REBUILD_FACTOR, _cost
+
+    n = 1 << 22  # 8 MiB of bf16
+    base = torch.randn(n).to(torch.bfloat16)
+    new = base.clone()
+    new[torch.randperm(n)[: n // 10]] += 0.01
+    bits, new_bits = base.view(torch.uint16).numpy(), new.view(torch.uint16).numpy()
+    payload, changed = codec.encode(bits, new_bits)
+    delta = DeltaSpec("zlib", zlib.crc32(bits.view(np.uint8)), changed, len(payload))
+    spec = TensorSpec("w", "bfloat16", (n,), 2 * n, zlib.crc32(new_bits.view(np.uint8)), delta)
+    assert _cost(spec) == len(payload) + DELTA_REBUILD_FACTOR * 2 * n
+    assert _cost(TensorSpec("w", "bfloat16", (n,), 2 * n)) == 2 * n  # a whole tensor: its bytes
+    tracemalloc.start()
+    try:
+        rebuilt = rebuild(spec, payload, base)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert torch.equal(rebuilt, new)
+    # The base read and a fused join are the other two of the factor.
+    assert peak <= (DELTA_REBUILD_FACTOR - 2) * spec.nbytes, peak / spec.nbytes
