@@ -37,6 +37,10 @@ FOLLOW_S = 2.0
 # before the abort broadcast) is dropped after this long, so it cannot hold catching up back for
 # good. Safe at any age: an apply that finds its push gone loads the committed version from the store.
 PREPARED_TTL_S = 120.0
+# A prepared push the store has committed whose apply has not come this long after the follower saw
+# the commit: its ingress died after the commit point, and the one Serve starts in its place knows
+# nothing of it. The follower applies it (the apply broadcast follows a commit within a second).
+ORPHANED_S = 10.0
 
 
 @dataclass
@@ -45,6 +49,7 @@ class Prepared:
     files: dict[str, Path]
     spool: Spool | None
     at: float  # the event loop's time of the prepare
+    committed_seen_at: float | None = None  # when the follower first saw the store commit it
 
 
 def bind_cores(config: ServerConfig, local_rank: int) -> None:
@@ -217,10 +222,30 @@ class EngineReplica:
                 log.warning("replica %s: push %s (version %d) was prepared %.0f s ago and never applied; dropped",
                             self.replica_id, push_id, prepared.version, now - prepared.at)
 
+    async def apply_orphaned(self) -> None:
+        """Apply the prepared pushes the store has committed whose apply has not come ORPHANED_S
+        after the commit was seen (their ingress died after the commit point): without this the
+        replica would wait for PREPARED_TTL_S before catching up."""
+        loop = asyncio.get_running_loop()
+        current = self.store.current_version()
+        for push_id, prepared in list(self._prepared.items()):
+            if prepared.version > current:
+                continue
+            if prepared.committed_seen_at is None:
+                prepared.committed_seen_at = loop.time()
+            elif loop.time() - prepared.committed_seen_at >= ORPHANED_S:
+                log.warning("replica %s: version %d is committed but its apply never came; applying the prepared push",
+                            self.replica_id, prepared.version)
+                await self.apply(push_id, self.config.inflight)
+
     async def _follow(self) -> None:
         while True:
             await asyncio.sleep(FOLLOW_S)
             self.expire_prepared()
+            try:
+                await self.apply_orphaned()
+            except Exception:
+                log.exception("replica %s: applying a committed push whose apply never came failed", self.replica_id)
             if self._prepared:  # a push is between its phases: apply will come
                 continue
             try:

@@ -161,3 +161,20 @@ async def test_a_replica_takes_the_ingress_parts_only_when_made_for_its_own_reci
     assert r.weights.adopted == [{"w": Path("/incoming/part")}] and r.weights.spools == []
     await r.prepare("b", 1, {"w": "/store/v1/part"}, {"w": "/incoming/part"}, "fp8-recipe")
     assert len(r.weights.adopted) == 1 and len(r.weights.spools) == 1  # staged from the store
+
+
+async def test_a_committed_push_whose_apply_never_comes_is_applied_by_the_follower(monkeypatch):
+    """The ingress died after the commit point: the store says 5, the prepared push 5 waits for an
+    apply no one will send. The follower applies it once the commit has been seen for ORPHANED_S,
+    not after PREPARED_TTL_S; a push the store has not committed is left to its ingress."""
+    monkeypatch.setattr(replica_module, "ORPHANED_S", 0.0)
+    r = replica_at(4, store_version=4)
+    prepare(r, "p5", 5)
+    await r.apply_orphaned()  # not committed: nothing happens
+    await r.apply_orphaned()
+    assert r.weights.loaded == [] and list(r._prepared) == ["p5"]
+    r.store.version = 5
+    await r.apply_orphaned()  # the commit is seen
+    assert r.weights.loaded == [] and r._prepared["p5"].committed_seen_at is not None
+    await r.apply_orphaned()  # ORPHANED_S after: applied as its apply would have
+    assert r.weights.loaded == [("push", 5)] and r._prepared == {}
