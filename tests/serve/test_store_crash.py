@@ -128,8 +128,8 @@ def test_the_ingress_killed_at_each_step_of_a_commit_comes_back_on_n_or_n_plus_1
         expected = before + lands
         served = pushed if lands else served
         with RolloutClient(grpc_address(), timeout=300) as client:
-            # A replica that had prepared the push loads N+1 from the store once that push expires
-            # (serve/replica.py PREPARED_TTL_S): up to two minutes.
+            # A replica that had prepared the push applies it once the commit has been seen for
+            # serve/replica.py ORPHANED_S (10 s); one that had not catches up from the store.
             wait_until(lambda: (client.status().committed_version, client.status().weight_version) == (expected, expected),
                        f"the deployment to serve version {expected}", timeout=400)
             assert greedy(client) == outputs[served]
