@@ -231,11 +231,13 @@ def field_path(loc: tuple) -> str:
 
 
 def invalid_argument_from(errors: list[dict]) -> InvalidArgument:
-    """InvalidArgument for the first of pydantic's `errors` (also FastAPI's, whose paths start at 'body')."""
+    """InvalidArgument for the first of pydantic's `errors` (also FastAPI's, whose paths start where the field was: body, query, path, header)."""
     err = errors[0]
     if err["type"] == "json_invalid":
         return InvalidArgument("body", f"invalid JSON: {err.get('ctx', {}).get('error', err['msg'])}")
-    loc = tuple(p for p in err["loc"] if p != "body")
+    loc = tuple(err["loc"])
+    if loc[:1] in (("body",), ("query",), ("path",), ("header",)):  # FastAPI says where a field was: its name is enough
+        loc = loc[1:]
     message = err["msg"].removeprefix("Value error, ")
     if err["type"] not in ("missing", "model_type") and not isinstance(err.get("input"), dict):
         message = f"{message} (got {_shown(err.get('input'))})"
