@@ -45,14 +45,19 @@ def start_ray(address: str | None = None, *, host: str = "127.0.0.1", private_di
     out waiting for file .../gcs_server_port_..."); a second start is the remedy Ray's own message
     suggests. The second failure is raised with the machine's free memory and the node's log
     files, to tell why."""
-    if address is None and not os.environ.get("RAY_ADDRESS"):  # which ray.init joins when given no address
+    local = address is None and not os.environ.get("RAY_ADDRESS")  # which ray.init joins when given no address
+    if local:
         local_ray.prepare(host, private_dir)
         kwargs["runtime_env"] = local_ray.runtime_env(host, kwargs.get("runtime_env"))
+        # "local", not None: given None, ray.init joins the cluster named in
+        # /tmp/ray/ray_current_cluster (a trainer's `ray start` on this host, maybe open and without
+        # a token), and stopping would then shut down Serve there.
+        address = "local"
     try:
         ray.init(address=address, **kwargs)
         return
     except Exception as exc:  # noqa: BLE001 -- Ray raises a bare Exception / RuntimeError for these
-        if address or not any(m in str(exc) for m in ("timed out during startup", "Timed out waiting for file")):
+        if not local or not any(m in str(exc) for m in ("timed out during startup", "Timed out waiting for file")):
             raise
         log.warning("Ray's node did not start (%s); shutting it down and starting again", exc)
         ray.shutdown()

@@ -107,6 +107,19 @@ def test_a_local_start_gives_the_gcs_120_s_unless_the_operator_set_a_time(ray_do
     assert double.env["RAY_gcs_server_port_wait_time_s"] == "300"
 
 
+def test_a_local_start_never_joins_a_cluster_another_program_started_on_this_host(ray_double, ray_env, tmp_path):
+    """Given no address ray.init joins the cluster in /tmp/ray/ray_current_cluster (a trainer's
+    `ray start --head`); `serve` starts its own node ("local") unless told to join one."""
+    double = ray_double(failures=0)
+    runner.start_ray(num_cpus=2, private_dir=tmp_path)
+    assert double.kwargs["address"] == "local"
+    runner.start_ray("10.0.0.1:6379", private_dir=tmp_path)
+    assert double.kwargs["address"] == "10.0.0.1:6379"
+    ray_env.setenv("RAY_ADDRESS", "10.0.0.2:6379")
+    runner.start_ray(private_dir=tmp_path)
+    assert double.kwargs["address"] is None  # ray.init joins RAY_ADDRESS itself
+
+
 def test_a_loopback_start_keeps_ray_on_loopback_and_requires_its_token(ray_double, tmp_path):
     double = ray_double(failures=0)
     runner.start_ray(num_cpus=2, host="127.0.0.1", private_dir=tmp_path)
