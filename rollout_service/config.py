@@ -206,8 +206,8 @@ class ServerConfig(BaseSettings):
     )
     max_request_mib_per_key: int = Field(
         512, ge=1, description="Generate request bytes one API key may have in flight at once, MiB (their size on the "
-        "wire, counted before they are parsed; parsed, a request takes up to about 3x it): RESOURCE_EXHAUSTED beyond, "
-        "so a key's calls cannot take more memory than this grants, however many it sends."
+        "wire, counted before they are parsed; parsed, a request takes up to about 8x it over gRPC and 3x as JSON): "
+        "RESOURCE_EXHAUSTED beyond, so a key's calls cannot take more memory than this grants, however many it sends."
     )
     max_push_mib: int | None = Field(
         None, ge=1, description="Largest push (declared tensor bytes, and an HTTP push body), MiB; default: the "

@@ -31,7 +31,7 @@ FinishReason = Literal["stop", "length", "aborted"]
 
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-UINT64_MAX = 2**64 - 1
+UINT32_MAX, UINT64_MAX = 2**32 - 1, 2**64 - 1
 # What vLLM's GPU model runner holds per request in fixed-size arrays, and treats an overflow of
 # as fatal in EngineCore.step (vllm/v1/worker/gpu/sample/logit_bias.py: MAX_NUM_ALLOWED_TOKEN_IDS,
 # MAX_NUM_LOGIT_BIAS_TOKENS, MAX_NUM_STOP_TOKEN_IDS; tests/test_types.py checks they still agree).
@@ -42,6 +42,11 @@ MAX_STOP_TOKEN_IDS_WITH_MIN_TOKENS = 128  # stop ids and end-of-sequence ids tog
 # Stop strings are matched in the front end's output processor at every step of every sample:
 # thousands of them would slow every caller's stream (OpenAI takes 4).
 MAX_STOP_STRINGS = 128
+MIN_TEMPERATURE = 0.01  # vLLM's smallest non-greedy temperature
+MAX_STOP_CHARS = 1024
+# A request id is copied into every engine request and every completion of its call, a session id
+# into every routing decision: a megabyte of one would cost a megabyte a prompt.
+MAX_ID_CHARS = 256
 
 
 def token_id_array(value: Iterable[int]) -> array:
@@ -104,8 +109,9 @@ class SamplingOptions(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus mass, in (0, 1].")
     top_k: int = Field(0, ge=0, le=INT32_MAX, description="Keep the top_k most likely tokens; 0 = no limit (at most the vocabulary size).")
     min_p: float = Field(0.0, ge=0.0, le=1.0, description="Drop tokens below min_p x the top token's probability.")
-    stop: list[str] = Field(
-        default_factory=list, max_length=MAX_STOP_STRINGS, description=f"Stop strings (not returned); at most {MAX_STOP_STRINGS}."
+    stop: list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]] = Field(
+        default_factory=list, max_length=MAX_STOP_STRINGS,
+        description=f"Stop strings (not returned); at most {MAX_STOP_STRINGS}, each at most {MAX_STOP_CHARS} characters.",
     )
     stop_token_ids: list[int] = Field(default_factory=list, description="Stop token ids (returned).")
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX, description="Per-request seed (an int64): same seed + same request = same tokens.")
@@ -119,7 +125,11 @@ class SamplingOptions(BaseModel):
         0, ge=0, le=INT32_MAX,
         description="End-of-sequence and stop token ids get probability 0 until a sample has this many tokens (at most max_tokens).",
     )
-    repetition_penalty: float = Field(1.0, gt=0.0, description="Logits of tokens in the prompt or sample: positive / it, negative x it; 1 = off.")
+    # Bounded so that a logit divided or multiplied by it stays finite in float32 (1e-45 is 0 there).
+    repetition_penalty: float = Field(
+        1.0, ge=0.01, le=100.0,
+        description="Logits of tokens in the prompt or sample: positive / it, negative x it; 1 = off; in [0.01, 100].",
+    )
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Subtracted from the logit of every token the sample contains.")
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Subtracted from a token's logit once per time the sample contains it.")
     logit_bias: dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]] = Field(
@@ -139,6 +149,13 @@ class SamplingOptions(BaseModel):
             raise InvalidArgument("sampling.stop", "stop strings are matched in decoded text: they need detokenize=true")
         if self.min_tokens > self.max_tokens:
             raise InvalidArgument("sampling.min_tokens", f"min_tokens={self.min_tokens} is above max_tokens={self.max_tokens}")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            # vLLM would raise it to 0.01 (sampling_params._MAX_TEMP) and return the logprobs of that
+            # distribution, not of the one asked for, which a trainer then scores wrongly.
+            raise InvalidArgument(
+                "sampling.temperature", f"{self.temperature} is below {MIN_TEMPERATURE}, which vLLM samples with "
+                "instead: use 0 for greedy, or at least 0.01"
+            )
         return self
 
 
@@ -149,9 +166,11 @@ class GenerateRequest(BaseModel):
 
     prompts: list[Prompt] = Field(min_length=1, description="The batch; at least one prompt.")
     sampling: SamplingOptions = Field(default_factory=SamplingOptions)
-    request_id: str = Field("", description="Client-chosen id, echoed in every completion.")
+    request_id: str = Field(
+        "", max_length=MAX_ID_CHARS, description=f"Client-chosen id, echoed in every completion (at most {MAX_ID_CHARS} characters)."
+    )
     session_id: str = Field(
-        "", description="Requests with the same session id go to the same replica (its prefix cache)."
+        "", max_length=MAX_ID_CHARS, description="Requests with the same session id go to the same replica (its prefix cache)."
     )
     min_weight_version: int = Field(
         0, ge=0, le=UINT64_MAX, description="Sample only with this weight version or a newer one: a replica on an "
@@ -159,7 +178,7 @@ class GenerateRequest(BaseModel):
         "version after the newest committed one."
     )
     max_staleness: int | None = Field(
-        None, ge=0, le=UINT64_MAX, description="Sample only with a version at most this many behind the newest "
+        None, ge=0, le=UINT32_MAX, description="Sample only with a version at most this many behind the newest "
         "committed one (raises min_weight_version when the call arrives)."
     )
 
@@ -211,8 +230,8 @@ def _loads(body: bytes):
     parsing builds the whole document first, about 24 bytes a number: 7x the body in memory.)"""
     try:
         return json.loads(body, object_hook=_compact_prompt)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidArgument("body", f"invalid JSON: {exc}") from None
+    except ValueError as exc:  # not JSON, not UTF-8, or an integer of more than 4,300 digits
+        raise InvalidArgument("body", f"invalid JSON: {str(exc)[:200]}") from None
     except RecursionError:  # json's C parser recurses once per level of nesting
         raise InvalidArgument("body", "invalid JSON: nested too deeply") from None
 
@@ -226,7 +245,8 @@ def field_path(loc: tuple) -> str:
         if part == "[key]":
             continue
         key = isinstance(part, int) or not part.isidentifier() or loc[i + 1 : i + 2] == ("[key]",)
-        path += f"[{part}]" if key else (f".{part}" if path else str(part))
+        part = str(part) if len(str(part)) <= 40 else f"{str(part)[:40]}..."  # a map key of 5,000 digits
+        path += f"[{part}]" if key else (f".{part}" if path else part)
     return path or "request"
 
 

@@ -197,7 +197,7 @@ UNCAPPED = Slot()  # status, health, admin calls, and every call on a server wit
 class Access:
     """Authentication, authorization and per-key caps, for both front ends of a process: calls of
     Generate and Push running at once, and the bytes of Generate requests in flight (their wire
-    size: a parsed request takes up to about three times it)."""
+    size: a parsed request takes up to about 8x it over gRPC, 3x as JSON; BENCHMARKS.md)."""
 
     def __init__(self, keys: KeyRing | None, max_generates: int, max_pushes: int, max_request_bytes: int | None = None):
         self.keys = keys

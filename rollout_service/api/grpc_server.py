@@ -43,8 +43,11 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RolloutService"].full_name
 # Large batches of long completions exceed gRPC's 4 MiB default.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-# Prompts in a call beyond which its request is converted in a thread.
-LARGE_BATCH = 64
+GRPC_IDLE_MS = 300_000
+GRPC_STREAMS_PER_CONNECTION = 1024
+# A Generate message beyond this is converted in a thread (a mebibyte of token ids takes tens of
+# milliseconds); below, a thread hop would cost an agent's many small calls more than it saves.
+LARGE_MESSAGE = 1 << 20
 # What the server takes in one message at least, whatever max_request_mib says: the clients send
 # pushes in 4 MiB chunks.
 MIN_RECEIVE_BYTES = 16 * MIB
@@ -86,7 +89,7 @@ def _refusal(handler: grpc.RpcMethodHandler, exc: RolloutError) -> grpc.RpcMetho
     return grpc.unary_unary_rpc_method_handler(refuse)
 
 
-def _holding(handler: grpc.RpcMethodHandler, access: Access, caller, operation) -> grpc.RpcMethodHandler:
+def _holding(handler: grpc.RpcMethodHandler, access: Access, caller, operation, method: str) -> grpc.RpcMethodHandler:
     """The same handler, holding one of the caller's slots until the call is done. A unary request
     reaches it as bytes and is parsed only once the slot holds them (Access counts a Generate's
     bytes against its key's), so a capped key's messages are never parsed. The call's done
@@ -106,7 +109,7 @@ def _holding(handler: grpc.RpcMethodHandler, access: Access, caller, operation) 
         try:
             return parse(request)
         except Exception:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the request message does not parse as its type")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: the message does not parse as {method}'s request")
 
     if handler.response_streaming:
         inner = handler.unary_stream or handler.stream_stream
@@ -152,7 +155,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
             return _refusal(handler, exc)
         if operation not in (Operation.GENERATE, Operation.PUSH):
             return handler
-        return _holding(handler, self.access, caller, operation)
+        return _holding(handler, self.access, caller, operation, details.method)
 
 
 class RolloutServicer(pb_grpc.RolloutServiceServicer):
@@ -195,7 +198,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
             check_generate(req, self.backend.config)
             return req
 
-        return await asyncio.to_thread(checked) if len(message.prompts) > LARGE_BATCH else checked()
+        return await asyncio.to_thread(checked) if message.ByteSize() > LARGE_MESSAGE else checked()
 
     async def GetStatus(self, request: pb.GetStatusRequest, context) -> pb.GetStatusResponse:
         try:
@@ -282,6 +285,11 @@ async def create_server(backend: Backend, config: ServerConfig, access: Access) 
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", max(config.max_request_mib * MIB, MIN_RECEIVE_BYTES)),
+            # A connection that carries no call for five minutes is closed (clients reconnect on
+            # their next call), and one connection carries at most 1,024 calls at once (a client
+            # queues the rest): a stranger's idle or call-flooding connections are bounded.
+            ("grpc.max_connection_idle_ms", GRPC_IDLE_MS),
+            ("grpc.max_concurrent_streams", GRPC_STREAMS_PER_CONNECTION),
         ],
     )
     shared = SharedMemoryDir.create(config.shared_memory_dir if config.shared_memory else None)

@@ -50,6 +50,7 @@ from rollout_service.errors import (
     Cancelled,
     DeadlineExceeded,
     InvalidArgument,
+    Overloaded,
     RolloutError,
     TooLarge,
     Unauthenticated,
@@ -63,6 +64,13 @@ from rollout_service.weights.safetensors_stream import SafetensorsStream
 
 log = logging.getLogger(__name__)
 
+# The body of a call that is neither a Generate nor a push (status, events, health, admin): none of
+# them reads one, and without this bound each would be buffered up to max_request_mib.
+SMALL_BODY = 64 * 1024
+# HTTP requests handled at once, health probes aside (429 beyond). Counted here, not with uvicorn's
+# limit_concurrency, which counts open connections too: 8,192 idle ones from a stranger would
+# then turn every request away, /healthz included.
+MAX_HTTP_REQUESTS = 8192
 # Bodies beyond this are parsed in a thread: tens of MiB of JSON take seconds, which would stall
 # every other call on the event loop.
 LARGE_BODY = 1 << 20
@@ -90,6 +98,7 @@ class AccessMiddleware:
 
     def __init__(self, app, access: Access, max_body: int, max_push: int, body_idle_s: float):
         self.app = app
+        self.running = 0  # requests past this middleware, health probes aside
         self.access = access
         self.max_body = max_body
         self.max_push = max_push
@@ -100,31 +109,38 @@ class AccessMiddleware:
             return await self.app(scope, receive, send)
         operation = http_operation(scope["method"], scope["path"])
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        limit = self.max_push if operation is Operation.PUSH else self.max_body
+        limit = {Operation.PUSH: self.max_push, Operation.GENERATE: self.max_body}.get(operation, SMALL_BODY)
         slot = UNCAPPED
+        counted = False
         try:
-            caller = self.access.authorize(headers.get("authorization"), operation)
-            length = headers.get("content-length", "")
-            if length.isdigit() and int(length) > limit:
-                raise TooLarge(f"the body of {int(length)} bytes is over the limit of {limit // MIB} MiB")
-            slot = self.access.acquire(caller, operation)  # before buffering: a capped key holds no memory
-            if operation is Operation.PUSH:
-                receive = _bounded(receive, limit)
-            else:
-                receive = await _buffered(receive, limit, self.body_idle_s, slot, int(length) if length.isdigit() else None)
-        except RolloutError as exc:
-            slot.release()
-            if not isinstance(exc, TooLarge):
-                log.info("refused %s %s: %s", scope["method"], scope["path"], exc)
-            return await _error_response(exc, scope["path"])(scope, receive, send)
-        try:
+            try:
+                if operation is not Operation.HEALTH:  # a probe answers however busy the server is
+                    if self.running >= MAX_HTTP_REQUESTS:
+                        raise Overloaded(f"the server is handling {self.running} HTTP requests, its most; retry shortly")
+                    self.running += 1
+                    counted = True
+                caller = self.access.authorize(headers.get("authorization"), operation)
+                length = headers.get("content-length", "")
+                if length.isdigit() and int(length) > limit:
+                    raise TooLarge(f"the body of {int(length)} bytes is over the limit of {limit} bytes for {scope['path']}")
+                slot = self.access.acquire(caller, operation)  # before buffering: a capped key holds no memory
+                if operation is Operation.PUSH:
+                    receive = _bounded(receive, limit)
+                else:
+                    receive = await _buffered(receive, limit, self.body_idle_s, slot, int(length) if length.isdigit() else None)
+            except RolloutError as exc:
+                if not isinstance(exc, TooLarge):
+                    log.info("refused %s %s: %s", scope["method"], scope["path"], exc)
+                return await _error_response(exc, scope["path"])(scope, receive, send)
             await self.app(scope, receive, send)
-        finally:
+        finally:  # however the call ends (a cancelled task at shutdown included)
             slot.release()
+            if counted:
+                self.running -= 1
 
 
 def _too_large(limit: int) -> TooLarge:
-    return TooLarge(f"the body is over the limit of {limit // MIB} MiB")
+    return TooLarge(f"the body is over the limit of {limit / MIB:g} MiB" if limit >= MIB else f"the body is over the limit of {limit} bytes")
 
 
 def _bounded(receive, limit: int):
@@ -208,13 +224,15 @@ def create_app(backend: Metered, access: Access, events=None) -> FastAPI:
         inflight: str = Query("", description="drain | abort | continue; default: the server's."),
     ):
         pace = Pace(config.push_idle_timeout_s, "the push body")
-        body = SafetensorsStream(paced(request.stream(), pace), max_header=max_push_header_bytes(config))
+        max_header = max_push_header_bytes(config)
+        pace.expect(max_header)  # the header is read under the push lock: a trickled one would hold it
+        body = SafetensorsStream(paced(request.stream(), pace), max_header=max_header)
 
         async def read_header() -> PushHeader:  # once the push lock is held: one header parsed at a time
             header = await body.header(expected_version, label, inflight)
             budget = PushBudget(config)
             budget.add(header.tensors)
-            pace.expect(budget.declared)
+            pace.expect(max_header + budget.declared)
             return header
 
         try:

@@ -4,15 +4,17 @@ who connect and then say nothing.
 uvicorn 0.55 arms no timer until a connection's first response, and cancels its keep-alive timer
 on any byte received, so a connection that sends nothing, or a request head one byte at a time,
 stays open forever. `GuardedHttpProtocol` closes a connection whose request head is not complete
-within FIRST_REQUEST_S of its opening (or of its last response). `limit_concurrency` answers 503
-beyond HTTP_CONCURRENCY open connections and running requests together, and the process's
-open-file limit is raised to its hard limit so that thousands of idle sockets do not use up the
-descriptors /healthz and a trainer's call need.
+within FIRST_REQUEST_S of its opening (or of its last response), and refuses a peer's connections
+beyond CONNECTIONS_PER_PEER; the process's open-file limit is raised to its hard limit so that
+thousands of idle sockets do not use up the descriptors /healthz and a trainer's call need.
+(Requests handled at once are counted by the app's middleware, api/http_app.py: uvicorn's
+limit_concurrency counts idle connections too, and would let them turn every request away.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import resource
 import ssl
@@ -27,9 +29,9 @@ log = logging.getLogger(__name__)
 # Seconds a connection may take to send a complete request head (nginx's client_header_timeout
 # is 60 s, Apache's RequestReadTimeout header=20-40 s).
 FIRST_REQUEST_S = 20.0
-# Open connections and running requests beyond which uvicorn answers 503: above the per-key
-# Generate cap (1,024) for a few keys, far below the open files the server can have.
-HTTP_CONCURRENCY = 8192
+# Open connections one peer address may have: an agent framework's pool of hundreds, or a few
+# trainers behind one NAT, fit; one stranger cannot hold the server's open files.
+CONNECTIONS_PER_PEER = 4096
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
@@ -37,10 +39,18 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     FIRST_REQUEST_S to arrive (counted from the connection, or from the last response)."""
 
     head_timeout_s = FIRST_REQUEST_S
+    per_peer = CONNECTIONS_PER_PEER
+    _peers: collections.Counter[str] = collections.Counter()  # open connections by peer address, this process
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self._head_timer: asyncio.TimerHandle | None = None
+        self._peer = (transport.get_extra_info("peername") or ("?",))[0]
+        self._peers[self._peer] += 1
+        if self._peers[self._peer] > self.per_peer:
+            log.warning("refused a connection from %s: it has %d open, at most %d", self._peer, self._peers[self._peer] - 1, self.per_peer)
+            transport.close()
+            return
         self._arm_head_timer()
 
     def _arm_head_timer(self) -> None:
@@ -68,6 +78,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc) -> None:
         self._disarm_head_timer()
+        self._peers[self._peer] -= 1
+        if not self._peers[self._peer]:
+            del self._peers[self._peer]
         super().connection_lost(exc)
 
 
@@ -94,8 +107,7 @@ async def start_http(app, config: ServerConfig) -> tuple[uvicorn.Server, asyncio
             tls |= {"ssl_ca_certs": str(config.tls_client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
     raise_open_file_limit()
     server = uvicorn.Server(uvicorn.Config(
-        app, host=host, port=port, log_level="warning", lifespan="off", http=GuardedHttpProtocol,
-        limit_concurrency=HTTP_CONCURRENCY, **tls,
+        app, host=host, port=port, log_level="warning", lifespan="off", http=GuardedHttpProtocol, **tls,
     ))
     # The runner owns the signals; uvicorn would otherwise install its own handlers.
     server.install_signal_handlers = lambda: None

@@ -23,7 +23,15 @@ import numpy as np
 
 from rollout_service.config import ServerConfig
 from rollout_service.errors import InvalidArgument, TooLarge
-from rollout_service.types import MAX_STOP_TOKEN_IDS_WITH_MIN_TOKENS, GenerateRequest, SamplingOptions
+from rollout_service.types import (
+    MAX_ALLOWED_TOKEN_IDS,
+    MAX_ID_CHARS,
+    MAX_LOGIT_BIAS_TOKENS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS_WITH_MIN_TOKENS,
+    GenerateRequest,
+    SamplingOptions,
+)
 from rollout_service.weights.manifest import TensorSpec
 
 MIB = 1024 * 1024
@@ -51,10 +59,6 @@ def model_limits(model: Path, max_model_len: int | None) -> ModelLimits:
     text = hf.get("text_config", hf)  # a multimodal config nests the language model's
     context = max_model_len or int(text.get("max_position_embeddings") or text.get("n_positions") or 2048)
     return ModelLimits(context, int(text["vocab_size"]), _eos_ids(model, hf, text))
-
-
-def context_length(model: Path, max_model_len: int | None) -> int:
-    return model_limits(model, max_model_len).context
 
 
 def _eos_ids(model: Path, *configs: dict) -> frozenset[int]:
@@ -221,7 +225,20 @@ def _check_vocab(field: str, ids: Sequence[int], model: ModelLimits) -> None:
 
 def check_generate_message(msg, config: ServerConfig) -> None:
     """The counts of a GenerateRequest protobuf message, checked before anything is copied out of it
-    (a message within max_request_mib may still hold far more prompts or tokens than allowed)."""
+    (a message within max_request_mib may still hold far more prompts, tokens or list entries than
+    allowed)."""
+    vocab = model_limits(config.model, config.max_model_len).vocab_size
+    counted = (
+        ("sampling.allowed_token_ids", len(msg.sampling.allowed_token_ids), MAX_ALLOWED_TOKEN_IDS),
+        ("sampling.logit_bias", len(msg.sampling.logit_bias), MAX_LOGIT_BIAS_TOKENS),
+        ("sampling.stop", len(msg.sampling.stop), MAX_STOP_STRINGS),
+        ("sampling.stop_token_ids", len(msg.sampling.stop_token_ids), vocab),
+        ("request_id", len(msg.request_id), MAX_ID_CHARS),
+        ("session_id", len(msg.session_id), MAX_ID_CHARS),
+    )
+    for field, count, limit in counted:
+        if count > limit:
+            raise InvalidArgument(field, f"{count} entries (characters for an id): at most {limit}")
     if len(msg.prompts) > config.max_prompts_per_call:
         raise InvalidArgument("prompts", f"{len(msg.prompts)} prompts exceed max_prompts_per_call={config.max_prompts_per_call}")
     max_prompt = prompt_token_limit(config)

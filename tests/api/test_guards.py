@@ -413,6 +413,8 @@ async def test_a_push_or_body_that_trickles_in_under_the_idle_timeout_is_aborted
     body = safetensors_body(64)
     status, text = await trickled_http(port, "/v1/weights", body, len(body) - 64)
     assert status == 504 and "MiB/s" in text, text
+    status, text = await trickled_http(port, "/v1/weights", body, 4)  # the header itself, read under the push lock
+    assert status == 504 and "MiB/s" in text, text
     generate = json.dumps({"prompts": [{"token_ids": [1, 2, 3]}]}).encode()
     status, text = await trickled_http(port, "/v1/generate", generate, 5)
     assert status == 504 and "MiB/s" in text, text

@@ -87,3 +87,57 @@ async def test_a_keep_alive_connection_gets_the_head_timeout_again_after_each_re
         await asyncio.sleep(HEAD_TIMEOUT_S + 1.0)
         assert await _closed_by_server(reader)
         writer.close()
+
+
+async def test_one_peer_cannot_hold_more_than_its_connections_and_others_are_served(tiny_model, tmp_path, monkeypatch):
+    """A stranger at 127.0.0.2 opens more connections than a peer may hold: the ones beyond are
+    closed at once, while a trainer at 127.0.0.1 is served; idle connections are not requests, so
+    they never make the server refuse one."""
+    monkeypatch.setattr(GuardedHttpProtocol, "per_peer", 50)
+    monkeypatch.setattr("rollout_service.api.http_app.MAX_HTTP_REQUESTS", 20)  # below the stranger's 50 idle ones
+    async with FrontEnds(make_config(tiny_model, tmp_path), None) as ends:
+        port = int(ends.url.rsplit(":", 1)[1])
+        stranger = [await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0)) for _ in range(60)]
+        try:
+            closed = await asyncio.gather(*(_closed_by_server(r) for r, _ in stranger))
+            assert sum(closed) == 10, f"{sum(closed)} of the stranger's 60 connections closed, not the 10 beyond 50"
+            async with ends.http_client(KEYS["trainer"]) as http:
+                assert (await http.get("/healthz")).status_code == 200
+                reply = await http.post("/v1/generate", json={"prompts": [{"token_ids": [1, 2]}]})
+                assert reply.status_code == 200, reply.text
+        finally:
+            for _, writer in stranger:
+                writer.close()
+
+
+async def test_requests_beyond_the_limit_are_429_but_health_answers(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr("rollout_service.api.http_app.MAX_HTTP_REQUESTS", 2)
+    async with FrontEnds(make_config(tiny_model, tmp_path), None) as ends:
+        ends.backend.open.clear()  # generates stay in the backend until it opens
+        async with ends.http_client(KEYS["trainer"]) as http:
+            held = [asyncio.create_task(http.post("/v1/generate", json={"prompts": [{"token_ids": [1]}]})) for _ in range(2)]
+            while ends.backend.generate_calls < 2:
+                await asyncio.sleep(0.01)
+            reply = await http.post("/v1/generate", json={"prompts": [{"token_ids": [1]}]})
+            assert reply.status_code == 429 and "HTTP requests" in reply.text, reply.text
+            assert (await http.get("/healthz")).status_code == 200
+            ends.backend.open.set()
+            assert all(r.status_code == 200 for r in await asyncio.gather(*held))
+            assert (await http.post("/v1/generate", json={"prompts": [{"token_ids": [1]}]})).status_code == 200
+
+
+async def test_a_body_on_a_route_that_reads_none_is_refused_not_buffered(tiny_model, tmp_path):
+    """/healthz is open to strangers and /v1/status to any key: neither reads a body, so one of more
+    than 64 KiB is refused (413) by its Content-Length, or as it streams, never buffered."""
+    async with FrontEnds(make_config(tiny_model, tmp_path), None) as ends:
+        async with ends.http_client(KEYS["eval"]) as http:
+            for path in ("/healthz", "/v1/status"):
+                reply = await http.request("GET", path, content=b"x" * (1 << 20))
+                assert reply.status_code == 413 and "65536 bytes" in reply.text, reply.text
+
+                async def streamed():
+                    for _ in range(32):
+                        yield b"x" * 4096
+
+                reply = await http.request("GET", path, content=streamed())
+                assert reply.status_code == 413, reply.text

@@ -84,3 +84,25 @@ def test_a_protobuf_s_counts_are_checked_before_anything_is_copied_out_of_it(tin
     with pytest.raises(InvalidArgument, match="beyond any tokenization within 8 tokens"):
         check_generate_message(pb.GenerateRequest(prompts=[pb.Prompt(text="x" * (8 * 64 + 1))]), config)
     check_generate_message(pb.GenerateRequest(prompts=[pb.Prompt(token_ids=[1] * 8)] * 3), config)
+
+
+@pytest.mark.parametrize(
+    "sampling, field",
+    [
+        ({"allowed_token_ids": [1] * 1025}, "sampling.allowed_token_ids"),
+        ({"logit_bias": {i: 1.0 for i in range(1025)}}, "sampling.logit_bias"),
+        ({"stop": ["x"] * 129}, "sampling.stop"),
+        ({"stop_token_ids": [1] * 2049}, "sampling.stop_token_ids"),  # more than the vocabulary holds
+    ],
+)
+def test_a_protobuf_s_sampling_lists_are_counted_before_they_are_copied(config, sampling, field):
+    with pytest.raises(InvalidArgument) as info:
+        check_generate_message(pb.GenerateRequest(prompts=[pb.Prompt(text="x")], sampling=pb.SamplingParams(**sampling)), config)
+    assert info.value.field == field
+
+
+def test_a_protobuf_s_ids_are_measured_before_they_are_copied(config):
+    for field in ("request_id", "session_id"):
+        with pytest.raises(InvalidArgument, match="at most 256") as info:
+            check_generate_message(pb.GenerateRequest(prompts=[pb.Prompt(text="x")], **{field: "r" * 257}), config)
+        assert info.value.field == field

@@ -17,7 +17,7 @@ from vllm.exceptions import VLLMValidationError
 
 from rollout_service.config import ServerConfig
 from rollout_service.errors import InvalidArgument, NotFound
-from rollout_service.types import GenerateRequest, Prompt, SamplingOptions, invalid_argument_from
+from rollout_service.types import UINT32_MAX, UINT64_MAX, GenerateRequest, SamplingOptions, invalid_argument_from
 
 
 class _Extensions(BaseModel):
@@ -27,8 +27,8 @@ class _Extensions(BaseModel):
         False, description="Each choice carries `token_weight_versions`: the version of every token as runs "
         "[version, count] (more than one run only when a push landed mid-sample)."
     )
-    min_weight_version: int = Field(0, ge=0, description="As GenerateRequest.min_weight_version.")
-    max_staleness: int | None = Field(None, ge=0, description="As GenerateRequest.max_staleness.")
+    min_weight_version: int = Field(0, ge=0, le=UINT64_MAX, description="As GenerateRequest.min_weight_version.")
+    max_staleness: int | None = Field(None, ge=0, le=UINT32_MAX, description="As GenerateRequest.max_staleness.")
 
 
 class CompletionBody(CompletionRequest, _Extensions):
@@ -125,10 +125,29 @@ def sampling(body: CompletionBody | ChatBody, max_tokens: int, logprobs: int) ->
 def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
     out = {}
     for key, value in (bias or {}).items():
-        if not key.lstrip("-").isdigit():
-            raise InvalidArgument(f"logit_bias[{key}]", f"keys are token ids; {key!r} is not an integer")
-        out[int(key)] = value
+        shown = key if len(key) <= 40 else f"{key[:40]}..."
+        try:
+            out[int(key)] = value
+        except ValueError:  # not an integer, or one of more than 4,300 digits
+            raise InvalidArgument(f"logit_bias[{shown}]", f"keys are token ids; {shown!r} is not one") from None
     return out
+
+
+def _generate_request(body: CompletionBody | ChatBody, prompts: list[dict], options: SamplingOptions) -> GenerateRequest:
+    """The GenerateRequest of a body: its prompts ({"text"} or {"token_ids"}) and options, with
+    the same checks and field names as /v1/generate's ("prompts[1].token_ids", said as OpenAI says
+    them by responses.error_body)."""
+    try:
+        return GenerateRequest.model_validate({
+            "prompts": prompts,
+            "sampling": options,
+            "request_id": body.request_id if "request_id" in body.model_fields_set else "",
+            "session_id": body.session_id or "",
+            "min_weight_version": body.min_weight_version,
+            "max_staleness": body.max_staleness,
+        })
+    except ValidationError as exc:
+        raise invalid_argument_from(exc.errors(include_url=False)) from None
 
 
 def completion_request(body: CompletionBody) -> GenerateRequest:
@@ -138,37 +157,22 @@ def completion_request(body: CompletionBody) -> GenerateRequest:
     if prompt is None or prompt == [] or prompt == "":
         raise InvalidArgument("prompt", "is required: a string, a list of strings, token ids or lists of token ids")
     if isinstance(prompt, str):
-        prompts = [Prompt(text=prompt)]
+        prompts = [{"text": prompt}]
     elif all(isinstance(p, int) for p in prompt):
-        prompts = [Prompt(token_ids=list(prompt))]
+        prompts = [{"token_ids": prompt}]
     else:
         prompts = []
         for i, p in enumerate(prompt):
             if not p:
                 raise InvalidArgument(f"prompt[{i}]", "is empty")
-            prompts.append(Prompt(text=p) if isinstance(p, str) else Prompt(token_ids=list(p)))
-    return GenerateRequest(
-        prompts=prompts,
-        sampling=sampling(body, body.max_tokens or 16, body.logprobs or 0),
-        request_id=body.request_id if "request_id" in body.model_fields_set else "",
-        session_id=body.session_id or "",
-        min_weight_version=body.min_weight_version,
-        max_staleness=body.max_staleness,
-    )
+            prompts.append({"text": p} if isinstance(p, str) else {"token_ids": p})
+    return _generate_request(body, prompts, sampling(body, body.max_tokens or 16, body.logprobs or 0))
 
 
 def chat_request(body: ChatBody, prompt_token_ids: list[int], context: int, limit: int | None = None) -> GenerateRequest:
     """A /v1/chat/completions body whose messages rendered to `prompt_token_ids`. Without
     max_completion_tokens or max_tokens a chat may use the rest of the `context`, up to the
     server's max_tokens_per_sample (`limit`)."""
-    prompts = [Prompt(token_ids=prompt_token_ids)]
     asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = asked if asked is not None else min(max(context - len(prompt_token_ids), 1), limit or context)
-    return GenerateRequest(
-        prompts=prompts,
-        sampling=sampling(body, max_tokens, body.top_logprobs or 0),
-        request_id=body.request_id if "request_id" in body.model_fields_set else "",
-        session_id=body.session_id or "",
-        min_weight_version=body.min_weight_version,
-        max_staleness=body.max_staleness,
-    )
+    return _generate_request(body, [{"token_ids": prompt_token_ids}], sampling(body, max_tokens, body.top_logprobs or 0))

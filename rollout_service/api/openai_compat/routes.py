@@ -40,6 +40,7 @@ from rollout_service.types import Completion, GenerateRequest
 log = logging.getLogger(__name__)
 
 PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models"})
+LARGE_BODY = 1 << 20  # bodies beyond are parsed in a thread
 
 
 def error_body(exc: BaseException, path: str) -> dict:
@@ -70,13 +71,21 @@ class _Lazy:
         return self._loaded
 
 
-async def _json(request: Request):
+def _loads(raw: bytes):
     try:
-        return json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidArgument("body", f"invalid JSON: {exc}") from None
+        return json.loads(raw)
+    except ValueError as exc:  # not JSON, not UTF-8, or an integer of more than 4,300 digits
+        raise InvalidArgument("body", f"invalid JSON: {str(exc)[:200]}") from None
     except RecursionError:  # json's C parser recurses once per level of nesting
         raise InvalidArgument("body", "invalid JSON: nested too deeply") from None
+
+
+async def _parsed(request: Request, bodies, model):
+    """The request's body as `model` (vLLM's request model and ours): a large one is parsed off the
+    event loop, where megabytes of JSON would stall every other call for seconds."""
+    raw = await request.body()
+    parse = lambda: bodies.parse(model, _loads(raw))  # noqa: E731
+    return await asyncio.to_thread(parse) if len(raw) > LARGE_BODY else parse()
 
 
 def _sse(data: dict | str) -> str:
@@ -144,7 +153,7 @@ def add_routes(app: FastAPI, backend) -> None:
         request: Request, x_request_timeout: float | None = Header(None, gt=0, description="Deadline in seconds.")
     ):
         bodies, text = await model_text.get()
-        body = bodies.parse(bodies.CompletionBody, await _json(request))
+        body = await _parsed(request, bodies, bodies.CompletionBody)
         bodies.check_model(body.model, config)
         req = bodies.completion_request(body)
         check_generate(req, config)
@@ -162,7 +171,7 @@ def add_routes(app: FastAPI, backend) -> None:
         request: Request, x_request_timeout: float | None = Header(None, gt=0, description="Deadline in seconds.")
     ):
         bodies, text = await model_text.get()
-        body = bodies.parse(bodies.ChatBody, await _json(request))
+        body = await _parsed(request, bodies, bodies.ChatBody)
         bodies.check_model(body.model, config)
         req = bodies.chat_request(body, await text.render(body), text.context, config.max_tokens_per_sample)
         check_generate(req, config)
