@@ -25,6 +25,7 @@ from rollout_service.api.http_server import start_http
 from rollout_service.api.metrics import Metered
 from rollout_service.config import ServerConfig, is_loopback
 from rollout_service.engine import RolloutEngine
+from rollout_service.engine.engine import with_context
 from rollout_service.errors import ConfigError, EngineUnavailable
 from rollout_service.launcher import READY_PREFIX
 from rollout_service.weights.local import LocalPush, local_store
@@ -88,6 +89,7 @@ async def serve(config: ServerConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
 
     check_ports_free(config)
+    config = with_context(config)
     access = Access.from_config(config)  # a bad keys file fails here, before the engine starts
     log_exposure(config, access)
     store = local_store(config)  # a second server on a --weights-dir fails here, before the engine starts

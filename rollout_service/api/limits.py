@@ -46,7 +46,10 @@ PUSH_MARGIN = 2.0
 @dataclass(frozen=True)
 class ModelLimits:
     """What the served model bounds in a request, read from its checkpoint's files (no engine is
-    needed: the Serve ingress checks requests before any replica sees them)."""
+    needed: the Serve ingress checks requests before any replica sees them). The context is the
+    configured max_model_len, which both servers set at start to what vLLM serves
+    (engine.with_context); only a config that never went through a start falls back to config.json's
+    max_position_embeddings."""
 
     context: int  # max_model_len: prompt + generated tokens
     vocab_size: int  # token ids are in [0, vocab_size), as the engine's embedding has them

@@ -85,6 +85,19 @@ def resolve_model(config: ServerConfig) -> Path:
     return cached_quantized_checkpoint(config.model, recipe, config.cache_dir, progress=log.info)
 
 
+def with_context(config: ServerConfig) -> ServerConfig:
+    """`config` with max_model_len set to the context vLLM will serve when it was left to the model
+    (vLLM's own derivation: max_position_embeddings and its kin, rope scaling, sliding windows), so
+    that the request checks, the OpenAI layer and the engine all bound requests by one number. Run
+    once at start by both backends (a second or two: vLLM reads the checkpoint's config)."""
+    if config.max_model_len is not None:
+        return config
+    from vllm.config import ModelConfig
+
+    context = ModelConfig(model=str(config.model), generation_config="vllm", dtype=config.dtype).max_model_len
+    return config.model_copy(update={"max_model_len": context})
+
+
 def engine_args(config: ServerConfig, model: Path):
     """vLLM's AsyncEngineArgs for `config`, loading `model` (see resolve_model); the benchmark's
     in-process baseline uses it too."""

@@ -18,7 +18,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from rollout_service.api.access import Access
 from rollout_service.config import ServerConfig
-from rollout_service.engine.engine import resolve_model
+from rollout_service.engine.engine import resolve_model, with_context
 from rollout_service.launcher import READY_PREFIX
 from rollout_service.errors import ConfigError
 from rollout_service.serve import local_ray
@@ -110,6 +110,7 @@ def run(config: ServerConfig) -> None:
     # Settings errors (FP8 on CPU, a quantized checkpoint given with --quantization) surface here
     # rather than as replicas failing to start; the quantized copy is made once, before the replicas.
     resolve_model(config)
+    config = with_context(config)  # the ingress checks requests against the context its replicas serve
     # ray.init joins RAY_ADDRESS when given no address: that cluster is the operator's, not ours to shut down.
     own_cluster = config.ray_address is None and not os.environ.get("RAY_ADDRESS")
     start_ray(config.ray_address, host=config.host, private_dir=config.cache_dir, logging_level=logging.WARNING,
