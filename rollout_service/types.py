@@ -379,6 +379,8 @@ class PushResult:
     dense_bytes: int = 0  # the tensors whole (more than bytes_received when some came as deltas)
     delta_tensors: int = 0
     shared_bytes: int = 0  # of bytes_received, those taken from shared memory (same host)
+    # What failed after the commit point without undoing it (a sync of the store, say).
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)

@@ -139,3 +139,17 @@ def test_a_huge_bad_value_is_shown_by_its_start_and_size_only():
 def test_json_nested_past_any_limit_is_invalid_json():
     with pytest.raises(InvalidArgument, match="body: invalid JSON"):
         GenerateRequest.parse(b'{"prompts": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+
+
+def test_a_temperature_vllm_would_raise_to_its_minimum_is_refused_and_penalties_stay_finite():
+    """vLLM samples 0 < T < 0.01 at 0.01 and returns that distribution's logprobs: refused. A
+    repetition penalty of 1e-45 is 0 in float32, which would divide logits by zero."""
+    for temperature in (1e-3, 1e-40):
+        with pytest.raises(InvalidArgument, match="use 0 for greedy, or at least 0.01") as info:
+            _parse(temperature=temperature)
+        assert info.value.field == "sampling.temperature"
+    assert _parse(temperature=0.01).sampling.temperature == 0.01 and _parse(temperature=0.0).sampling.temperature == 0.0
+    for penalty in (1e-45, 0.009, 101.0):
+        with pytest.raises(InvalidArgument) as info:
+            _parse(repetition_penalty=penalty)
+        assert info.value.field == "sampling.repetition_penalty"

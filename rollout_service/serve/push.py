@@ -151,9 +151,12 @@ class ClusterPush:
 
     async def _commit_and_apply(self, session, push_id, version, files, receive_s, prepare_s) -> PushResult:
         crc = {**session.crc32, **session.cast_crc}
+        warnings: list[str] = []
         try:
-            manifest = await asyncio.to_thread(self.store.commit, version, files, crc, session.header.label, session.fence)
-        except BaseException:  # e.g. the disk is full, or fenced off: nothing committed, every replica drops its prepared push
+            manifest = await asyncio.to_thread(
+                self.store.commit, version, files, crc, session.header.label, session.fence, warnings
+            )
+        except BaseException as exc:  # e.g. the disk is full, or fenced off: nothing committed, every replica drops its prepared push
             if not await asyncio.to_thread(self.store.holds, version, files):
                 with contextlib.suppress(Exception):
                     await broadcast_all(self.engines, "abort", push_id)
@@ -161,6 +164,7 @@ class ClusterPush:
                 raise
             # Past the commit point the version stands, whatever failed: never discard it.
             log.exception("version %d is committed, though its commit raised afterwards; it stands", version)
+            warnings.append(f"version {version} is committed, though its commit raised afterwards ({exc})")
             manifest = self.store.manifest(version)
         session.committed = True
         try:
@@ -174,5 +178,5 @@ class ClusterPush:
         for exc in failed:
             log.warning("version %d is committed; a replica failed to load it and catches up from the store: %s", version, exc)
         catching_up = sorted(e.replica_id if isinstance(e, ApplyFailed) else f"unknown ({e})" for e in failed)
-        self.last_push = session.result(version, receive_s, prepare_s, applied, catching_up)
+        self.last_push = session.result(version, receive_s, prepare_s, applied, catching_up, warnings)
         return self.last_push

@@ -14,8 +14,10 @@ import threading
 from pathlib import Path
 
 
-def fsync_file(path: Path) -> None:
-    """Put `path`'s data and size on the disk."""
+def fsync_file(path: Path, sync: bool = True) -> None:
+    """Put `path`'s data and size on the disk (`sync` False: a store deleted at stop, nothing to keep)."""
+    if not sync:
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -23,8 +25,10 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path, sync: bool = True) -> None:
     """Put the entries of directory `path` (files created, renamed or removed in it) on the disk."""
+    if not sync:
+        return
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -32,11 +36,11 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def replace_durably(source: Path, target: Path) -> None:
+def replace_durably(source: Path, target: Path, sync: bool = True) -> None:
     """Rename `source` (already synced, in the same directory) over `target`, and sync the
     directory."""
     os.replace(source, target)
-    fsync_dir(target.parent)
+    fsync_dir(target.parent, sync)
 
 
 def temp_name(path: Path) -> Path:
@@ -45,19 +49,19 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
 
 
-def write_synced(path: Path, text: str) -> None:
+def write_synced(path: Path, text: str, sync: bool = True) -> None:
     """Write `text` into a new file `path` and sync it (it is renamed into place afterwards)."""
     path.write_text(text)
-    fsync_file(path)
+    fsync_file(path, sync)
 
 
-def write_durably(path: Path, text: str) -> None:
+def write_durably(path: Path, text: str, sync: bool = True) -> None:
     """Replace `path` with `text`: readers see the old or the new content, whole, also after a
     power loss."""
     tmp = temp_name(path)
     try:
-        write_synced(tmp, text)
-        replace_durably(tmp, path)
+        write_synced(tmp, text, sync)
+        replace_durably(tmp, path, sync)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -126,14 +126,16 @@ class LocalPush:
         receive_s: float, prepare_s: float,
     ) -> PushResult:
         crc = {**session.crc32, **session.cast_crc}
+        warnings: list[str] = []
         try:
-            await asyncio.to_thread(self.store.commit, version, files, crc, session.header.label)
-        except BaseException:  # e.g. the disk is full: nothing committed, the old version serves on
+            await asyncio.to_thread(self.store.commit, version, files, crc, session.header.label, None, warnings)
+        except BaseException as exc:  # e.g. the disk is full: nothing committed, the old version serves on
             if not await asyncio.to_thread(self.store.holds, version, files):
                 self.store.discard(files)
                 raise
             # Past the commit point the version stands, whatever failed: never discard it.
             log.exception("version %d is committed, though its commit raised afterwards; it stands", version)
+            warnings.append(f"version {version} is committed, though its commit raised afterwards ({exc})")
         session.committed = True
         policy = session.header.inflight or self.config.inflight
         try:
@@ -149,5 +151,5 @@ class LocalPush:
                     f"server restarts, which loads version {version}"
                 ) from None
             stats = ApplyStats()  # the whole version's load is not this push's
-        self.last_push = session.result(version, receive_s, prepare_s, [stats], [])
+        self.last_push = session.result(version, receive_s, prepare_s, [stats], [], warnings)
         return self.last_push

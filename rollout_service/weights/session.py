@@ -121,7 +121,8 @@ class PushSession:
         self.shared_bytes += len(data)
 
     def result(
-        self, version: int, receive_s: float, prepare_s: float, applied: list[ApplyStats], catching_up: list[str]
+        self, version: int, receive_s: float, prepare_s: float, applied: list[ApplyStats], catching_up: list[str],
+        warnings: list[str] | None = None,
     ) -> PushResult:
         """What this push reports once committed as `version`: its receive and preparation times
         and what loading it cost the engines that did (each figure's maximum over them, samples in
@@ -141,6 +142,7 @@ class PushSession:
             label=self.header.label,
             samples_in_flight=sum(a.samples_in_flight for a in applied),
             replicas_catching_up=catching_up,
+            warnings=warnings or [],
         )
 
     async def finish(self) -> None:

@@ -178,6 +178,9 @@ class VersionStore:
         self.root = root
         self.keep = keep
         self.temporary = temporary  # deleted by close()
+        # A temporary store is deleted at stop: nothing in it has to survive a power loss, so its
+        # writes are not synced (a push to a single-process server without --weights-dir).
+        self.durable = not temporary
         self.incoming = root / "incoming"
         self.incoming.mkdir(parents=True, exist_ok=True)
         self._lock_fd: int | None = None
@@ -192,7 +195,7 @@ class VersionStore:
         except FileNotFoundError:
             if self.current_version():
                 log.warning("weights_dir %s holds versions but no record of their checkpoint: taking them as %s's", self.root, model)
-            durable.write_durably(path, json.dumps({"identity": identity, "model": str(model.resolve())}))
+            durable.write_durably(path, json.dumps({"identity": identity, "model": str(model.resolve())}), self.durable)
             return
         if recorded["identity"] != identity:
             raise ConfigError(
@@ -280,7 +283,7 @@ class VersionStore:
         """Where a push's shards are written as it is received: in incoming/, each shard synced to
         the disk as it is written (on the conversion thread, off the receive path), so that the
         commit waits for the sync of the last one only."""
-        return Spool(self.incoming, staging.PART_BYTES, durable=True)
+        return Spool(self.incoming, staging.PART_BYTES, durable=self.durable)
 
     def adopt(self, staged: Path, files: dict[str, Path], version: int) -> dict[str, Path]:
         """Move a received push's directory (a `spool`'s) into the store as a candidate for
@@ -292,28 +295,36 @@ class VersionStore:
         return {name: target / path.name for name, path in files.items()}
 
     def commit(
-        self, version: int, files: dict[str, Path], crc32: dict[str, int], label: str, fence: int | None = None
+        self, version: int, files: dict[str, Path], crc32: dict[str, int], label: str, fence: int | None = None,
+        warnings: list[str] | None = None,
     ) -> Manifest:
         """Make `version` (tensors `files`, adopted from a `spool`) the current one, if the current
         one is still `version - 1` and `fence` (the push lock's token; None: a single-process
         server, which holds the store alone) is the newest issued (`raise_fence`); else Conflict,
         and nothing is written. Raises only before its commit point (CURRENT renamed): whatever
-        fails after it is logged, and the version stands."""
+        fails after it is logged and appended to `warnings` (the push reports them), and the
+        version stands."""
         with self._committing():
             manifest = self._next(version, files, crc32, label, fence)
             self._write_manifest(manifest, files)
             faults.fault_point("store.commit.after_manifest")
             self._point_current(version)
             try:
-                durable.fsync_dir(self.root)
+                durable.fsync_dir(self.root, self.durable)
                 faults.fault_point("store.commit.after_current")
                 self._collect()
-            except Exception:  # reported, not raised: a caller would take it as "nothing committed"
+            except Exception as exc:  # reported, not raised: a caller would take it as "nothing committed"
                 log.exception(
                     "weight store %s: version %d is committed (CURRENT names it), but what follows the commit "
                     "failed; the version stands. Check the store with `rollout-service store verify %s`",
                     self.root, version, self.root,
                 )
+                if warnings is not None:
+                    warnings.append(
+                        f"version {version} is committed, but the weight store failed after the commit ({exc}): it may not "
+                        f"survive a power loss, and older versions may be left; check it with `rollout-service store verify "
+                        f"{self.root}`"
+                    )
         return manifest
 
     def _next(self, version: int, files: dict[str, Path], crc32: dict[str, int], label: str, fence: int | None) -> Manifest:
@@ -344,7 +355,7 @@ class VersionStore:
         pointer = self.root / "CURRENT"
         tmp = durable.temp_name(pointer)
         try:
-            durable.write_synced(tmp, str(version))
+            durable.write_synced(tmp, str(version), self.durable)
             os.replace(tmp, pointer)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -361,9 +372,9 @@ class VersionStore:
         directory.mkdir(exist_ok=True)
         try:
             for shards in sorted({path.parent for path in files.values()}):
-                durable.fsync_dir(shards)
-            durable.write_durably(directory / "manifest.json", json.dumps(body, indent=1))
-            durable.fsync_dir(self.root)
+                durable.fsync_dir(shards, self.durable)
+            durable.write_durably(directory / "manifest.json", json.dumps(body, indent=1), self.durable)
+            durable.fsync_dir(self.root, self.durable)
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             raise
@@ -398,7 +409,7 @@ class VersionStore:
         older token commits nothing."""
         with self._committing():
             if token > self.fence_mark():
-                durable.write_durably(self.root / "FENCE", str(token))
+                durable.write_durably(self.root / "FENCE", str(token), self.durable)
 
     @contextlib.contextmanager
     def _committing(self):
@@ -507,7 +518,7 @@ class VersionStore:
         for d in doomed:
             if (d / "manifest.json").exists():
                 (d / "manifest.json").unlink()
-                durable.fsync_dir(d)
+                durable.fsync_dir(d, self.durable)
         for d in doomed:
             shutil.rmtree(d, ignore_errors=True)
             faults.fault_point("store.collect")

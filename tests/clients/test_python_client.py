@@ -76,3 +76,13 @@ class FakeRpcErrorForClientUnitTest(grpc.RpcError):
 def test_rpc_errors_become_typed_exceptions_carrying_the_code(code, cls):
     err = from_rpc_error(FakeRpcErrorForClientUnitTest(code, "sampling.top_p: bad"))
     assert type(err) is cls and err.code == code and err.details == "sampling.top_p: bad"
+
+
+def test_a_push_committed_with_a_problem_says_so_as_a_warning():
+    from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
+    from rollout_client.push import result_from_proto
+
+    reply = pb.PushWeightsResponse(version=3, warnings=["the weight store's directory could not be synced"])
+    with pytest.warns(UserWarning, match="push committed as version 3, with a problem: the weight store's directory"):
+        result = result_from_proto(reply, 1.0)
+    assert result.version == 3 and result.warnings == ["the weight store's directory could not be synced"]

@@ -158,10 +158,10 @@ async def test_a_disk_full_at_the_commit_refuses_the_push_and_the_version_stays(
     await push(local, tensors(1.0))
     real_write = durable.write_durably
 
-    def disk_full(path, text):  # test double: the disk fills up at the manifest
+    def disk_full(path, text, sync=True):  # test double: the disk fills up at the manifest
         if path.name == "manifest.json":
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        real_write(path, text)
+        real_write(path, text, sync)
 
     with monkeypatch.context() as m:
         m.setattr(durable, "write_durably", disk_full)

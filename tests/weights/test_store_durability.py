@@ -81,6 +81,28 @@ async def test_a_push_whose_commit_raised_after_the_commit_point_stands(tmp_path
     assert result.version == 1 and engine.engine.weight_version == 1
     store.verify(store.current())  # its shards were not deleted
     assert "version 1 is committed, though its commit raised afterwards" in caplog.text
+    assert result.warnings == ["version 1 is committed, though its commit raised afterwards ([Errno 5] Input/output error)"]
+
+
+async def test_a_directory_sync_failing_after_the_commit_point_is_reported_to_the_pusher(tmp_path, monkeypatch):
+    """The store's directory cannot be synced after CURRENT was renamed (EIO): the version stands
+    and serves, and the push's reply says it may not survive a power loss, rather than the trainer
+    learning it only from the server's log."""
+    store = VersionStore(tmp_path / "store", keep=3)
+    engine = WeightServiceDoubleForLocalPushTest(store)
+    local = LocalPush(engine, store, CONFIG)
+    real_fsync_dir = durable.fsync_dir
+
+    def fails_after_current(path, sync=True):  # test double: the disk errs once CURRENT names the push
+        if (store.root / "CURRENT").exists() and store.current_version() == 1 and Path(path) == store.root:
+            raise OSError(5, "Input/output error", str(path))
+        real_fsync_dir(path, sync)
+
+    monkeypatch.setattr(durable, "fsync_dir", fails_after_current)
+    result = await push(local, tensors(1.0))
+    assert result.version == 1 and engine.engine.weight_version == 1 and store.current_version() == 1
+    assert len(result.warnings) == 1 and "may not survive a power loss" in result.warnings[0]
+    assert "store verify" in result.warnings[0] and local.last_push.warnings == result.warnings
 
 
 async def test_a_push_syncs_its_shards_as_written_then_the_manifest_then_current_then_deletes(tmp_path, monkeypatch):
@@ -94,10 +116,10 @@ async def test_a_push_syncs_its_shards_as_written_then_the_manifest_then_current
     calls: list[tuple[str, Path, str, str, bool]] = []  # (helper, path, thread, CURRENT then, v000001 there)
 
     def recorded(helper):
-        def call(path):
+        def call(path, sync=True):
             current = (store.root / "CURRENT").read_text()
             calls.append((helper.__name__, Path(path), threading.current_thread().name, current, (store.root / "v000001").exists()))
-            return helper(path)
+            return helper(path, sync)
 
         return call
 
@@ -153,6 +175,22 @@ def torn_store(tmp_path: Path) -> tuple[object, VersionStore]:
 
 def shard_of(store: VersionStore, version: int, name: str = "a.weight") -> Path:
     return store.root / store.manifest(version).tensors[name].file
+
+
+async def test_a_temporary_store_syncs_nothing(tmp_path, monkeypatch):
+    """A single-process server without --weights-dir keeps its versions in a store deleted at stop:
+    nothing in it must survive a power loss, so a push to it calls no fsync at all."""
+    import os
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+    store = VersionStore(tmp_path / "temporary", keep=3, temporary=True)
+    await push(LocalPush(WeightServiceDoubleForLocalPushTest(store), store, CONFIG), tensors(1.0))
+    assert store.current_version() == 1 and synced == []
+    kept = VersionStore(tmp_path / "kept", keep=3)
+    await push(LocalPush(WeightServiceDoubleForLocalPushTest(kept), kept, CONFIG), tensors(1.0))
+    assert synced  # the same push to a kept store syncs
 
 
 @pytest.mark.parametrize(

@@ -68,7 +68,7 @@ class StoreMachine(RuleBasedStateMachine):
 
     # ---- the sync helpers and fault points, wrapped ------------------------------------------
 
-    def _step(self, path=None) -> None:
+    def _step(self, path=None, sync=True) -> None:
         """A sync of a directory or a fault point: where the process may die. (The real syncs
         are not run: what is tested is the order, which the model of a power loss follows.)"""
         if self.crash_in is not None:
@@ -77,7 +77,7 @@ class StoreMachine(RuleBasedStateMachine):
                 self.crash_in = None
                 raise SimulatedCrash()
 
-    def _fsync_file(self, path) -> None:
+    def _fsync_file(self, path, sync=True) -> None:
         self._step()
         st_ = os.stat(path)
         self.synced[st_.st_ino] = (st_.st_mtime_ns, st_.st_size)

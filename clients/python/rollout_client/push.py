@@ -54,6 +54,8 @@ class PushResult:
     delta_tensors: int = 0  # tensors sent as deltas
     fell_back: str = ""  # why a delta push went whole instead (the server's refusal), if it did
     shared_bytes: int = 0  # of bytes_received, those handed over in shared memory (same host)
+    # What failed on the server after the commit point without undoing it (logged as warnings).
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def gbps(self) -> float:
@@ -79,6 +81,10 @@ class PushResult:
 
 
 def result_from_proto(msg: pb.PushWeightsResponse, seconds: float, fell_back: str = "") -> PushResult:
+    """The client's PushResult of the server's reply; each warning the server sent (something that
+    failed after the commit point without undoing it) is also raised as a Python warning."""
+    for text in msg.warnings:
+        warnings.warn(f"push committed as version {msg.version}, with a problem: {text}", stacklevel=4)
     return PushResult(
         version=msg.version,
         bytes_received=msg.bytes_received,
@@ -96,6 +102,7 @@ def result_from_proto(msg: pb.PushWeightsResponse, seconds: float, fell_back: st
         delta_tensors=msg.delta_tensors,
         fell_back=fell_back,
         shared_bytes=msg.shared_bytes,
+        warnings=list(msg.warnings),
     )
 
 

@@ -129,6 +129,8 @@ export interface PushResult {
    * then it warns and resolves).
    */
   replicasCatchingUp: string[];
+  /** What failed on the server after the commit point without undoing it (each also logged with console.warn). */
+  warnings: string[];
   label: string;
   /** Wall time of the call measured by the client. */
   seconds: number;
@@ -407,6 +409,8 @@ export class RolloutClient {
       throw err;
     }
     const r = await done;
+    const warnings: string[] = r.warnings ?? [];
+    for (const text of warnings) console.warn(`push committed as version ${r.version}, with a problem: ${text}`);
     const catchingUp: string[] = r.replicasCatchingUp ?? [];
     if (catchingUp.length > 0) {
       // Committed; the version is served once they have it, so the caller's next samples are of it.
@@ -431,6 +435,7 @@ export class RolloutClient {
       drainMs: r.drainMs,
       samplesInFlight: r.samplesInFlight,
       replicasCatchingUp: catchingUp,
+      warnings,
       label: r.label,
       seconds: (performance.now() - started) / 1000,
     };

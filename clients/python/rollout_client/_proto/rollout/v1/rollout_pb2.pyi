@@ -321,7 +321,7 @@ class PushWeightsRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[_Union[PushChunk, _Mapping]] = ..., commit: _Optional[_Union[PushCommit, _Mapping]] = ..., declare: _Optional[_Union[PushDeclare, _Mapping]] = ...) -> None: ...
 
 class PushWeightsResponse(_message.Message):
-    __slots__ = ("version", "bytes_received", "tensors_applied", "receive_s", "requantize_s", "apply_s", "pause_ms", "label", "drain_ms", "samples_in_flight", "replicas_catching_up", "dense_bytes", "delta_tensors", "shared_bytes")
+    __slots__ = ("version", "bytes_received", "tensors_applied", "receive_s", "requantize_s", "apply_s", "pause_ms", "label", "drain_ms", "samples_in_flight", "replicas_catching_up", "dense_bytes", "delta_tensors", "shared_bytes", "warnings")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     TENSORS_APPLIED_FIELD_NUMBER: _ClassVar[int]
@@ -336,6 +336,7 @@ class PushWeightsResponse(_message.Message):
     DENSE_BYTES_FIELD_NUMBER: _ClassVar[int]
     DELTA_TENSORS_FIELD_NUMBER: _ClassVar[int]
     SHARED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
     version: int
     bytes_received: int
     tensors_applied: int
@@ -350,4 +351,5 @@ class PushWeightsResponse(_message.Message):
     dense_bytes: int
     delta_tensors: int
     shared_bytes: int
-    def __init__(self, version: _Optional[int] = ..., bytes_received: _Optional[int] = ..., tensors_applied: _Optional[int] = ..., receive_s: _Optional[float] = ..., requantize_s: _Optional[float] = ..., apply_s: _Optional[float] = ..., pause_ms: _Optional[float] = ..., label: _Optional[str] = ..., drain_ms: _Optional[float] = ..., samples_in_flight: _Optional[int] = ..., replicas_catching_up: _Optional[_Iterable[str]] = ..., dense_bytes: _Optional[int] = ..., delta_tensors: _Optional[int] = ..., shared_bytes: _Optional[int] = ...) -> None: ...
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, version: _Optional[int] = ..., bytes_received: _Optional[int] = ..., tensors_applied: _Optional[int] = ..., receive_s: _Optional[float] = ..., requantize_s: _Optional[float] = ..., apply_s: _Optional[float] = ..., pause_ms: _Optional[float] = ..., label: _Optional[str] = ..., drain_ms: _Optional[float] = ..., samples_in_flight: _Optional[int] = ..., replicas_catching_up: _Optional[_Iterable[str]] = ..., dense_bytes: _Optional[int] = ..., delta_tensors: _Optional[int] = ..., shared_bytes: _Optional[int] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
