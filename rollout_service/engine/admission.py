@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -69,19 +68,6 @@ class SequenceBudget:
             if waiter in self._queue:
                 self._queue.remove(waiter)
             self._grant()  # the next in line may fit now
-
-    @contextlib.asynccontextmanager
-    async def hold(self, n: int) -> AsyncIterator[None]:
-        """Room for one prompt of `n` sequences, for the block."""
-        grants = self.admit(n, 1)
-        try:
-            await anext(grants)
-        finally:
-            await grants.aclose()
-        try:
-            yield
-        finally:
-            self.release(n)
 
     def release(self, n: int) -> None:
         self.running -= n
