@@ -148,7 +148,7 @@ def test_each_limit_over_it_is_a_clear_error_and_changes_nothing(secured):
             c.generate(prompt_token_ids=PROMPT * 5, **GREEDY)
         with pytest.raises(InvalidArgumentError, match="sampling.max_tokens: 65 exceeds max_tokens_per_sample=64"):
             c.generate(prompt_token_ids=PROMPT, max_tokens=65)
-        with pytest.raises(InvalidArgumentError, match=r"prompts\[0\].token_ids: 41 tokens exceed max_prompt_tokens=40"):
+        with pytest.raises(InvalidArgumentError, match=r"prompts\[0\].token_ids: 41 prompt tokens exceed max_prompt_tokens=40"):
             c.generate(prompt_token_ids=[[1] * 41])
         with pytest.raises(ResourceExhaustedError, match="max_push_mib"):
             c.push_weights({"model.embed_tokens.weight": np.zeros(9 * 2**20 // 4, np.float32)})

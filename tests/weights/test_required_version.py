@@ -33,7 +33,7 @@ def test_a_call_requiring_the_next_version_waits_for_its_push_and_samples_only_w
 
 def test_the_wait_ends_at_the_calls_deadline_and_leaves_nothing_behind(bf16_target, bf16_target_client):
     client = bf16_target_client
-    far = client.status().weight_version + 100
+    far = client.status().weight_version + 1  # the next version: the furthest a call may wait for
     with pytest.raises(DeadlineExceededError):
         client.generate(**CALL, min_weight_version=far, timeout=2)
     with openai.OpenAI(base_url=f"{bf16_target.http_url}/v1", api_key="none", max_retries=0, timeout=60) as oai:
