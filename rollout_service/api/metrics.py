@@ -98,15 +98,6 @@ class Metered:
     async def check_health(self) -> None:
         await self.backend.check_health()
 
-    async def snapshot(self) -> bytes:
-        return await self.backend.snapshot()
-
-    async def pause(self, mode, stepped: bool = False) -> None:
-        await self.backend.pause(mode, stepped)
-
-    async def resume(self) -> None:
-        await self.backend.resume()
-
     async def exposition(self) -> bytes:
         """The text format for a scrape; refreshes the gauges read from the backend first."""
         with contextlib.suppress(Exception):  # a scrape must not fail because one replica is down

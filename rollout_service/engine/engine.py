@@ -29,7 +29,6 @@ from vllm.v1.engine.exceptions import EngineDeadError
 from rollout_service.config import InflightPolicy, ServerConfig
 from rollout_service.engine import convert
 from rollout_service.engine.admission import SequenceBudget
-from rollout_service.weights.delta import codecs_for
 from rollout_service.errors import ConfigError, DeadlineExceeded, EngineUnavailable, InvalidArgument, Overloaded
 from rollout_service.types import ApplyStats, Completion, Counters, GenerateRequest, ServerStatus
 from rollout_service.weights.store import Plan
@@ -409,7 +408,6 @@ class RolloutEngine:
             uptime_s=time.monotonic() - self._started,
             counters=counters,
             inflight_policy=self.config.inflight,
-            delta_codecs=codecs_for(self.config.dtype),
         )
 
     def shutdown(self) -> None:

@@ -1,6 +1,6 @@
 """WeightService: new weights into one engine -- convert (stage), load (apply), or load a whole
-version from the weight store -- and `receiving`, the checked push session both push protocols
-(weights/local.py, serve/push.py) receive a stream into.
+version from the weight store -- and `receiving`, the checked push session the push protocol
+(serve/push.py) receives a stream into.
 
 A push session that ends any way but committed -- an error, a cancelled call, a stream that ends
 without its commit -- leaves through `receiving`'s exit, which deletes what was staged: the engine
@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import typing
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import safetensors
@@ -25,7 +25,7 @@ import torch
 from rollout_service.config import InflightPolicy, ServerConfig
 from rollout_service.errors import FailedPrecondition
 from rollout_service.types import ApplyStats
-from rollout_service.weights.convert import requantizer, to_engine_format
+from rollout_service.weights.convert import to_engine_format
 from rollout_service.weights.delta import DeltaBase
 from rollout_service.weights.manifest import ParamTable, PushHeader
 from rollout_service.weights.session import PushSession
@@ -76,11 +76,6 @@ class WeightService:
             raise
         self.weights.commit(pushed)
         return result
-
-    def preparer(self) -> tuple[Callable[[str, torch.Tensor], None] | None, Spool | None]:
-        """`stage`'s work on each tensor of a push as it arrives, into this engine's staging
-        (convert.requantizer)."""
-        return requantizer(self._dtype, self._recipe, self._root)
 
     async def adopt(self, prepared: dict[str, Path]) -> tuple[dict[str, Path], Spool]:
         """Tensors a push already requantized (name -> part file, by the Serve ingress) as this

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from rollout_service.serve import replica as replica_module
-from rollout_service.serve.errors import ApplyFailed
+from rollout_service.serve.replicas import ApplyFailed
 from rollout_service.serve.replica import EngineReplica, Prepared
 from rollout_service.types import ApplyStats
 from rollout_service.weights.service import WeightService
@@ -90,8 +90,6 @@ def replica_at(version: int, store_version: int) -> EngineReplica:
     r.config = type("ConfigDouble", (), {"inflight": "drain"})()
     r._prepared = {}
     r._apply_lock = asyncio.Lock()
-    r._fail_next_apply = None
-    r._fail_next_prepare = None
     return r
 
 
