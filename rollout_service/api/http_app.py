@@ -33,7 +33,7 @@ from starlette.requests import ClientDisconnect
 
 from rollout_service.api.access import UNCAPPED, Access, Operation, Slot, http_operation
 from rollout_service.api.cancel import generate_all
-from rollout_service.api.idle import Pace, paced
+from rollout_service.api.idle import Pace, enforce_pace
 from rollout_service.api.limits import MIB, PushBudget, check_generate, max_push_bytes, max_push_header_bytes
 from rollout_service.api.metrics import CONTENT_TYPE, Metered
 from rollout_service.api.openai_compat import routes as openai_routes
@@ -218,7 +218,7 @@ def create_app(backend: Metered, access: Access, events=None, debug: APIRouter |
         pace = Pace(config.push_idle_timeout_s, "the push body")
         max_header = max_push_header_bytes(config)
         pace.expect(max_header)  # the header is read under the push lock: a trickled one would hold it
-        body = SafetensorsStream(paced(request.stream(), pace), max_header=max_header)
+        body = SafetensorsStream(enforce_pace(request.stream(), pace), max_header=max_header)
 
         async def read_header() -> PushHeader:  # once the push lock is held: one header parsed at a time
             header = await body.header(expected_version, label, inflight)

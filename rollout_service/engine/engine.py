@@ -27,7 +27,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from rollout_service.config import InflightPolicy, ServerConfig
-from rollout_service.engine import convert
+from rollout_service.engine import vllm_io
 from rollout_service.engine.admission import SequenceBudget
 from rollout_service.errors import ConfigError, DeadlineExceeded, EngineUnavailable, InvalidArgument, Overloaded
 from rollout_service.types import ApplyStats, Completion, Counters, GenerateRequest, ServerStatus
@@ -283,7 +283,7 @@ class RolloutEngine:
 
     def _sampling_params(self, request: GenerateRequest):
         try:
-            return convert.sampling_params(request.sampling)
+            return vllm_io.sampling_params(request.sampling)
         except VLLMValidationError as exc:  # a check of vLLM's we do not duplicate
             raise InvalidArgument(f"sampling.{exc.parameter or ''}".rstrip("."), str(exc)) from None
 
@@ -297,7 +297,7 @@ class RolloutEngine:
             raise InvalidArgument(f"prompts[{index}]", str(exc)) from None
         except EngineDeadError as exc:
             raise EngineUnavailable(f"the engine died: {exc}") from None
-        result = convert.completion(index, final, request.sampling, request.request_id, self.weight_version)
+        result = vllm_io.completion(index, final, request.sampling, request.request_id, self.weight_version)
         self._counters.tokens_generated += sum(len(s.token_ids) for s in result.samples)
         return result
 

@@ -1,4 +1,4 @@
-"""The front ends' Backend (api/backend.py) over the engine replicas (serve/replicas.py): the same
+"""The front ends' Backend (api/interface.py) over the engine replicas (serve/replicas.py): the same
 for a Ray Serve deployment and for the single-process server.
 
 Generate goes to one replica (serve/routing.py picks it), or, for a batch larger than one engine

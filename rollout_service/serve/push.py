@@ -43,11 +43,11 @@ from rollout_service.errors import Conflict, EngineUnavailable
 from rollout_service.serve.coordinator import Coordinator
 from rollout_service.serve.replicas import ApplyFailed, Replicas, broadcast_all
 from rollout_service.types import PushResult
-from rollout_service.weights.convert import requantizer, store_converter
+from rollout_service.weights.engine_format import requantizer, store_converter
 from rollout_service.weights.manifest import HeaderReader, ParamTable
-from rollout_service.weights.service import receiving, shielded
+from rollout_service.weights.service import receiving, uncancellable
 from rollout_service.weights.session import PushSession
-from rollout_service.weights.staging import Spool
+from rollout_service.weights.staging import ShardWriter
 from rollout_service.weights.versions import VersionStore, storage_errors
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class Claim:
     fence: int
     version: int
     cast_crc: dict[str, int]
-    requantized: Spool | None
+    requantized: ShardWriter | None
 
 
 class Push:
@@ -174,7 +174,7 @@ class Push:
             self.store.discard(files)
             raise
         prepare_s = flush_s + max(prepare_s, default=0.0)
-        return await shielded(self._commit_and_apply(session, claim, push_id, files, receive_s, prepare_s))
+        return await uncancellable(self._commit_and_apply(session, claim, push_id, files, receive_s, prepare_s))
 
     async def _commit_and_apply(
         self, session: PushSession, claim: Claim, push_id: str, files: dict[str, Path], receive_s: float, prepare_s: float,

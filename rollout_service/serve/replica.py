@@ -25,7 +25,7 @@ from rollout_service.errors import EngineUnavailable
 from rollout_service.serve.replicas import ApplyFailed
 from rollout_service.types import ApplyStats, Completion, GenerateRequest, ServerStatus
 from rollout_service.weights.service import WeightService
-from rollout_service.weights.staging import Spool
+from rollout_service.weights.staging import ShardWriter
 from rollout_service.weights.versions import VersionStore
 
 log = logging.getLogger("rollout_service.replica")
@@ -45,7 +45,7 @@ ORPHANED_S = 10.0
 class Prepared:
     version: int
     files: dict[str, Path]
-    spool: Spool | None
+    spool: ShardWriter | None
     at: float  # the event loop's time of the prepare
     committed_seen_at: float | None = None  # when the follower first saw the store commit it
 

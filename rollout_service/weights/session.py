@@ -23,14 +23,14 @@ from rollout_service.types import ApplyStats, PushResult
 from rollout_service.weights.delta import DeltaBase, rebuild
 from rollout_service.weights.manifest import ParamTable, PushHeader, TensorSpec
 from rollout_service.weights.names import Mapping
-from rollout_service.weights.staging import Spool
+from rollout_service.weights.staging import ShardWriter
 from rollout_service.weights.versions import crc32_of
 
 Converter = Callable[[str, torch.Tensor], dict[str, torch.Tensor]]
 
 
 class PushSession:
-    def __init__(self, header: PushHeader, table: ParamTable, convert: Converter, spool: Spool, buffer_bytes: int,
+    def __init__(self, header: PushHeader, table: ParamTable, convert: Converter, spool: ShardWriter, buffer_bytes: int,
                  base: DeltaBase | None = None):
         self.header = header
         self._base = base  # what delta tensors apply to (header.delta_base_version)

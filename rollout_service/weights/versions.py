@@ -64,7 +64,7 @@ import torch
 from rollout_service import faults
 from rollout_service.errors import ConfigError, Conflict, DataLoss, StorageFull, StorageUnavailable
 from rollout_service.weights import durable, staging
-from rollout_service.weights.staging import Spool
+from rollout_service.weights.staging import ShardWriter
 from rollout_service.weights.store import safetensors_header
 
 if typing.TYPE_CHECKING:
@@ -279,11 +279,11 @@ class VersionStore:
     def manifest_path(self, version: int) -> str:
         return str(self._dir(version) / "manifest.json") if version else ""
 
-    def spool(self) -> Spool:
+    def spool(self) -> ShardWriter:
         """Where a push's shards are written as it is received: in incoming/, each shard synced to
         the disk as it is written (on the conversion thread, off the receive path), so that the
         commit waits for the sync of the last one only."""
-        return Spool(self.incoming, staging.PART_BYTES, durable=self.durable)
+        return ShardWriter(self.incoming, staging.PART_BYTES, durable=self.durable)
 
     def adopt(self, staged: Path, files: dict[str, Path], version: int) -> dict[str, Path]:
         """Move a received push's directory (a `spool`'s) into the store as a candidate for

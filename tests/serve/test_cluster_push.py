@@ -24,7 +24,7 @@ from rollout_service.serve.backend import Backend
 from rollout_service.serve.coordinator import EmbeddedCoordinator
 from rollout_service.serve.push import Push
 from rollout_service.types import ApplyStats, Counters, ServerStatus
-from rollout_service.weights.convert import to_engine_format
+from rollout_service.weights.engine_format import to_engine_format
 from rollout_service.weights.manifest import ParamTable, PushHeader, TensorSpec
 from rollout_service.weights.versions import VersionStore
 
