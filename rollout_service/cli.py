@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from rollout_service.models.tiny import ARCHS as TINY_ARCHS
+from rollout_service.quant.registry import FORMATS as QUANT_FORMATS
 from rollout_service.tools.store_cli import app as store_app
 
 app = typer.Typer(help="Rollout-as-a-service for LLM reinforcement learning.", no_args_is_help=True, add_completion=False)
@@ -39,7 +40,7 @@ def _config_error(exc: ValidationError) -> None:
 def serve(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Checkpoint directory (config.json, safetensors, tokenizer)."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="YAML settings (as `setup` writes them, or FlashRL's config)."),
-    quantization: Optional[str] = typer.Option(None, help="none | int8 | fp8 | fp8_channel (default none)."),
+    quantization: Optional[str] = typer.Option(None, help=f"none | {' | '.join(QUANT_FORMATS)} (default none)."),
     profile: Optional[Path] = typer.Option(None, help="Requantization recipe from `rollout-service profile`."),
     dtype: Optional[str] = typer.Option(None, help="bfloat16 | float32 (default bfloat16)."),
     host: Optional[str] = typer.Option(None, help="Bind address (default 127.0.0.1)."),
@@ -172,7 +173,7 @@ def profile_cmd(
         None, "--quantized-model", "-qm", help="Its quantized counterpart (compressed-tensors, e.g. from llm-compressor)."
     ),
     output: Path = typer.Option(..., "--output", "-o", help="Where to write the profile (e.g. profile.pt)."),
-    fn: Optional[str] = typer.Option(None, "--fn", help="int8 | fp8 | fp8_channel; required without -qm."),
+    fn: Optional[str] = typer.Option(None, "--fn", help=f"{' | '.join(QUANT_FORMATS)}; required without -qm."),
 ) -> None:
     """Record how pushed weights are requantized: which parameters are quantized, in which format,
     the ignore list — read from a quantized checkpoint (checked against the bf16 one), or derived
@@ -238,7 +239,7 @@ def setup_cmd(
 def estimate_cmd(
     params: Optional[str] = typer.Option(None, "--params", help="Parameter count, e.g. 32B (shapes of the nearest Qwen2.5)."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="A checkpoint directory (exact shapes)."),
-    quantization: str = typer.Option("int8", help="none | int8 | fp8 | fp8_channel."),
+    quantization: str = typer.Option("int8", help=f"none | {' | '.join(QUANT_FORMATS)}."),
     gpu: str = typer.Option("h100", help="a100 | h100 | h200."),
     max_model_len: int = typer.Option(4096, help="Context length per sequence."),
     concurrency: int = typer.Option(64, help="Sequences whose KV cache must fit at once."),
@@ -285,7 +286,7 @@ def estimate_cmd(
 @app.command("report")
 def report_cmd(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="The bf16 checkpoint (servers are started for it)."),
-    quantization: str = typer.Option("int8", help="int8 | fp8 | fp8_channel: the format to judge."),
+    quantization: str = typer.Option("int8", help=f"{' | '.join(QUANT_FORMATS)}: the format to judge."),
     prompts: Optional[Path] = typer.Option(None, help="A text file, one prompt per line (default: a built-in set)."),
     output: Path = typer.Option(Path("report"), "--output", "-o", help="Directory for report.md, report.json, plots."),
     n: int = typer.Option(4, "-n", "--n", help="Samples per prompt."),
@@ -304,11 +305,10 @@ def report_cmd(
     from contextlib import ExitStack
 
     from rollout_client import RolloutClient
-    from rollout_service.quant.recipe import FORMATS
     from rollout_service.tools.report import DEFAULT_PROMPTS, measure, write
 
-    if quantization not in FORMATS:
-        err.print(f"[red]error:[/red] --quantization {quantization!r} is not one of {', '.join(FORMATS)}")
+    if quantization not in QUANT_FORMATS:
+        err.print(f"[red]error:[/red] --quantization {quantization!r} is not one of {', '.join(QUANT_FORMATS)}")
         raise typer.Exit(2)
     if (bf16_address is None or quant_address is None) and (model is None or not (model / "config.json").is_file()):
         err.print(f"[red]error:[/red] --model {str(model)!r} is not a checkpoint directory (needed unless both addresses are given)")

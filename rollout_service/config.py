@@ -15,8 +15,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from rollout_service.errors import ConfigError
 from rollout_service.quant.recipe import Recipe
+from rollout_service.quant.registry import FORMATS, describe
 
-Quantization = Literal["none", "int8", "fp8", "fp8_channel"]
+Quantization = Literal[("none", *FORMATS)]  # type: ignore[valid-type]
 DType = Literal["bfloat16", "float32"]
 LogprobsMode = Literal["processed", "raw"]
 InflightPolicy = Literal["drain", "abort", "continue"]
@@ -41,9 +42,7 @@ class ServerConfig(BaseSettings):
     model: Path = Field(description="Directory of a Hugging Face checkpoint: config.json, *.safetensors, tokenizer files.")
     quantization: Quantization = Field(
         "none",
-        description="Weight format the engine runs: 'none' serves the checkpoint's own dtype; 'int8' is W8A8 "
-        "(per-channel int8 weights, dynamic per-token int8 activations); 'fp8' / 'fp8_channel' are e4m3 "
-        "weights with a per-tensor / per-channel scale (GPU only).",
+        description=f"Weight format the engine runs: 'none' serves the checkpoint's own dtype; {describe()}.",
     )
     profile: Path | None = Field(
         None,
