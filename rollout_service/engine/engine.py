@@ -43,6 +43,7 @@ def resolve_model(config: ServerConfig) -> Path:
     """The checkpoint the engine loads: the configured one, or its quantized copy."""
     from rollout_service.quant.checkpoint import cached_quantized_checkpoint, is_prequantized
     from rollout_service.quant.profile import ProfileError, checkpoint_format
+    from rollout_service.quant.registry import FORMATS
 
     if config.quantization == "none":
         if is_prequantized(config.model):
@@ -61,9 +62,10 @@ def resolve_model(config: ServerConfig) -> Path:
             "vLLM's int8 MoE kernel needs AMX, Intel Sapphire Rapids or newer; without it vLLM finds no int8 MoE "
             "backend); serve it unquantized"
         )
-    if config.quantization.startswith("fp8") and current_platform.is_cpu():
+    if not FORMATS[config.quantization].cpu and current_platform.is_cpu():
+        on_cpu = " or ".join(name for name, spec in FORMATS.items() if spec.cpu)
         raise ConfigError(
-            f"quantization={config.quantization!r} needs a GPU: vLLM's CPU backend has no FP8 kernels; use int8 on CPU"
+            f"quantization={config.quantization!r} needs a GPU: vLLM's CPU backend has no kernels for it; use {on_cpu} on CPU"
         )
     recipe = config.recipe()
     if is_prequantized(config.model):
