@@ -83,9 +83,6 @@ class EngineReplica:
             async for c in stream:
                 yield c
 
-    async def status(self) -> ServerStatus:
-        return self.engine.status()
-
     async def served(self) -> tuple[dict, ServerStatus]:
         """(registry entry, status) of this replica, read together."""
         return await self.info(), self.engine.status()
