@@ -1,6 +1,6 @@
 """The gRPC front end: rollout.v1.RolloutService, plus standard health checking and reflection.
 
-The servicer only converts messages and calls the backend (api/interface.py); every exception is turned into a status
+The servicer only converts messages and calls the backend (serve/backend.py); every exception is turned into a status
 code by `errors.grpc_status` in `_abort_with`, the one place that does it. `AccessInterceptor` checks each call's
 API key and role (api/access.py) before its request is even deserialized; health stays open for probes.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import typing
 import weakref
 
 import grpc
@@ -20,7 +21,6 @@ from rollout_client._proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
 
 from rollout_service.api import messages
 from rollout_service.api.access import Access, Operation, grpc_operation
-from rollout_service.api.interface import Backend
 from rollout_service.api.idle import Pace, enforce_pace
 from rollout_service.api.limits import MIB, PushBudget, check_generate, check_generate_message
 from rollout_service.config import ServerConfig
@@ -37,6 +37,9 @@ from rollout_service.types import GenerateRequest
 from rollout_service.weights.manifest import PushHeader
 from rollout_service.weights.session import PushSession
 from rollout_service.weights.shared import SharedMemoryDir
+
+if typing.TYPE_CHECKING:  # the front ends are given it; they do not build it
+    from rollout_service.serve.backend import Backend
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +211,17 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
             return response
         except Exception as exc:
             await _abort_with(context, exc)
+
+    async def ListVersions(self, request: pb.ListVersionsRequest, context) -> pb.ListVersionsResponse:
+        try:
+            manifests = await self.backend.list_versions()
+        except Exception as exc:
+            await _abort_with(context, exc)
+        return pb.ListVersionsResponse(versions=[
+            pb.StoredVersion(version=m.version, label=m.label, committed_at=m.created, tensors=len(m.tensors),
+                             bytes=sum(t.nbytes for t in m.tensors.values()))
+            for m in manifests
+        ])
 
     async def PushWeights(self, request_iterator, context) -> pb.PushWeightsResponse:
         pace = Pace(self.backend.config.push_idle_timeout_s, "the push stream")

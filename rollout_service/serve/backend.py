@@ -1,4 +1,4 @@
-"""The front ends' Backend (api/interface.py) over the engine replicas (serve/replicas.py): the same
+"""What the front ends (api/) call: the backend over the engine replicas (serve/replicas.py): the same
 for a Ray Serve deployment and for the single-process server.
 
 Generate goes to one replica (serve/routing.py picks it), or, for a batch larger than one engine
@@ -8,6 +8,8 @@ through serve/push.py. Errors raised in a replica reach the client as the replic
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 
@@ -19,6 +21,7 @@ from rollout_service.serve.replicas import Replicas
 from rollout_service.types import Completion, Counters, GenerateRequest, PushResult, ServerStatus
 from rollout_service.weights.delta import codecs_for
 from rollout_service.weights.manifest import HeaderReader
+from rollout_service.weights.versions import Manifest
 
 
 class Backend:
@@ -71,6 +74,21 @@ class Backend:
         if not served:
             raise EngineUnavailable("no engine replica is serving yet (engines take about a minute to start)")
         return deployment_status(served, self.push.last_push, self.push.store.current_version())
+
+    async def list_versions(self) -> list[Manifest]:
+        """The committed versions the weight store keeps, newest first (a version deleted while
+        the store kept fewer is skipped)."""
+        store = self.push.store
+
+        def kept() -> list[Manifest]:
+            current = store.current_version()
+            manifests = []
+            for version in range(current, max(0, current - store.keep), -1):
+                with contextlib.suppress(FileNotFoundError):
+                    manifests.append(store.manifest(version))
+            return manifests
+
+        return await asyncio.to_thread(kept)
 
     def begin_push(self, read_header: HeaderReader):
         return self.push.begin(read_header)
