@@ -22,8 +22,8 @@ from typing import Any
 
 import grpc
 
-from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
-from rollout_client._proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
+from rollout_client.proto.rollout.v1 import rollout_pb2 as pb
+from rollout_client.proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
 from rollout_client import push, shared
 from rollout_client.blocking_push import BlockingPush
 from rollout_client.channel import ChannelOptions, RetryPolicy

@@ -25,7 +25,7 @@ import numpy as np
 
 from rollout_client import delta
 from rollout_client.shared import Full, SharedWriter, Stopped
-from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
+from rollout_client.proto.rollout.v1 import rollout_pb2 as pb
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
 DEFAULT_BUCKET_BYTES = 256 * 1024 * 1024
