@@ -4,7 +4,6 @@ finishes, a failure mid-stream as a typed error, and a caller that stops early c
 from __future__ import annotations
 
 import threading
-from concurrent import futures
 
 import grpc
 import pytest
@@ -12,6 +11,7 @@ import pytest
 from rollout_client import AsyncRolloutClient, ResourceExhaustedError, RolloutClient
 from rollout_client.proto.rollout.v1 import rollout_pb2 as pb
 from rollout_client.proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
+from tests.clients.test_channel_behaviour import serve  # noqa: F401  (its test-double server fixture)
 
 
 class StreamingServicerForClientUnitTest(pb_grpc.RolloutServiceServicer):
@@ -38,13 +38,8 @@ def servicer():
 
 
 @pytest.fixture
-def address(servicer):
-    server = grpc.server(futures.ThreadPoolExecutor(4))
-    pb_grpc.add_RolloutServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield f"127.0.0.1:{port}"
-    server.stop(0)
+def address(serve, servicer):
+    return serve(servicer)
 
 
 async def stream(kind: str, address: str, prompts: list[str], take: int | None = None) -> list[int]:

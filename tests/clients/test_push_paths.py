@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import warnings
-from concurrent import futures
-
 import grpc
 import numpy as np
 import pytest
@@ -16,6 +14,7 @@ import pytest
 from rollout_client import AsyncRolloutClient, RolloutClient
 from rollout_client.proto.rollout.v1 import rollout_pb2 as pb
 from rollout_client.proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
+from tests.clients.test_channel_behaviour import serve  # noqa: F401  (its test-double server fixture)
 
 WEIGHTS = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, np.float32)}
 
@@ -41,7 +40,7 @@ class ScriptedServicerForClientUnitTest(pb_grpc.RolloutServiceServicer):
         return pb.GetStatusResponse(weight_version=self.version, delta_codecs=["zlib"])
 
     def PushWeights(self, request_iterator, context):
-        header, names = None, []
+        header, names, committed = None, [], False
         for request in request_iterator:
             if request.HasField("header"):
                 header = request.header
@@ -51,6 +50,9 @@ class ScriptedServicerForClientUnitTest(pb_grpc.RolloutServiceServicer):
             elif request.HasField("declare"):
                 names += [t.name for t in request.declare.tensors]
                 self.streaming.set()
+            committed = committed or request.HasField("commit")
+        if not committed:  # the client gave up (its stream may still look ended here): not a push
+            context.abort(grpc.StatusCode.CANCELLED, "the push ended before its commit")
         with self.lock:
             self.pushes.append((header, names))
             self.version += 1
@@ -58,23 +60,6 @@ class ScriptedServicerForClientUnitTest(pb_grpc.RolloutServiceServicer):
                 version=self.version, tensors_applied=len(names), replicas_catching_up=self.catching_up,
                 warnings=self.problems,
             )
-
-
-@pytest.fixture
-def serve():
-    servers = []
-
-    def start(servicer) -> str:
-        server = grpc.server(futures.ThreadPoolExecutor(4))
-        pb_grpc.add_RolloutServiceServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
-        servers.append(server)
-        return f"127.0.0.1:{port}"
-
-    yield start
-    for s in servers:
-        s.stop(0)
 
 
 def push_sync(address: str, times: int, **options):
@@ -97,8 +82,9 @@ async def push(kind: str, address: str, times: int = 1, **options):
 @pytest.mark.parametrize("kind", ["blocking", "async"])
 async def test_a_refused_delta_base_pushes_the_same_tensors_whole_and_says_why(serve, kind):
     servicer = ScriptedServicerForClientUnitTest(refuse_delta_base=True)
-    with pytest.warns(UserWarning, match=r"delta push refused \(delta base 1 is gone\); pushing whole tensors instead"):
+    with pytest.warns(UserWarning, match=r"delta push refused \(delta base 1 is gone\); pushing whole tensors instead") as caught:
         first, second = await push(kind, serve(servicer), 2, delta=True)
+    assert {w.filename for w in caught} == {__file__}  # the pusher's line, not the client's
     assert (first.fell_back, second.fell_back) == ("", "delta base 1 is gone")
     assert second.version == 2 and second.tensors_applied == 2
     # The refused push (its header, base 1), then the same tensors again whole, without a base.
@@ -108,8 +94,9 @@ async def test_a_refused_delta_base_pushes_the_same_tensors_whole_and_says_why(s
 @pytest.mark.parametrize("kind", ["blocking", "async"])
 async def test_a_push_whose_replicas_cannot_be_seen_catching_up_still_returns_its_version(serve, kind):
     servicer = ScriptedServicerForClientUnitTest(catching_up=["replica-2"], status_fails=True)
-    with pytest.warns(UserWarning, match=r"weight version 1 is committed, but replica\(s\) \['replica-2'\] still load it"):
+    with pytest.warns(UserWarning, match=r"weight version 1 is committed, but replica\(s\) \['replica-2'\] still load it") as caught:
         (result,) = await push(kind, serve(servicer), delta=False, shared_memory=False)
+    assert {w.filename for w in caught} == {__file__}
     assert result.version == 1 and result.replicas_catching_up == ["replica-2"]
 
 
