@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml clients/python/trainer-ad
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $(STAMP)
 
-# Generated code goes into the client package (rollout_client/_proto); the server imports it from there.
+# Generated code goes into the client package (rollout_client/proto); the server imports it from there.
 proto: $(STAMP)
 	$(PY) -m rollout_service.tools.gen_proto
 

@@ -11,7 +11,7 @@ import threading
 
 import numpy as np
 import pytest
-from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
+from rollout_client.proto.rollout.v1 import rollout_pb2 as pb
 
 from rollout_client import push
 from rollout_client.shared import MAX_FILES, SharedWriter, Stopped, sees

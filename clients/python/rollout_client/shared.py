@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
+from rollout_client.proto.rollout.v1 import rollout_pb2 as pb
 
 MAX_FILES = 2  # buckets written and not yet taken by the server
 _ALIGN = 64  # tensor offsets in a file: any element size, and cache lines
