@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
+from rollout_client.proto.rollout.v1 import rollout_pb2 as pb
 from rollout_service.errors import ConfigError, Overloaded, PermissionDenied, Unauthenticated
 
 log = logging.getLogger(__name__)
