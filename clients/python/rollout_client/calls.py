@@ -222,6 +222,12 @@ def status(client: ClientBase, timeout: float | None = None) -> Steps[pb.GetStat
     return (yield Rpc("GetStatus", pb.GetStatusRequest(), timeout))
 
 
+def list_versions(client: ClientBase, timeout: float | None = None) -> Steps[list[pb.StoredVersion]]:
+    """The committed versions the server's weight store keeps, newest first (version, label,
+    committed_at, tensors, bytes): those a delta push may name as its base."""
+    return list((yield Rpc("ListVersions", pb.ListVersionsRequest(), timeout)).versions)
+
+
 def wait_for_version(
     client: ClientBase, version: int, timeout: float = 300.0, poll_s: float = WAIT_POLL_S
 ) -> Steps[pb.GetStatusResponse]:

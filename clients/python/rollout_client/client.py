@@ -85,6 +85,7 @@ class RolloutClient(ClientBase):
     generate_stream = _blocking_stream(calls.generate_stream)
     push_weights = _blocking(calls.push_weights)
     status = _blocking(calls.status)
+    list_versions = _blocking(calls.list_versions)
     wait_for_version = _blocking(calls.wait_for_version)
 
     def _run(self, steps: Steps[T]) -> T:
@@ -175,6 +176,7 @@ class AsyncRolloutClient(ClientBase):
     generate_stream = _awaited_stream(calls.generate_stream)
     push_weights = _awaited(calls.push_weights)
     status = _awaited(calls.status)
+    list_versions = _awaited(calls.list_versions)
     wait_for_version = _awaited(calls.wait_for_version)
 
     async def _run(self, steps: Steps[T]) -> T:

@@ -49,6 +49,11 @@ class RolloutServiceStub:
                 request_serializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.ListVersions = channel.unary_unary(
+                '/rollout.v1.RolloutService/ListVersions',
+                request_serializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.ListVersionsRequest.SerializeToString,
+                response_deserializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.ListVersionsResponse.FromString,
+                _registered_method=True)
         self.PushWeights = channel.stream_unary(
                 '/rollout.v1.RolloutService/PushWeights',
                 request_serializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.PushWeightsRequest.SerializeToString,
@@ -77,6 +82,15 @@ class RolloutServiceServicer:
 
     def GetStatus(self, request, context):
         """The served model, its settings, the current weight version and counters.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListVersions(self, request, context):
+        """The committed versions the weight store keeps, newest first: those a
+        delta push may name as its base (PushHeader.delta_base_version), with the
+        label and time of each.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -111,6 +125,11 @@ def add_RolloutServiceServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.GetStatusRequest.FromString,
                     response_serializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'ListVersions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListVersions,
+                    request_deserializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.ListVersionsRequest.FromString,
+                    response_serializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.ListVersionsResponse.SerializeToString,
             ),
             'PushWeights': grpc.stream_unary_rpc_method_handler(
                     servicer.PushWeights,
@@ -199,6 +218,33 @@ class RolloutService:
             '/rollout.v1.RolloutService/GetStatus',
             rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.GetStatusRequest.SerializeToString,
             rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListVersions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rollout.v1.RolloutService/ListVersions',
+            rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.ListVersionsRequest.SerializeToString,
+            rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.ListVersionsResponse.FromString,
             options,
             channel_credentials,
             insecure,
