@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import typing
 import weakref
 
 import grpc
@@ -23,6 +22,7 @@ from rollout_service.api import messages
 from rollout_service.api.access import Access, Operation, grpc_operation
 from rollout_service.api.idle import Pace, enforce_pace
 from rollout_service.api.limits import MIB, PushBudget, check_generate, check_generate_message
+from rollout_service.api.metrics import Metered
 from rollout_service.config import ServerConfig
 from rollout_service.errors import (
     Cancelled,
@@ -37,9 +37,6 @@ from rollout_service.types import GenerateRequest
 from rollout_service.weights.manifest import PushHeader
 from rollout_service.weights.session import PushSession
 from rollout_service.weights.shared import SharedMemoryDir
-
-if typing.TYPE_CHECKING:  # the front ends are given it; they do not build it
-    from rollout_service.serve.backend import Backend
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +159,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
 
 
 class RolloutServicer(pb_grpc.RolloutServiceServicer):
-    def __init__(self, backend: Backend, shared: SharedMemoryDir | None = None):
+    def __init__(self, backend: Metered, shared: SharedMemoryDir | None = None):
         self.backend = backend
         self.shared = shared  # where same-host clients hand over pushed tensors
 
@@ -292,7 +289,7 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     )
 
 
-async def create_server(backend: Backend, config: ServerConfig, access: Access) -> tuple[grpc.aio.Server, int]:
+async def create_server(backend: Metered, config: ServerConfig, access: Access) -> tuple[grpc.aio.Server, int]:
     """A started gRPC server on config.host:config.port (0 = a free port); returns it and the bound port."""
     server = grpc.aio.server(
         interceptors=[AccessInterceptor(access)],

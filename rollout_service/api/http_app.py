@@ -11,7 +11,7 @@ POST /v1/completions, POST /v1/chat/completions, GET /v1/models
                     errors in OpenAI's shape
 GET  /metrics       Prometheus metrics (api/metrics.py)
 GET  /v1/events     weight version events after ?after=<id> (see serve/coordinator.py)
-/v1/debug/...       with --debug-endpoints (api/debug.py)
+/v1/debug/...       with --debug-endpoints (serve/debug_routes.py)
 
 Errors come back as {"error": {"code": "INVALID_ARGUMENT", "message": "...", "field": "..."}}
 with the HTTP status from `errors.http_status`. `AccessMiddleware` checks the API key and role of
@@ -177,7 +177,7 @@ async def _buffered(receive, limit: int, idle_s: float, slot: Slot, length: int 
 
 def create_app(backend: Metered, access: Access, events=None, debug: APIRouter | None = None) -> FastAPI:
     """The app over `backend` behind `access`; `events(after, count)` serves /v1/events, and
-    `debug` (api/debug.py) is mounted, when given."""
+    `debug` (serve/debug_routes.py) is mounted, when given."""
     app = FastAPI(title="rollout-service", version="1", summary="Rollouts with exact per-token logprobs (rollout.v1).")
     config = backend.config
     app.add_middleware(

@@ -24,7 +24,6 @@ import socket
 from grpc_health.v1 import health_pb2
 
 from rollout_service.api.access import Access
-from rollout_service.api.debug import debug_router
 from rollout_service.api.grpc_server import SERVICE_NAME, create_server
 from rollout_service.api.http_app import create_app
 from rollout_service.api.http_server import start_http
@@ -33,6 +32,7 @@ from rollout_service.config import ServerConfig, is_loopback
 from rollout_service.errors import ConfigError, EngineUnavailable
 from rollout_service.serve.backend import Backend
 from rollout_service.serve.coordinator import make_coordinator
+from rollout_service.serve.debug_routes import debug_router
 from rollout_service.serve.push import Push
 from rollout_service.serve.replicas import Replicas
 from rollout_service.weights.manifest import ParamTable

@@ -1,6 +1,6 @@
 """Debug routes, mounted only with --debug-endpoints (tests hold generation with them; an operator
 checks that a push landed). They call the engine replicas directly (serve/replicas.py), past the
-backend the request path uses.
+backend the request path uses; the HTTP app mounts them as given (api/http_app.py).
 
 GET  /v1/debug/engine-weights   the engine's weights as it computes with them (safetensors; see
                     RolloutWorkerExtension.rollout_snapshot); of one replica
@@ -18,12 +18,11 @@ from fastapi import APIRouter, Query
 from fastapi.responses import Response
 
 from rollout_service.config import InflightPolicy
+from rollout_service.serve.replicas import Replicas, broadcast_all
 
 
-def debug_router(replicas) -> APIRouter:
-    """The routes over `replicas` (serve/replicas.py's Replicas)."""
-    from rollout_service.serve.replicas import broadcast_all  # the api layer names serve only here
-
+def debug_router(replicas: Replicas) -> APIRouter:
+    """The routes over `replicas`."""
     router = APIRouter(prefix="/v1/debug")
 
     @router.get("/engine-weights")
