@@ -64,7 +64,7 @@ test-stress: install
 # with their figures (tests/reliability.py lists the tests marked `reliability`). Whole files run:
 # the Ray Serve tests build on each other in order.
 RELIABILITY_TESTS := tests/serve/test_cluster.py tests/weights/test_restart.py tests/weights/test_bad_pushes.py \
-	tests/weights/test_local_push.py tests/test_server_engine_death.py tests/api/test_fuzz_requests.py \
+	tests/serve/test_push.py tests/test_server_engine_death.py tests/api/test_fuzz_requests.py \
 	tests/api/test_fuzz_server.py tests/api/test_security.py tests/load/test_locust.py \
 	tests/weights/test_store_crash.py tests/weights/test_store_disk.py tests/weights/test_store_machine.py \
 	tests/serve/test_store_crash.py tests/api/test_fuzz_generate.py tests/api/test_idle_connections.py \

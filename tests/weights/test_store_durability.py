@@ -3,7 +3,7 @@ after the commit point, the order in which a commit syncs what it wrote (so that
 leaves the old version or the new one, whole), and a store a crash left torn refused at start.
 
 The real store, push session and push protocol; the engine is a test double
-(tests/weights/test_local_push.py), and the syncs are recorded by wrapping weights/durable.py's."""
+(tests/serve/test_push.py), and the syncs are recorded by wrapping weights/durable.py's."""
 
 from __future__ import annotations
 
