@@ -55,6 +55,8 @@ def _fire(path: str, name: str) -> None:
 def arm(path: os.PathLike, name: str, fail: str | None = None) -> None:
     """Arm fault point `name` for the processes whose ROLLOUT_FAULT_FILE is `path` (tests): kill
     the first process that reaches it, or with `fail`, make it raise that message."""
+    if fail is not None and not fail.strip():
+        raise ValueError("fail= needs a message (an empty one would arm a kill)")
     tmp = f"{path}.tmp"
     with open(tmp, "w") as fh:
         fh.write(name if fail is None else f"{name} {fail}")

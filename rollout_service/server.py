@@ -19,6 +19,7 @@ from rollout_service.api.access import Access
 from rollout_service.config import ServerConfig
 from rollout_service.engine.engine import with_context
 from rollout_service.launcher import READY_PREFIX
+from rollout_service.serve.coordinator import EmbeddedCoordinator
 from rollout_service.serve.ingress import Ingress, check_ports_free
 from rollout_service.serve.replica import EngineReplica
 from rollout_service.serve.replicas import InProcess
@@ -58,7 +59,11 @@ async def serve(config: ServerConfig) -> None:
         store.clean()
         log.info("starting the engine on %s (dtype=%s, quantization=%s)", config.model, config.dtype, config.quantization)
         replica = await EngineReplica.start(config, REPLICA_ID, store)
-        ingress = await Ingress.start(config, InProcess(replica), store, access)
+        # No Redis even where one is configured (a Serve deployment's): this server's pushes are its own.
+        ingress = await Ingress.start(
+            config, InProcess(replica), store, access,
+            coordinator=EmbeddedCoordinator(), requantize_into=config.staging_root, store_cleaned=True,
+        )
         ends = ingress.endpoints()
         log.info(
             "%s grpc=%s http=%s model=%s dtype=%s quantization=%s logprobs=%s inflight=%s weight_version=%d weights_dir=%s",

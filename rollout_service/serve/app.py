@@ -80,8 +80,6 @@ def bind_cores(config: ServerConfig, local_rank: int) -> None:
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
 
 
-
-
 def _scaling(config: ServerConfig) -> dict:
     if config.autoscale is None:
         return {"num_replicas": config.replicas}

@@ -103,9 +103,10 @@ class EmbeddedCoordinator:
         return False
 
     async def heartbeat(self, replicas, ttl_s):
-        expires = time.monotonic() + ttl_s
+        now = time.monotonic()
+        self._replicas = {rid: entry for rid, entry in self._replicas.items() if entry[0] > now}  # as Redis expires them
         for rid, info in replicas.items():
-            self._replicas[rid] = (expires, info)
+            self._replicas[rid] = (now + ttl_s, info)
 
     async def lock(self, owner, ttl_s, floor):
         now = time.monotonic()

@@ -27,7 +27,7 @@ def debug_router(replicas: Replicas) -> APIRouter:
 
     @router.get("/engine-weights")
     async def engine_weights():
-        return Response((await broadcast_all(replicas, "snapshot"))[0], media_type="application/octet-stream")
+        return Response(await replicas.call_one("snapshot"), media_type="application/octet-stream")
 
     @router.post("/pause")
     async def pause(

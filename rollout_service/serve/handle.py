@@ -40,6 +40,12 @@ class ServeReplicas:
     def generate(self, *args: Any) -> _Stream:
         return _Stream(self._stream.generate_stream.remote(*args))
 
+    async def call_one(self, method: str, *args: Any) -> Any:
+        try:
+            return await getattr(self.handle, method).remote(*args)
+        except Exception as exc:
+            raise unwrap(exc) from None
+
 
 class _Stream:
     """A DeploymentResponseGenerator as a ReplicaStream: the replica's own errors, aclose() cancels."""

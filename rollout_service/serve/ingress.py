@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+from pathlib import Path
 
 from grpc_health.v1 import health_pb2
 
@@ -31,7 +32,7 @@ from rollout_service.api.metrics import Metered
 from rollout_service.config import ServerConfig, is_loopback
 from rollout_service.errors import ConfigError, EngineUnavailable
 from rollout_service.serve.backend import Backend
-from rollout_service.serve.coordinator import make_coordinator
+from rollout_service.serve.coordinator import Coordinator, make_coordinator
 from rollout_service.serve.debug_routes import debug_router
 from rollout_service.serve.push import Push
 from rollout_service.serve.replicas import Replicas
@@ -50,14 +51,35 @@ class Ingress:
     """Start one with `await Ingress.start(...)`; `close()` stops it gracefully."""
 
     @classmethod
-    async def start(cls, config: ServerConfig, replicas: Replicas, store: VersionStore, access: Access) -> Ingress:
+    async def start(
+        cls, config: ServerConfig, replicas: Replicas, store: VersionStore, access: Access, *,
+        coordinator: Coordinator | None = None, requantize_into: Path | None = None, store_cleaned: bool = False,
+    ) -> Ingress:
+        """The front ends over `replicas` and `store`, serving as soon as this returns.
+
+        Args:
+            config: the server's settings.
+            replicas: the engine replicas (serve/replicas.py).
+            store: the weight store, opened by the caller (shared, or held alone).
+            access: the API keys and limits.
+            coordinator: the push lock, version record and events; default from `config`
+                (Redis with redis_url, else embedded).
+            requantize_into: where pushes requantize into (serve/push.py `Push`).
+            store_cleaned: the caller dropped what an earlier crash left in the store while no
+                push could run; else the ingress does, under the push lock, once it can.
+        """
         self = cls()
         self.config = config
         self.replicas = replicas
         self.store = store
-        self.coordinator = make_coordinator(config)
-        self.push = Push(config, replicas, self.coordinator, store, ParamTable.from_checkpoint(config.model))
-        self._cleaned = False  # what a push cut off by a crash left in the store; done under the push lock
+        self.coordinator = coordinator or make_coordinator(config)
+        version = store.current_version()
+        if version:  # the record starts from the store; later, only a coordinator that lost it is written back
+            with contextlib.suppress(EngineUnavailable):  # Redis away: the registry loop writes it once it is back
+                await self.coordinator.ensure_version(version, store.manifest_path(version))
+        table = ParamTable.from_checkpoint(config.model)
+        self.push = Push(config, replicas, self.coordinator, store, table, requantize_into)
+        self._cleaned = store_cleaned
         self.backend = Metered(Backend(config, replicas, self.push))
         log_exposure(config, access)
         self.grpc_server, self.grpc_port = await create_server(self.backend, config, access)

@@ -71,13 +71,19 @@ class Claim:
 class Push:
     def __init__(
         self, config: ServerConfig, replicas: Replicas, coordinator: Coordinator, store: VersionStore, table: ParamTable,
+        requantize_into: Path | None = None,
     ):
-        """`table`: the checkpoint's parameters, which a push's tensors are checked against."""
+        """`table`: the checkpoint's parameters, which a push's tensors are checked against.
+        `requantize_into`: where an int8/fp8 push's parts are written as they arrive, for the
+        replicas to link into their staging: by default the store's incoming/, which every
+        replica's node reaches; the single-process server gives its staging directory, so its one
+        replica links them on the same filesystem (never a copy) wherever the store is."""
         self.config = config
         self.replicas = replicas
         self.coordinator = coordinator
         self.store = store
         self.table = table
+        self._requantize_into = requantize_into or store.incoming
         self._dtype = getattr(torch, config.dtype)
         self.last_push: PushResult | None = None
         # The pushes this ingress is receiving. Usually one; two when one's lock lapsed while it
@@ -99,7 +105,7 @@ class Push:
                 # where expected_version is checked, so the commit cannot land on another version.
                 committed = self.store.current_version()
                 spool = self.store.spool()
-            prepare, requantized = requantizer(self._dtype, self.config.recipe(), self.store.incoming)
+            prepare, requantized = requantizer(self._dtype, self.config.recipe(), self._requantize_into)
             claim = Claim(owner, fence, committed + 1, {}, requantized)
             convert = store_converter(self._dtype, claim.cast_crc, prepare)
             try:
@@ -183,7 +189,9 @@ class Push:
         crc = {**session.crc32, **claim.cast_crc}
         warnings: list[str] = []
         try:
-            manifest = await asyncio.to_thread(self.store.commit, version, files, crc, session.header.label, claim.fence, warnings)
+            manifest = await asyncio.to_thread(
+                self.store.commit, version, files, crc, session.header.label, claim.fence, warnings, False
+            )
         except BaseException as exc:  # e.g. the disk is full, or fenced off: nothing committed, every replica drops its prepared push
             if not await asyncio.to_thread(self.store.holds, version, files):
                 with contextlib.suppress(Exception):
@@ -206,5 +214,8 @@ class Push:
         for exc in failed:
             log.warning("version %d is committed; a replica failed to load it and catches up from the store: %s", version, exc)
         catching_up = sorted(e.replica_id if isinstance(e, ApplyFailed) else f"unknown ({e})" for e in failed)
+        # Only now: deleting old versions (seconds for a large model) must not stand between the
+        # commit and the apply, where a replica would take the push for an orphan (serve/replica.py).
+        await asyncio.to_thread(self.store.delete_old_versions, version, warnings)
         self.last_push = session.result(version, receive_s, prepare_s, applied, catching_up, warnings)
         return self.last_push

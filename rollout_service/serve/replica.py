@@ -2,8 +2,9 @@
 (serve/app.py), or the single-process server's only one (server.py).
 
 Data plane: `generate_stream` (routed to one replica by serve/routing.py). Control plane, broadcast
-to every replica by serve/push.py: `prepare` (requantize a stored version into this replica's
-staging), `apply` (load it and label further tokens with its number), `abort`. A replica that starts
+to every replica by serve/push.py: `prepare` (take a push into this replica's staging: the parts
+the push requantized, linked, or the stored shards), `apply` (load it and label further tokens
+with its number), `abort`. A replica that starts
 after pushes (autoscaling, a restart) loads the weight store's current version before it starts
 serving; a follower task also catches up a replica that missed a broadcast (it started during a push).
 """
@@ -14,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,16 +23,17 @@ from pathlib import Path
 from rollout_service import faults
 from rollout_service.config import ServerConfig
 from rollout_service.engine import RolloutEngine
-from rollout_service.errors import EngineUnavailable
+from rollout_service.errors import EngineUnavailable, StorageFull, StorageUnavailable
 from rollout_service.serve.replicas import ApplyFailed
 from rollout_service.types import ApplyStats, Completion, GenerateRequest, ServerStatus
 from rollout_service.weights.service import WeightService
 from rollout_service.weights.staging import ShardWriter
-from rollout_service.weights.versions import VersionStore
+from rollout_service.weights.versions import VersionStore, storage_errors
 
 log = logging.getLogger("rollout_service.replica")
 
 FOLLOW_S = 2.0
+FOLLOW_MAX_S = 120.0
 # A prepared push never applied (its ingress died between prepare and commit, or the commit failed
 # before the abort broadcast) is dropped after this long, so it cannot hold catching up back for
 # good. Safe at any age: an apply that finds its push gone loads the committed version from the store.
@@ -67,10 +70,14 @@ class EngineReplica:
         self.config = config
         self.store = store
         self.engine = await RolloutEngine.start(config)
-        self.weights = WeightService(self.engine, config)
-        self._prepared: dict[str, Prepared] = {}
-        self._apply_lock = asyncio.Lock()
-        await self.catch_up()
+        try:
+            self.weights = WeightService(self.engine, config)
+            self._prepared: dict[str, Prepared] = {}
+            self._apply_lock = asyncio.Lock()
+            await self.catch_up()
+        except BaseException:  # e.g. the store's version does not load: no engine left running
+            self.close()
+            raise
         self._follower = asyncio.create_task(self._follow())
         log.info("replica %s ready at weight version %d", self.replica_id, self.engine.weight_version)
 
@@ -125,10 +132,13 @@ class EngineReplica:
         start = loop.time()
         try:
             faults.fault_point("replica.prepare")
-            if requantized is not None and requantized_for == self.weights.recipe_fingerprint:
-                files, spool = await self.weights.adopt({n: Path(p) for n, p in requantized.items()})
-            else:
-                files, spool = await self.weights.stage({n: Path(p) for n, p in stored.items()})
+            with storage_errors():  # a full or read-only disk is said as such, not as a replica failing
+                if requantized is not None and requantized_for == self.weights.recipe_fingerprint:
+                    files, spool = await self.weights.adopt({n: Path(p) for n, p in requantized.items()})
+                else:
+                    files, spool = await self.weights.stage({n: Path(p) for n, p in stored.items()})
+        except (StorageFull, StorageUnavailable):
+            raise
         except Exception as exc:
             raise EngineUnavailable(f"replica {self.replica_id} failed to prepare version {version}: {exc}") from exc
         self._prepared[push_id] = Prepared(version, files, spool, loop.time())
@@ -181,7 +191,12 @@ class EngineReplica:
                 return self.engine.weight_version
             start = asyncio.get_running_loop().time()
             await self.weights.load_version(self.store, version, self.config.inflight)
-            log.info("replica %s caught up to version %d in %.2f s", self.replica_id, version, asyncio.get_running_loop().time() - start)
+            manifest = self.store.manifest(version)
+            log.warning(
+                "replica %s serves weight version %d (%r, committed %s) from %s, loaded in %.1f s", self.replica_id,
+                version, manifest.label, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(manifest.created)),
+                self.store.root, asyncio.get_running_loop().time() - start,
+            )
             return version
 
     def expire_prepared(self) -> None:
@@ -210,8 +225,9 @@ class EngineReplica:
                 await self.apply(push_id, self.config.inflight)
 
     async def _follow(self) -> None:
+        failures = 0  # catching up in a row; each waits twice as long, up to FOLLOW_MAX_S
         while True:
-            await asyncio.sleep(FOLLOW_S)
+            await asyncio.sleep(min(FOLLOW_S * 2**failures, FOLLOW_MAX_S))
             self.expire_prepared()
             try:
                 await self.apply_orphaned()
@@ -221,8 +237,14 @@ class EngineReplica:
                 continue
             try:
                 await self.catch_up()
-            except Exception:
-                log.exception("replica %s: catching up with the weight store failed", self.replica_id)
+                failures = 0
+            except Exception as exc:
+                # A version that does not load: each try verifies (and for int8 requantizes) it
+                # whole, so it is retried ever more slowly, and its traceback logged once.
+                failures += 1
+                log.error("replica %s: catching up with the weight store failed (try %d; the next in %.1f s): %s",
+                          self.replica_id, failures, min(FOLLOW_S * 2**failures, FOLLOW_MAX_S), exc,
+                          exc_info=failures == 1)
 
     def _discard(self, prepared: Prepared) -> None:
         if prepared.spool is not None:

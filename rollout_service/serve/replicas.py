@@ -41,6 +41,9 @@ class Replicas(Protocol):
     def generate(self, *args: Any) -> ReplicaStream:
         """`generate_stream(*args)` on the one replica the router picks (serve/routing.py)."""
 
+    async def call_one(self, method: str, *args: Any) -> Any:
+        """`method(*args)` on any one replica; its result, or the exception it raised."""
+
 
 async def broadcast_all(replicas: Replicas, method: str, *args: Any) -> list:
     """`method(*args)` on every live replica; their results, or the first replica's exception."""
@@ -65,3 +68,6 @@ class InProcess:
 
     def generate(self, *args: Any) -> ReplicaStream:
         return self.replica.generate_stream(*args)  # an async generator: aclose() aborts it
+
+    async def call_one(self, method: str, *args: Any) -> Any:
+        return await getattr(self.replica, method)(*args)

@@ -45,9 +45,10 @@ def store_converter(
 ) -> Callable[[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The receive-side conversion of a push into the weight store: checked and cast to the engine
     dtype only, recording the CRC-32 of each tensor it casts in `cast_crc` (the stored bytes are
-    then not the received ones). Engines requantize the stored tensors: on Ray Serve each replica
-    when it prepares the version; the single-process server as they arrive (`prepare`, given each
-    stored tensor), so that both quantize the same bf16 values and a restart reproduces them."""
+    then not the received ones). For a quantized engine, `prepare` is given each stored tensor to
+    requantize as it arrives (`requantizer`), once for every replica: what the engines load is
+    the stored bf16 values quantized, which a replica loading the version from the store later
+    reproduces."""
 
     def convert(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         out = to_engine_format(name, tensor, dtype, None)

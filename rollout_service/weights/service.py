@@ -78,7 +78,7 @@ class WeightService:
         return result
 
     async def adopt(self, prepared: dict[str, Path]) -> tuple[dict[str, Path], ShardWriter]:
-        """Tensors a push already requantized (name -> part file, by the Serve ingress) as this
+        """Tensors a push already requantized (name -> part file, by the push as it arrived) as this
         engine's staged tensors: linked into its staging, or copied where that is another
         filesystem (returned as `stage` returns them)."""
         spool = ShardWriter(self._root)

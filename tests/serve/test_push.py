@@ -7,7 +7,7 @@ store (at once when it can, else when it restarts).
 The engine's side of the replica is a test double (it records what it is given to load, and fails
 on cue); the store, the push session, the protocol, the coordinator and the replica are the real
 ones. The same faults against a real server on a real full or read-only disk:
-tests/weights/test_store_disk.py; with two replicas and two ingresses: test_push_fencing.py."""
+tests/weights/test_store_disk.py; with two replicas and two ingresses: test_cluster_push.py."""
 
 from __future__ import annotations
 
@@ -247,3 +247,25 @@ async def test_a_push_onto_a_replica_behind_the_store_loads_the_new_version_whol
         await push(protocol, {"a.weight": tensors(2.0)["a.weight"]}, expected_version=0)
     assert (await push(protocol, {"a.weight": tensors(2.0)["a.weight"]}, expected_version=1)).version == 2
     assert behind.loaded == [(["a.weight", "b.weight"], 2, 2)]
+
+
+async def test_the_follower_loads_a_committed_version_by_itself_retrying_ever_more_slowly(store, engine, monkeypatch, caplog):
+    """A version the engine fails to load is retried by the replica's follower, each wait twice
+    the last, its traceback logged once; once it loads, the replica serves it."""
+    from rollout_service.serve import replica as replica_module
+
+    monkeypatch.setattr(replica_module, "FOLLOW_S", 0.05)
+    protocol = one_replica_push(engine, store)
+    engine.fail_apply = 3  # the push's own load, then the follower's first two
+    assert (await push(protocol, tensors(1.0))).replicas_catching_up == ["local"]
+    follower = asyncio.create_task(protocol.replicas.replica._follow())
+    try:
+        async with asyncio.timeout(60):
+            while engine.engine.weight_version != 1:
+                await asyncio.sleep(0.01)
+    finally:
+        follower.cancel()
+    failed = [r for r in caplog.records if "catching up with the weight store failed" in r.getMessage()]
+    assert ["try 1; the next in 0.1 s", "try 2; the next in 0.2 s"] == [r.getMessage().split("(")[1].split(")")[0] for r in failed]
+    assert [bool(r.exc_info) for r in failed] == [True, False]
+    assert engine.loaded == [(["a.weight", "b.weight"], 1, 1)]

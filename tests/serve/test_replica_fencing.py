@@ -72,6 +72,8 @@ class StoreDouble:
 
     def manifest(self, version):
         class Manifest:
+            label, created = f"v{version}", 0.0
+
             def files(self, root):
                 return {"store": root / f"v{version}"}
 

@@ -177,7 +177,7 @@ def test_closing_a_failed_push_waits_for_its_conversion_off_the_event_loop(tmp_p
     so a close that held the loop would never see it released. The timeouts only bound a hang."""
     import threading
 
-    from rollout_service.weights.service import closed
+    from rollout_service.weights.service import close_session
 
     converting, converted, closing_started, release = (threading.Event() for _ in range(4))
     released_in_time, converted_when_closed = [], []
@@ -203,7 +203,7 @@ def test_closing_a_failed_push_waits_for_its_conversion_off_the_event_loop(tmp_p
         s = Observed(header, TABLE, slow_convert, ShardWriter(tmp_path, part_bytes=4096), 1 << 20)
         await s.add_chunk(0, 0, raw(a))  # the whole tensor: its conversion starts, and blocks
         assert await asyncio.to_thread(converting.wait, 60)
-        closing = asyncio.create_task(closed(s, s.spool))
+        closing = asyncio.create_task(close_session(s, s.spool))
         # This coroutine runs on the loop while the close is under way: the loop is free.
         assert await asyncio.to_thread(closing_started.wait, 60)
         assert not closing.done()  # the close waits for the conversion, still held below

@@ -72,7 +72,7 @@ class ClientBase:
         if shared_memory is False:
             return ""
         known = self._shared_memory
-        return "optional" if known is None or (self._shared_seen and not shared.sees(known)) else ""
+        return "optional" if known is None or (self._shared_seen and not shared.can_share_memory_with(known)) else ""
 
     def _push_setup(
         self, delta: bool | None, shared_memory: bool | None, status: pb.GetStatusResponse | None
@@ -89,7 +89,7 @@ class ClientBase:
                         stacklevel=4 + RUNNER_FRAMES,
                     )
         plan = writer = None
-        self._shared_seen = self._shared_memory is not None and shared.sees(self._shared_memory)
+        self._shared_seen = self._shared_memory is not None and shared.can_share_memory_with(self._shared_memory)
         if delta is None:
             # Deltas pay where bytes cross a link; through shared memory the wire is nearly free and
             # the encoding only adds work (BENCHMARKS.md: 0.79-0.86x a whole push on one host).
@@ -118,7 +118,7 @@ class ClientBase:
         source.close()
         self.delta_base.version = None  # the base matches no version the server holds: record anew
         plan = push.DeltaPlan(self.delta_base, refused.codec)
-        writer = source.shared.again() if source.shared is not None else None
+        writer = source.shared.for_next_push() if source.shared is not None else None
         stream = push.requests(itertools.chain(refused.resent(), items), plan=plan, shared=writer, **options)
         return plan, push.SourceErrors(stream, writer)
 
