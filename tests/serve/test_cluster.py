@@ -50,7 +50,7 @@ def base_weights(tiny_model):
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_model, redis_server, tmp_path_factory):
+def cluster(tiny_model, redis_server, tmp_path_factory, request):
     import ray
     from ray import serve
 
@@ -60,6 +60,7 @@ def cluster(tiny_model, redis_server, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     fault = root / "fault"  # the replicas' and the ingress's fault point (rollout_service/faults.py)
     os.environ[faults.ENV] = str(fault)  # read when the application is built: its processes get it
+    request.addfinalizer(lambda: os.environ.pop(faults.ENV, None))
     pki = Pki.make(root / "pki")
     keys = root / "api-keys"
     keys.write_text("".join(f"{role}:{key}\n" for role, key in KEYS.items()))
@@ -104,7 +105,6 @@ def cluster(tiny_model, redis_server, tmp_path_factory):
     c.client.close()
     serve.shutdown()
     ray.shutdown()
-    del os.environ[faults.ENV]
 
 
 def per_replica(cluster, method: str, *args) -> list:
