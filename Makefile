@@ -68,7 +68,7 @@ RELIABILITY_TESTS := tests/serve/test_cluster.py tests/weights/test_restart.py t
 	tests/api/test_fuzz_server.py tests/api/test_security.py tests/load/test_locust.py \
 	tests/weights/test_store_crash.py tests/weights/test_store_disk.py tests/weights/test_store_machine.py \
 	tests/serve/test_store_crash.py tests/api/test_fuzz_generate.py tests/api/test_idle_connections.py \
-	tests/api/test_request_memory.py
+	tests/api/test_request_memory.py tests/serve/test_ray_exposure.py
 FUZZ_EXAMPLES ?= 10000
 reliability: install
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_SERVER_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -ra \

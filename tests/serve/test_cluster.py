@@ -541,6 +541,7 @@ def test_a_delta_push_reaches_both_replicas_as_the_push_of_the_whole_tensors_doe
         assert {v for _, _, v in replica} == {whole.version}
 
 
+@pytest.mark.slow  # 3 min, the module's last: make test-all and make reliability (int8 pushes: tests/weights/test_push_int8.py)
 def test_int8_replicas_take_a_push_requantized_once_at_the_ingress_as_a_late_replica_requantizes_the_store(cluster, base_weights):
     """int8 replicas: the ingress requantizes each pushed tensor once as it arrives and both
     replicas load its parts; a replica added afterwards loads the committed version from the
