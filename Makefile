@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml clients/python/trainer-ad
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $(STAMP)
 
-# Generated code goes into the client package (rollout_client/_proto); the server imports it from there.
+# Generated code goes into the client package (rollout_client/proto); the server imports it from there.
 proto: $(STAMP)
 	$(PY) -m rollout_service.tools.gen_proto
 
@@ -64,11 +64,11 @@ test-stress: install
 # with their figures (tests/reliability.py lists the tests marked `reliability`). Whole files run:
 # the Ray Serve tests build on each other in order.
 RELIABILITY_TESTS := tests/serve/test_cluster.py tests/weights/test_restart.py tests/weights/test_bad_pushes.py \
-	tests/weights/test_local_push.py tests/test_server_engine_death.py tests/api/test_fuzz_requests.py \
+	tests/serve/test_push.py tests/test_server_engine_death.py tests/api/test_fuzz_requests.py \
 	tests/api/test_fuzz_server.py tests/api/test_security.py tests/load/test_locust.py \
 	tests/weights/test_store_crash.py tests/weights/test_store_disk.py tests/weights/test_store_machine.py \
 	tests/serve/test_store_crash.py tests/api/test_fuzz_generate.py tests/api/test_idle_connections.py \
-	tests/api/test_request_memory.py
+	tests/api/test_request_memory.py tests/serve/test_ray_exposure.py
 FUZZ_EXAMPLES ?= 10000
 reliability: install
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_SERVER_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -ra \

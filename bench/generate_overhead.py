@@ -74,12 +74,12 @@ async def inprocess_worker(prompts: int, max_tokens: int) -> None:
     """Child process: vLLM's AsyncLLM with the service's engine arguments; one round per 'run'."""
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from rollout_service.engine import convert
+    from rollout_service.engine import vllm_io
     from rollout_service.engine.engine import engine_args, resolve_model
 
     config, opts, ids = _settings(prompts, max_tokens)
     llm = AsyncLLM.from_engine_args(engine_args(config, resolve_model(config)))
-    params = convert.sampling_params(opts)
+    params = vllm_io.sampling_params(opts)
 
     async def one(i: int, p: list[int]) -> int:
         final = None

@@ -56,8 +56,8 @@ def _bare_grpc_server(port_queue) -> None:
     import asyncio
 
     import grpc
-    from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
-    from rollout_client._proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
+    from rollout_client.proto.rollout.v1 import rollout_pb2 as pb
+    from rollout_client.proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
 
     class Counting(pb_grpc.RolloutServiceServicer):
         async def PushWeights(self, request_iterator, context):
@@ -248,7 +248,7 @@ def main() -> None:
     results: dict = {"model_mb": round(nbytes / 1e6, 1), "chunk_bytes": CHUNK, "rounds": rounds, "machine": machine()}
     try:
         import grpc
-        from rollout_client._proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
+        from rollout_client.proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
 
         client = RolloutClient(server.grpc_address, timeout=600)
         bare = pb_grpc.RolloutServiceStub(grpc.insecure_channel(f"127.0.0.1:{bare_port}", options=[("grpc.max_send_message_length", 256 << 20)]))

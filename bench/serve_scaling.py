@@ -69,7 +69,7 @@ def main() -> None:
     import ray
     import torch
     from rollout_client import RolloutClient
-    from rollout_client._proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
+    from rollout_client.proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
     from rollout_client.push import requests
     from safetensors.torch import load_file
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
 
+from rollout_service import config_options
+from rollout_service.config import LogprobsMode, Quantization, ServerConfig
 from rollout_service.models.tiny import ARCHS as TINY_ARCHS
+from rollout_service.quant.registry import FORMATS as QUANT_FORMATS
 from rollout_service.tools.store_cli import app as store_app
 
 app = typer.Typer(help="Rollout-as-a-service for LLM reinforcement learning.", no_args_is_help=True, add_completion=False)
@@ -36,80 +39,27 @@ def _config_error(exc: ValidationError) -> None:
 
 
 @app.command()
+@config_options.with_field_options
 def serve(
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Checkpoint directory (config.json, safetensors, tokenizer)."),
+    ctx: typer.Context,
     config_file: Optional[Path] = typer.Option(None, "--config", help="YAML settings (as `setup` writes them, or FlashRL's config)."),
-    quantization: Optional[str] = typer.Option(None, help="none | int8 | fp8 | fp8_channel (default none)."),
-    profile: Optional[Path] = typer.Option(None, help="Requantization recipe from `rollout-service profile`."),
-    dtype: Optional[str] = typer.Option(None, help="bfloat16 | float32 (default bfloat16)."),
-    host: Optional[str] = typer.Option(None, help="Bind address (default 127.0.0.1)."),
-    port: Optional[int] = typer.Option(None, help="gRPC port; 0 = a free port (default 50051)."),
-    http_port: Optional[int] = typer.Option(None, help="HTTP port; 0 = a free port (default 8000)."),
-    no_http: bool = typer.Option(False, "--no-http", help="Serve gRPC only."),
-    max_model_len: Optional[int] = typer.Option(None, help="Context length (default: the model's)."),
-    logprobs_mode: Optional[str] = typer.Option(None, help="processed (default) | raw."),
-    lm_head_fp32: Optional[bool] = typer.Option(None, "--lm-head-fp32/--no-lm-head-fp32", help="LM head and logits in float32."),
-    max_inflight_sequences: Optional[int] = typer.Option(None, help="In-flight sequence limit (default 1024)."),
-    kv_cache_gib: Optional[int] = typer.Option(None, help="CPU KV cache in whole GiB (default 1)."),
-    block_size: Optional[int] = typer.Option(None, help="KV-cache block size in tokens; the prefix cache reuses whole blocks (default: vLLM's, 128 on CPU)."),
-    seed: Optional[int] = typer.Option(None, help="Engine seed (default 0)."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Where quantized copies of checkpoints are kept."),
-    inflight: Optional[str] = typer.Option(None, help="drain (default) | abort | continue: running samples at a push."),
-    push_buffer_mib: Optional[int] = typer.Option(None, help="Memory for pushed tensors in flight (default 256)."),
-    staging_dir: Optional[Path] = typer.Option(None, help="Where an int8/fp8 engine's requantized pushes wait and stay while served, and the single-process server's temporary weight store (default <cache-dir>/staging)."),
-    debug_endpoints: Optional[bool] = typer.Option(None, "--debug-endpoints", help="Serve /v1/debug/engine-weights, /v1/debug/pause and /v1/debug/resume."),
-    backend: Optional[str] = typer.Option(None, help="ray (default): Ray Serve replicas | local: one engine in this process."),
-    ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join (default: start a local one)."),
-    replicas: Optional[int] = typer.Option(None, help="Engine replicas (default 1)."),
-    autoscale: Optional[str] = typer.Option(None, help="MIN,MAX engine replicas, autoscaled on ongoing requests."),
-    target_ongoing_requests: Optional[float] = typer.Option(None, help="Autoscaling target per replica (default 8)."),
-    replica_cpus: Optional[float] = typer.Option(None, help="CPUs per engine replica (default 1)."),
-    replica_gpus: Optional[float] = typer.Option(None, help="GPUs per engine replica (default 0)."),
-    weights_dir: Optional[Path] = typer.Option(None, help="Weight store directory: kept, and resumed from after a restart (Ray Serve's default <cache-dir>/weights/<model>-<checkpoint id>; the single-process server's default is a temporary store)."),
-    keep_versions: Optional[int] = typer.Option(None, help="Versions the weight store keeps (default 3)."),
-    redis_url: Optional[str] = typer.Option(None, help="Redis for version, registry, push lock, events (default: embedded)."),
-    redis_password_file: Optional[Path] = typer.Option(None, help="File holding the Redis password."),
-    api_keys: Optional[Path] = typer.Option(
-        None, envvar="ROLLOUT_API_KEYS_FILE", help="Keys file, one ROLE:KEY or ROLE:sha256:HEX a line (see make-key)."
-    ),
-    insecure: Optional[bool] = typer.Option(None, "--insecure", help="Allow a non-loopback --host without --api-keys."),
-    tls_cert: Optional[Path] = typer.Option(None, help="PEM server certificate: serve gRPC and HTTPS over TLS."),
-    tls_key: Optional[Path] = typer.Option(None, help="PEM private key of --tls-cert."),
-    tls_client_ca: Optional[Path] = typer.Option(None, help="PEM CA: require client certificates it signed."),
-    max_prompts_per_call: Optional[int] = typer.Option(None, help="Most prompts in one call (default 65536)."),
-    max_samples_per_call: Optional[int] = typer.Option(None, help="Most prompts x n in one call (default 65536)."),
-    max_prompt_tokens: Optional[int] = typer.Option(None, help="Longest prompt (default: the context length)."),
-    max_tokens_per_sample: Optional[int] = typer.Option(None, help="Largest max_tokens (default: none beyond the context)."),
-    max_request_mib: Optional[int] = typer.Option(None, help="Largest request body / message, MiB (default 64)."),
-    max_request_mib_per_key: Optional[int] = typer.Option(None, help="Generate request MiB one key may have in flight (default 512)."),
-    max_push_mib: Optional[int] = typer.Option(None, help="Largest push, MiB (default: twice the model at float32)."),
-    max_concurrent_generates_per_key: Optional[int] = typer.Option(None, help="Generate calls per key at once (default 1024)."),
-    max_concurrent_pushes_per_key: Optional[int] = typer.Option(None, help="Pushes per key at once (default 4)."),
-    push_idle_timeout_s: Optional[float] = typer.Option(None, help="Abort a push silent this long, seconds (default 120)."),
-    shared_memory: Optional[bool] = typer.Option(
-        None, "--shared-memory/--no-shared-memory", help="Let same-host clients hand tensors over in shared memory (default on)."
-    ),
-    shared_memory_dir: Optional[Path] = typer.Option(None, help="Where the shared-memory directory is made (default /dev/shm)."),
-    max_version_wait_s: Optional[float] = typer.Option(None, help="Longest a call is held for its min_weight_version, seconds (default 600)."),
-    served_model_name: Optional[str] = typer.Option(None, help="Model name in /v1/models and OpenAI requests (default: the checkpoint directory's name)."),
-    tool_call_parser: Optional[str] = typer.Option(None, help="vLLM tool-call parser for chat completions, e.g. hermes (default: none)."),
+    no_http: bool = typer.Option(False, "--no-http", help="Serve gRPC only (http_port None).", rich_help_panel="Network"),
     log_level: Optional[str] = typer.Option(None, help="debug | info | warning | error (default info)."),
+    **fields: Any,
 ) -> None:
     """Serve a model over gRPC and HTTP: on Ray Serve (engine replicas, a weight store; a local Ray
     cluster is started unless --ray-address is given), or with --backend local in this process.
 
-    Unset options fall back to ROLLOUT_<NAME> environment variables, then FlashRL's (FLASHRL_CONFIG,
-    FLASHRL_LMHEAD_FP32), then the --config file, then the defaults.
+    Unset options fall back to ROLLOUT_<NAME> environment variables, then FlashRL's (FLASHRL_CONFIG, FLASHRL_LMHEAD_FP32), then the --config file, then the defaults.
+
+    Each option is a field of rollout_service/config.py, where its default and help are written.
     """
     from rollout_service import config_sources
-    from rollout_service.config import ServerConfig
     from rollout_service.errors import ConfigError
 
-    given = {k: v for k, v in locals().items() if k in ServerConfig.model_fields and v is not None}
+    given = config_options.given(ctx, fields)
     if no_http:
         given["http_port"] = None
-    if autoscale is not None:
-        given["autoscale"] = tuple(autoscale.split(",")) if "," in autoscale else autoscale
     try:
         flash_level, flash_log_file = config_sources.flashrl_logging()
         _setup_logging(log_level or flash_level or "info", flash_log_file)
@@ -172,7 +122,7 @@ def profile_cmd(
         None, "--quantized-model", "-qm", help="Its quantized counterpart (compressed-tensors, e.g. from llm-compressor)."
     ),
     output: Path = typer.Option(..., "--output", "-o", help="Where to write the profile (e.g. profile.pt)."),
-    fn: Optional[str] = typer.Option(None, "--fn", help="int8 | fp8 | fp8_channel; required without -qm."),
+    fn: Optional[str] = typer.Option(None, "--fn", help=f"{' | '.join(QUANT_FORMATS)}; required without -qm."),
 ) -> None:
     """Record how pushed weights are requantized: which parameters are quantized, in which format,
     the ignore list — read from a quantized checkpoint (checked against the bf16 one), or derived
@@ -205,14 +155,13 @@ def setup_cmd(
     model: Path = typer.Option(..., "--model", "-m", help="The checkpoint to serve: the quantized one, or the bf16 one."),
     profile: Path = typer.Option(..., "--profile", "-p", help="The profile `rollout-service profile` wrote."),
     output: Path = typer.Option(Path("rollout-config.yaml"), "--output", "-o", help="Where to write the service config."),
-    max_model_len: Optional[int] = typer.Option(None, help="Context length (default: the model's)."),
-    lm_head_fp32: bool = typer.Option(False, "--lm-head-fp32", help="LM head and logits in float32."),
-    logprobs_mode: str = typer.Option("processed", help="processed | raw."),
+    max_model_len: Optional[int] = config_options.option("max_model_len"),
+    lm_head_fp32: bool = config_options.option("lm_head_fp32"),
+    logprobs_mode: LogprobsMode = config_options.option("logprobs_mode"),
 ) -> None:
     """Write a service config (model, quantization, profile, engine settings) for `serve --config`."""
     import yaml
 
-    from rollout_service.config import ServerConfig
     from rollout_service.quant.recipe import Recipe
 
     try:
@@ -222,7 +171,7 @@ def setup_cmd(
         raise typer.Exit(2) from None
     settings = {
         "model": str(model.resolve()), "quantization": recipe.fn, "profile": str(profile.resolve()),
-        "dtype": "bfloat16", "logprobs_mode": logprobs_mode, "lm_head_fp32": lm_head_fp32,
+        "dtype": ServerConfig.model_fields["dtype"].default, "logprobs_mode": logprobs_mode, "lm_head_fp32": lm_head_fp32,
     }
     if max_model_len is not None:
         settings["max_model_len"] = max_model_len
@@ -238,12 +187,12 @@ def setup_cmd(
 def estimate_cmd(
     params: Optional[str] = typer.Option(None, "--params", help="Parameter count, e.g. 32B (shapes of the nearest Qwen2.5)."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="A checkpoint directory (exact shapes)."),
-    quantization: str = typer.Option("int8", help="none | int8 | fp8 | fp8_channel."),
+    quantization: Quantization = typer.Option("int8", help="Weight format (serve --quantization)."),
     gpu: str = typer.Option("h100", help="a100 | h100 | h200."),
     max_model_len: int = typer.Option(4096, help="Context length per sequence."),
     concurrency: int = typer.Option(64, help="Sequences whose KV cache must fit at once."),
-    push_buffer_mib: int = typer.Option(256, help="Staging buffer for pushed tensors (serve --push-buffer-mib)."),
-    gpu_memory_utilization: float = typer.Option(0.85, help="Share of GPU memory the engine may use."),
+    push_buffer_mib: int = config_options.option("push_buffer_mib"),
+    gpu_memory_utilization: float = config_options.option("gpu_memory_utilization"),
     price: Optional[float] = typer.Option(None, help="USD per GPU-hour (default: the built-in table)."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object instead of a table."),
 ) -> None:
@@ -285,7 +234,7 @@ def estimate_cmd(
 @app.command("report")
 def report_cmd(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="The bf16 checkpoint (servers are started for it)."),
-    quantization: str = typer.Option("int8", help="int8 | fp8 | fp8_channel: the format to judge."),
+    quantization: str = typer.Option("int8", help=f"{' | '.join(QUANT_FORMATS)}: the format to judge."),
     prompts: Optional[Path] = typer.Option(None, help="A text file, one prompt per line (default: a built-in set)."),
     output: Path = typer.Option(Path("report"), "--output", "-o", help="Directory for report.md, report.json, plots."),
     n: int = typer.Option(4, "-n", "--n", help="Samples per prompt."),
@@ -304,11 +253,10 @@ def report_cmd(
     from contextlib import ExitStack
 
     from rollout_client import RolloutClient
-    from rollout_service.quant.recipe import FORMATS
     from rollout_service.tools.report import DEFAULT_PROMPTS, measure, write
 
-    if quantization not in FORMATS:
-        err.print(f"[red]error:[/red] --quantization {quantization!r} is not one of {', '.join(FORMATS)}")
+    if quantization not in QUANT_FORMATS:
+        err.print(f"[red]error:[/red] --quantization {quantization!r} is not one of {', '.join(QUANT_FORMATS)}")
         raise typer.Exit(2)
     if (bf16_address is None or quant_address is None) and (model is None or not (model / "config.json").is_file()):
         err.print(f"[red]error:[/red] --model {str(model)!r} is not a checkpoint directory (needed unless both addresses are given)")

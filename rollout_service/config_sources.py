@@ -4,7 +4,7 @@ Precedence, highest first: `serve` flags, ROLLOUT_<FIELD> variables, FLASHRL_* v
 `--config` file, the defaults. The project's own names stay primary; FlashRL's are accepted so
 that a FlashRL setup runs unchanged:
 
-    FLASHRL_CONFIG=bf16 | int8 | fp8 | fp8_channel   -> quantization none | int8 | fp8 | fp8_channel
+    FLASHRL_CONFIG=bf16 | int8 | fp8 | ...             -> quantization none | int8 | fp8 | ... (FLASHRL_FN)
     FLASHRL_CONFIG=/path/config.yaml                   -> that file (this project's or FlashRL's format)
     FLASHRL_LMHEAD_FP32=1                              -> lm_head_fp32 = true
     FLASHRL_LOGGING_LEVEL=DEBUG, FLASHRL_LOGGING_FILE=path  -> the server's log level / a log file
@@ -23,12 +23,13 @@ from pathlib import Path
 
 from rollout_service.config import ServerConfig
 from rollout_service.errors import ConfigError
+from rollout_service.quant.registry import FORMATS
 
 log = logging.getLogger(__name__)
 
 # FlashRL's `fn` names with an exact counterpart here. FlashRL's pruned / "fast" int8 variants
 # change the arithmetic and have none.
-FLASHRL_FN = {"bf16": "none", "int8": "int8", "fp8": "fp8", "fp8_vllm": "fp8", "fp8_tensor": "fp8", "fp8_channel": "fp8_channel"}
+FLASHRL_FN = {"bf16": "none"} | {name: spec.name for spec in FORMATS.values() for name in spec.flashrl_names}
 _FLASHRL_KEYS = {"fn": "quantization", "model": "model", "profile": "profile"}
 _TRUE = {"1", "true", "yes", "on"}
 

@@ -30,6 +30,22 @@ def test_status_reports_version_replicas_last_push_and_throughput(trainer_server
     assert f"v{pushed.version} 'status check'" in table and "tokens/s" in table
 
 
+def test_list_versions_names_the_kept_versions_newest_first_with_their_labels(trainer_server, tiny_model):
+    """The store keeps the last keep_versions (3 here) of the pushes; the checkpoint is not listed."""
+    from safetensors.torch import load_file
+
+    from rollout_client import RolloutClient
+
+    weights = load_file(tiny_model / "model.safetensors")
+    with RolloutClient(trainer_server.grpc_address, timeout=120) as client:
+        pushed = [client.push_weights(weights, label=f"list {i}", progress=False).version for i in range(4)]
+        kept = client.list_versions()
+    assert [v.version for v in kept] == pushed[::-1][:3]
+    assert [v.label for v in kept] == ["list 3", "list 2", "list 1"]
+    assert kept[0].committed_at >= kept[1].committed_at >= kept[2].committed_at > 0
+    assert kept[0].tensors == len(weights) and kept[0].bytes == sum(t.numel() * t.element_size() for t in weights.values())
+
+
 def test_status_of_an_unreachable_address_is_a_clear_error():
     out = subprocess.run([*CLI, "status", "-a", "127.0.0.1:1", "--interval", "0"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and "127.0.0.1:1" in out.stderr and "UNAVAILABLE" in out.stderr

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from rollout_client.proto.rollout.v1 import rollout_pb2 as pb
 from rollout_service.errors import ConfigError, Overloaded, PermissionDenied, Unauthenticated
 
 log = logging.getLogger(__name__)
@@ -44,11 +45,16 @@ ROLES: dict[str, frozenset[Operation]] = {
     "admin": frozenset(Operation),
 }
 
+def _rpc_operations() -> dict[str, Operation]:
+    """Each rollout.v1 method's operation, as the proto declares it (`option (operation)`); a
+    method that declares none is admin only."""
+    service = pb.DESCRIPTOR.services_by_name["RolloutService"]
+    declared = {m.name: m.GetOptions().Extensions[pb.operation] for m in service.methods}
+    return {f"/{service.full_name}/{name}": Operation(op) for name, op in declared.items() if op}
+
+
 _GRPC = {
-    "/rollout.v1.RolloutService/Generate": Operation.GENERATE,
-    "/rollout.v1.RolloutService/GenerateStream": Operation.GENERATE,
-    "/rollout.v1.RolloutService/GetStatus": Operation.STATUS,
-    "/rollout.v1.RolloutService/PushWeights": Operation.PUSH,
+    **_rpc_operations(),
     "/grpc.health.v1.Health/Check": Operation.HEALTH,
     "/grpc.health.v1.Health/Watch": Operation.HEALTH,
 }

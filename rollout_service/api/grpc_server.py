@@ -1,6 +1,6 @@
 """The gRPC front end: rollout.v1.RolloutService, plus standard health checking and reflection.
 
-The servicer only converts messages and calls the backend (api/backend.py); every exception is turned into a status
+The servicer only converts messages and calls the backend (serve/backend.py); every exception is turned into a status
 code by `errors.grpc_status` in `_abort_with`, the one place that does it. `AccessInterceptor` checks each call's
 API key and role (api/access.py) before its request is even deserialized; health stays open for probes.
 """
@@ -15,14 +15,14 @@ import weakref
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
-from rollout_client._proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
+from rollout_client.proto.rollout.v1 import rollout_pb2 as pb
+from rollout_client.proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
 
-from rollout_service.api import convert
+from rollout_service.api import messages
 from rollout_service.api.access import Access, Operation, grpc_operation
-from rollout_service.api.backend import Backend
-from rollout_service.api.idle import Pace, paced
+from rollout_service.api.idle import Pace, enforce_pace
 from rollout_service.api.limits import MIB, PushBudget, check_generate, check_generate_message
+from rollout_service.api.metrics import Metered
 from rollout_service.config import ServerConfig
 from rollout_service.errors import (
     Cancelled,
@@ -159,7 +159,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
 
 
 class RolloutServicer(pb_grpc.RolloutServiceServicer):
-    def __init__(self, backend: Backend, shared: SharedMemoryDir | None = None):
+    def __init__(self, backend: Metered, shared: SharedMemoryDir | None = None):
         self.backend = backend
         self.shared = shared  # where same-host clients hand over pushed tensors
 
@@ -173,7 +173,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
         except Exception as exc:
             await _abort_with(context, exc)
         done.sort(key=lambda c: c.prompt_index)
-        return pb.GenerateResponse(completions=[convert.completion_to_proto(c) for c in done])
+        return pb.GenerateResponse(completions=[messages.completion_to_proto(c) for c in done])
 
     async def GenerateStream(self, request: pb.GenerateRequest, context):
         try:
@@ -182,7 +182,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
             async with _deadline(context):
                 async with contextlib.aclosing(self.backend.generate(req)) as stream:
                     async for c in stream:
-                        yield pb.GenerateResponse(completions=[convert.completion_to_proto(c)])
+                        yield pb.GenerateResponse(completions=[messages.completion_to_proto(c)])
         except Exception as exc:
             await _abort_with(context, exc)
 
@@ -194,7 +194,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
 
         def checked() -> GenerateRequest:
             check_generate_message(message, self.backend.config)
-            req = convert.request_from_proto(message)
+            req = messages.request_from_proto(message)
             check_generate(req, self.backend.config)
             return req
 
@@ -202,16 +202,27 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
 
     async def GetStatus(self, request: pb.GetStatusRequest, context) -> pb.GetStatusResponse:
         try:
-            response = convert.status_to_proto(await self.backend.status())
+            response = messages.status_to_proto(await self.backend.status())
             if self.shared is not None:
                 response.shared_memory.dir, response.shared_memory.token = str(self.shared.dir), self.shared.token
             return response
         except Exception as exc:
             await _abort_with(context, exc)
 
+    async def ListVersions(self, request: pb.ListVersionsRequest, context) -> pb.ListVersionsResponse:
+        try:
+            manifests = await self.backend.list_versions()
+        except Exception as exc:
+            await _abort_with(context, exc)
+        return pb.ListVersionsResponse(versions=[
+            pb.StoredVersion(version=m.version, label=m.label, committed_at=m.created, tensors=len(m.tensors),
+                             bytes=sum(t.nbytes for t in m.tensors.values()))
+            for m in manifests
+        ])
+
     async def PushWeights(self, request_iterator, context) -> pb.PushWeightsResponse:
         pace = Pace(self.backend.config.push_idle_timeout_s, "the push stream")
-        request_iterator = paced(request_iterator, pace)
+        request_iterator = enforce_pace(request_iterator, pace)
         try:
             first = await anext(request_iterator, None)
             if first is None or first.WhichOneof("kind") != "header":
@@ -220,7 +231,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
             budget.count(len(first.header.tensors))  # before a spec is converted
 
             async def read_header() -> PushHeader:  # once the push lock is held
-                header = convert.push_header_from_proto(first.header)
+                header = messages.push_header_from_proto(first.header)
                 budget.add(header.tensors)
                 pace.expect(budget.declared)
                 return header
@@ -236,7 +247,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
                         await session.add_chunk(msg.chunk.tensor_index, msg.chunk.offset, msg.chunk.data)
                     elif kind == "declare":
                         budget.count(len(msg.declare.tensors))
-                        specs = [convert.tensor_spec_from_proto(t) for t in msg.declare.tensors]
+                        specs = [messages.tensor_spec_from_proto(t) for t in msg.declare.tensors]
                         budget.add(specs)
                         pace.expect(budget.declared)
                         session.declare(specs)
@@ -251,7 +262,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
                     raise Cancelled("the stream ended before its commit message; nothing was applied")
         except Exception as exc:
             await _abort_with(context, exc)
-        return convert.push_result_to_proto(result)
+        return messages.push_result_to_proto(result)
 
     async def _take_shared(self, session: PushSession, specs, first: int) -> None:
         """Hand the session the bytes of the tensors just declared that lie in shared memory (a
@@ -278,7 +289,7 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     )
 
 
-async def create_server(backend: Backend, config: ServerConfig, access: Access) -> tuple[grpc.aio.Server, int]:
+async def create_server(backend: Metered, config: ServerConfig, access: Access) -> tuple[grpc.aio.Server, int]:
     """A started gRPC server on config.host:config.port (0 = a free port); returns it and the bound port."""
     server = grpc.aio.server(
         interceptors=[AccessInterceptor(access)],

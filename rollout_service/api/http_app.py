@@ -10,16 +10,8 @@ POST /v1/completions, POST /v1/chat/completions, GET /v1/models
                     OpenAI-compatible, over the same engine calls (api/openai_compat/), with
                     errors in OpenAI's shape
 GET  /metrics       Prometheus metrics (api/metrics.py)
-GET  /v1/events     weight version events after ?after=<id> (serve backend; see serve/coordinator.py)
-GET  /v1/debug/engine-weights   with --debug-endpoints: the engine's weights as it computes with
-                    them (safetensors; see RolloutWorkerExtension.rollout_snapshot)
-POST /v1/debug/pause?mode=      with --debug-endpoints: hold generation on every engine until
-POST /v1/debug/resume           resume; running samples finish (drain), are aborted (abort) or stay
-                    frozen (continue, the default); new requests are admitted and wait. A push
-                    ends the hold (it pauses and resumes by its own policy); replicas started
-                    later are not held. &stepped=true: generation runs (resumed if held)
-                    until every request in the engine has a token (so it is running, not
-                    queued), then is held
+GET  /v1/events     weight version events after ?after=<id> (see serve/coordinator.py)
+/v1/debug/...       with --debug-endpoints (serve/debug_routes.py)
 
 Errors come back as {"error": {"code": "INVALID_ARGUMENT", "message": "...", "field": "..."}}
 with the HTTP status from `errors.http_status`. `AccessMiddleware` checks the API key and role of
@@ -34,18 +26,17 @@ import asyncio
 import logging
 from dataclasses import asdict
 
-from fastapi import FastAPI, Header, Query, Request
+from fastapi import APIRouter, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
 from rollout_service.api.access import UNCAPPED, Access, Operation, Slot, http_operation
 from rollout_service.api.cancel import generate_all
-from rollout_service.api.idle import Pace, paced
+from rollout_service.api.idle import Pace, enforce_pace
 from rollout_service.api.limits import MIB, PushBudget, check_generate, max_push_bytes, max_push_header_bytes
 from rollout_service.api.metrics import CONTENT_TYPE, Metered
 from rollout_service.api.openai_compat import routes as openai_routes
-from rollout_service.config import InflightPolicy
 from rollout_service.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -184,8 +175,9 @@ async def _buffered(receive, limit: int, idle_s: float, slot: Slot, length: int 
     return replay
 
 
-def create_app(backend: Metered, access: Access, events=None) -> FastAPI:
-    """The app over `backend` behind `access`; `events(after, count)` serves /v1/events when given."""
+def create_app(backend: Metered, access: Access, events=None, debug: APIRouter | None = None) -> FastAPI:
+    """The app over `backend` behind `access`; `events(after, count)` serves /v1/events, and
+    `debug` (serve/debug_routes.py) is mounted, when given."""
     app = FastAPI(title="rollout-service", version="1", summary="Rollouts with exact per-token logprobs (rollout.v1).")
     config = backend.config
     app.add_middleware(
@@ -226,7 +218,7 @@ def create_app(backend: Metered, access: Access, events=None) -> FastAPI:
         pace = Pace(config.push_idle_timeout_s, "the push body")
         max_header = max_push_header_bytes(config)
         pace.expect(max_header)  # the header is read under the push lock: a trickled one would hold it
-        body = SafetensorsStream(paced(request.stream(), pace), max_header=max_header)
+        body = SafetensorsStream(enforce_pace(request.stream(), pace), max_header=max_header)
 
         async def read_header() -> PushHeader:  # once the push lock is held: one header parsed at a time
             header = await body.header(expected_version, label, inflight)
@@ -264,24 +256,8 @@ def create_app(backend: Metered, access: Access, events=None) -> FastAPI:
                 raise InvalidArgument("after", f"{after!r}: each part of an event id is below 2**64")
             return {"events": [{"id": i, **e} for i, e in await events(after, count)]}
 
-    if backend.config.debug_endpoints:
-
-        @app.get("/v1/debug/engine-weights")
-        async def engine_weights():
-            return Response(await backend.snapshot(), media_type="application/octet-stream")
-
-        @app.post("/v1/debug/pause")
-        async def pause(
-            mode: InflightPolicy = Query("continue", description="What running samples do meanwhile."),
-            stepped: bool = Query(False, description="Run (resumed if held) until every request in the engine has a token, then hold."),
-        ):
-            await backend.pause(mode, stepped)
-            return {"paused": mode}
-
-        @app.post("/v1/debug/resume")
-        async def resume():
-            await backend.resume()
-            return {"paused": None}
+    if debug is not None:
+        app.include_router(debug)
 
     @app.get("/healthz")
     async def healthz():

@@ -57,7 +57,7 @@ class Pace:
             self.waited_s += loop.time() - start
 
 
-async def paced(items: AsyncIterable[T], pace: Pace) -> AsyncIterator[T]:
+async def enforce_pace(items: AsyncIterable[T], pace: Pace) -> AsyncIterator[T]:
     """`items`, each waited for within `pace`."""
     iterator = aiter(items)
     while True:

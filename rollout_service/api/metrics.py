@@ -1,8 +1,9 @@
 """Prometheus metrics of a rollout service (`GET /metrics`), the same for both backends.
 
-`Metered` wraps a Backend and counts what passes through it: requests, generated tokens (and a
-tokens/s gauge over the last window), requests in flight (the queue depth the front end sees),
-pushes (bytes, seconds, pause), the served version and the replica count.
+`Metered` wraps the backend (serve/backend.py) and counts what passes through it: requests,
+generated tokens (and a tokens/s gauge over the last window), requests in flight (the queue depth
+the front end sees), pushes (bytes, seconds, pause), the served version and the replica count.
+Every other call reaches the backend as it is.
 """
 
 from __future__ import annotations
@@ -79,9 +80,6 @@ class Metered:
         self.replicas.set(result.replicas)
         return result
 
-    def begin_push(self, read_header):
-        return self.backend.begin_push(read_header)
-
     async def commit_push(self, session) -> PushResult:
         try:
             result = await self.backend.commit_push(session)
@@ -95,17 +93,8 @@ class Metered:
         self.version.set(result.version)
         return result
 
-    async def check_health(self) -> None:
-        await self.backend.check_health()
-
-    async def snapshot(self) -> bytes:
-        return await self.backend.snapshot()
-
-    async def pause(self, mode, stepped: bool = False) -> None:
-        await self.backend.pause(mode, stepped)
-
-    async def resume(self) -> None:
-        await self.backend.resume()
+    def __getattr__(self, name: str):
+        return getattr(self.backend, name)  # what is not counted
 
     async def exposition(self) -> bytes:
         """The text format for a scrape; refreshes the gauges read from the backend first."""

@@ -1,4 +1,5 @@
-"""The engine layer: the only package that imports vLLM."""
+"""The engine layer: the only code that drives vLLM (the OpenAI routes, api/openai_compat/, import
+vLLM's request models, chat templates and tool parsers, and never an engine)."""
 
 from rollout_service.engine.engine import RolloutEngine
 

@@ -27,9 +27,8 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from rollout_service.config import InflightPolicy, ServerConfig
-from rollout_service.engine import convert
+from rollout_service.engine import vllm_io
 from rollout_service.engine.admission import SequenceBudget
-from rollout_service.weights.delta import codecs_for
 from rollout_service.errors import ConfigError, DeadlineExceeded, EngineUnavailable, InvalidArgument, Overloaded
 from rollout_service.types import ApplyStats, Completion, Counters, GenerateRequest, ServerStatus
 from rollout_service.weights.store import Plan
@@ -44,6 +43,7 @@ def resolve_model(config: ServerConfig) -> Path:
     """The checkpoint the engine loads: the configured one, or its quantized copy."""
     from rollout_service.quant.checkpoint import cached_quantized_checkpoint, is_prequantized
     from rollout_service.quant.profile import ProfileError, checkpoint_format
+    from rollout_service.quant.registry import FORMATS
 
     if config.quantization == "none":
         if is_prequantized(config.model):
@@ -62,9 +62,10 @@ def resolve_model(config: ServerConfig) -> Path:
             "vLLM's int8 MoE kernel needs AMX, Intel Sapphire Rapids or newer; without it vLLM finds no int8 MoE "
             "backend); serve it unquantized"
         )
-    if config.quantization.startswith("fp8") and current_platform.is_cpu():
+    if not FORMATS[config.quantization].cpu and current_platform.is_cpu():
+        on_cpu = " or ".join(name for name, spec in FORMATS.items() if spec.cpu)
         raise ConfigError(
-            f"quantization={config.quantization!r} needs a GPU: vLLM's CPU backend has no FP8 kernels; use int8 on CPU"
+            f"quantization={config.quantization!r} needs a GPU: vLLM's CPU backend has no kernels for it; use {on_cpu} on CPU"
         )
     recipe = config.recipe()
     if is_prequantized(config.model):
@@ -284,7 +285,7 @@ class RolloutEngine:
 
     def _sampling_params(self, request: GenerateRequest):
         try:
-            return convert.sampling_params(request.sampling)
+            return vllm_io.sampling_params(request.sampling)
         except VLLMValidationError as exc:  # a check of vLLM's we do not duplicate
             raise InvalidArgument(f"sampling.{exc.parameter or ''}".rstrip("."), str(exc)) from None
 
@@ -298,7 +299,7 @@ class RolloutEngine:
             raise InvalidArgument(f"prompts[{index}]", str(exc)) from None
         except EngineDeadError as exc:
             raise EngineUnavailable(f"the engine died: {exc}") from None
-        result = convert.completion(index, final, request.sampling, request.request_id, self.weight_version)
+        result = vllm_io.completion(index, final, request.sampling, request.request_id, self.weight_version)
         self._counters.tokens_generated += sum(len(s.token_ids) for s in result.samples)
         return result
 
@@ -409,7 +410,6 @@ class RolloutEngine:
             uptime_s=time.monotonic() - self._started,
             counters=counters,
             inflight_policy=self.config.inflight,
-            delta_codecs=codecs_for(self.config.dtype),
         )
 
     def shutdown(self) -> None:

@@ -1,6 +1,6 @@
 """Quantize a bf16/fp16/fp32 Hugging Face checkpoint into a compressed-tensors one vLLM loads.
 
-`serve --quantization int8|fp8|fp8_channel` runs this at start with `quantize_weight`, the code
+`serve --quantization FORMAT` (quant/registry.py) runs this at start with `quantize_weight`, the code
 that requantizes pushed tensors, so a server started from weights W and one that received W by
 push hold the same quantized tensors. Output is cached under a fingerprint of the source files
 and the format, so a restart reuses it.

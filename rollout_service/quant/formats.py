@@ -6,19 +6,16 @@ round (INT8) or cast (FP8). This is compressed-tensors' `calculate_qparams` + `q
 library behind llm-compressor checkpoints, which vLLM loads natively), evaluated in float32; a
 test checks bitwise equality with that library.
 
-- int8:        W8A8, int8 weights [N, K] + float32 scale [N, 1]; activations are quantized
-               dynamically per token by the engine.
-- fp8:         float8_e4m3fn weights + one float32 scale [1]; dynamic activation scales.
-- fp8_channel: float8_e4m3fn weights + float32 scale [N, 1].
+The formats are those of quant/registry.py: int weights are int8, float weights float8_e4m3fn;
+a per-channel scale is float32 [N, 1] for weights [N, K], a per-tensor one float32 [1].
+Activations are quantized dynamically per token by the engine.
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-QuantFormat = Literal["int8", "fp8", "fp8_channel"]
+from rollout_service.quant.registry import FORMATS, QuantFormat
 
 _INT8_HALF_RANGE = (127 - (-128)) / 2  # 127.5, as compressed-tensors: (bit_max - bit_min) / 2
 _FP8 = torch.float8_e4m3fn
@@ -44,15 +41,17 @@ def quantize_weight(weight: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tenso
     if weight.ndim != 2:
         raise ValueError(f"weight of shape {tuple(weight.shape)} is not 2-D [out_features, in_features]")
     # In place after the one float32 copy: each full-size temporary costs a pass over memory.
+    spec = FORMATS.get(fmt)
+    if spec is None:
+        raise ValueError(f"quantization format {fmt!r} is not one of {', '.join(FORMATS)}")
     w = weight.to(torch.float32, copy=True)
-    if fmt == "int8":
-        scale = _scale(w, per_channel=True, half_range=_INT8_HALF_RANGE)
+    per_channel = spec.strategy == "channel"
+    if spec.number == "int":
+        scale = _scale(w, per_channel, half_range=_INT8_HALF_RANGE)
         q = w.div_(scale).clamp_(-128, 127).round_().to(torch.int8)
-    elif fmt in ("fp8", "fp8_channel"):
-        scale = _scale(w, per_channel=fmt == "fp8_channel", half_range=_FP8_HALF_RANGE)
-        q = w.div_(scale).clamp_(-_FP8_MAX, _FP8_MAX).to(_FP8)
     else:
-        raise ValueError(f"quantization format {fmt!r} is not one of int8, fp8, fp8_channel")
+        scale = _scale(w, per_channel, half_range=_FP8_HALF_RANGE)
+        q = w.div_(scale).clamp_(-_FP8_MAX, _FP8_MAX).to(_FP8)
     return q, scale
 
 

@@ -1,8 +1,8 @@
 """`rollout-service profile`: the requantization recipe of a model, as FlashRL's `profile`.
 
 With a quantized counterpart (a compressed-tensors checkpoint from llm-compressor, or one this
-project wrote), the recipe is read from it: its format (int8 / fp8 / fp8_channel from the
-weights' quantization args), which parameters are quantized (those with a `weight_scale`), its
+project wrote), the recipe is read from it: its format (quant/registry.py, from the weights'
+quantization args), which parameters are quantized (those with a `weight_scale`), its
 ignore list. The two checkpoints are checked against each other (same parameter names and
 shapes, unsmoothed norms), and each quantized weight is requantized from the bf16 one to
 measure how exactly on-arrival requantization reproduces the checkpoint (identical for
@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from rollout_service.quant.formats import dequantize_weight, quantize_weight
-from rollout_service.quant.recipe import FORMATS, Recipe, is_quantized_param
+from rollout_service.quant.recipe import Recipe, is_quantized_param
+from rollout_service.quant.registry import FORMATS, by_scheme
 
 # Norm weights of a smoothed (SmoothQuant) checkpoint differ from the bf16 ones by the smoothing
 # factors; above this relative difference the checkpoint is not a plain quantization.
@@ -83,15 +84,16 @@ def checkpoint_format(config: dict, where: str) -> tuple[str, tuple[str, ...]]:
         raise ProfileError(f"{where}: expected one compressed-tensors config group with weights, got {len(groups)}")
     w, act = groups[0]["weights"], groups[0].get("input_activations") or {}
     scheme = (w.get("num_bits"), w.get("type"), w.get("strategy"))
-    fn = {(8, "int", "channel"): "int8", (8, "float", "tensor"): "fp8", (8, "float", "channel"): "fp8_channel"}.get(scheme)
-    if fn is None:
+    spec = by_scheme(*scheme)
+    if spec is None:
+        known = ", ".join(f"8-bit {s.number} per-{s.strategy}" for s in FORMATS.values())
         raise ProfileError(
             f"{where}: weight scheme num_bits={scheme[0]} type={scheme[1]} strategy={scheme[2]} is not one this "
-            "service requantizes (8-bit int per-channel, 8-bit float per-tensor or per-channel)"
+            f"service requantizes ({known})"
         )
     if act and not act.get("dynamic", False):
         raise ProfileError(f"{where}: static activation scales are not supported (the service quantizes activations dynamically)")
-    return fn, tuple(qc.get("ignore") or ())
+    return spec.name, tuple(qc.get("ignore") or ())
 
 
 def derive(model: Path, fn: str) -> Recipe:

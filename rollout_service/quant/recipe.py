@@ -17,9 +17,8 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from rollout_service.quant.formats import QuantFormat
+from rollout_service.quant.registry import FORMATS, QuantFormat
 
-FORMATS: tuple[str, ...] = ("int8", "fp8", "fp8_channel")
 PROFILE_VERSION = 1
 
 _LAYER_WEIGHT = re.compile(r"^model\.layers\.\d+\..+\.weight$")
@@ -103,11 +102,12 @@ def quantization_config(fmt: QuantFormat, ignore: tuple[str, ...] = ("lm_head",)
         QuantizationType,
     )
 
-    kind = QuantizationType.INT if fmt == "int8" else QuantizationType.FLOAT
+    spec = FORMATS[fmt]
+    kind = QuantizationType(spec.number)
     weights = QuantizationArgs(
         num_bits=8,
         type=kind,
-        strategy=QuantizationStrategy.TENSOR if fmt == "fp8" else QuantizationStrategy.CHANNEL,
+        strategy=QuantizationStrategy(spec.strategy),
         symmetric=True,
         dynamic=False,
     )
@@ -116,7 +116,7 @@ def quantization_config(fmt: QuantFormat, ignore: tuple[str, ...] = ("lm_head",)
     )
     config = QuantizationConfig(
         config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights, input_activations=activations)},
-        format="int-quantized" if fmt == "int8" else "float-quantized",
+        format=f"{spec.number}-quantized",
         quantization_status="compressed",
         ignore=list(ignore),
     )

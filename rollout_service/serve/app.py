@@ -1,4 +1,5 @@
-"""The Ray Serve application: `EngineReplica` x N (or autoscaled) behind one `Ingress`.
+"""The Ray Serve application: `EngineReplica` x N (or autoscaled) behind one `Ingress`, each a thin
+Serve deployment class over the code the single-process server runs too.
 
 It is deployed from a Serve config (`app_config`), by `rollout-service serve` and by `serve deploy
 deploy/serve.yaml` alike: `app_builder(args)` builds it from ServerConfig's fields, and the replica
@@ -16,9 +17,13 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from rollout_service import faults
+from rollout_service.api.access import Access
 from rollout_service.config import ServerConfig
+from rollout_service.serve.handle import ServeReplicas
 from rollout_service.serve.ingress import Ingress
 from rollout_service.serve.replica import EngineReplica
+from rollout_service.tools.machine import usable_cores
+from rollout_service.weights.versions import open_store
 
 APP_NAME = "rollout"
 ENGINE_DEPLOYMENT = "EngineReplica"
@@ -33,6 +38,46 @@ _LOGGING = {"enable_access_log": False}
 
 
 _SCALING_FIELDS = ("replicas", "autoscale", "target_ongoing_requests")
+
+
+class ServedEngineReplica(EngineReplica):
+    """The engine replica as a Serve deployment: its id and cores from Serve's replica context."""
+
+    async def __init__(self, config: ServerConfig):
+        context = serve.get_replica_context()
+        bind_cores(config, context.rank.local_rank)
+        await self._start(config, context.replica_id.unique_id, open_store(config, shared=True))
+
+
+class ServedIngress:
+    """The ingress as a Serve deployment, holding only the engine replicas' handle."""
+
+    async def __init__(self, config: ServerConfig, engines):
+        access = Access.from_config(config)
+        self.ingress = await Ingress.start(config, ServeReplicas(engines), open_store(config, shared=True), access)
+
+    async def endpoints(self) -> dict:
+        return self.ingress.endpoints()
+
+    async def check_health(self) -> None:
+        """Serve's health check of the ingress itself (its servers run); replica health is separate."""
+
+    async def __del__(self):
+        await self.ingress.close()
+
+
+def bind_cores(config: ServerConfig, local_rank: int) -> None:
+    """Give each CPU replica its own cores: vLLM's CPU worker binds its OpenMP threads to the
+    cores in VLLM_CPU_OMP_THREADS_BIND, and without it every replica on a node lands on the same
+    ones (measured: two replicas on one core were 1.5x slower than on two). The cores are taken
+    from those this process may run on (taskset, a container's cpuset), never outside them."""
+    if config.replica_gpus or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return
+    allowed = usable_cores()
+    per = max(1, min(len(allowed), round(config.replica_cpus)))
+    first = (local_rank * per) % len(allowed)
+    cores = [allowed[(first + i) % len(allowed)] for i in range(per)]
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
 
 
 def _scaling(config: ServerConfig) -> dict:
@@ -52,7 +97,8 @@ def _scaling(config: ServerConfig) -> dict:
 def _engine_env(config: ServerConfig) -> dict[str, str]:
     env = {"VLLM_CPU_KVCACHE_SPACE": str(config.kv_cache_gib)}
     # Settings given to the driver reach the replicas' processes too.
-    for name in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_LOGGING_LEVEL", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    # (Tests arm fault points, rollout_service/faults.py, through ROLLOUT_FAULT_FILE.)
+    for name in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_LOGGING_LEVEL", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", faults.ENV):
         if name in os.environ:
             env[name] = os.environ[name]
     return env
@@ -60,7 +106,6 @@ def _engine_env(config: ServerConfig) -> dict[str, str]:
 
 def _ingress_options() -> dict:
     options: dict = {"num_cpus": 0}
-    # Tests arm fault points in the ingress (rollout_service/faults.py) through this variable.
     if faults.ENV in os.environ:
         options["runtime_env"] = {"env_vars": {faults.ENV: os.environ[faults.ENV]}}
     return options
@@ -68,7 +113,7 @@ def _ingress_options() -> dict:
 
 def build_app(config: ServerConfig) -> Application:
     engines = serve.deployment(
-        EngineReplica,
+        ServedEngineReplica,
         name=ENGINE_DEPLOYMENT,
         ray_actor_options={
             "num_cpus": config.replica_cpus,
@@ -85,7 +130,7 @@ def build_app(config: ServerConfig) -> Application:
         **_scaling(config),
     ).bind(config)
     ingress = serve.deployment(
-        Ingress, name="Ingress", num_replicas=1, max_ongoing_requests=MAX_ONGOING_PER_REPLICA,
+        ServedIngress, name="Ingress", num_replicas=1, max_ongoing_requests=MAX_ONGOING_PER_REPLICA,
         ray_actor_options=_ingress_options(), logging_config=_LOGGING,
     )
     return ingress.bind(config, engines)

@@ -1,93 +1,94 @@
-"""ServeBackend: the front ends' Backend (api/backend.py) over the engine replicas' handle.
+"""What the front ends (api/) call: the backend over the engine replicas (serve/replicas.py): the same
+for a Ray Serve deployment and for the single-process server.
 
 Generate goes to one replica (serve/routing.py picks it), or, for a batch larger than one engine
-step, in parts to every replica (serve/split.py); status and health ask every replica;
-pushes go through serve/push.py. Errors raised in a replica reach the client as the replica raised
-them (serve/errors.py).
+step, in parts to every replica (serve/split.py); status and health ask every replica; pushes go
+through serve/push.py. Errors raised in a replica reach the client as the replica raised them.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
-
-from ray.serve.handle import DeploymentHandle
 
 from rollout_service.config import ServerConfig
 from rollout_service.errors import EngineUnavailable, Overloaded
 from rollout_service.serve import split
-from rollout_service.serve.errors import broadcast, broadcast_all, unwrap
-from rollout_service.serve.push import ClusterPush
+from rollout_service.serve.push import Push
+from rollout_service.serve.replicas import Replicas
 from rollout_service.types import Completion, Counters, GenerateRequest, PushResult, ServerStatus
+from rollout_service.weights.delta import codecs_for
 from rollout_service.weights.manifest import HeaderReader
+from rollout_service.weights.versions import Manifest
 
 
-class ServeBackend:
-    def __init__(self, config: ServerConfig, engines: DeploymentHandle, push: ClusterPush):
+class Backend:
+    def __init__(self, config: ServerConfig, replicas: Replicas, push: Push):
         self.config = config
-        self.engines = engines
+        self.replicas = replicas
         self.push = push
-        self._stream = engines.options(stream=True)
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[Completion]:
-        req = req.at_least(self.push.store.current_version)  # each replica then holds it until it serves that
+        # The one place a call is held for a weight version: at least the committed one, so no
+        # sample of an older version follows a push's reply; each replica holds the call until it
+        # serves that version.
+        req = req.at_least(self.push.store.current_version)
         runs = await self._split(req)
-        responses, merged = [], None
+        streams, merged = [], None
         try:
             for replica, a, b in runs:  # inside the try: parts already sent are cancelled if one fails
-                responses.append(self._stream.generate_stream.remote(split.part(req, a, b), replica))
+                streams.append(self.replicas.generate(split.part(req, a, b), replica))
             if len(runs) > 1:
-                merged = split.merged([(a, r) for (_, a, _), r in zip(runs, responses)])
-            async for completion in merged or responses[0]:
+                merged = split.merged([(a, s) for (_, a, _), s in zip(runs, streams)])
+            async for completion in merged or streams[0]:
                 yield completion
-        except Exception as exc:
-            raise unwrap(exc) from None
         finally:
             if merged is not None:
                 await merged.aclose()  # stops its pumps
-            for response in responses:
-                response.cancel()  # no-op when finished; aborts the replica's requests otherwise
+            for stream in streams:
+                await stream.aclose()  # no-op when finished; aborts the replica's requests otherwise
 
     async def _split(self, req: GenerateRequest) -> list[tuple[str, int, int]]:
-        """Where the batch goes: one part for Serve to route, or one part per replica with room
-        (Overloaded when no replica has any)."""
+        """Where the batch goes: one part for the router to place, or one part per replica with
+        room (Overloaded when no replica has any)."""
         whole = [("", 0, len(req.prompts))]
         if req.session_id or len(req.prompts) < 2 or len(req.prompts) * req.sampling.n <= self.config.max_num_seqs:
             return whole
-        replicas = [r for r in await broadcast(self.engines, "served") if isinstance(r, tuple)]
-        if len(replicas) < 2:
+        served = await self._served()
+        if len(served) < 2:
             return whole
         limit = self.config.max_inflight_sequences
-        free = {i["replica_id"]: limit - s.counters.sequences_running - s.counters.sequences_waiting for i, s in replicas}
+        free = {i["replica_id"]: limit - s.counters.sequences_running - s.counters.sequences_waiting for i, s in served}
         if max(free.values()) <= 0:
             raise Overloaded(f"every replica is full (at most max_inflight_sequences={limit} each); retry shortly")
         return split.shares(len(req.prompts), free)
 
-    async def _replica_statuses(self) -> list[ServerStatus]:
-        results = await broadcast(self.engines, "status")
-        return [r for r in results if isinstance(r, ServerStatus)]
+    async def _served(self) -> list[tuple[dict, ServerStatus]]:
+        """(registry entry, status) of every replica that answers."""
+        return [r for r in await self.replicas.broadcast("served") if isinstance(r, tuple)]
 
     async def status(self) -> ServerStatus:
-        served = [r for r in await broadcast(self.engines, "served") if isinstance(r, tuple)]
-        statuses = [status for _, status in served]
-        if not statuses:
+        served = await self._served()
+        if not served:
             raise EngineUnavailable("no engine replica is serving yet (engines take about a minute to start)")
-        counters = Counters()
-        for s in statuses:
-            for name in Counters.__slots__:
-                setattr(counters, name, getattr(counters, name) + getattr(s.counters, name))
-        # The version every replica serves: a replica still catching up holds it back, so a client
-        # that waits for version N (wait_for_version) gets no sample of an older one after.
-        return dataclasses.replace(
-            statuses[0],
-            weight_version=min(s.weight_version for s in statuses),
-            uptime_s=max(s.uptime_s for s in statuses),
-            counters=counters,
-            last_push=self.push.last_push,
-            replicas=len(statuses),
-            replica_versions={info["replica_id"]: status.weight_version for info, status in served},
-            committed_version=self.push.store.current_version(),
-        )
+        return deployment_status(served, self.push.last_push, self.push.store.current_version())
+
+    async def list_versions(self) -> list[Manifest]:
+        """The committed versions the weight store keeps, newest first (a version deleted while
+        the store kept fewer is skipped)."""
+        store = self.push.store
+
+        def kept() -> list[Manifest]:
+            current = store.current_version()
+            manifests = []
+            for version in range(current, max(0, current - store.keep), -1):
+                with contextlib.suppress(FileNotFoundError):
+                    manifests.append(store.manifest(version))
+            return manifests
+
+        return await asyncio.to_thread(kept)
 
     def begin_push(self, read_header: HeaderReader):
         return self.push.begin(read_header)
@@ -96,17 +97,30 @@ class ServeBackend:
         return await self.push.commit(session)
 
     async def check_health(self) -> None:
-        if not await self._replica_statuses():
-            raise EngineUnavailable("no engine replica is serving")
+        """Serving while one replica can: Serve replaces the others (their own health checks)."""
+        results = await self.replicas.broadcast("check_health")
+        if not any(r is None for r in results):
+            problems = "; ".join(str(r) for r in results) or "none has started yet"
+            raise EngineUnavailable(f"no engine replica is serving ({problems})")
 
-    async def snapshot(self) -> bytes:
-        try:
-            return await self.engines.snapshot.remote()
-        except Exception as exc:
-            raise unwrap(exc) from None
 
-    async def pause(self, mode, stepped: bool = False) -> None:
-        await broadcast_all(self.engines, "pause", mode, stepped)
-
-    async def resume(self) -> None:
-        await broadcast_all(self.engines, "resume")
+def deployment_status(served: list[tuple[dict, ServerStatus]], last_push: PushResult | None, committed: int) -> ServerStatus:
+    """GetStatus of the deployment, from each replica's (registry entry, status)."""
+    statuses = [status for _, status in served]
+    counters = Counters()
+    for s in statuses:
+        for name in Counters.__slots__:
+            setattr(counters, name, getattr(counters, name) + getattr(s.counters, name))
+    # The version every replica serves: a replica still catching up holds it back, so a client
+    # that waits for version N (wait_for_version) gets no sample of an older one after.
+    return dataclasses.replace(
+        statuses[0],
+        weight_version=min(s.weight_version for s in statuses),
+        uptime_s=max(s.uptime_s for s in statuses),
+        counters=counters,
+        last_push=last_push,
+        replicas=len(statuses),
+        replica_versions={info["replica_id"]: status.weight_version for info, status in served},
+        committed_version=committed,
+        delta_codecs=codecs_for(statuses[0].dtype),
+    )

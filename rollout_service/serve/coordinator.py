@@ -60,8 +60,6 @@ class Coordinator(Protocol):
 
     async def heartbeat(self, replicas: dict[str, dict], ttl_s: float) -> None: ...
 
-    async def replicas(self) -> dict[str, dict]: ...
-
     async def lock(self, owner: str, ttl_s: float, floor: int) -> int:
         """Take the push lock for `ttl_s` unless another owner holds it (then 0). Returns its
         fencing token: larger than every token issued before and than `floor`. The weight store
@@ -105,13 +103,10 @@ class EmbeddedCoordinator:
         return False
 
     async def heartbeat(self, replicas, ttl_s):
-        expires = time.monotonic() + ttl_s
-        for rid, info in replicas.items():
-            self._replicas[rid] = (expires, info)
-
-    async def replicas(self):
         now = time.monotonic()
-        return {rid: info for rid, (expires, info) in self._replicas.items() if expires > now}
+        self._replicas = {rid: entry for rid, entry in self._replicas.items() if entry[0] > now}  # as Redis expires them
+        for rid, info in replicas.items():
+            self._replicas[rid] = (now + ttl_s, info)
 
     async def lock(self, owner, ttl_s, floor):
         now = time.monotonic()
@@ -191,14 +186,6 @@ class RedisCoordinator:
                 await p.execute()
 
         await self._call("heartbeat", write())
-
-    async def replicas(self):
-        async def read():
-            keys = [k async for k in self._r.scan_iter(PREFIX + "replica:*")]
-            return keys, (await self._r.mget(keys) if keys else [])
-
-        keys, values = await self._call("read registry", read())
-        return {k.removeprefix(PREFIX + "replica:"): json.loads(v) for k, v in zip(keys, values) if v}
 
     async def lock(self, owner, ttl_s, floor):
         keys = (PREFIX + "push-lock", PREFIX + "fence")

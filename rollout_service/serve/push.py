@@ -1,7 +1,8 @@
-"""A push to every replica or to none (runs in the ingress).
+"""A push to every replica or to none (runs in the ingress): the only push protocol, for a Ray Serve
+deployment and for the single-process server, whose engine is its only replica (serve/replicas.py).
 
     receive  the stream once: checked, cast to the engine dtype, CRC-32'd, written as shards to the
-             weight store's incoming/ (weights/session.py, as the single-process server does); for
+             weight store's incoming/ (weights/session.py); for
              int8/fp8 replicas each tensor is also requantized as it arrives, once for all replicas
     prepare  broadcast: every replica takes the push in its engine's format into its own staging
              area: the requantized parts hard-linked (copied across filesystems), or for bf16 the
@@ -28,23 +29,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import torch
-from ray.serve.handle import DeploymentHandle
 
 from rollout_service.config import ServerConfig
 from rollout_service.errors import Conflict, EngineUnavailable
 from rollout_service.serve.coordinator import Coordinator
-from rollout_service.serve.errors import ApplyFailed, broadcast, broadcast_all
+from rollout_service.serve.replicas import ApplyFailed, Replicas, broadcast_all
 from rollout_service.types import PushResult
-from rollout_service.weights.convert import requantizer, store_converter
+from rollout_service.weights.engine_format import requantizer, store_converter
 from rollout_service.weights.manifest import HeaderReader, ParamTable
-from rollout_service.weights.service import receiving, shielded
+from rollout_service.weights.service import receiving, uncancellable
 from rollout_service.weights.session import PushSession
+from rollout_service.weights.staging import ShardWriter
 from rollout_service.weights.versions import VersionStore, storage_errors
 
 log = logging.getLogger(__name__)
@@ -52,15 +55,40 @@ log = logging.getLogger(__name__)
 LOCK_TTL_S = 30.0
 
 
-class ClusterPush:
-    def __init__(self, config: ServerConfig, engines: DeploymentHandle, coordinator: Coordinator, store: VersionStore):
+@dataclasses.dataclass
+class Claim:
+    """What a push holds while its session receives: the push lock (its owner token and fencing
+    token), the version it will commit as, the CRC-32s of the tensors it cast, and its tensors
+    requantized as they arrive (None: the engines are not quantized)."""
+
+    owner: str
+    fence: int
+    version: int
+    cast_crc: dict[str, int]
+    requantized: ShardWriter | None
+
+
+class Push:
+    def __init__(
+        self, config: ServerConfig, replicas: Replicas, coordinator: Coordinator, store: VersionStore, table: ParamTable,
+        requantize_into: Path | None = None,
+    ):
+        """`table`: the checkpoint's parameters, which a push's tensors are checked against.
+        `requantize_into`: where an int8/fp8 push's parts are written as they arrive, for the
+        replicas to link into their staging: by default the store's incoming/, which every
+        replica's node reaches; the single-process server gives its staging directory, so its one
+        replica links them on the same filesystem (never a copy) wherever the store is."""
         self.config = config
-        self.engines = engines
+        self.replicas = replicas
         self.coordinator = coordinator
         self.store = store
-        self.table = ParamTable.from_checkpoint(config.model)
+        self.table = table
+        self._requantize_into = requantize_into or store.incoming
         self._dtype = getattr(torch, config.dtype)
         self.last_push: PushResult | None = None
+        # The pushes this ingress is receiving. Usually one; two when one's lock lapsed while it
+        # ran and another began (its commit is then refused by the fence).
+        self._claims: dict[PushSession, Claim] = {}
 
     @contextlib.asynccontextmanager
     async def begin(self, read_header: HeaderReader) -> AsyncIterator[PushSession]:
@@ -77,17 +105,19 @@ class ClusterPush:
                 # where expected_version is checked, so the commit cannot land on another version.
                 committed = self.store.current_version()
                 spool = self.store.spool()
-            cast_crc: dict[str, int] = {}
-            prepare, prepared = requantizer(self._dtype, self.config.recipe(), self.store.incoming)
-            convert = store_converter(self._dtype, cast_crc, prepare)
+            prepare, requantized = requantizer(self._dtype, self.config.recipe(), self._requantize_into)
+            claim = Claim(owner, fence, committed + 1, {}, requantized)
+            convert = store_converter(self._dtype, claim.cast_crc, prepare)
             try:
                 async with receiving(header, self.table, convert, spool, self.config, self.store, committed) as session:
-                    session.push_owner, session.fence, session.version = owner, fence, committed + 1  # this push's own
-                    session.cast_crc, session.prepared = cast_crc, prepared
-                    yield session
+                    self._claims[session] = claim
+                    try:
+                        yield session
+                    finally:
+                        del self._claims[session]
             finally:  # the replicas took their own links to the requantized parts, or the push failed
-                if prepared is not None:
-                    await asyncio.to_thread(prepared.discard)
+                if requantized is not None:
+                    await asyncio.to_thread(requantized.discard)
         finally:
             keeper.cancel()
             try:
@@ -125,41 +155,47 @@ class ClusterPush:
             )
 
     async def commit(self, session: PushSession) -> PushResult:
+        claim = self._claims[session]
         receive_s = time.monotonic() - session.started
         await session.finish()
-        version = session.version
+        version = claim.version
         files = self.store.adopt(session.spool.dir, session.spool.files, version)
         push_id = f"v{version}-{uuid.uuid4().hex[:8]}"
         try:
             start = time.monotonic()
-            prepared = await session.prepared_files()
-            requantized = None if prepared is None else {n: str(p) for n, p in prepared.items()}
+            requantized = None
+            if claim.requantized is not None:  # its last writes landed
+                await asyncio.to_thread(claim.requantized.flush)
+                requantized = {n: str(p) for n, p in claim.requantized.files.items()}
             flush_s = time.monotonic() - start
             stored = {n: str(p) for n, p in files.items()}
             recipe = self.config.recipe()
             requantized_for = recipe.fingerprint() if recipe is not None else None
-            prepare_s = await broadcast_all(self.engines, "prepare", push_id, version, stored, requantized, requantized_for)
-            await self._fence(session.push_owner)
+            prepare_s = await broadcast_all(self.replicas, "prepare", push_id, version, stored, requantized, requantized_for)
+            await self._fence(claim.owner)
         except BaseException as exc:
             log.warning("push %s failed to prepare (%s); every replica stays on version %d", push_id, exc, version - 1)
             with contextlib.suppress(Exception):
-                await broadcast_all(self.engines, "abort", push_id)
+                await broadcast_all(self.replicas, "abort", push_id)
             self.store.discard(files)
             raise
         prepare_s = flush_s + max(prepare_s, default=0.0)
-        return await shielded(self._commit_and_apply(session, push_id, version, files, receive_s, prepare_s))
+        return await uncancellable(self._commit_and_apply(session, claim, push_id, files, receive_s, prepare_s))
 
-    async def _commit_and_apply(self, session, push_id, version, files, receive_s, prepare_s) -> PushResult:
-        crc = {**session.crc32, **session.cast_crc}
+    async def _commit_and_apply(
+        self, session: PushSession, claim: Claim, push_id: str, files: dict[str, Path], receive_s: float, prepare_s: float,
+    ) -> PushResult:
+        version = claim.version
+        crc = {**session.crc32, **claim.cast_crc}
         warnings: list[str] = []
         try:
             manifest = await asyncio.to_thread(
-                self.store.commit, version, files, crc, session.header.label, session.fence, warnings
+                self.store.commit, version, files, crc, session.header.label, claim.fence, warnings, False
             )
         except BaseException as exc:  # e.g. the disk is full, or fenced off: nothing committed, every replica drops its prepared push
             if not await asyncio.to_thread(self.store.holds, version, files):
                 with contextlib.suppress(Exception):
-                    await broadcast_all(self.engines, "abort", push_id)
+                    await broadcast_all(self.replicas, "abort", push_id)
                 self.store.discard(files)
                 raise
             # Past the commit point the version stands, whatever failed: never discard it.
@@ -172,11 +208,14 @@ class ClusterPush:
         except EngineUnavailable as exc:  # the store has it; the ingress writes it back when Redis returns
             log.warning("version %d committed but not recorded in the coordinator: %s", version, exc)
         policy = session.header.inflight or self.config.inflight
-        outcomes = await broadcast(self.engines, "apply", push_id, policy)
+        outcomes = await self.replicas.broadcast("apply", push_id, policy)
         applied = [a for a in outcomes if not isinstance(a, BaseException)]
         failed = [e for e in outcomes if isinstance(e, BaseException)]
         for exc in failed:
             log.warning("version %d is committed; a replica failed to load it and catches up from the store: %s", version, exc)
         catching_up = sorted(e.replica_id if isinstance(e, ApplyFailed) else f"unknown ({e})" for e in failed)
+        # Only now: deleting old versions (seconds for a large model) must not stand between the
+        # commit and the apply, where a replica would take the push for an orphan (serve/replica.py).
+        await asyncio.to_thread(self.store.delete_old_versions, version, warnings)
         self.last_push = session.result(version, receive_s, prepare_s, applied, catching_up, warnings)
         return self.last_push

@@ -1,11 +1,12 @@
-"""EngineReplica: one vLLM engine as a Ray Serve replica.
+"""EngineReplica: one vLLM engine as a replica of the deployment: a Ray Serve replica
+(serve/app.py), or the single-process server's only one (server.py).
 
 Data plane: `generate_stream` (routed to one replica by serve/routing.py). Control plane, broadcast
-to every replica by serve/push.py: `prepare` (requantize a stored version into this replica's
-staging), `apply` (load it and label further tokens with its number), `abort`. A replica that starts
-after pushes (autoscaling, a restart) loads the weight store's current version before its
-constructor returns, so Serve sends it no traffic before; a follower task also catches up a replica
-that missed a broadcast (it started during a push).
+to every replica by serve/push.py: `prepare` (take a push into this replica's staging: the parts
+the push requantized, linked, or the stored shards), `apply` (load it and label further tokens
+with its number), `abort`. A replica that starts
+after pushes (autoscaling, a restart) loads the weight store's current version before it starts
+serving; a follower task also catches up a replica that missed a broadcast (it started during a push).
 """
 
 from __future__ import annotations
@@ -14,25 +15,25 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ray import serve
-
+from rollout_service import faults
 from rollout_service.config import ServerConfig
 from rollout_service.engine import RolloutEngine
-from rollout_service.errors import EngineUnavailable
-from rollout_service.serve.errors import ApplyFailed
-from rollout_service.tools.machine import usable_cores
+from rollout_service.errors import EngineUnavailable, StorageFull, StorageUnavailable
+from rollout_service.serve.replicas import ApplyFailed
 from rollout_service.types import ApplyStats, Completion, GenerateRequest, ServerStatus
 from rollout_service.weights.service import WeightService
-from rollout_service.weights.staging import Spool
-from rollout_service.weights.versions import open_store
+from rollout_service.weights.staging import ShardWriter
+from rollout_service.weights.versions import VersionStore, storage_errors
 
 log = logging.getLogger("rollout_service.replica")
 
 FOLLOW_S = 2.0
+FOLLOW_MAX_S = 120.0
 # A prepared push never applied (its ingress died between prepare and commit, or the commit failed
 # before the abort broadcast) is dropped after this long, so it cannot hold catching up back for
 # good. Safe at any age: an apply that finds its push gone loads the committed version from the store.
@@ -47,39 +48,36 @@ ORPHANED_S = 10.0
 class Prepared:
     version: int
     files: dict[str, Path]
-    spool: Spool | None
+    spool: ShardWriter | None
     at: float  # the event loop's time of the prepare
     committed_seen_at: float | None = None  # when the follower first saw the store commit it
 
 
-def bind_cores(config: ServerConfig, local_rank: int) -> None:
-    """Give each CPU replica its own cores: vLLM's CPU worker binds its OpenMP threads to the
-    cores in VLLM_CPU_OMP_THREADS_BIND, and without it every replica on a node lands on the same
-    ones (measured: two replicas on one core were 1.5x slower than on two). The cores are taken
-    from those this process may run on (taskset, a container's cpuset), never outside them."""
-    if config.replica_gpus or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
-        return
-    allowed = usable_cores()
-    per = max(1, min(len(allowed), round(config.replica_cpus)))
-    first = (local_rank * per) % len(allowed)
-    cores = [allowed[(first + i) % len(allowed)] for i in range(per)]
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
-
-
 class EngineReplica:
-    async def __init__(self, config: ServerConfig):
-        context = serve.get_replica_context()
-        self.replica_id = context.replica_id.unique_id
-        bind_cores(config, context.rank.local_rank)
+    """Start one with `await EngineReplica.start(...)` (Serve's deployment class starts itself in
+    its async constructor, serve/app.py)."""
+
+    @classmethod
+    async def start(cls, config: ServerConfig, replica_id: str, store: VersionStore) -> EngineReplica:
+        replica = cls.__new__(cls)
+        await replica._start(config, replica_id, store)
+        return replica
+
+    async def _start(self, config: ServerConfig, replica_id: str, store: VersionStore) -> None:
+        """`store`: the deployment's weight store, opened by the caller (shared by Serve's
+        processes; held alone by the single-process server, whose ingress uses the same object)."""
+        self.replica_id = replica_id
         self.config = config
-        self.store = open_store(config, shared=True)
+        self.store = store
         self.engine = await RolloutEngine.start(config)
-        self.weights = WeightService(self.engine, config)
-        self._prepared: dict[str, Prepared] = {}
-        self._apply_lock = asyncio.Lock()
-        self._fail_next_prepare: str | None = None
-        self._fail_next_apply: str | None = None
-        await self.catch_up()
+        try:
+            self.weights = WeightService(self.engine, config)
+            self._prepared: dict[str, Prepared] = {}
+            self._apply_lock = asyncio.Lock()
+            await self.catch_up()
+        except BaseException:  # e.g. the store's version does not load: no engine left running
+            self.close()
+            raise
         self._follower = asyncio.create_task(self._follow())
         log.info("replica %s ready at weight version %d", self.replica_id, self.engine.weight_version)
 
@@ -91,15 +89,6 @@ class EngineReplica:
         async with contextlib.aclosing(self.engine.generate(req, refuse_when_full=not replica_id)) as stream:
             async for c in stream:
                 yield c
-
-    async def generate(self, req: GenerateRequest) -> list[Completion]:
-        """The whole batch at once, in prompt order (tests compare replicas with it)."""
-        async with contextlib.aclosing(self.engine.generate(req)) as stream:
-            done = [c async for c in stream]
-        return sorted(done, key=lambda c: c.prompt_index)
-
-    async def status(self) -> ServerStatus:
-        return self.engine.status()
 
     async def served(self) -> tuple[dict, ServerStatus]:
         """(registry entry, status) of this replica, read together."""
@@ -141,13 +130,17 @@ class EngineReplica:
         requantizes them itself); returns seconds."""
         loop = asyncio.get_running_loop()
         start = loop.time()
-        if self._fail_next_prepare is not None:
-            message, self._fail_next_prepare = self._fail_next_prepare, None
-            raise EngineUnavailable(f"replica {self.replica_id}: {message}")
-        if requantized is not None and requantized_for == self.weights.recipe_fingerprint:
-            files, spool = await self.weights.adopt({n: Path(p) for n, p in requantized.items()})
-        else:
-            files, spool = await self.weights.stage({n: Path(p) for n, p in stored.items()})
+        try:
+            faults.fault_point("replica.prepare")
+            with storage_errors():  # a full or read-only disk is said as such, not as a replica failing
+                if requantized is not None and requantized_for == self.weights.recipe_fingerprint:
+                    files, spool = await self.weights.adopt({n: Path(p) for n, p in requantized.items()})
+                else:
+                    files, spool = await self.weights.stage({n: Path(p) for n, p in stored.items()})
+        except (StorageFull, StorageUnavailable):
+            raise
+        except Exception as exc:
+            raise EngineUnavailable(f"replica {self.replica_id} failed to prepare version {version}: {exc}") from exc
         self._prepared[push_id] = Prepared(version, files, spool, loop.time())
         return loop.time() - start
 
@@ -162,9 +155,7 @@ class EngineReplica:
                 served = self.engine.weight_version
                 if served == prepared.version - 1:
                     try:
-                        if self._fail_next_apply is not None:
-                            message, self._fail_next_apply = self._fail_next_apply, None
-                            raise RuntimeError(message)
+                        faults.fault_point("replica.apply")
                         return await self.weights.apply(prepared.files, policy, prepared.version)
                     except Exception as exc:
                         self._discard(prepared)
@@ -190,16 +181,6 @@ class EngineReplica:
         if prepared is not None:
             self._discard(prepared)
 
-    def test_only_fail_next_prepare(self, replica_id: str, message: str) -> None:
-        """Test-only hook, broadcast to all: the next `prepare` of replica `replica_id` fails."""
-        if replica_id == self.replica_id:
-            self._fail_next_prepare = message
-
-    def test_only_fail_next_apply(self, replica_id: str, message: str) -> None:
-        """Test-only hook, broadcast to all: replica `replica_id` fails to load the next push it applies."""
-        if replica_id == self.replica_id:
-            self._fail_next_apply = message
-
     # ---- catching up --------------------------------------------------------------------------
 
     async def catch_up(self) -> int:
@@ -210,7 +191,12 @@ class EngineReplica:
                 return self.engine.weight_version
             start = asyncio.get_running_loop().time()
             await self.weights.load_version(self.store, version, self.config.inflight)
-            log.info("replica %s caught up to version %d in %.2f s", self.replica_id, version, asyncio.get_running_loop().time() - start)
+            manifest = self.store.manifest(version)
+            log.warning(
+                "replica %s serves weight version %d (%r, committed %s) from %s, loaded in %.1f s", self.replica_id,
+                version, manifest.label, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(manifest.created)),
+                self.store.root, asyncio.get_running_loop().time() - start,
+            )
             return version
 
     def expire_prepared(self) -> None:
@@ -239,8 +225,9 @@ class EngineReplica:
                 await self.apply(push_id, self.config.inflight)
 
     async def _follow(self) -> None:
+        failures = 0  # catching up in a row; each waits twice as long, up to FOLLOW_MAX_S
         while True:
-            await asyncio.sleep(FOLLOW_S)
+            await asyncio.sleep(min(FOLLOW_S * 2**failures, FOLLOW_MAX_S))
             self.expire_prepared()
             try:
                 await self.apply_orphaned()
@@ -250,18 +237,27 @@ class EngineReplica:
                 continue
             try:
                 await self.catch_up()
-            except Exception:
-                log.exception("replica %s: catching up with the weight store failed", self.replica_id)
+                failures = 0
+            except Exception as exc:
+                # A version that does not load: each try verifies (and for int8 requantizes) it
+                # whole, so it is retried ever more slowly, and its traceback logged once.
+                failures += 1
+                log.error("replica %s: catching up with the weight store failed (try %d; the next in %.1f s): %s",
+                          self.replica_id, failures, min(FOLLOW_S * 2**failures, FOLLOW_MAX_S), exc,
+                          exc_info=failures == 1)
 
     def _discard(self, prepared: Prepared) -> None:
         if prepared.spool is not None:
             prepared.spool.discard()
 
-    def __del__(self):
-        # Serve calls it when the replica is stopped (scale-down, shutdown).
+    def close(self) -> None:
         with contextlib.suppress(Exception):
             self._follower.cancel()
         with contextlib.suppress(Exception):
             self.engine.shutdown()
         with contextlib.suppress(Exception):
             self.weights.close()
+
+    def __del__(self):
+        # Serve calls it when the replica is stopped (scale-down, shutdown).
+        self.close()

@@ -24,7 +24,7 @@ from rollout_service.errors import ConfigError
 from rollout_service.serve import local_ray
 from rollout_service.serve.app import APP_NAME, ENGINE_DEPLOYMENT, app_config
 from rollout_service.serve.coordinator import redacted
-from rollout_service.server import check_ports_free
+from rollout_service.serve.ingress import check_ports_free
 from rollout_service.weights.versions import store_root
 
 log = logging.getLogger("rollout_service")

@@ -25,7 +25,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from rollout_service.quant.recipe import FORMATS
+from rollout_service.quant.registry import FORMATS
 
 GIB = 1024**3
 MIB = 1024**2
@@ -167,7 +167,7 @@ def estimate(
     if quantization == "none":
         weights = shape.params * 2
     else:
-        scales = shape.quantized_rows * 4 if quantization != "fp8" else 0.0  # fp8: one scale per tensor
+        scales = shape.quantized_rows * 4 if FORMATS[quantization].strategy == "channel" else 0.0  # per-tensor: one number
         weights = shape.quantizable_params * 1 + (shape.params - shape.quantizable_params) * 2 + scales
     kv = 2 * shape.layers * shape.kv_heads * shape.head_dim * 2 * max_model_len * concurrency
     staging = push_buffer_mib * MIB

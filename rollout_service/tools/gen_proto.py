@@ -4,7 +4,8 @@ The generated modules are committed (so `pip install ./clients/python` needs no 
 edited by hand; `make proto` runs this, and a test checks the committed copy is current.
 
 protoc's `-I virtual=disk` mapping makes the generated imports absolute under
-`rollout_client._proto`, so no import rewriting is needed.
+`rollout_client.proto` (a public part of the client package: the server and tests import the
+messages from there), so no import rewriting is needed.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from grpc_tools import protoc
 
 REPO = Path(__file__).resolve().parents[2]
 PROTOS = REPO / "protos"
-PACKAGE_PREFIX = "rollout_client/_proto"
+PACKAGE_PREFIX = "rollout_client/proto"
 DEFAULT_OUT = REPO / "clients" / "python"
 
 

@@ -1,6 +1,6 @@
 """WeightService: new weights into one engine -- convert (stage), load (apply), or load a whole
-version from the weight store -- and `receiving`, the checked push session both push protocols
-(weights/local.py, serve/push.py) receive a stream into.
+version from the weight store -- and `receiving`, the checked push session the push protocol
+(serve/push.py) receives a stream into.
 
 A push session that ends any way but committed -- an error, a cancelled call, a stream that ends
 without its commit -- leaves through `receiving`'s exit, which deletes what was staged: the engine
@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import typing
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import safetensors
@@ -25,11 +25,11 @@ import torch
 from rollout_service.config import InflightPolicy, ServerConfig
 from rollout_service.errors import FailedPrecondition
 from rollout_service.types import ApplyStats
-from rollout_service.weights.convert import requantizer, to_engine_format
+from rollout_service.weights.engine_format import to_engine_format
 from rollout_service.weights.delta import DeltaBase
 from rollout_service.weights.manifest import ParamTable, PushHeader
 from rollout_service.weights.session import PushSession
-from rollout_service.weights.staging import Spool
+from rollout_service.weights.staging import ShardWriter
 from rollout_service.weights.store import WeightSet
 from rollout_service.weights.versions import VersionStore, storage_errors
 
@@ -77,16 +77,11 @@ class WeightService:
         self.weights.commit(pushed)
         return result
 
-    def preparer(self) -> tuple[Callable[[str, torch.Tensor], None] | None, Spool | None]:
-        """`stage`'s work on each tensor of a push as it arrives, into this engine's staging
-        (convert.requantizer)."""
-        return requantizer(self._dtype, self._recipe, self._root)
-
-    async def adopt(self, prepared: dict[str, Path]) -> tuple[dict[str, Path], Spool]:
-        """Tensors a push already requantized (name -> part file, by the Serve ingress) as this
+    async def adopt(self, prepared: dict[str, Path]) -> tuple[dict[str, Path], ShardWriter]:
+        """Tensors a push already requantized (name -> part file, by the push as it arrived) as this
         engine's staged tensors: linked into its staging, or copied where that is another
         filesystem (returned as `stage` returns them)."""
-        spool = Spool(self._root)
+        spool = ShardWriter(self._root)
         try:
             await asyncio.to_thread(spool.link, prepared)
         except BaseException:
@@ -94,13 +89,13 @@ class WeightService:
             raise
         return spool.files, spool
 
-    async def stage(self, stored: dict[str, Path]) -> tuple[dict[str, Path], Spool | None]:
+    async def stage(self, stored: dict[str, Path]) -> tuple[dict[str, Path], ShardWriter | None]:
         """Tensors of a weight-store version (name -> shard, in the engine's dtype) in the engine's
         format: the shards themselves when the engine is not quantized, else requantized into a
         staging directory (returned, to discard when the push is dropped)."""
         if self._recipe is None:
             return dict(stored), None
-        spool = Spool(self._root)
+        spool = ShardWriter(self._root)
 
         def convert_all() -> None:
             by_file: dict[Path, list[str]] = {}
@@ -138,7 +133,7 @@ class WeightService:
 
 @contextlib.asynccontextmanager
 async def receiving(
-    header: PushHeader, table: ParamTable, convert, spool: Spool, config: ServerConfig, store: VersionStore,
+    header: PushHeader, table: ParamTable, convert, spool: ShardWriter, config: ServerConfig, store: VersionStore,
     committed_version: int,
 ) -> AsyncIterator[PushSession]:
     """A checked push session staging into `spool`; whatever it staged is deleted unless the
@@ -161,23 +156,23 @@ async def receiving(
         with storage_errors():
             yield session
     finally:
-        await closed(session, spool)
+        await close_session(session, spool)
 
 
-async def closed(session: PushSession, spool: Spool) -> None:
+async def close_session(session: PushSession, spool: ShardWriter) -> None:
     """Close `session` (waiting for the conversion running now) and drop its staging unless it
     committed. On a thread, so a failed or cancelled push does not stall the event loop, which
-    Generate shares in the single-process server; shielded, so a second cancel cannot skip it."""
+    Generate shares in the single-process server; uncancellable, so a second cancel cannot skip it."""
 
     def close_and_discard() -> None:
         session.close()
         if not session.committed:
             spool.discard()
 
-    await shielded(asyncio.to_thread(close_and_discard))
+    await uncancellable(asyncio.to_thread(close_and_discard))
 
 
-async def shielded(coro):
+async def uncancellable(coro):
     """Run `coro` to its end even if the caller is cancelled meanwhile (then re-raise the cancel)."""
     task = asyncio.ensure_future(coro)
     try:

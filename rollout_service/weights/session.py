@@ -15,7 +15,6 @@ import time
 import warnings
 import zlib
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
@@ -24,14 +23,14 @@ from rollout_service.types import ApplyStats, PushResult
 from rollout_service.weights.delta import DeltaBase, rebuild
 from rollout_service.weights.manifest import ParamTable, PushHeader, TensorSpec
 from rollout_service.weights.names import Mapping
-from rollout_service.weights.staging import Spool
+from rollout_service.weights.staging import ShardWriter
 from rollout_service.weights.versions import crc32_of
 
 Converter = Callable[[str, torch.Tensor], dict[str, torch.Tensor]]
 
 
 class PushSession:
-    def __init__(self, header: PushHeader, table: ParamTable, convert: Converter, spool: Spool, buffer_bytes: int,
+    def __init__(self, header: PushHeader, table: ParamTable, convert: Converter, spool: ShardWriter, buffer_bytes: int,
                  base: DeltaBase | None = None):
         self.header = header
         self._base = base  # what delta tensors apply to (header.delta_base_version)
@@ -58,15 +57,6 @@ class PushSession:
         self.convert_s = 0.0
         self.crc32: dict[str, int] = {}  # checkpoint name -> CRC-32 of the tensor staged for it
         self.committed = False
-        # Set by the pushes through the weight store (serve/push.py, weights/local.py): the push
-        # lock's owner, fencing token and the version it is numbered (Serve), and the CRC-32s of
-        # the tensors cast, per push (a lapsed push must not see the next one's).
-        self.push_owner = ""
-        self.fence: int | None = None
-        self.version = 0
-        self.cast_crc: dict[str, int] = {}
-        # A quantized engine's tensors, requantized as they arrive (weights/convert.requantizer).
-        self.prepared: Spool | None = None
         self.declare(header.tensors)
 
     def declare(self, specs: tuple[TensorSpec, ...] | list[TensorSpec]) -> None:
@@ -106,14 +96,6 @@ class PushSession:
             future = asyncio.get_running_loop().run_in_executor(self._pool, self._finish_tensor, index, chunks)
             future.add_done_callback(lambda _f, n=_cost(spec): asyncio.ensure_future(self._release(n)))
             self._pending.append(future)
-
-    async def prepared_files(self) -> dict[str, Path] | None:
-        """The requantized tensors' files, once their writes have landed (after `finish`); None
-        when nothing is requantized (an engine without quantization)."""
-        if self.prepared is None:
-            return None
-        await asyncio.to_thread(self.prepared.flush)
-        return self.prepared.files
 
     async def add_shared(self, index: int, data: memoryview) -> None:
         """A tensor's bytes handed over in shared memory (TensorSpec.shared): its one chunk."""

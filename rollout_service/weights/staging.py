@@ -48,7 +48,7 @@ _NO_LINK = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP)
 PART_BYTES = 64 * 1024 * 1024
 
 
-class Spool:
+class ShardWriter:
     """One push's staging directory: `add` converted tensors, `flush` writes a part file (synced
     to the disk when `durable`)."""
 

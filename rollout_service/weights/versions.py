@@ -64,7 +64,7 @@ import torch
 from rollout_service import faults
 from rollout_service.errors import ConfigError, Conflict, DataLoss, StorageFull, StorageUnavailable
 from rollout_service.weights import durable, staging
-from rollout_service.weights.staging import Spool
+from rollout_service.weights.staging import ShardWriter
 from rollout_service.weights.store import safetensors_header
 
 if typing.TYPE_CHECKING:
@@ -97,8 +97,8 @@ class Manifest:
     label: str
     created: float
     tensors: dict[str, StoredTensor]
-    # The fencing token of the push lock it was committed under (Serve); a single-process server's
-    # commits carry the last one on (0 before any).
+    # The fencing token of the push lock it was committed under; a commit without one (the store's
+    # own tools) carries the last one on (0 before any).
     fence: int = 0
 
     def files(self, root: Path) -> dict[str, Path]:
@@ -279,11 +279,11 @@ class VersionStore:
     def manifest_path(self, version: int) -> str:
         return str(self._dir(version) / "manifest.json") if version else ""
 
-    def spool(self) -> Spool:
+    def spool(self) -> ShardWriter:
         """Where a push's shards are written as it is received: in incoming/, each shard synced to
         the disk as it is written (on the conversion thread, off the receive path), so that the
         commit waits for the sync of the last one only."""
-        return Spool(self.incoming, staging.PART_BYTES, durable=self.durable)
+        return ShardWriter(self.incoming, staging.PART_BYTES, durable=self.durable)
 
     def adopt(self, staged: Path, files: dict[str, Path], version: int) -> dict[str, Path]:
         """Move a received push's directory (a `spool`'s) into the store as a candidate for
@@ -296,14 +296,15 @@ class VersionStore:
 
     def commit(
         self, version: int, files: dict[str, Path], crc32: dict[str, int], label: str, fence: int | None = None,
-        warnings: list[str] | None = None,
+        warnings: list[str] | None = None, delete_old: bool = True,
     ) -> Manifest:
         """Make `version` (tensors `files`, adopted from a `spool`) the current one, if the current
-        one is still `version - 1` and `fence` (the push lock's token; None: a single-process
-        server, which holds the store alone) is the newest issued (`raise_fence`); else Conflict,
-        and nothing is written. Raises only before its commit point (CURRENT renamed): whatever
-        fails after it is logged and appended to `warnings` (the push reports them), and the
-        version stands."""
+        one is still `version - 1` and `fence` (the push lock's token; None: a caller that holds the
+        store alone, as the store's own tools do) is the newest issued (`raise_fence`); else
+        Conflict, and nothing is written. Raises only before its commit point (CURRENT renamed):
+        whatever fails after it is logged and appended to `warnings` (the push reports them), and
+        the version stands. Then the versions beyond `keep` are deleted, unless `delete_old` is
+        False (a push does it after its apply: `delete_old_versions`)."""
         with self._committing():
             manifest = self._next(version, files, crc32, label, fence)
             self._write_manifest(manifest, files)
@@ -312,20 +313,34 @@ class VersionStore:
             try:
                 durable.fsync_dir(self.root, self.durable)
                 faults.fault_point("store.commit.after_current")
-                self._collect()
+                if delete_old:
+                    self._collect()
             except Exception as exc:  # reported, not raised: a caller would take it as "nothing committed"
-                log.exception(
-                    "weight store %s: version %d is committed (CURRENT names it), but what follows the commit "
-                    "failed; the version stands. Check the store with `rollout-service store verify %s`",
-                    self.root, version, self.root,
-                )
-                if warnings is not None:
-                    warnings.append(
-                        f"version {version} is committed, but the weight store failed after the commit ({exc}): it may not "
-                        f"survive a power loss, and older versions may be left; check it with `rollout-service store verify "
-                        f"{self.root}`"
-                    )
+                self._after_commit_failed(version, exc, warnings)
         return manifest
+
+    def delete_old_versions(self, version: int, warnings: list[str] | None = None) -> None:
+        """After committed `version` was applied: delete the versions beyond `keep` and what only
+        they refer to. A failure is logged and appended to `warnings`, never raised (the version
+        stands)."""
+        with self._committing():
+            try:
+                self._collect()
+            except Exception as exc:
+                self._after_commit_failed(version, exc, warnings)
+
+    def _after_commit_failed(self, version: int, exc: Exception, warnings: list[str] | None) -> None:
+        log.error(
+            "weight store %s: version %d is committed (CURRENT names it), but what follows the commit "
+            "failed; the version stands. Check the store with `rollout-service store verify %s`",
+            self.root, version, self.root, exc_info=exc,
+        )
+        if warnings is not None:
+            warnings.append(
+                f"version {version} is committed, but the weight store failed after the commit ({exc}): it may not "
+                f"survive a power loss, and older versions may be left; check it with `rollout-service store verify "
+                f"{self.root}`"
+            )
 
     def _next(self, version: int, files: dict[str, Path], crc32: dict[str, int], label: str, fence: int | None) -> Manifest:
         """The manifest of `version`: the current one's tensors overlaid with `files` (see `commit`)."""

@@ -10,9 +10,9 @@ import pytest
 from google.protobuf.descriptor import FieldDescriptor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
+from rollout_client.proto.rollout.v1 import rollout_pb2 as pb
 
-from rollout_service.api.convert import request_from_proto
+from rollout_service.api.messages import request_from_proto
 from rollout_service.api.limits import check_generate
 from rollout_service.config import ServerConfig
 from rollout_service.errors import InvalidArgument

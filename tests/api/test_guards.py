@@ -338,8 +338,8 @@ async def _bytes_capped(plain):
 
 
 async def test_a_push_whose_sender_goes_silent_is_aborted_and_applies_nothing(plain):
-    from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
-    from rollout_client._proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
+    from rollout_client.proto.rollout.v1 import rollout_pb2 as pb
+    from rollout_client.proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
 
     commits = plain.backend.commits
     spec = pb.TensorSpec(name="model.norm.weight", dtype="float32", shape=[16], nbytes=64)
@@ -370,8 +370,8 @@ async def test_a_push_whose_sender_goes_silent_is_aborted_and_applies_nothing(pl
 async def test_a_push_declaring_too_many_tensors_or_a_huge_header_is_refused_before_it_is_parsed(plain):
     """At most 1,024 tensors (twice the checkpoint's, at least 1,024) and a safetensors header of at
     most 1 MiB (8x the checkpoint's, at least 1 MiB): refused as they are announced, nothing parsed."""
-    from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
-    from rollout_client._proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
+    from rollout_client.proto.rollout.v1 import rollout_pb2 as pb
+    from rollout_client.proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
 
     specs = [pb.TensorSpec(name=f"t{i}", dtype="float32", shape=[1], nbytes=4) for i in range(1025)]
     for messages in ([pb.PushWeightsRequest(header=pb.PushHeader(tensors=specs))],
@@ -391,8 +391,8 @@ async def test_a_push_declaring_too_many_tensors_or_a_huge_header_is_refused_bef
 async def test_a_push_or_body_that_trickles_in_under_the_idle_timeout_is_aborted(plain):
     """A byte every 0.4 s never trips push_idle_timeout_s (1 s), but the sender's waiting in all is
     bounded by 1 s plus its bytes at 1 MiB/s: gRPC pushes, HTTP pushes and Generate bodies alike."""
-    from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
-    from rollout_client._proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
+    from rollout_client.proto.rollout.v1 import rollout_pb2 as pb
+    from rollout_client.proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
 
     commits = plain.backend.commits
     spec = pb.TensorSpec(name="model.norm.weight", dtype="float32", shape=[16], nbytes=64)

@@ -7,7 +7,7 @@ import json
 import shutil
 
 import pytest
-from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
+from rollout_client.proto.rollout.v1 import rollout_pb2 as pb
 
 from rollout_service.api.limits import check_generate, check_generate_message, model_limits
 from rollout_service.config import ServerConfig

@@ -211,7 +211,7 @@ def _defective_push(rng: random.Random, weights: dict, version: int, defect: str
     """The messages of a push of 1-3 real tensors (zeros, bf16) with exactly one `defect`."""
     import zlib
 
-    from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
+    from rollout_client.proto.rollout.v1 import rollout_pb2 as pb
 
     names = rng.sample(sorted(weights), rng.randint(1, 3))
     specs, datas = [], []
@@ -266,7 +266,7 @@ def test_defective_grpc_pushes_are_client_errors_and_change_nothing(secured, tin
     bad CRC, missing or extra bytes, gaps, duplicates, stale version, no commit, NaN, ...): each is
     a client error, and the version and outputs are unchanged."""
     import grpc
-    from rollout_client._proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
+    from rollout_client.proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
 
     weights = load_file(tiny_model / "model.safetensors")
     weights = {n: t for n, t in weights.items() if t.numel() <= 1 << 16}  # small tensors: many pushes

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from rollout_client import AsyncRolloutClient, FailedPreconditionError, push
-from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
-from rollout_client._proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
+from rollout_client.proto.rollout.v1 import rollout_pb2 as pb
+from rollout_client.proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
 
 PUSHES = 40
 # 16 chunks of 4 MiB: the client is still writing when the refusal arrives.

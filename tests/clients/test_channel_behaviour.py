@@ -18,8 +18,8 @@ from rollout_client import (
     RolloutClient,
     UnavailableError,
 )
-from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
-from rollout_client._proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
+from rollout_client.proto.rollout.v1 import rollout_pb2 as pb
+from rollout_client.proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
 
 FAST_RETRY = RetryPolicy(max_attempts=4, initial_backoff_s=0.01, max_backoff_s=0.05)
 

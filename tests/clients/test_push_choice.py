@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
+from rollout_client.proto.rollout.v1 import rollout_pb2 as pb
 
 from rollout_client import RolloutClient, push
 from rollout_service.weights.shared import SharedMemoryDir

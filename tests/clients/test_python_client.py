@@ -79,7 +79,7 @@ def test_rpc_errors_become_typed_exceptions_carrying_the_code(code, cls):
 
 
 def test_a_push_committed_with_a_problem_says_so_as_a_warning():
-    from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
+    from rollout_client.proto.rollout.v1 import rollout_pb2 as pb
     from rollout_client.push import result_from_proto
 
     reply = pb.PushWeightsResponse(version=3, warnings=["the weight store's directory could not be synced"])

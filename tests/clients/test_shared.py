@@ -1,4 +1,4 @@
-"""The client's side of same-host pushes (rollout_client.shared), no server: who sees the server's
+"""The client's side of same-host pushes (rollout_client.shared), no server: who can_share_memory_with the server's
 directory, how a bucket is written, how far the writer runs ahead of the server, and that a stopped
 push neither hangs nor leaves files behind."""
 
@@ -11,10 +11,10 @@ import threading
 
 import numpy as np
 import pytest
-from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
+from rollout_client.proto.rollout.v1 import rollout_pb2 as pb
 
 from rollout_client import push
-from rollout_client.shared import MAX_FILES, SharedWriter, Stopped, sees
+from rollout_client.shared import MAX_FILES, SharedWriter, Stopped, can_share_memory_with
 
 
 def _serving(directory) -> int:
@@ -28,12 +28,12 @@ def _serving(directory) -> int:
 def test_only_a_process_that_reads_a_live_servers_token_there_as_its_user_sees_its_directory(tmp_path):
     lock = _serving(tmp_path)
     info = pb.SharedMemory(dir=str(tmp_path), token="abc")
-    assert sees(info)
-    assert not sees(pb.SharedMemory(dir=str(tmp_path), token="another server's"))
-    assert not sees(pb.SharedMemory(dir=str(tmp_path / "elsewhere"), token="abc"))  # another host's /dev/shm
-    assert not sees(pb.SharedMemory())  # the server takes none
+    assert can_share_memory_with(info)
+    assert not can_share_memory_with(pb.SharedMemory(dir=str(tmp_path), token="another server's"))
+    assert not can_share_memory_with(pb.SharedMemory(dir=str(tmp_path / "elsewhere"), token="abc"))  # another host's /dev/shm
+    assert not can_share_memory_with(pb.SharedMemory())  # the server takes none
     os.close(lock)  # its server died: the directory is still there, the lock is not
-    assert not sees(info)
+    assert not can_share_memory_with(info)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="changing a directory's owner needs root")
@@ -41,7 +41,7 @@ def test_root_does_not_see_another_users_directory_whose_server_could_not_read_i
     lock = _serving(tmp_path)
     os.chown(tmp_path, 12345, -1)  # the server's user; this process (root) still reads the token
     try:
-        assert not sees(pb.SharedMemory(dir=str(tmp_path), token="abc"))
+        assert not can_share_memory_with(pb.SharedMemory(dir=str(tmp_path), token="abc"))
     finally:
         os.chown(tmp_path, 0, -1)
         os.close(lock)

@@ -34,6 +34,7 @@ def test_seeded_long_prompts_beyond_one_steps_token_budget_leave_the_engine_serv
     assert len(again[0].samples[0].token_ids) == 4  # still serving
 
 
+@pytest.mark.slow  # an upstream canary (1 min): make test-all
 def test_vllm_itself_dies_on_a_seeded_partial_prefill_on_cpu(tiny_model):
     """The upstream breakage the service works around (fails once vLLM fixes it: then the
     workaround in engine_args can go)."""

@@ -7,6 +7,7 @@ TLS (a server certificate; client certificates are tested on the local server, t
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -17,6 +18,7 @@ from safetensors.torch import load_file, save
 
 from rollout_client import AbortedError, PermissionDeniedError, RolloutClient, UnauthenticatedError
 from rollout_client import RolloutClientError as RolloutError
+from rollout_service import faults
 from rollout_service.config import ServerConfig
 from rollout_service.types import GenerateRequest
 from tests.observe import InBackground, wait_until
@@ -48,7 +50,7 @@ def base_weights(tiny_model):
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_model, redis_server, tmp_path_factory):
+def cluster(tiny_model, redis_server, tmp_path_factory, request):
     import ray
     from ray import serve
 
@@ -56,6 +58,9 @@ def cluster(tiny_model, redis_server, tmp_path_factory):
     from rollout_service.serve.runner import deploy, start_ray
 
     root = tmp_path_factory.mktemp("serve")
+    fault = root / "fault"  # the replicas' and the ingress's fault point (rollout_service/faults.py)
+    os.environ[faults.ENV] = str(fault)  # read when the application is built: its processes get it
+    request.addfinalizer(lambda: os.environ.pop(faults.ENV, None))
     pki = Pki.make(root / "pki")
     keys = root / "api-keys"
     keys.write_text("".join(f"{role}:{key}\n" for role, key in KEYS.items()))
@@ -78,7 +83,7 @@ def cluster(tiny_model, redis_server, tmp_path_factory):
 
     c = Cluster()
     c.grpc, c.http = ends["grpc"], f"https://{ends['http']}"
-    c.client_ca, c.pki = pki.ca, pki
+    c.client_ca, c.pki, c.fault = pki.ca, pki, fault
     client = c.rpc()
     c.config, c.client, c.redis = config, client, redis_server
     c.engines = serve.get_deployment_handle("EngineReplica", "rollout")
@@ -107,12 +112,15 @@ def per_replica(cluster, method: str, *args) -> list:
 
 
 def greedy_by_replica(cluster) -> list[list[tuple[list[int], list[float], int]]]:
-    """Each replica's greedy outputs for the same prompts: (tokens, logprobs, weight_version)."""
-    by_prompt = [per_replica(cluster, "generate", request) for request in GREEDY]  # [prompt][replica]
-    return [
-        [(c.samples[0].token_ids, c.samples[0].logprobs, c.samples[0].weight_version) for c in (r[0] for r in replicas)]
-        for replicas in zip(*by_prompt)
-    ]
+    """Each replica's greedy outputs for the same prompts: (tokens, logprobs, weight_version). Each
+    call is pinned to its replica as a part of a split batch is (serve/routing.py)."""
+    stream = cluster.engines.options(stream=True)
+    replicas = [i["replica_id"] for i in per_replica(cluster, "info")]
+    outputs = []
+    for replica in replicas:
+        done = [c for request in GREEDY for c in stream.generate_stream.remote(request, replica)]
+        outputs.append([(list(c.samples[0].token_ids), list(c.samples[0].logprobs), c.samples[0].weight_version) for c in done])
+    return outputs
 
 
 def test_concurrent_pushes_exactly_one_wins_the_other_is_aborted(cluster, base_weights):
@@ -177,11 +185,13 @@ def test_a_replica_failing_to_prepare_leaves_every_replica_on_the_old_version(cl
     """One of two replicas fails to prepare a push: the push fails UNAVAILABLE naming it, both
     replicas stay on the old version with the same outputs, and nothing is left in the store."""
     before = greedy_by_replica(cluster)
-    victim = per_replica(cluster, "info")[0]["replica_id"]
-    per_replica(cluster, "test_only_fail_next_prepare", victim, "injected prepare failure")
+    faults.arm(cluster.fault, "replica.prepare", fail="injected prepare failure")
     with pytest.raises(RolloutError) as err:
         cluster.client.push_weights(perturbed(base_weights, 6))
+    assert not cluster.fault.exists()  # one replica reached it
+    replicas = {i["replica_id"] for i in per_replica(cluster, "info")}
     assert err.value.code.name == "UNAVAILABLE" and "injected prepare failure" in str(err.value)
+    assert any(f"replica {r} failed to prepare version 5" in str(err.value) for r in replicas), err.value
     assert {i["version"] for i in per_replica(cluster, "info")} == {4}
     assert greedy_by_replica(cluster) == before
     assert cluster.client.status().weight_version == 4
@@ -289,10 +299,10 @@ def test_a_replica_failing_to_load_a_committed_push_catches_up_and_the_push_stan
     """One of two replicas fails to load a push after its commit: the push stands, names the
     replica in replicas_catching_up, and the client returns once it has loaded the version from
     the weight store; both replicas then agree."""
-    victim = per_replica(cluster, "info")[0]["replica_id"]
-    per_replica(cluster, "test_only_fail_next_apply", victim, "injected apply failure")
+    faults.arm(cluster.fault, "replica.apply", fail="injected apply failure")
     result = cluster.client.push_weights(perturbed(base_weights, 10), label="catch-up")
-    assert result.version == 5 and result.replicas_catching_up == [victim]
+    replicas = {i["replica_id"] for i in per_replica(cluster, "info")}
+    assert result.version == 5 and len(result.replicas_catching_up) == 1 and set(result.replicas_catching_up) <= replicas
     # The client returned once every replica served version 5 (GetStatus reports the minimum).
     status = cluster.client.status()
     assert status.weight_version == status.committed_version == 5
@@ -349,10 +359,10 @@ def running(deployment: str) -> int:
 def live_replicas(cluster) -> list[dict]:
     """The registry entries of the engine replicas that answer (a dead one Serve has not yet
     removed fails its call and is left out)."""
-    from rollout_service.serve.errors import broadcast
+    from rollout_service.serve.handle import ServeReplicas
 
     async def ask():
-        return [i for i in await broadcast(cluster.engines, "info") if isinstance(i, dict)]
+        return [i for i in await ServeReplicas(cluster.engines).broadcast("info") if isinstance(i, dict)]
 
     import asyncio
 
@@ -531,6 +541,7 @@ def test_a_delta_push_reaches_both_replicas_as_the_push_of_the_whole_tensors_doe
         assert {v for _, _, v in replica} == {whole.version}
 
 
+@pytest.mark.slow  # 3 min, the module's last: make test-all and make reliability (int8 pushes: tests/weights/test_push_int8.py)
 def test_int8_replicas_take_a_push_requantized_once_at_the_ingress_as_a_late_replica_requantizes_the_store(cluster, base_weights):
     """int8 replicas: the ingress requantizes each pushed tensor once as it arrives and both
     replicas load its parts; a replica added afterwards loads the committed version from the

@@ -1,8 +1,9 @@
-"""The Serve push (serve/push.py) without Ray: two ingresses on one weight store and one
-coordinator, a push whose lock lapsed while it ran (its process paused, or cut off from Redis), and
-what GetStatus says while a replica still loads a committed version.
+"""The push protocol (serve/push.py) with two replicas and two ingresses, without Ray: two
+ingresses on one weight store and one coordinator, a push whose lock lapsed while it ran (its
+process paused, or cut off from Redis), and what GetStatus says while a replica still loads a
+committed version.
 
-The replicas are a test double of the Serve handle (each broadcast answers as every replica
+The replicas are a test double of the replica set (each broadcast answers as every replica
 would); the push protocol, the weight store and the coordinator are the real ones."""
 
 from __future__ import annotations
@@ -19,39 +20,31 @@ from safetensors.torch import load_file
 from rollout_service.errors import Conflict
 from rollout_service.quant import Recipe
 from rollout_service.serve import push as push_module
-from rollout_service.serve.backend import ServeBackend
+from rollout_service.serve.backend import Backend
 from rollout_service.serve.coordinator import EmbeddedCoordinator
-from rollout_service.serve.push import ClusterPush
+from rollout_service.serve.push import Push
 from rollout_service.types import ApplyStats, Counters, ServerStatus
-from rollout_service.weights.convert import to_engine_format
-from rollout_service.weights.manifest import PushHeader, TensorSpec
+from rollout_service.weights.engine_format import to_engine_format
+from rollout_service.weights.manifest import ParamTable, PushHeader, TensorSpec
 from rollout_service.weights.versions import VersionStore
 
 NAME = "model.norm.weight"
 
 
-class ReplicaHandleDoubleForClusterPushTest:
-    """Answers each broadcast as two healthy replicas would, and records the push's calls;
-    `served` answers with the versions in `versions` (replica id -> version)."""
+class ReplicasDoubleForPushTest:
+    """The replica set (serve/replicas.py) of two healthy replicas: answers each broadcast as both
+    would, and records the push's calls; `served` answers with the versions in `versions`
+    (replica id -> version)."""
 
     def __init__(self):
         self.calls: list[tuple[str, tuple]] = []
         self.versions = {"r1": 0, "r2": 0}
 
-    def options(self, **kwargs):
-        return self
-
-    def broadcast(self, method: str, *args):
+    async def broadcast(self, method: str, *args):
         if method == "served":
-            answers = [({"replica_id": r}, status(v)) for r, v in self.versions.items()]
-        else:
-            self.calls.append((method, args))
-            answers = [{"prepare": 0.01, "apply": ApplyStats(), "abort": None}[method]] * 2
-
-        async def results_async(return_exceptions: bool):
-            return answers
-
-        return SimpleNamespace(results_async=results_async)
+            return [({"replica_id": r}, status(v)) for r, v in self.versions.items()]
+        self.calls.append((method, args))
+        return [{"prepare": 0.01, "apply": ApplyStats(), "abort": None}[method]] * 2
 
 
 def status(version: int) -> ServerStatus:
@@ -71,7 +64,7 @@ def given(header: PushHeader):
     return read
 
 
-async def receive(ingress: ClusterPush, value: float, expected_version: int | None = None):
+async def receive(ingress: Push, value: float, expected_version: int | None = None):
     """Begin a push of one tensor and receive it; `commit` commits it."""
     raw = norm(value)
     specs = (TensorSpec(NAME, "bfloat16", (256,), len(raw), zlib.crc32(raw)),)
@@ -81,7 +74,7 @@ async def receive(ingress: ClusterPush, value: float, expected_version: int | No
     return cm, session
 
 
-async def commit(ingress: ClusterPush, cm, session):
+async def commit(ingress: Push, cm, session):
     """Commit a push `receive` began, and end it as `async with` would."""
     try:
         result = await ingress.commit(session)
@@ -98,8 +91,8 @@ def deployment(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setattr(push_module, "LOCK_TTL_S", 0.3)
     config = SimpleNamespace(model=tiny_model, dtype="bfloat16", inflight="drain", push_buffer_mib=1, recipe=lambda: None)
     coordinator = EmbeddedCoordinator()
-    replicas = ReplicaHandleDoubleForClusterPushTest()
-    ingresses = [ClusterPush(config, replicas, coordinator, VersionStore(tmp_path / "store", keep=3)) for _ in range(2)]
+    replicas = ReplicasDoubleForPushTest()
+    ingresses = [Push(config, replicas, coordinator, VersionStore(tmp_path / "store", keep=3), ParamTable.from_checkpoint(tiny_model)) for _ in range(2)]
     return SimpleNamespace(
         config=config, ingresses=ingresses, replicas=replicas, store=VersionStore(tmp_path / "store", keep=3)
     )
@@ -124,11 +117,12 @@ async def test_a_push_stalled_between_its_lock_check_and_its_commit_commits_noth
         return real_commit(*args)
 
     async def refresh(owner, ttl_s):  # once A stalls, nothing renews its lock
-        return False if at_commit.is_set() and owner == session_a.push_owner else await real_refresh(owner, ttl_s)
+        return False if at_commit.is_set() and owner == a_owner else await real_refresh(owner, ttl_s)
 
     monkeypatch.setattr(stalled.store, "commit", stalls)
     monkeypatch.setattr(stalled.coordinator, "refresh", refresh)
     cm_a, session_a = await receive(stalled, 1.0)
+    a_owner = stalled._claims[session_a].owner
     committing = asyncio.create_task(commit(stalled, cm_a, session_a))
     assert await asyncio.to_thread(at_commit.wait, 60)
     began = []
@@ -174,7 +168,7 @@ async def test_status_names_the_committed_version_a_trainer_may_fence_on_while_a
     ingress = deployment.ingresses[0]
     assert (await commit(ingress, *await receive(ingress, 1.0))).version == 1
     deployment.replicas.versions = {"r1": 1, "r2": 0}  # r2 failed to load it and is catching up
-    served = await ServeBackend(deployment.config, deployment.replicas, ingress).status()
+    served = await Backend(deployment.config, deployment.replicas, ingress).status()
     assert (served.weight_version, served.committed_version) == (0, 1)
     assert served.replica_versions == {"r1": 1, "r2": 0}
     fenced = await receive(ingress, 2.0, expected_version=served.committed_version)
@@ -187,7 +181,7 @@ async def test_int8_replicas_are_handed_each_tensor_requantized_once_by_the_ingr
     is bitwise what requantizing the stored bf16 tensor gives, and the ingress keeps nothing after."""
     recipe = Recipe(fn="int8", source="default rule")
     deployment.config.recipe = lambda: recipe
-    ingress = ClusterPush(deployment.config, deployment.replicas, EmbeddedCoordinator(), deployment.store)
+    ingress = Push(deployment.config, deployment.replicas, EmbeddedCoordinator(), deployment.store, ParamTable.from_checkpoint(deployment.config.model))
     name = "model.layers.0.mlp.down_proj.weight"
     shape = ingress.table.shapes[name]
     tensor = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
@@ -219,7 +213,7 @@ def test_a_replica_dying_during_a_call_is_unavailable_to_the_client():
     from ray.exceptions import ActorDiedError
 
     from rollout_service.errors import EngineUnavailable, grpc_status
-    from rollout_service.serve.errors import unwrap
+    from rollout_service.serve.handle import unwrap
 
     mapped = unwrap(ActorDiedError())
     assert isinstance(mapped, EngineUnavailable) and grpc_status(mapped).name == "UNAVAILABLE"

@@ -118,6 +118,7 @@ def attach(gcs_address: str, env: dict[str, str], home: Path) -> subprocess.Comp
     return subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # 4 min: make test-all and make reliability (the loopback test stays in make test)
 def test_beyond_loopback_the_cluster_requires_the_token_kept_private(tiny_model, tmp_path, operator_env):
     ip = own_address()
     if ip is None:

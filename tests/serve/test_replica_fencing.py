@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from rollout_service.serve import replica as replica_module
-from rollout_service.serve.errors import ApplyFailed
+from rollout_service.serve.replicas import ApplyFailed
 from rollout_service.serve.replica import EngineReplica, Prepared
 from rollout_service.types import ApplyStats
 from rollout_service.weights.service import WeightService
@@ -72,6 +72,8 @@ class StoreDouble:
 
     def manifest(self, version):
         class Manifest:
+            label, created = f"v{version}", 0.0
+
             def files(self, root):
                 return {"store": root / f"v{version}"}
 
@@ -90,8 +92,6 @@ def replica_at(version: int, store_version: int) -> EngineReplica:
     r.config = type("ConfigDouble", (), {"inflight": "drain"})()
     r._prepared = {}
     r._apply_lock = asyncio.Lock()
-    r._fail_next_apply = None
-    r._fail_next_prepare = None
     return r
 
 

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from rollout_service import faults
 from tests.observe import wait_until
-from tests.serve.test_cluster_push import ReplicaHandleDoubleForClusterPushTest, commit, deployment, receive  # noqa: F401
+from tests.serve.test_cluster_push import ReplicasDoubleForPushTest, commit, deployment, receive  # noqa: F401
 from tests.weights.conftest import greedy, perturb
 
 

@@ -29,4 +29,4 @@ def test_every_message_field_in_the_proto_is_documented():
         if stripped.endswith(";") and "=" in stripped and not stripped.startswith(("//", "syntax", "package", "option")):
             above = proto[i - 1].strip()
             assert above.startswith("//") or "//" in stripped or above.endswith("{"), f"undocumented field: {stripped}"
-    assert PACKAGE_PREFIX == "rollout_client/_proto"
+    assert PACKAGE_PREFIX == "rollout_client/proto"

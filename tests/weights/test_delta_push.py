@@ -10,8 +10,8 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
-from rollout_client._proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
+from rollout_client.proto.rollout.v1 import rollout_pb2 as pb
+from rollout_client.proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
 
 from rollout_client import RolloutClient
 from rollout_client.delta import encode

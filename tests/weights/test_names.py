@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from rollout_service.errors import InvalidArgument
-from rollout_service.weights.convert import to_engine_format
+from rollout_service.weights.engine_format import to_engine_format
 from rollout_service.weights.manifest import ParamTable, PushHeader
 from rollout_service.weights.names import NameMap, UnknownName, strip_wrappers
 from rollout_service.weights.session import PushSession
-from rollout_service.weights.staging import Spool
+from rollout_service.weights.staging import ShardWriter
 from tests.weights.test_session import raw, spec, staged
 
 EMBED = "model.embed_tokens.weight"
@@ -91,7 +91,7 @@ def push(tmp_path, tensors: dict[str, torch.Tensor], tied: bool = True, later: d
     async def run():
         header = PushHeader(tuple(spec(n, t) for n, t in tensors.items()))
         convert = lambda name, t: to_engine_format(name, t, torch.float32, None)  # noqa: E731
-        s = PushSession(header, table, convert, Spool(tmp_path, part_bytes=1 << 20), 1 << 20)
+        s = PushSession(header, table, convert, ShardWriter(tmp_path, part_bytes=1 << 20), 1 << 20)
         try:
             for i, t in enumerate(tensors.values()):
                 await s.add_chunk(i, 0, raw(t))

@@ -1,7 +1,7 @@
 """A call may require the version it samples with: `min_weight_version` holds it until the server
 serves that version (as a rollout worker waits for the trainer's next push); the call's deadline
 bounds the wait. (`max_staleness` becomes a min_weight_version as the call arrives: tests/test_types.py
-and tests/api/test_local_backend.py.)"""
+and tests/serve/test_backend.py.)"""
 
 from __future__ import annotations
 

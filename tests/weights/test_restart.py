@@ -18,6 +18,7 @@ from tests.weights.conftest import GREEDY, PROMPTS, engine_weights, greedy, pert
 pytestmark = pytest.mark.engine
 
 
+@pytest.mark.slow  # 2 min: make reliability and make test-all (a kill after the commit point: tests/weights/test_store_crash.py)
 @pytest.mark.reliability("fault")
 def test_a_server_killed_mid_push_restarts_on_the_last_committed_version(request, tiny_model, tmp_path_factory, weights0, record_property):
     """SIGKILL the single-process server (and its engine) in the middle of a push, start it again

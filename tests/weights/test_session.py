@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 
 from rollout_service.errors import DataLoss, InvalidArgument
 from rollout_service.quant.recipe import Recipe
-from rollout_service.weights.convert import to_engine_format
+from rollout_service.weights.engine_format import to_engine_format
 from rollout_service.weights.manifest import ParamTable, PushHeader, TensorSpec
 from rollout_service.weights.session import PushSession
-from rollout_service.weights.staging import Spool
+from rollout_service.weights.staging import ShardWriter
 
 TABLE = ParamTable({"a.weight": (64, 32), "b.weight": (16, 32), "model.layers.0.mlp.up_proj.weight": (64, 32)})
 
@@ -40,7 +40,7 @@ def session(tmp_path, tensors: dict[str, torch.Tensor], budget: int = 1 << 20, q
     header = PushHeader(tuple(spec(n, t) for n, t in tensors.items()))
     recipe = Recipe(quant) if quant else None
     convert = lambda name, t: to_engine_format(name, t, torch.bfloat16, recipe)  # noqa: E731
-    return PushSession(header, TABLE, convert, Spool(tmp_path, part_bytes=4096), budget)
+    return PushSession(header, TABLE, convert, ShardWriter(tmp_path, part_bytes=4096), budget)
 
 
 def test_chunks_of_interleaved_tensors_assemble_convert_and_stage(tmp_path):
@@ -96,7 +96,7 @@ def test_memory_in_flight_stays_within_the_budget(tmp_path):
     async def run():
         nonlocal peak
         header = PushHeader(tuple(spec(n, t) for n, t in tensors.items()))
-        s = PushSession(header, table, lambda n, t: {n: t.clone()}, Spool(tmp_path, 1 << 30), budget := 16384)
+        s = PushSession(header, table, lambda n, t: {n: t.clone()}, ShardWriter(tmp_path, 1 << 30), budget := 16384)
         for i, t in enumerate(tensors.values()):
             data = raw(t)
             await s.add_chunk(i, 0, data[:4000])
@@ -149,7 +149,7 @@ def test_a_nan_is_reported_with_its_tensor_and_index(tmp_path):
 
 
 def test_discarding_a_spool_removes_everything_staged(tmp_path):
-    spool = Spool(tmp_path, part_bytes=1)
+    spool = ShardWriter(tmp_path, part_bytes=1)
     spool.add({"x": torch.zeros(4)})
     assert any(spool.dir.iterdir())
     spool.discard()
@@ -177,7 +177,7 @@ def test_closing_a_failed_push_waits_for_its_conversion_off_the_event_loop(tmp_p
     so a close that held the loop would never see it released. The timeouts only bound a hang."""
     import threading
 
-    from rollout_service.weights.service import closed
+    from rollout_service.weights.service import close_session
 
     converting, converted, closing_started, release = (threading.Event() for _ in range(4))
     released_in_time, converted_when_closed = [], []
@@ -200,10 +200,10 @@ def test_closing_a_failed_push_waits_for_its_conversion_off_the_event_loop(tmp_p
 
     async def run():
         header = PushHeader((spec("a.weight", a),))
-        s = Observed(header, TABLE, slow_convert, Spool(tmp_path, part_bytes=4096), 1 << 20)
+        s = Observed(header, TABLE, slow_convert, ShardWriter(tmp_path, part_bytes=4096), 1 << 20)
         await s.add_chunk(0, 0, raw(a))  # the whole tensor: its conversion starts, and blocks
         assert await asyncio.to_thread(converting.wait, 60)
-        closing = asyncio.create_task(closed(s, s.spool))
+        closing = asyncio.create_task(close_session(s, s.spool))
         # This coroutine runs on the loop while the close is under way: the loop is free.
         assert await asyncio.to_thread(closing_started.wait, 60)
         assert not closing.done()  # the close waits for the conversion, still held below

@@ -11,8 +11,8 @@ import zlib
 import grpc
 import pytest
 import torch
-from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
-from rollout_client._proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
+from rollout_client.proto.rollout.v1 import rollout_pb2 as pb
+from rollout_client.proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
 
 from rollout_client import RolloutClient
 from rollout_client.errors import FailedPreconditionError
@@ -121,7 +121,7 @@ def test_a_client_that_does_not_see_the_servers_directory_streams(bf16_target, w
     """As a client on another host, or in a container with its own /dev/shm, finds it."""
     from rollout_client import shared
 
-    monkeypatch.setattr(shared, "sees", lambda info: False)  # test double: this process "elsewhere"
+    monkeypatch.setattr(shared, "can_share_memory_with", lambda info: False)  # test double: this process "elsewhere"
     with RolloutClient(bf16_target.grpc_address, timeout=120) as client:
         with pytest.raises(ValueError, match="does not see the server's shared-memory directory /dev/shm/rollout-service-"):
             client.push_weights(weights0, shared_memory=True)

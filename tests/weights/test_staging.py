@@ -9,11 +9,11 @@ import os
 import torch
 from safetensors.torch import load_file
 
-from rollout_service.weights.staging import Spool
+from rollout_service.weights.staging import ShardWriter
 
 
-def _parts(root) -> Spool:
-    made = Spool(root / "ingress", part_bytes=1)  # one part per tensor
+def _parts(root) -> ShardWriter:
+    made = ShardWriter(root / "ingress", part_bytes=1)  # one part per tensor
     made.add({"a.weight": torch.ones(4, dtype=torch.int8), "a.weight_scale": torch.full((4, 1), 0.5)})
     made.add({"b.weight": torch.arange(6, dtype=torch.int8)})
     return made
@@ -21,7 +21,7 @@ def _parts(root) -> Spool:
 
 def test_a_spool_links_another_spools_parts_without_copying_them(tmp_path):
     source = _parts(tmp_path)
-    replica = Spool(tmp_path / "replica")
+    replica = ShardWriter(tmp_path / "replica")
     replica.link(source.files)
     assert set(replica.files) == {"a.weight", "a.weight_scale", "b.weight"}
     for name, path in replica.files.items():
@@ -37,7 +37,7 @@ def test_across_filesystems_the_parts_are_copied(tmp_path, monkeypatch):
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
     monkeypatch.setattr(os, "link", cross_device)
-    replica = Spool(tmp_path / "replica")
+    replica = ShardWriter(tmp_path / "replica")
     replica.link(source.files)
     for name, path in replica.files.items():
         assert not os.path.samefile(path, source.files[name]) and path.read_bytes() == source.files[name].read_bytes()

@@ -89,7 +89,8 @@ def test_a_read_only_store_refuses_the_push_naming_the_file_and_the_version_stay
         finally:
             subprocess.run(["umount", str(store)], check=True)
         message = str(refused.value)
-        assert f"the weight store cannot be written ({store}/incoming/push-" in message and "Read-only file system" in message
+        # The push's first write (its fencing token, before anything is received) names the file.
+        assert f"the weight store cannot be written ({store}/" in message and "Read-only file system" in message
         assert leftovers(store, version + 1) == []
         assert client.status().weight_version == version and greedy(client) == before
         assert client.push_weights(perturb(weights0, 33), progress=False).version == version + 1

@@ -3,7 +3,7 @@ after the commit point, the order in which a commit syncs what it wrote (so that
 leaves the old version or the new one, whole), and a store a crash left torn refused at start.
 
 The real store, push session and push protocol; the engine is a test double
-(tests/weights/test_local_push.py), and the syncs are recorded by wrapping weights/durable.py's."""
+(tests/serve/test_push.py), and the syncs are recorded by wrapping weights/durable.py's."""
 
 from __future__ import annotations
 
@@ -17,9 +17,8 @@ import torch
 
 from rollout_service.errors import ConfigError
 from rollout_service.weights import durable, staging
-from rollout_service.weights.local import LocalPush
 from rollout_service.weights.versions import VersionStore, open_store
-from tests.weights.test_local_push import CONFIG, WeightServiceDoubleForLocalPushTest, push, tensors
+from tests.serve.test_push import WeightServiceDoubleForPushTest, one_replica_push, push, tensors
 from tests.weights.test_versions import _checkpoint
 from tests.weights.test_versions import push as commit_one
 from tests.weights.test_versions import t
@@ -64,11 +63,11 @@ def test_an_error_after_the_commit_point_is_logged_and_the_version_stands(tmp_pa
 
 
 async def test_a_push_whose_commit_raised_after_the_commit_point_stands(tmp_path, monkeypatch, caplog):
-    """The single-process push path discards a push only if the store does not hold it: a commit
+    """The push discards a push only if the store does not hold it: a commit
     that raised after CURRENT named the version (a store's bug, an I/O error) leaves it standing."""
     store = VersionStore(tmp_path / "store", keep=3)
-    engine = WeightServiceDoubleForLocalPushTest(store)
-    local = LocalPush(engine, store, CONFIG)
+    engine = WeightServiceDoubleForPushTest(store)
+    local = one_replica_push(engine, store)
     real_commit = store.commit
 
     def raises_after_committing(*args):  # test double of a store whose commit fails late
@@ -89,8 +88,8 @@ async def test_a_directory_sync_failing_after_the_commit_point_is_reported_to_th
     and serves, and the push's reply says it may not survive a power loss, rather than the trainer
     learning it only from the server's log."""
     store = VersionStore(tmp_path / "store", keep=3)
-    engine = WeightServiceDoubleForLocalPushTest(store)
-    local = LocalPush(engine, store, CONFIG)
+    engine = WeightServiceDoubleForPushTest(store)
+    local = one_replica_push(engine, store)
     real_fsync_dir = durable.fsync_dir
 
     def fails_after_current(path, sync=True):  # test double: the disk errs once CURRENT names the push
@@ -110,7 +109,7 @@ async def test_a_push_syncs_its_shards_as_written_then_the_manifest_then_current
     at the commit); the commit syncs the shards' directory, the manifest, the store directory,
     then renames CURRENT and syncs the directory again; an old version is deleted after that."""
     store = VersionStore(tmp_path / "store", keep=2)
-    local = LocalPush(WeightServiceDoubleForLocalPushTest(store), store, CONFIG)
+    local = one_replica_push(WeightServiceDoubleForPushTest(store), store)
     await push(local, tensors(1.0))
     await push(local, tensors(2.0))
     calls: list[tuple[str, Path, str, str, bool]] = []  # (helper, path, thread, CURRENT then, v000001 there)
@@ -186,10 +185,10 @@ async def test_a_temporary_store_syncs_nothing(tmp_path, monkeypatch):
     real = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd)))
     store = VersionStore(tmp_path / "temporary", keep=3, temporary=True)
-    await push(LocalPush(WeightServiceDoubleForLocalPushTest(store), store, CONFIG), tensors(1.0))
+    await push(one_replica_push(WeightServiceDoubleForPushTest(store), store), tensors(1.0))
     assert store.current_version() == 1 and synced == []
     kept = VersionStore(tmp_path / "kept", keep=3)
-    await push(LocalPush(WeightServiceDoubleForLocalPushTest(kept), kept, CONFIG), tensors(1.0))
+    await push(one_replica_push(WeightServiceDoubleForPushTest(kept), kept), tensors(1.0))
     assert synced  # the same push to a kept store syncs
 
 

@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from rollout_service.errors import ConfigError, Conflict, DataLoss
-from rollout_service.weights.staging import Spool
+from rollout_service.weights.staging import ShardWriter
 from rollout_service.weights.versions import VersionStore, base_identity, crc32_of, store_root
 
 
 def received(store: VersionStore, tensors: dict[str, torch.Tensor], version: int):
     """A push received and adopted as a candidate for `version`, not committed."""
-    spool = Spool(store.incoming, 1 << 20)
+    spool = ShardWriter(store.incoming, 1 << 20)
     spool.add(tensors)
     spool.flush()
     return store.adopt(spool.dir, spool.files, version), {n: crc32_of(t) for n, t in tensors.items()}
@@ -72,8 +72,8 @@ def test_verify_names_a_tensor_whose_bytes_changed(tmp_path):
 def test_clean_drops_interrupted_and_uncommitted_pushes(tmp_path):
     store = VersionStore(tmp_path, keep=2)
     push(store, {"a.weight": t(1)})
-    Spool(store.incoming, 1 << 20)  # a push that was receiving when the process died
-    spool = Spool(store.incoming, 1 << 20)
+    ShardWriter(store.incoming, 1 << 20)  # a push that was receiving when the process died
+    spool = ShardWriter(store.incoming, 1 << 20)
     spool.add({"a.weight": t(2)})
     spool.flush()
     store.adopt(spool.dir, spool.files, 2)  # prepared, never committed

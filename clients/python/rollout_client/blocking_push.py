@@ -17,8 +17,8 @@ from collections.abc import Iterator
 
 import grpc
 
-from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
-from rollout_client._proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
+from rollout_client.proto.rollout.v1 import rollout_pb2 as pb
+from rollout_client.proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
 from rollout_client.channel import ChannelOptions
 
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from rollout_client import delta
 from rollout_client.shared import Full, SharedWriter, Stopped
-from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
+from rollout_client.proto.rollout.v1 import rollout_pb2 as pb
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
 DEFAULT_BUCKET_BYTES = 256 * 1024 * 1024
@@ -80,11 +80,18 @@ class PushResult:
         )
 
 
-def result_from_proto(msg: pb.PushWeightsResponse, seconds: float, fell_back: str = "") -> PushResult:
+def result_from_proto(msg: pb.PushWeightsResponse, seconds: float, fell_back: str = "", stacklevel: int = 4) -> PushResult:
     """The client's PushResult of the server's reply; each warning the server sent (something that
-    failed after the commit point without undoing it) is also raised as a Python warning."""
+    failed after the commit point without undoing it) is also raised as a Python warning.
+
+    Args:
+        msg: the server's reply.
+        seconds: the push's wall time, measured by the client.
+        fell_back: why a delta push went whole instead, if it did.
+        stacklevel: where the warnings point, counted from this function (as warnings.warn's).
+    """
     for text in msg.warnings:
-        warnings.warn(f"push committed as version {msg.version}, with a problem: {text}", stacklevel=4)
+        warnings.warn(f"push committed as version {msg.version}, with a problem: {text}", stacklevel=stacklevel)
     return PushResult(
         version=msg.version,
         bytes_received=msg.bytes_received,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
+from rollout_client.proto.rollout.v1 import rollout_pb2 as pb
 
 MAX_FILES = 2  # buckets written and not yet taken by the server
 _ALIGN = 64  # tensor offsets in a file: any element size, and cache lines
@@ -29,7 +29,7 @@ _POLL_S = 0.001
 _MAX_WRITE = 1 << 30  # one write at a time (Linux writes at most ~2 GiB per call)
 
 
-def sees(info: pb.SharedMemory) -> bool:
+def can_share_memory_with(info: pb.SharedMemory) -> bool:
     """Whether this process can hand tensors to the server through its shared-memory directory:
     it reads the server's token there (same host, same /dev/shm), it runs as the directory's owner
     (root reads it too, but the server could not read root's files), and the server is alive (it
@@ -74,7 +74,7 @@ class SharedWriter:
         self._closed = False
         self._stopped = threading.Event()
 
-    def again(self) -> SharedWriter:
+    def for_next_push(self) -> SharedWriter:
         """A writer for another push (a refused delta push sent again whole) to the same server."""
         return SharedWriter(self.dir)
 

@@ -136,6 +136,16 @@ export interface PushResult {
   seconds: number;
 }
 
+/** A committed version the server's weight store keeps (StoredVersion in the proto). */
+export interface StoredVersion {
+  version: number;
+  label: string;
+  /** Seconds since the Unix epoch. */
+  committedAt: number;
+  tensors: number;
+  bytes: number;
+}
+
 export interface Status {
   model: string;
   quantization: string;
@@ -352,6 +362,14 @@ export class RolloutClient {
       counters: s.counters ?? {},
       inflightPolicy: s.inflightPolicy,
     };
+  }
+
+  /** The committed versions the weight store keeps, newest first: those a delta push may name as its base. */
+  async listVersions(timeoutMs?: number): Promise<StoredVersion[]> {
+    const r = await this.unary<Raw>("ListVersions", {}, timeoutMs);
+    return r.versions.map((v: Raw) => ({
+      version: v.version, label: v.label, committedAt: v.committedAt, tensors: v.tensors, bytes: v.bytes,
+    }));
   }
 
   /**

@@ -158,6 +158,10 @@ test("push changes the served weights and version; pushing the original back res
   assert.equal(again.weightVersion, restored.version);
   assert.deepEqual(again.tokenIds, before.tokenIds);
   assert.deepEqual(again.logprobs, before.logprobs);
+
+  const [newest, previous] = await client.listVersions();
+  assert.deepEqual([newest.version, newest.label, previous.version], [restored.version, "ts restore", pushed.version]);
+  assert.ok(newest.committedAt >= previous.committedAt && newest.tensors >= 1 && newest.bytes >= 512);
 });
 
 test("a push with a stale expectedVersion is FAILED_PRECONDITION and changes nothing", async () => {

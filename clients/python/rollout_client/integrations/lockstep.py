@@ -27,7 +27,7 @@ def rank() -> int:
 
 
 def gloo_group() -> Any:
-    """A gloo group over all ranks for `agree` (None without torch.distributed): no device to pick,
+    """A gloo group over all ranks for `rank0_outcome` (None without torch.distributed): no device to pick,
     and no NCCL watchdog on ranks that wait through a whole push. A collective call: every rank
     must make it at the same point."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -35,7 +35,7 @@ def gloo_group() -> Any:
     return None
 
 
-class Stepped:
+class SharedWeights:
     """A weights generator stepped by whichever thread asks (gRPC's sender, then the drain after a
     failed push), one step at a time, with the caller's CUDA device current (each step may be an
     NCCL gather)."""
@@ -45,7 +45,7 @@ class Stepped:
         self._lock = threading.Lock()
         self._device = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
 
-    def __iter__(self) -> Stepped:
+    def __iter__(self) -> SharedWeights:
         return self
 
     def __next__(self):
@@ -55,9 +55,9 @@ class Stepped:
             return next(self._weights)
 
 
-def lead(weights: Stepped, push: Callable[[Stepped], PushResult]) -> PushResult | Exception:
+def push_from_rank0(weights: SharedWeights, push: Callable[[SharedWeights], PushResult]) -> PushResult | Exception:
     """Rank 0's part: push, then step the generator to its end whatever happened (the other ranks
-    wait in each gather). The error is returned, not raised: `agree` raises it once every rank has it."""
+    wait in each gather). The error is returned, not raised: `rank0_outcome` raises it once every rank has it."""
     try:
         return push(weights)
     except Exception as exc:
@@ -67,13 +67,13 @@ def lead(weights: Stepped, push: Callable[[Stepped], PushResult]) -> PushResult 
             pass
 
 
-def follow(weights: Iterator) -> None:
+def step_with_rank0(weights: Iterator) -> None:
     """Every other rank's part: step the generator in lockstep with rank 0's push."""
     for _ in weights:
         pass
 
 
-def agree(outcome: PushResult | Exception | None, group: Any) -> PushResult:
+def rank0_outcome(outcome: PushResult | Exception | None, group: Any) -> PushResult:
     """Rank 0's outcome on every rank (an error as its text: it need not survive pickling)."""
     if group is not None:
         box = [outcome if isinstance(outcome, PushResult) else f"{type(outcome).__name__}: {outcome}"]
@@ -87,7 +87,7 @@ def agree(outcome: PushResult | Exception | None, group: Any) -> PushResult:
     return outcome
 
 
-def push_in_lockstep(weights: Iterator, push: Callable[[Stepped], PushResult], group: Any) -> PushResult:
+def push_in_lockstep(weights: Iterator, push: Callable[[SharedWeights], PushResult], group: Any) -> PushResult:
     """The whole sync for a caller on one thread: every rank calls it with its own generator."""
-    outcome = lead(Stepped(weights), push) if rank() == 0 else follow(weights)
-    return agree(outcome, group)
+    outcome = push_from_rank0(SharedWeights(weights), push) if rank() == 0 else step_with_rank0(weights)
+    return rank0_outcome(outcome, group)

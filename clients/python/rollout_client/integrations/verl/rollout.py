@@ -108,14 +108,14 @@ class RolloutServiceRollout(BaseRollout):
         weights = iter(weights)
         label = "" if global_steps is None else str(global_steps)
         if lockstep.rank() == 0:
-            outcome = await asyncio.to_thread(lockstep.lead, lockstep.Stepped(weights), lambda w: self._push(w, label))
+            outcome = await asyncio.to_thread(lockstep.push_from_rank0, lockstep.SharedWeights(weights), lambda w: self._push(w, label))
         else:
-            lockstep.follow(weights)  # on the event loop's thread, as verl's own rollouts step it
+            lockstep.step_with_rank0(weights)  # on the event loop's thread, as verl's own rollouts step it
             outcome = None
-        self.last_push = lockstep.agree(outcome, self._group)
+        self.last_push = lockstep.rank0_outcome(outcome, self._group)
         return self.last_push
 
-    def _push(self, weights: lockstep.Stepped, label: str) -> PushResult:
+    def _push(self, weights: lockstep.SharedWeights, label: str) -> PushResult:
         # The blocking client, on a thread: it reports the service's own status for a push refused
         # part-way (the asyncio client, whose loop each gather blocks, once reported only "INTERNAL:
         # Internal error from Core" in tests/clients/test_verl_plugin.py). No deadline: a push of

@@ -3,9 +3,9 @@
 from array import array
 
 import pytest
-from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
+from rollout_client.proto.rollout.v1 import rollout_pb2 as pb
 
-from rollout_service.api.convert import completion_to_proto, request_from_proto
+from rollout_service.api.messages import completion_to_proto, request_from_proto
 from rollout_service.errors import InvalidArgument
 from rollout_service.types import Completion, Sample, TopLogprobs
 

@@ -11,7 +11,7 @@ import torch
 
 from rollout_service.errors import InvalidArgument
 from rollout_service.quant import Recipe, quantize_weight
-from rollout_service.weights.staging import Spool
+from rollout_service.weights.staging import ShardWriter
 from rollout_service.weights.versions import crc32_of
 
 
@@ -45,9 +45,10 @@ def store_converter(
 ) -> Callable[[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The receive-side conversion of a push into the weight store: checked and cast to the engine
     dtype only, recording the CRC-32 of each tensor it casts in `cast_crc` (the stored bytes are
-    then not the received ones). Engines requantize the stored tensors: on Ray Serve each replica
-    when it prepares the version; the single-process server as they arrive (`prepare`, given each
-    stored tensor), so that both quantize the same bf16 values and a restart reproduces them."""
+    then not the received ones). For a quantized engine, `prepare` is given each stored tensor to
+    requantize as it arrives (`requantizer`), once for every replica: what the engines load is
+    the stored bf16 values quantized, which a replica loading the version from the store later
+    reproduces."""
 
     def convert(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         out = to_engine_format(name, tensor, dtype, None)
@@ -62,12 +63,12 @@ def store_converter(
 
 def requantizer(
     dtype: torch.dtype, recipe: Recipe | None, root: Path
-) -> tuple[Callable[[str, torch.Tensor], None] | None, Spool | None]:
+) -> tuple[Callable[[str, torch.Tensor], None] | None, ShardWriter | None]:
     """For a push received into the weight store: what the receive thread calls with each tensor
     as stored (cast to the engine dtype) to requantize it into a spool under `root` as it arrives
     (overlapped with receiving, once per push), and that spool. (None, None) for an unquantized
     engine, which loads the stored shards themselves."""
     if recipe is None:
         return None, None
-    spool = Spool(root)
+    spool = ShardWriter(root)
     return (lambda name, tensor: spool.add(to_engine_format(name, tensor, dtype, recipe))), spool

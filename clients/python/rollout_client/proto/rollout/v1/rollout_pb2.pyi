@@ -1,3 +1,4 @@
+from google.protobuf import descriptor_pb2 as _descriptor_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -17,6 +18,8 @@ FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_ABORTED: FinishReason
+OPERATION_FIELD_NUMBER: _ClassVar[int]
+operation: _descriptor.FieldDescriptor
 
 class Prompt(_message.Message):
     __slots__ = ("text", "token_ids")
@@ -156,6 +159,30 @@ class GenerateResponse(_message.Message):
 class GetStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class ListVersionsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StoredVersion(_message.Message):
+    __slots__ = ("version", "label", "committed_at", "tensors", "bytes")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_AT_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    label: str
+    committed_at: float
+    tensors: int
+    bytes: int
+    def __init__(self, version: _Optional[int] = ..., label: _Optional[str] = ..., committed_at: _Optional[float] = ..., tensors: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class ListVersionsResponse(_message.Message):
+    __slots__ = ("versions",)
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    versions: _containers.RepeatedCompositeFieldContainer[StoredVersion]
+    def __init__(self, versions: _Optional[_Iterable[_Union[StoredVersion, _Mapping]]] = ...) -> None: ...
 
 class Counters(_message.Message):
     __slots__ = ("requests_total", "requests_running", "prompts_aborted", "sequences_running", "tokens_generated", "requests_rejected_overload", "engine_requests_running", "sequences_waiting", "requests_awaiting_version")

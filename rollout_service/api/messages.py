@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from google.protobuf.json_format import MessageToDict
-from rollout_client._proto.rollout.v1 import rollout_pb2 as pb
+from rollout_client.proto.rollout.v1 import rollout_pb2 as pb
 
 from rollout_service.types import Completion, GenerateRequest, PushResult, Sample, ServerStatus, TopLogprobs
 from rollout_service.weights.manifest import DeltaSpec, PushHeader, SharedBytes, TensorSpec

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from rollout_client._proto.rollout.v1 import rollout_pb2 as rollout__client_dot___proto_dot_rollout_dot_v1_dot_rollout__pb2
+from rollout_client.proto.rollout.v1 import rollout_pb2 as rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in rollout_client/_proto/rollout/v1/rollout_pb2_grpc.py depends on'
+        + ' but the generated code in rollout_client/proto/rollout/v1/rollout_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,23 +36,28 @@ class RolloutServiceStub:
         """
         self.Generate = channel.unary_unary(
                 '/rollout.v1.RolloutService/Generate',
-                request_serializer=rollout__client_dot___proto_dot_rollout_dot_v1_dot_rollout__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=rollout__client_dot___proto_dot_rollout_dot_v1_dot_rollout__pb2.GenerateResponse.FromString,
+                request_serializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.GenerateStream = channel.unary_stream(
                 '/rollout.v1.RolloutService/GenerateStream',
-                request_serializer=rollout__client_dot___proto_dot_rollout_dot_v1_dot_rollout__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=rollout__client_dot___proto_dot_rollout_dot_v1_dot_rollout__pb2.GenerateResponse.FromString,
+                request_serializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/rollout.v1.RolloutService/GetStatus',
-                request_serializer=rollout__client_dot___proto_dot_rollout_dot_v1_dot_rollout__pb2.GetStatusRequest.SerializeToString,
-                response_deserializer=rollout__client_dot___proto_dot_rollout_dot_v1_dot_rollout__pb2.GetStatusResponse.FromString,
+                request_serializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.GetStatusRequest.SerializeToString,
+                response_deserializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.GetStatusResponse.FromString,
+                _registered_method=True)
+        self.ListVersions = channel.unary_unary(
+                '/rollout.v1.RolloutService/ListVersions',
+                request_serializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.ListVersionsRequest.SerializeToString,
+                response_deserializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.ListVersionsResponse.FromString,
                 _registered_method=True)
         self.PushWeights = channel.stream_unary(
                 '/rollout.v1.RolloutService/PushWeights',
-                request_serializer=rollout__client_dot___proto_dot_rollout_dot_v1_dot_rollout__pb2.PushWeightsRequest.SerializeToString,
-                response_deserializer=rollout__client_dot___proto_dot_rollout_dot_v1_dot_rollout__pb2.PushWeightsResponse.FromString,
+                request_serializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.PushWeightsRequest.SerializeToString,
+                response_deserializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.PushWeightsResponse.FromString,
                 _registered_method=True)
 
 
@@ -82,6 +87,15 @@ class RolloutServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListVersions(self, request, context):
+        """The committed versions the weight store keeps, newest first: those a
+        delta push may name as its base (PushHeader.delta_base_version), with the
+        label and time of each.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PushWeights(self, request_iterator, context):
         """Stream new weights into the running engine: one PushHeader, then chunks
         (and, optionally, PushDeclare messages adding tensors), then one PushCommit. The server checks and converts each tensor as it
@@ -99,23 +113,28 @@ def add_RolloutServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_unary_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=rollout__client_dot___proto_dot_rollout_dot_v1_dot_rollout__pb2.GenerateRequest.FromString,
-                    response_serializer=rollout__client_dot___proto_dot_rollout_dot_v1_dot_rollout__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.GenerateRequest.FromString,
+                    response_serializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.GenerateResponse.SerializeToString,
             ),
             'GenerateStream': grpc.unary_stream_rpc_method_handler(
                     servicer.GenerateStream,
-                    request_deserializer=rollout__client_dot___proto_dot_rollout_dot_v1_dot_rollout__pb2.GenerateRequest.FromString,
-                    response_serializer=rollout__client_dot___proto_dot_rollout_dot_v1_dot_rollout__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.GenerateRequest.FromString,
+                    response_serializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.GenerateResponse.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
-                    request_deserializer=rollout__client_dot___proto_dot_rollout_dot_v1_dot_rollout__pb2.GetStatusRequest.FromString,
-                    response_serializer=rollout__client_dot___proto_dot_rollout_dot_v1_dot_rollout__pb2.GetStatusResponse.SerializeToString,
+                    request_deserializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.GetStatusRequest.FromString,
+                    response_serializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'ListVersions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListVersions,
+                    request_deserializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.ListVersionsRequest.FromString,
+                    response_serializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.ListVersionsResponse.SerializeToString,
             ),
             'PushWeights': grpc.stream_unary_rpc_method_handler(
                     servicer.PushWeights,
-                    request_deserializer=rollout__client_dot___proto_dot_rollout_dot_v1_dot_rollout__pb2.PushWeightsRequest.FromString,
-                    response_serializer=rollout__client_dot___proto_dot_rollout_dot_v1_dot_rollout__pb2.PushWeightsResponse.SerializeToString,
+                    request_deserializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.PushWeightsRequest.FromString,
+                    response_serializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.PushWeightsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -143,8 +162,8 @@ class RolloutService:
             request,
             target,
             '/rollout.v1.RolloutService/Generate',
-            rollout__client_dot___proto_dot_rollout_dot_v1_dot_rollout__pb2.GenerateRequest.SerializeToString,
-            rollout__client_dot___proto_dot_rollout_dot_v1_dot_rollout__pb2.GenerateResponse.FromString,
+            rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.GenerateRequest.SerializeToString,
+            rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -170,8 +189,8 @@ class RolloutService:
             request,
             target,
             '/rollout.v1.RolloutService/GenerateStream',
-            rollout__client_dot___proto_dot_rollout_dot_v1_dot_rollout__pb2.GenerateRequest.SerializeToString,
-            rollout__client_dot___proto_dot_rollout_dot_v1_dot_rollout__pb2.GenerateResponse.FromString,
+            rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.GenerateRequest.SerializeToString,
+            rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -197,8 +216,35 @@ class RolloutService:
             request,
             target,
             '/rollout.v1.RolloutService/GetStatus',
-            rollout__client_dot___proto_dot_rollout_dot_v1_dot_rollout__pb2.GetStatusRequest.SerializeToString,
-            rollout__client_dot___proto_dot_rollout_dot_v1_dot_rollout__pb2.GetStatusResponse.FromString,
+            rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.GetStatusRequest.SerializeToString,
+            rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListVersions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rollout.v1.RolloutService/ListVersions',
+            rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.ListVersionsRequest.SerializeToString,
+            rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.ListVersionsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -224,8 +270,8 @@ class RolloutService:
             request_iterator,
             target,
             '/rollout.v1.RolloutService/PushWeights',
-            rollout__client_dot___proto_dot_rollout_dot_v1_dot_rollout__pb2.PushWeightsRequest.SerializeToString,
-            rollout__client_dot___proto_dot_rollout_dot_v1_dot_rollout__pb2.PushWeightsResponse.FromString,
+            rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.PushWeightsRequest.SerializeToString,
+            rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.PushWeightsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,68 @@
+"""The replica set of a Ray Serve deployment (serve/replicas.py's interface over a
+DeploymentHandle). Exceptions coming back through Serve are wrapped in RayTaskError (message: a
+remote traceback); callers get the replica's own exception, to map it in errors.py and show its
+message."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+from rollout_service.errors import EngineUnavailable
+from rollout_service.types import Completion
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    while isinstance(exc, RayTaskError) and isinstance(exc.cause, BaseException):
+        exc = exc.cause
+    if isinstance(exc, RayActorError):  # the replica's process died during the call (killed, OOM)
+        return EngineUnavailable(
+            f"an engine replica died during the call ({type(exc).__name__}); Serve replaces it: retry the call"
+        )
+    return exc
+
+
+class ServeReplicas:
+    def __init__(self, handle: DeploymentHandle):
+        self.handle = handle
+        self._stream = handle.options(stream=True)
+
+    async def broadcast(self, method: str, *args: Any) -> list:
+        try:
+            results = await self.handle.broadcast(method, *args).results_async(return_exceptions=True)
+        except DeploymentUnavailableError:
+            return []
+        return [unwrap(r) if isinstance(r, BaseException) else r for r in results]
+
+    def generate(self, *args: Any) -> _Stream:
+        return _Stream(self._stream.generate_stream.remote(*args))
+
+    async def call_one(self, method: str, *args: Any) -> Any:
+        try:
+            return await getattr(self.handle, method).remote(*args)
+        except Exception as exc:
+            raise unwrap(exc) from None
+
+
+class _Stream:
+    """A DeploymentResponseGenerator as a ReplicaStream: the replica's own errors, aclose() cancels."""
+
+    def __init__(self, response):
+        self._response = response
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> Completion:
+        try:
+            return await self._response.__anext__()
+        except StopAsyncIteration:
+            raise
+        except Exception as exc:
+            raise unwrap(exc) from None
+
+    async def aclose(self) -> None:
+        self._response.cancel()  # no-op when finished; aborts the replica's requests otherwise
