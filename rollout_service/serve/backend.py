@@ -9,7 +9,6 @@ through serve/push.py. Errors raised in a replica reach the client as the replic
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 
@@ -76,19 +75,8 @@ class Backend:
         return deployment_status(served, self.push.last_push, self.push.store.current_version())
 
     async def list_versions(self) -> list[Manifest]:
-        """The committed versions the weight store keeps, newest first (a version deleted while
-        the store kept fewer is skipped)."""
-        store = self.push.store
-
-        def kept() -> list[Manifest]:
-            current = store.current_version()
-            manifests = []
-            for version in range(current, max(0, current - store.keep), -1):
-                with contextlib.suppress(FileNotFoundError):
-                    manifests.append(store.manifest(version))
-            return manifests
-
-        return await asyncio.to_thread(kept)
+        """The committed versions the weight store keeps, newest first."""
+        return await asyncio.to_thread(self.push.store.kept)
 
     def begin_push(self, read_header: HeaderReader):
         return self.push.begin(read_header)

@@ -190,8 +190,7 @@ class EngineReplica:
             if version <= self.engine.weight_version:
                 return self.engine.weight_version
             start = asyncio.get_running_loop().time()
-            await self.weights.load_version(self.store, version, self.config.inflight)
-            manifest = self.store.manifest(version)
+            manifest = await self.weights.load_version(self.store, version, self.config.inflight)
             log.warning(
                 "replica %s serves weight version %d (%r, committed %s) from %s, loaded in %.1f s", self.replica_id,
                 version, manifest.label, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(manifest.created)),

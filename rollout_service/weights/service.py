@@ -31,7 +31,7 @@ from rollout_service.weights.manifest import ParamTable, PushHeader
 from rollout_service.weights.session import PushSession
 from rollout_service.weights.staging import ShardWriter
 from rollout_service.weights.store import WeightSet
-from rollout_service.weights.versions import VersionStore, storage_errors
+from rollout_service.weights.versions import Manifest, VersionStore, storage_errors
 
 if typing.TYPE_CHECKING:
     from rollout_service.engine import RolloutEngine
@@ -114,9 +114,10 @@ class WeightService:
             raise
         return spool.files, spool
 
-    async def load_version(self, store: VersionStore, version: int, policy: str) -> None:
+    async def load_version(self, store: VersionStore, version: int, policy: str) -> Manifest:
         """Load committed version `version` whole from the weight store, after checking its bytes
-        against the manifest's CRC-32s (a replica catching up, a restarted server resuming)."""
+        against the manifest's CRC-32s (a replica catching up, a restarted server resuming);
+        returns its manifest."""
         manifest = store.manifest(version)
         await asyncio.to_thread(store.verify, manifest)
         files, spool = await self.stage(manifest.files(store.root))
@@ -126,6 +127,7 @@ class WeightService:
             if spool is not None:
                 spool.discard()
             raise
+        return manifest
 
     def close(self) -> None:
         shutil.rmtree(self._root, ignore_errors=True)

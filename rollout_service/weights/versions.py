@@ -504,15 +504,28 @@ class VersionStore:
                 tmp.unlink()  # a writer killed before its rename
         self._collect(running=False)
 
+    def _window(self, current: int) -> range:
+        """The versions the store keeps when `current` is committed, newest first (0, the
+        checkpoint, is not one)."""
+        return range(current, max(0, current - self.keep), -1)
+
+    def kept(self) -> list[Manifest]:
+        """The manifests of the committed versions this store keeps, newest first; a version of the
+        window deleted while the store kept fewer is skipped."""
+        manifests = []
+        for version in self._window(self.current_version()):
+            with contextlib.suppress(FileNotFoundError):
+                manifests.append(self.manifest(version))
+        return manifests
+
     def _collect(self, running: bool = True) -> None:
         """Delete the versions older than the last `keep` and what only they refer to; with
         `running`, keep the candidates of later versions (a push in flight may be preparing them).
         Versions of the window already deleted (kept under a smaller `keep` before) are skipped; if
         a manifest in the window cannot be read, nothing is deleted (what it refers to is unknown)."""
         current = self.current_version()
-        kept = [v for v in range(max(1, current - self.keep + 1), current + 1)]
         live = set()
-        for v in kept:
+        for v in self._window(current):
             try:
                 m = self.manifest(v)
             except FileNotFoundError:
