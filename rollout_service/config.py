@@ -294,9 +294,12 @@ class DeploymentSettings(BaseModel):
     target_ongoing_requests: float = Field(
         8.0, gt=0, description="Autoscaling target: Generate calls in flight per replica."
     )
-    replica_cpus: float = Field(
-        1.0, gt=0, description="CPUs Ray reserves for each engine replica (fractions allowed); CPU replicas are "
-        "bound to their own cores."
+    replica_cpus: float | None = Field(
+        None, gt=0, description="CPUs Ray reserves for each engine replica (fractions allowed); CPU replicas are "
+        "bound to their own cores. Default: on a GPU node 1; on a CPU node the node's cores less one (left to Ray, "
+        "the ingress and each engine's scheduler, as `vllm serve` leaves one) shared by the most replicas that may "
+        "run, at least 1 each.",
+        json_schema_extra=default_text("the node's cores - 1, split between replicas"),
     )
     replica_gpus: float = Field(0.0, ge=0, description="GPUs Ray reserves for each engine replica.")
 

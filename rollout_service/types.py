@@ -181,6 +181,10 @@ class GenerateRequest(BaseModel):
         None, ge=0, le=UINT32_MAX, description="Sample only with a version at most this many behind the newest "
         "committed one (raises min_weight_version when the call arrives)."
     )
+    stream_tokens: bool = Field(
+        False, description="Streamed calls only (GenerateStream, OpenAI `stream: true`): send each prompt's samples "
+        "in pieces as they are sampled, not whole when they finish (see Completion in the proto)."
+    )
 
     def at_least(self, committed: Callable[[], int]) -> GenerateRequest:
         """This request with max_staleness turned into a min_weight_version against `committed()`,
@@ -287,12 +291,14 @@ class TopLogprobs:
 
 @dataclass(slots=True)
 class Sample:
-    """One sampled completion; `logprobs[i]` belongs to `token_ids[i]`."""
+    """One sampled completion; `logprobs[i]` belongs to `token_ids[i]`. In a streamed call
+    (GenerateRequest.stream_tokens) a piece of one: the tokens sampled since its last piece, with
+    finish_reason None until its last piece, which alone carries the versions (of every token)."""
 
     token_ids: list[int]
     text: str
     logprobs: list[float]
-    finish_reason: FinishReason
+    finish_reason: FinishReason | None
     weight_version: int
     stop_reason: str = ""
     top_logprobs: list[TopLogprobs] = field(default_factory=list)
@@ -301,11 +307,14 @@ class Sample:
     # The version of every token as runs [version, count], in order (one run unless a push landed
     # mid-sample); the counts add up to len(token_ids).
     token_weight_versions: list[list[int]] = field(default_factory=list)
+    index: int = 0  # which of the prompt's n samples
 
 
 @dataclass(slots=True)
 class Completion:
-    """The n samples for one prompt."""
+    """The n samples for one prompt; in a streamed call (GenerateRequest.stream_tokens) a piece of
+    them: the samples that advanced, each with its new tokens (the prompt's fields in its first
+    piece only)."""
 
     prompt_index: int
     prompt_token_ids: array  # int32 (a list converts with .tolist(); `as_json` does it)

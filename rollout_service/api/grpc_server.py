@@ -21,7 +21,7 @@ from rollout_client.proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
 from rollout_service.api import messages
 from rollout_service.api.access import Access, Operation, grpc_operation
 from rollout_service.api.idle import Pace, enforce_pace
-from rollout_service.api.limits import MIB, PushBudget, check_generate, check_generate_message
+from rollout_service.api.limits import MIB, PushBudget, check_generate, check_generate_message, check_whole
 from rollout_service.api.metrics import Metered
 from rollout_service.config import ServerConfig
 from rollout_service.errors import (
@@ -167,6 +167,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
         try:
             req = await self._request(request)
             del request  # the message is copied into `req`: its memory goes back now, not after the call
+            check_whole(req)
             async with _deadline(context):
                 async with contextlib.aclosing(self.backend.generate(req)) as stream:
                     done = [c async for c in stream]

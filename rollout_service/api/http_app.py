@@ -34,7 +34,7 @@ from starlette.requests import ClientDisconnect
 from rollout_service.api.access import UNCAPPED, Access, Operation, Slot, http_operation
 from rollout_service.api.cancel import generate_all
 from rollout_service.api.idle import Pace, enforce_pace
-from rollout_service.api.limits import MIB, PushBudget, check_generate, max_push_bytes, max_push_header_bytes
+from rollout_service.api.limits import MIB, PushBudget, check_generate, check_whole, max_push_bytes, max_push_header_bytes
 from rollout_service.api.metrics import CONTENT_TYPE, Metered
 from rollout_service.api.openai_compat import routes as openai_routes
 from rollout_service.errors import (
@@ -206,6 +206,7 @@ def create_app(backend: Metered, access: Access, events=None, debug: APIRouter |
         raw = await request.body()
         body = await asyncio.to_thread(GenerateRequest.parse, raw) if len(raw) > LARGE_BODY else GenerateRequest.parse(raw)
         check_generate(body, config)
+        check_whole(body)
         return {"completions": [c.as_json() for c in await generate_all(request, backend, body, x_request_timeout)]}
 
     @app.post("/v1/weights")

@@ -156,6 +156,14 @@ def check_generate(req: GenerateRequest, config: ServerConfig) -> None:
             )
 
 
+def check_whole(req: GenerateRequest) -> None:
+    """A call that answers with whole completions (Generate, /v1/generate) cannot stream tokens."""
+    if req.stream_tokens:
+        raise InvalidArgument(
+            "stream_tokens", "true, but this call returns whole completions: stream tokens with GenerateStream"
+        )
+
+
 def prompt_token_limit(config: ServerConfig) -> int:
     """The longest prompt in tokens: max_prompt_tokens, and at most the context less one token."""
     context = model_limits(config.model, config.max_model_len).context

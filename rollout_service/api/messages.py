@@ -11,6 +11,7 @@ from rollout_service.types import Completion, GenerateRequest, PushResult, Sampl
 from rollout_service.weights.manifest import DeltaSpec, PushHeader, SharedBytes, TensorSpec
 
 _FINISH = {
+    None: pb.FINISH_REASON_UNSPECIFIED,  # a piece of a sample still running (stream_tokens)
     "stop": pb.FINISH_REASON_STOP,
     "length": pb.FINISH_REASON_LENGTH,
     "aborted": pb.FINISH_REASON_ABORTED,
@@ -31,6 +32,7 @@ def request_from_proto(msg: pb.GenerateRequest) -> GenerateRequest:
         "prompts": prompts, "sampling": sampling, "request_id": msg.request_id, "session_id": msg.session_id,
         "min_weight_version": msg.min_weight_version,
         "max_staleness": msg.max_staleness if msg.HasField("max_staleness") else None,
+        "stream_tokens": msg.stream_tokens,
     })
 
 
@@ -49,6 +51,7 @@ def _sample(s: Sample) -> pb.Sample:
         weight_version=s.weight_version,
         first_weight_version=s.first_weight_version,
         token_weight_versions=[pb.VersionRun(version=v, count=n) for v, n in s.token_weight_versions],
+        index=s.index,
     )
 
 

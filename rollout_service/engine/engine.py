@@ -1,7 +1,7 @@
 """RolloutEngine: one vLLM AsyncLLM, with validation, admission, cancellation and counters.
 
 A Generate call becomes one vLLM request per prompt (each with n samples). Completions are yielded
-as prompts finish. If the caller goes away (gRPC cancel, deadline, HTTP disconnect), the pending
+as prompts finish, or in pieces as tokens are sampled when the call streams tokens. If the caller goes away (gRPC cancel, deadline, HTTP disconnect), the pending
 prompt tasks are cancelled and vLLM's generate() aborts each engine request, so nothing leaks:
 `Counters.engine_requests_running` returns to 0.
 """
@@ -188,15 +188,21 @@ class RolloutEngine:
     # ---- generation -------------------------------------------------------------------------
 
     async def generate(self, request: GenerateRequest, refuse_when_full: bool = True) -> AsyncIterator[Completion]:
-        """Yield one Completion per prompt, in completion order.
+        """Yield one Completion per prompt, in completion order; with `request.stream_tokens`,
+        pieces of them as their tokens are sampled (a piece per engine step and prompt, fewer when
+        the caller reads slower than the engine steps: vLLM merges what was not read yet).
 
         Raises InvalidArgument, or Overloaded when the server is full (unless `refuse_when_full`
         is False: a part of a batch the Serve ingress split, which decided overload itself),
         before any bookkeeping or engine work. Closing the iterator early (or cancelling its
         consumer) aborts the prompts still running.
         """
-        # Off the event loop: tokenizing a large text batch would stall every other call.
-        prompts = await asyncio.to_thread(self.tokenize, request)
+        # Off the event loop: tokenizing a large text batch would stall every other call. A call
+        # of token ids (an agent's turn, an RL batch) skips the thread hop.
+        if all(p.token_ids is not None for p in request.prompts):
+            prompts = self.tokenize(request)
+        else:
+            prompts = await asyncio.to_thread(self.tokenize, request)
         params = self._sampling_params(request)
         n = request.sampling.n
         c, budget = self._counters, self._budget
@@ -217,14 +223,15 @@ class RolloutEngine:
         c.requests_total += 1
         c.requests_running += 1
         call_id = f"{request.request_id or 'gen'}-{uuid.uuid4().hex[:12]}"
-        finished: asyncio.Queue[asyncio.Task] = asyncio.Queue()
+        # Pieces of streamed prompts, and each prompt's task once it is done (after its pieces).
+        out: asyncio.Queue[Completion | asyncio.Task] = asyncio.Queue()
         running: set[asyncio.Task] = set()
         started = 0
 
         def done(task: asyncio.Task) -> None:
             budget.release(n)
             running.discard(task)
-            finished.put_nowait(task)
+            out.put_nowait(task)
 
         async def feed() -> None:
             # A prompt becomes a task only once it has room for its n samples (admission.py): a
@@ -234,24 +241,31 @@ class RolloutEngine:
             async with contextlib.aclosing(budget.admit(n, len(prompts))) as grants:
                 async for _ in grants:
                     i, started = started, started + 1
-                    task = asyncio.create_task(self._one(i, prompts[i], params, request, f"{call_id}-{i}"))
+                    task = asyncio.create_task(self._one(i, prompts[i], params, request, f"{call_id}-{i}", out))
                     running.add(task)
                     task.add_done_callback(done)
 
         feeder = asyncio.create_task(feed())
         try:
-            for _ in prompts:
-                yield (await finished.get()).result()
+            left = len(prompts)
+            while left:
+                item = await out.get()
+                if isinstance(item, asyncio.Task):
+                    left -= 1
+                    item = item.result()  # raises the prompt's error; None once its pieces went out
+                    if item is None:
+                        continue
+                yield item
         finally:
             # Bookkeeping first: the caller may be cancelled again while we wait below (gRPC
             # cancels a handler whose deadline passed), and cancelled tasks abort their engine
             # requests on their own. A prompt not finished is aborted whether or not its engine
             # request had started.
             feeder.cancel()
-            left = list(running)
-            c.prompts_aborted += len(prompts) - started + sum(t.cancel() for t in left)
+            unfinished = list(running)
+            c.prompts_aborted += len(prompts) - started + sum(t.cancel() for t in unfinished)
             c.requests_running -= 1
-            await asyncio.gather(feeder, *left, return_exceptions=True)
+            await asyncio.gather(feeder, *unfinished, return_exceptions=True)
 
     async def _served(self, version: int) -> None:
         """Hold a call until the engine serves `version` (its min_weight_version), before any
@@ -285,20 +299,31 @@ class RolloutEngine:
 
     def _sampling_params(self, request: GenerateRequest):
         try:
-            return vllm_io.sampling_params(request.sampling)
+            return vllm_io.sampling_params(request.sampling, stream=request.stream_tokens)
         except VLLMValidationError as exc:  # a check of vLLM's we do not duplicate
             raise InvalidArgument(f"sampling.{exc.parameter or ''}".rstrip("."), str(exc)) from None
 
-    async def _one(self, index: int, ids: array, params, request: GenerateRequest, engine_id: str) -> Completion:
-        final = None
+    async def _one(
+        self, index: int, ids: array, params, request: GenerateRequest, engine_id: str, pieces: asyncio.Queue
+    ) -> Completion | None:
+        """Prompt `index`'s Completion; streamed (request.stream_tokens), its pieces are put on
+        `pieces` as vLLM gives them, and None is returned."""
+        final, first = None, True
         try:
             # A list only now, as the prompt enters the engine (vLLM keeps lists).
             async for out in self._llm.generate({"prompt_token_ids": ids.tolist()}, params, engine_id):
+                if request.stream_tokens:
+                    piece = vllm_io.completion(index, out, request.sampling, request.request_id, self.weight_version, first)
+                    self._counters.tokens_generated += sum(len(s.token_ids) for s in piece.samples)
+                    pieces.put_nowait(piece)
+                    first = False
                 final = out
         except VLLMValidationError as exc:  # a check of vLLM's we do not duplicate
             raise InvalidArgument(f"prompts[{index}]", str(exc)) from None
         except EngineDeadError as exc:
             raise EngineUnavailable(f"the engine died: {exc}") from None
+        if request.stream_tokens:
+            return None
         result = vllm_io.completion(index, final, request.sampling, request.request_id, self.weight_version)
         self._counters.tokens_generated += sum(len(s.token_ids) for s in result.samples)
         return result

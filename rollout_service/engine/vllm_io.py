@@ -14,8 +14,10 @@ from rollout_service.types import Completion, FinishReason, Sample, SamplingOpti
 _FINISH: dict[str | None, FinishReason] = {"stop": "stop", "length": "length", "abort": "aborted"}
 
 
-def sampling_params(opts: SamplingOptions) -> SamplingParams:
-    """vLLM parameters for `opts`. Logprobs are always requested: every sample returns them."""
+def sampling_params(opts: SamplingOptions, stream: bool = False) -> SamplingParams:
+    """vLLM parameters for `opts`. Logprobs are always requested: every sample returns them.
+    `stream`: outputs come as the tokens new since the last one read (vLLM merges those a slow
+    reader has not taken yet into one), else once, whole, when the sample finishes."""
     return SamplingParams(
         n=opts.n,
         max_tokens=opts.max_tokens,
@@ -36,7 +38,7 @@ def sampling_params(opts: SamplingOptions) -> SamplingParams:
         frequency_penalty=opts.frequency_penalty,
         logit_bias=dict(opts.logit_bias) or None,
         allowed_token_ids=list(opts.allowed_token_ids) or None,
-        output_kind=RequestOutputKind.FINAL_ONLY,
+        output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
         # One flat list per request instead of a dict per token: far less Python work per token.
         flat_logprobs=True,
     )
@@ -56,40 +58,46 @@ def _split(flat: FlatLogprobs, with_top: bool, first: int = 0) -> tuple[list[flo
 def _sample(out: CompletionOutput, with_top: bool, current_version: int) -> Sample:
     logprobs, top = _split(out.logprobs, with_top) if out.logprobs is not None else ([], [])
     stop_reason = out.stop_reason
-    # vLLM labels each token with the weight version set when it was sampled (RolloutEngine sets
-    # "0" at start and version + 1 at each push). No tokens (aborted at once): no spans.
-    spans = out.weight_versions or []
-    first = int(spans[0].version) if spans else current_version
-    last = int(spans[-1].version) if spans else current_version
-    return Sample(
+    sample = Sample(
         token_ids=list(out.token_ids),
         text=out.text,
         logprobs=logprobs,
-        finish_reason=_FINISH.get(out.finish_reason, "aborted"),
-        weight_version=last,
-        first_weight_version=first,
+        finish_reason=None,
+        weight_version=0,
         stop_reason="" if stop_reason is None else str(stop_reason),
         top_logprobs=top,
-        token_weight_versions=[[int(span.version), span.end - span.start] for span in spans],
+        index=out.index,
     )
+    if out.finish_reason is None:  # a streamed piece: vLLM gives versions with the last one only
+        return sample
+    sample.finish_reason = _FINISH.get(out.finish_reason, "aborted")
+    # vLLM labels each token with the weight version set when it was sampled (RolloutEngine sets
+    # "0" at start and version + 1 at each push), as spans over all of the sample's tokens, also
+    # in a streamed call. No tokens (aborted at once): no spans.
+    spans = out.weight_versions or []
+    sample.first_weight_version = int(spans[0].version) if spans else current_version
+    sample.weight_version = int(spans[-1].version) if spans else current_version
+    sample.token_weight_versions = [[int(span.version), span.end - span.start] for span in spans]
+    return sample
 
 
 def completion(
-    index: int, out: RequestOutput, opts: SamplingOptions, request_id: str, current_version: int
+    index: int, out: RequestOutput, opts: SamplingOptions, request_id: str, current_version: int, first: bool = True
 ) -> Completion:
-    """The service's Completion for prompt `index` from vLLM's final RequestOutput;
+    """The service's Completion for prompt `index` from vLLM's final RequestOutput, or a piece of
+    it from a streamed one (`first`: the prompt's first piece, the only one with its prompt);
     `current_version` labels samples that got no token."""
     samples = sorted(out.outputs, key=lambda o: o.index)
     result = Completion(
         prompt_index=index,
         # The prompt echoed back as an int32 array: a batch's finished completions wait for the
         # call's end, and as lists of Python ints their prompts would take 9x the request's size.
-        prompt_token_ids=array("i", out.prompt_token_ids or ()),
+        prompt_token_ids=array("i", (out.prompt_token_ids or ()) if first else ()),
         samples=[_sample(o, opts.logprobs > 0, current_version) for o in samples],
         request_id=request_id,
-        cached_prompt_tokens=out.num_cached_tokens or 0,
+        cached_prompt_tokens=(out.num_cached_tokens or 0) if first else 0,
     )
-    if opts.prompt_logprobs is not None and out.prompt_logprobs is not None:
+    if opts.prompt_logprobs is not None and out.prompt_logprobs is not None and first:
         # Position 0 has no logprob (nothing precedes the first prompt token).
         result.prompt_logprobs, result.prompt_top_logprobs = _split(
             out.prompt_logprobs, opts.prompt_logprobs > 0, first=1

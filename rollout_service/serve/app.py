@@ -66,6 +66,30 @@ class ServedIngress:
         await self.ingress.close()
 
 
+def cores_per_replica(config: ServerConfig) -> float:
+    """`replica_cpus`, or its default for this node (see the field): as `vllm serve` binds its
+    engine to all cores but one, the replicas that may run here share all cores but one, which Ray's
+    processes, the ingress and each engine's scheduler process run on."""
+    if config.replica_cpus is not None:
+        return config.replica_cpus
+    if config.replica_gpus:
+        return 1.0
+    most = config.autoscale[1] if config.autoscale else config.replicas
+    return float(max(1, (len(usable_cores()) - 1) // max(most, 1)))
+
+
+def core_plan(config: ServerConfig) -> str:
+    """The log line's account of this node's cores: what each replica is bound to, what is left."""
+    if config.replica_gpus or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return f"{cores_per_replica(config):g} CPU(s) reserved per replica"
+    allowed, per = usable_cores(), round(cores_per_replica(config))
+    most = config.autoscale[1] if config.autoscale else config.replicas
+    bound = sorted({allowed[(r * per + i) % len(allowed)] for r in range(most) for i in range(per)})
+    rest = [c for c in allowed if c not in bound]
+    return (f"{most} replica(s) x {per} core(s) bound (cores {','.join(map(str, bound))}); Ray, the ingress and the "
+            f"engines' schedulers on {'cores ' + ','.join(map(str, rest)) if rest else 'the same cores (none left)'}")
+
+
 def bind_cores(config: ServerConfig, local_rank: int) -> None:
     """Give each CPU replica its own cores: vLLM's CPU worker binds its OpenMP threads to the
     cores in VLLM_CPU_OMP_THREADS_BIND, and without it every replica on a node lands on the same
@@ -74,7 +98,7 @@ def bind_cores(config: ServerConfig, local_rank: int) -> None:
     if config.replica_gpus or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
         return
     allowed = usable_cores()
-    per = max(1, min(len(allowed), round(config.replica_cpus)))
+    per = max(1, min(len(allowed), round(cores_per_replica(config))))
     first = (local_rank * per) % len(allowed)
     cores = [allowed[(first + i) % len(allowed)] for i in range(per)]
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
@@ -112,6 +136,9 @@ def _ingress_options() -> dict:
 
 
 def build_app(config: ServerConfig) -> Application:
+    # Resolved here, on the node that builds the app, so Ray's reservation and the replicas'
+    # binding agree.
+    config = config.model_copy(update={"replica_cpus": cores_per_replica(config)})
     engines = serve.deployment(
         ServedEngineReplica,
         name=ENGINE_DEPLOYMENT,

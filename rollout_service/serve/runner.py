@@ -22,7 +22,7 @@ from rollout_service.engine.engine import resolve_model, with_context
 from rollout_service.launcher import READY_PREFIX
 from rollout_service.errors import ConfigError
 from rollout_service.serve import local_ray
-from rollout_service.serve.app import APP_NAME, ENGINE_DEPLOYMENT, app_config
+from rollout_service.serve.app import APP_NAME, ENGINE_DEPLOYMENT, app_config, core_plan
 from rollout_service.serve.coordinator import redacted
 from rollout_service.serve.ingress import check_ports_free
 from rollout_service.weights.versions import store_root
@@ -120,6 +120,7 @@ def run(config: ServerConfig) -> None:
         signal.signal(sig, lambda *_: stop.set())
     n = f"{config.autoscale[0]}-{config.autoscale[1]} (autoscaled)" if config.autoscale else str(config.replicas)
     log.info("deploying on Ray Serve: %s engine replica(s) of %s; each engine takes about a minute to start", n, config.model)
+    log.info("cores: %s", core_plan(config))
     try:
         ingress = deploy(config)
         ends = ingress.endpoints.remote().result()

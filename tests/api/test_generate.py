@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -82,6 +83,35 @@ def test_stream_returns_every_completion_exactly_once(bf16_client):
         seen.append(c.prompt_index)
         assert len(c.samples) == 1
     assert sorted(seen) == list(range(len(lengths)))
+
+
+def test_a_token_stream_sends_pieces_that_add_up_to_the_whole_completions(bf16_client):
+    prompts, args = [[5, 6, 7], [8, 9]], dict(n=2, max_tokens=8, temperature=1.0, seed=11, logprobs=2, ignore_eos=True)
+    whole = bf16_client.generate(prompt_token_ids=prompts, **args)
+    pieces = list(bf16_client.generate_stream(prompt_token_ids=prompts, stream_tokens=True, **args))
+    assert len(pieces) > len(prompts)
+    for c in whole:
+        mine = [p for p in pieces if p.prompt_index == c.prompt_index]
+        assert mine[0].prompt_token_ids == c.prompt_token_ids and all(not p.prompt_token_ids for p in mine[1:])
+        for s in c.samples:
+            parts = [x for p in mine for x in p.samples if x.index == s.index]
+            assert [t for x in parts for t in x.token_ids] == s.token_ids
+            assert [lp for x in parts for lp in x.logprobs] == pytest.approx(list(s.logprobs))
+            assert [top for x in parts for top in x.top_logprobs] == s.top_logprobs
+            assert [x.finish_reason for x in parts] == [None] * (len(parts) - 1) + ["length"]
+            assert (parts[-1].weight_version, parts[-1].token_weight_versions) == (s.weight_version, s.token_weight_versions)
+
+
+def test_only_the_stream_streams_tokens(bf16_server):
+    from rollout_client.proto.rollout.v1 import rollout_pb2 as pb
+    from rollout_client.proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
+
+    stub = pb_grpc.RolloutServiceStub(grpc.insecure_channel(bf16_server.grpc_address))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(pb.GenerateRequest(prompts=[pb.Prompt(token_ids=[5, 6])], stream_tokens=True))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "stream_tokens" in err.value.details()
+    reply = httpx.post(f"{bf16_server.http_url}/v1/generate", json={"prompts": [{"token_ids": [5, 6]}], "stream_tokens": True})
+    assert reply.status_code == 400 and "stream_tokens" in reply.text
 
 
 async def test_async_client_generates_and_streams(bf16_server):

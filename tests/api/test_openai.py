@@ -86,17 +86,26 @@ def test_chat_uses_the_models_template_and_choices_carry_token_ids_logprobs_and_
         assert (extra["weight_version"], extra["first_weight_version"], extra["token_weight_versions"]) == (version, version, [[version, 8]])
 
 
-def test_streamed_choices_equal_the_unstreamed_ones(bf16, tiny_model):
+def test_streamed_choices_come_token_by_token_and_add_up_to_the_unstreamed_ones(bf16, tiny_model):
     args = dict(model=tiny_model.name, prompt=TEXTS, n=2, max_tokens=6, seed=7, logprobs=1)
     whole = bf16.completions.create(**args)
     chunks = list(bf16.completions.create(**args, stream=True, stream_options={"include_usage": True}))
-    streamed = sorted((c for chunk in chunks for c in chunk.choices), key=lambda c: c.index)
-    assert [(c.index, c.text, c.logprobs.token_logprobs) for c in streamed] == \
+    streamed: dict[int, list] = {}
+    for chunk in chunks:
+        for c in chunk.choices:
+            streamed.setdefault(c.index, []).append(c)
+    assert len(chunks) > len(whole.choices) + 1  # pieces, not one chunk per finished choice
+    assert [(i, "".join(p.text for p in parts), [lp for p in parts for lp in p.logprobs.token_logprobs])
+            for i, parts in sorted(streamed.items())] == \
         [(c.index, c.text, c.logprobs.token_logprobs) for c in whole.choices]
+    assert all(parts[-1].finish_reason == "length" and {p.finish_reason for p in parts[:-1]} <= {None}
+               for parts in streamed.values())
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == 24
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
     messages = [{"role": "user", "content": "Count to three."}]
     chat = bf16.chat.completions.create(model=tiny_model.name, messages=messages, max_tokens=6, seed=3)
     deltas = list(bf16.chat.completions.create(model=tiny_model.name, messages=messages, max_tokens=6, seed=3, stream=True))
+    assert len(deltas) > 2 and deltas[0].choices[0].delta.role == "assistant"
     assert "".join(d.choices[0].delta.content or "" for d in deltas) == chat.choices[0].message.content
     assert deltas[-1].choices[0].finish_reason == chat.choices[0].finish_reason
 

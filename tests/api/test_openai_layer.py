@@ -45,8 +45,8 @@ def completion(*, n: int = 1, tokens=(5, 6, 7), text: str = "abc", runs=((3, 3),
     samples = [
         Sample(token_ids=list(tokens), text=text, logprobs=[-0.5] * len(tokens), finish_reason="stop", weight_version=runs[-1][0],
                first_weight_version=runs[0][0], top_logprobs=[TopLogprobs([9, 10], [-0.1, -2.0])] * len(tokens),
-               token_weight_versions=[list(r) for r in runs])
-        for _ in range(n)
+               token_weight_versions=[list(r) for r in runs], index=j)
+        for j in range(n)
     ]
     return Completion(prompt_index=0, prompt_token_ids=array("i", [1, 2, 3, 4]), samples=samples, cached_prompt_tokens=2)
 
@@ -220,10 +220,66 @@ def test_completion_choices_carry_logprobs_token_ids_and_versions_in_openais_sha
     assert parsed.usage.prompt_tokens_details.cached_tokens == 2
 
 
-def test_a_streamed_chat_chunk_parses_as_openais_chunk(text):
+def pieces(ids: list[int], text: ModelText, n: int = 1) -> list[Completion]:
+    """A completion of `ids` streamed one token a piece (stream_tokens), as the engine gives it:
+    the prompt in the first piece, finish reason and versions in the last."""
+    out = []
+    for k, token in enumerate(ids):
+        last = k == len(ids) - 1
+        samples = [
+            Sample(token_ids=[token], text=text.tokenizer.decode([token]), logprobs=[-0.5], finish_reason="stop" if last else None,
+                   weight_version=4 if last else 0, first_weight_version=4 if last else 0,
+                   token_weight_versions=[[4, len(ids)]] if last else [], index=j)
+            for j in range(n)
+        ]
+        out.append(Completion(prompt_index=0, prompt_token_ids=array("i", [1, 2, 3, 4] if k == 0 else []), samples=samples,
+                              cached_prompt_tokens=2 if k == 0 else 0))
+    return out
+
+
+def test_a_streamed_chat_sends_the_role_first_then_each_pieces_content(text):
     body = bodies.parse(bodies.ChatBody, {"messages": [{"role": "user", "content": "x"}], "n": 2, "stream": True, "logprobs": True})
-    chunk = responses.chat_chunk(body, completion(n=2), text, {"id": "c", "created": 0, "model": "tiny"})
-    parsed = openai.types.chat.ChatCompletionChunk.model_validate(chunk)
-    assert [c.delta.content for c in parsed.choices] == ["abc", "abc"]
-    assert [t.logprob for t in parsed.choices[1].logprobs.content] == [-0.5] * 3
-    assert "token_weight_versions" not in parsed.choices[0].model_extra  # only when asked for
+    ids = text.tokenizer.encode("one two three")
+    stream = responses.ChatStream(body, text, {"id": "c", "created": 0, "model": "tiny"})
+    chunks = [openai.types.chat.ChatCompletionChunk.model_validate(stream.chunk(p)) for p in pieces(ids, text, n=2)]
+    assert [c.delta.role for c in chunks[0].choices] == ["assistant", "assistant"]
+    assert {c.delta.role for chunk in chunks[1:] for c in chunk.choices} == {None}
+    for j in (0, 1):
+        assert "".join(chunk.choices[j].delta.content for chunk in chunks) == "one two three"
+        assert [chunk.choices[j].finish_reason for chunk in chunks] == [None] * (len(ids) - 1) + ["stop"]
+    assert [len(chunk.choices[1].logprobs.content) for chunk in chunks] == [1] * len(ids)
+    assert "weight_version" not in chunks[0].choices[0].model_extra  # versions come with the last piece
+    assert chunks[-1].choices[0].model_extra["weight_version"] == 4
+
+
+def test_a_streamed_tool_call_is_parsed_piece_by_piece_by_vllms_streaming_parser(text):
+    call = '<tool_call>\n{"name": "add", "arguments": {"a": 2}}\n</tool_call>'
+    ids = text.tokenizer.encode(call) + [text.tokenizer.eos_token_id]
+    body = bodies.parse(bodies.ChatBody, {"messages": [{"role": "user", "content": "x"}], "tools": TOOLS, "stream": True})
+    stream = responses.ChatStream(body, text, {"id": "c", "created": 0, "model": "tiny"})
+    chunks = [openai.types.chat.ChatCompletionChunk.model_validate(stream.chunk(p)) for p in pieces(ids, text)]
+    calls = [call for chunk in chunks for call in chunk.choices[0].delta.tool_calls or ()]
+    assert len(calls) > 1  # deltas, not the whole call at the end
+    assert {c.function.name for c in calls if c.function and c.function.name} == {"add"}
+    assert json.loads("".join(c.function.arguments or "" for c in calls if c.function)) == {"a": 2}
+    assert not "".join(chunk.choices[0].delta.content or "" for chunk in chunks).strip()
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_streamed_completion_pieces_continue_their_choices_offsets_and_carry_the_prompt_once(text):
+    body = bodies.parse(bodies.CompletionBody, {"prompt": [1, 2, 3, 4], "n": 2, "logprobs": 0, "return_token_ids": True,
+                                                    "stream": True})
+    ids = text.tokenizer.encode("one two three")
+    offsets: dict[int, int] = {}
+    head = {"id": "cmpl-1", "created": 0, "model": "tiny"}
+    # As JSON: OpenAI's client reads stream chunks without validating them (a piece's finish_reason is null).
+    chunks = [json.loads(json.dumps(responses.completion_chunk(body, p, text, head, offsets))) for p in pieces(ids, text, n=2)]
+    for j in (0, 1):
+        choices = [chunk["choices"][j] for chunk in chunks]
+        assert [c["index"] for c in choices] == [j] * len(ids)
+        assert "".join(c["text"] for c in choices) == "".join(text.token_text(t) for t in ids)
+        sent = [len("".join(text.token_text(t) for t in ids[:k])) for k in range(len(ids))]
+        assert [c["logprobs"]["text_offset"][0] for c in choices] == sent
+        assert [c.get("prompt_token_ids") for c in choices] == [[1, 2, 3, 4]] + [None] * (len(ids) - 1)
+        assert [c["token_ids"] for c in choices] == [[t] for t in ids]
+        assert [c["finish_reason"] for c in choices] == [None] * (len(ids) - 1) + ["stop"]

@@ -37,7 +37,7 @@ VERSION_FIELDS = ("min_weight_version", "max_staleness")
 
 def build_request(
     prompts: Sequence[str] | None, prompt_token_ids: Sequence[Sequence[int]] | None, request_id: str, sampling: dict,
-    session_id: str = "",
+    session_id: str = "", stream_tokens: bool = False,
 ) -> pb.GenerateRequest:
     """A GenerateRequest from text prompts and/or token-id prompts plus SamplingParams fields, and
     the version fields: `min_weight_version` (sample only with this version or newer; the server
@@ -50,7 +50,10 @@ def build_request(
     batch = [pb.Prompt(text=t) for t in prompts or ()]
     batch += [pb.Prompt(token_ids=ids) for ids in prompt_token_ids or ()]
     params = pb.SamplingParams(**{k: v for k, v in sampling.items() if v is not None})
-    return pb.GenerateRequest(prompts=batch, sampling=params, request_id=request_id, session_id=session_id, **versions)
+    return pb.GenerateRequest(
+        prompts=batch, sampling=params, request_id=request_id, session_id=session_id, stream_tokens=stream_tokens,
+        **versions,
+    )
 
 
 def continuation(completion: Completion, sample: Sample, max_tokens: int, sampling: dict) -> dict | None:
@@ -116,15 +119,20 @@ def resume(
 
 def generate_stream(
     client: ClientBase, prompts: Sequence[str] | None = None, prompt_token_ids: Sequence[Sequence[int]] | None = None,
-    *, request_id: str = "", session_id: str = "", timeout: float | None = None, **sampling,
+    *, request_id: str = "", session_id: str = "", timeout: float | None = None, stream_tokens: bool = False,
+    **sampling,
 ) -> Stream[Completion]:
     """Completions as each prompt finishes (see Completion.prompt_index). Stopping early cancels
     the call: the server aborts the prompts still running.
 
     Args:
         prompts, prompt_token_ids, request_id, session_id, timeout, **sampling: as in generate().
+        stream_tokens: pieces of completions as their tokens are sampled instead: each holds the
+            samples that advanced (Sample.index says which), with only their new tokens;
+            finish_reason is None until a sample's last piece, which alone carries its weight
+            versions (of all of its tokens); the prompt's fields come in its first piece.
     """
-    request = build_request(prompts, prompt_token_ids, request_id, sampling, session_id)
+    request = build_request(prompts, prompt_token_ids, request_id, sampling, session_id, stream_tokens)
     return Stream("GenerateStream", request, timeout, completions)
 
 

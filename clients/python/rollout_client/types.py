@@ -19,7 +19,8 @@ class Sample:
     token_ids: list[int]
     text: str
     logprobs: np.ndarray
-    finish_reason: str
+    # "stop", "length" or "aborted"; None for a piece of a sample still running (stream_tokens).
+    finish_reason: str | None
     weight_version: int
     stop_reason: str = ""
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
@@ -29,6 +30,7 @@ class Sample:
     # The version of every token as (version, count) runs in token order: one run unless a push
     # was applied mid-sample.
     token_weight_versions: list[tuple[int, int]] = field(default_factory=list)
+    index: int = 0  # which of the prompt's n samples
 
 
 @dataclass
@@ -57,12 +59,13 @@ def completion_from_proto(c: pb.Completion) -> Completion:
                 token_ids=list(s.token_ids),
                 text=s.text,
                 logprobs=np.asarray(s.logprobs, dtype=np.float32),
-                finish_reason=_FINISH.get(s.finish_reason, "unspecified"),
+                finish_reason=_FINISH.get(s.finish_reason),
                 weight_version=s.weight_version,
                 stop_reason=s.stop_reason,
                 top_logprobs=_top(s.top_logprobs),
                 first_weight_version=s.first_weight_version,
                 token_weight_versions=[(r.version, r.count) for r in s.token_weight_versions],
+                index=s.index,
             )
             for s in c.samples
         ],

@@ -78,7 +78,39 @@ class ModelText:
         found = parser.extract_tool_calls(text, wanted)
         return (found.content, list(found.tool_calls)) if found.tools_called else (sample.text, [])
 
+    def tool_stream(self, body) -> ToolCallStream | None:
+        """A streaming tool-call parse of one choice, when tool_calls() would parse it whole."""
+        if self._parser is None or not body.tools or body.tool_choice == "none":
+            return None
+        parser = self._parser(self.tokenizer, body.tools)
+        return ToolCallStream(parser, self.tokenizer, parser.adjust_request(body.model_copy()))
+
     @functools.lru_cache(maxsize=65536)  # noqa: B019 (one instance per server, kept for its life)
     def token_text(self, token_id: int) -> str:
         """One token's text, as vLLM's server shows it in logprobs (a partial UTF-8 character: U+FFFD)."""
         return self.tokenizer.decode([token_id])
+
+
+class ToolCallStream:
+    """vLLM's streaming tool-call parser over one streamed choice: what each piece adds to the
+    message (content, or tool-call deltas once the parser sees a call begin)."""
+
+    def __init__(self, parser, tokenizer, request):
+        self._parser, self._tokenizer, self._request = parser, tokenizer, request
+        self._text, self._ids = "", []
+        self.called = False  # a tool-call delta was sent
+
+    def delta(self, sample) -> dict:
+        ids = self._ids + sample.token_ids
+        if self._request.skip_special_tokens:
+            text = self._text + sample.text
+        else:  # the parser's markers are special tokens: decoded again with them, as in tool_calls()
+            text = self._tokenizer.decode(ids, skip_special_tokens=False)
+        found = self._parser.extract_tool_calls_streaming(
+            self._text, text, text[len(self._text):], self._ids, ids, sample.token_ids, self._request
+        )
+        self._text, self._ids = text, ids
+        if found is None:  # the parser holds these tokens back (a call may be starting)
+            return {}
+        self.called |= bool(found.tool_calls)
+        return found.model_dump(exclude_none=True)

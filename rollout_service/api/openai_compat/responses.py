@@ -52,18 +52,35 @@ def error_body(exc: BaseException, chat: bool = False) -> dict:
     }
 
 
+class Usage:
+    """Token counts of a call, added up over its completions (or, streamed, their pieces)."""
+
+    def __init__(self, completions: list[Completion] = ()):
+        self.prompt = self.generated = self.cached = 0
+        for c in completions:
+            self.add(c)
+
+    def add(self, c: Completion) -> None:
+        self.prompt += len(c.prompt_token_ids)  # a piece after a prompt's first has none
+        self.generated += sum(len(s.token_ids) for s in c.samples)
+        self.cached += c.cached_prompt_tokens
+
+    def as_json(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt,
+            "completion_tokens": self.generated,
+            "total_tokens": self.prompt + self.generated,
+            "prompt_tokens_details": {"cached_tokens": self.cached},
+        }
+
+
 def usage(completions: list[Completion]) -> dict:
-    prompt = sum(len(c.prompt_token_ids) for c in completions)
-    generated = sum(len(s.token_ids) for c in completions for s in c.samples)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": generated,
-        "total_tokens": prompt + generated,
-        "prompt_tokens_details": {"cached_tokens": sum(c.cached_prompt_tokens for c in completions)},
-    }
+    return Usage(completions).as_json()
 
 
 def _versions(sample: Sample, body) -> dict:
+    if sample.finish_reason is None:  # a streamed piece: versions come with the sample's last one
+        return {}
     out = {"weight_version": sample.weight_version, "first_weight_version": sample.first_weight_version}
     if body.token_weight_versions:
         out["token_weight_versions"] = sample.token_weight_versions
@@ -71,7 +88,8 @@ def _versions(sample: Sample, body) -> dict:
 
 
 def _common(body, c: Completion, sample: Sample) -> dict:
-    out = {"finish_reason": _FINISH[sample.finish_reason], "stop_reason": sample.stop_reason or None}
+    finish = None if sample.finish_reason is None else _FINISH[sample.finish_reason]
+    out = {"finish_reason": finish, "stop_reason": sample.stop_reason or None}
     if body.return_token_ids:
         out["token_ids"] = sample.token_ids
     return out | _versions(sample, body)
@@ -80,7 +98,9 @@ def _common(body, c: Completion, sample: Sample) -> dict:
 # ---- /v1/completions --------------------------------------------------------------------------
 
 
-def _completion_logprobs(sample: Sample, text: ModelText) -> dict:
+def _completion_logprobs(sample: Sample, text: ModelText, offset: int = 0) -> dict:
+    """`offset`: the characters of the choice's text already sent (a streamed piece's first
+    text_offset)."""
     tokens = [text.token_text(t) for t in sample.token_ids]
     top = [
         {text.token_text(t): lp for t, lp in zip(alt.token_ids, alt.logprobs)} for alt in sample.top_logprobs
@@ -89,22 +109,28 @@ def _completion_logprobs(sample: Sample, text: ModelText) -> dict:
         "tokens": tokens,
         "token_logprobs": sample.logprobs,
         "top_logprobs": top,
-        "text_offset": list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=0)) if tokens else [],
+        "text_offset": list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=offset)) if tokens else [],
     }
 
 
-def completion_choices(body, c: Completion, text: ModelText) -> list[dict]:
-    """The n choices of one prompt; choice i*n + j is sample j of prompt i (as vLLM numbers them)."""
+def completion_choices(body, c: Completion, text: ModelText, offsets: dict[int, int] | None = None) -> list[dict]:
+    """The n choices of one prompt; choice i*n + j is sample j of prompt i (as vLLM numbers them).
+    Streamed pieces: the choices that advanced, `offsets` the characters each has sent so far."""
     n = body.n or 1
     choices = []
-    for j, sample in enumerate(c.samples):
+    for sample in c.samples:
+        index = c.prompt_index * n + sample.index
+        offset = 0 if offsets is None else offsets.get(index, 0)
         choice = {
-            "index": c.prompt_index * n + j,
+            "index": index,
             "text": sample.text,
-            "logprobs": _completion_logprobs(sample, text) if body.logprobs is not None else None,
+            "logprobs": _completion_logprobs(sample, text, offset) if body.logprobs is not None else None,
         } | _common(body, c, sample)
-        if body.return_token_ids:
+        if body.return_token_ids and (offsets is None or index not in offsets):  # the prompt, once
             choice["prompt_token_ids"] = c.prompt_token_ids.tolist()
+        if offsets is not None:
+            offsets[index] = offset + sum(len(text.token_text(t)) for t in sample.token_ids) \
+                if body.logprobs is not None else offset + len(sample.text)
         choices.append(choice)
     return choices
 
@@ -114,8 +140,9 @@ def completion_response(body, completions: list[Completion], text: ModelText, he
     return head | {"object": "text_completion", "choices": choices, "usage": usage(completions)}
 
 
-def completion_chunk(body, c: Completion, text: ModelText, head: dict) -> dict:
-    return head | {"object": "text_completion", "choices": completion_choices(body, c, text)}
+def completion_chunk(body, c: Completion, text: ModelText, head: dict, offsets: dict[int, int]) -> dict:
+    """The chunk of a streamed piece (`offsets`: see completion_choices, kept per call)."""
+    return head | {"object": "text_completion", "choices": completion_choices(body, c, text, offsets)}
 
 
 # ---- /v1/chat/completions ---------------------------------------------------------------------
@@ -142,33 +169,51 @@ def _message(body, sample: Sample, text: ModelText) -> tuple[dict, bool]:
     return message, bool(calls)
 
 
-def chat_choices(body, c: Completion, text: ModelText, stream: bool) -> list[dict]:
+def chat_response(body, c: Completion, text: ModelText, head: dict) -> dict:
     choices = []
-    for j, sample in enumerate(c.samples):
+    for sample in c.samples:
         message, called = _message(body, sample, text)
-        if stream:  # the whole choice in one delta (the service streams choices as they finish)
-            for k, call in enumerate(message.get("tool_calls", [])):
-                call["index"] = k
         choice = {
-            "index": j,
-            "delta" if stream else "message": message,
+            "index": sample.index,
+            "message": message,
             "logprobs": _chat_logprobs(sample, text) if body.logprobs else None,
         } | _common(body, c, sample)
         if called and sample.finish_reason == "stop":
             choice["finish_reason"] = "tool_calls"
         choices.append(choice)
-    return choices
-
-
-def chat_response(body, c: Completion, text: ModelText, head: dict) -> dict:
-    out = head | {"object": "chat.completion", "choices": chat_choices(body, c, text, False), "usage": usage([c])}
+    out = head | {"object": "chat.completion", "choices": choices, "usage": usage([c])}
     if body.return_token_ids:
         out["prompt_token_ids"] = c.prompt_token_ids.tolist()
     return out
 
 
-def chat_chunk(body, c: Completion, text: ModelText, head: dict) -> dict:
-    out = head | {"object": "chat.completion.chunk", "choices": chat_choices(body, c, text, True)}
-    if body.return_token_ids:
-        out["prompt_token_ids"] = c.prompt_token_ids.tolist()
-    return out
+class ChatStream:
+    """The chunks of one streamed chat call, a chunk per piece of its completion (as vLLM's server
+    streams them): a choice's first delta carries the role, each its new content, or, with a
+    tool-call parser and tools, what vLLM's streaming parser makes of its new tokens."""
+
+    def __init__(self, body, text: ModelText, head: dict):
+        self._body, self._text, self._head = body, text, head
+        self._tools: dict = {}  # choice index -> its ToolCallStream, or None (no parsing)
+
+    def chunk(self, c: Completion) -> dict:
+        body, text = self._body, self._text
+        choices = []
+        for sample in c.samples:
+            first = sample.index not in self._tools
+            if first:
+                self._tools[sample.index] = text.tool_stream(body)
+            tools = self._tools[sample.index]
+            delta = tools.delta(sample) if tools else {"content": sample.text}
+            choice = {
+                "index": sample.index,
+                "delta": {"role": "assistant"} | delta if first else delta,
+                "logprobs": _chat_logprobs(sample, text) if body.logprobs else None,
+            } | _common(body, c, sample)
+            if tools and tools.called and sample.finish_reason == "stop":
+                choice["finish_reason"] = "tool_calls"
+            choices.append(choice)
+        out = self._head | {"object": "chat.completion.chunk", "choices": choices}
+        if body.return_token_ids and len(c.prompt_token_ids):  # the prompt's first piece
+            out["prompt_token_ids"] = c.prompt_token_ids.tolist()
+        return out

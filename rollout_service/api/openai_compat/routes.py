@@ -5,8 +5,10 @@ POST /v1/chat/completions   messages rendered with the model's chat template; to
                             when the server has --tool-call-parser
 GET  /v1/models             the served model (its name: --served-model-name)
 
-`stream: true` sends server-sent events, one chunk per prompt as its samples finish (whole choices,
-not token by token: the engine returns a sample once it is complete), then a usage chunk when
+`stream: true` sends server-sent events as vLLM's server does: a chunk per engine step and prompt
+with the new tokens of its choices (text or chat delta, their logprobs, token ids when asked for;
+tool-call deltas from vLLM's streaming parser when the server has one and the call has tools), a
+choice's finish reason and weight versions with its last chunk, then a usage chunk when
 `stream_options.include_usage`, then `data: [DONE]`. An error found before the first chunk is an
 HTTP error; one after it is sent as a last `data: {"error": ...}` event, as vLLM's server does.
 Access is the same as /v1/generate's (api/access.py). X-Request-Timeout bounds a call until its
@@ -93,33 +95,34 @@ def _sse(data: dict | str) -> str:
 
 
 async def _streamed(
-    request: Request, backend, req: GenerateRequest, chunk: Callable[[Completion], dict], final: Callable | None,
-    timeout: float | None,
+    request: Request, backend, req: GenerateRequest, chunk: Callable[[Completion], dict],
+    final: Callable[[responses.Usage], dict] | None, timeout: float | None,
 ):
-    """A StreamingResponse of one chunk per finished prompt. Until the first chunk the call is an
-    ordinary one (its errors raise; a disconnect or the timeout aborts it); after it, Starlette
-    closes the stream when the client goes, which aborts what is left."""
-    stream = backend.generate(req)
+    """A StreamingResponse of a chunk per piece of the call's completions (their tokens as they
+    are sampled). Until the first piece the call is an ordinary one (its errors raise; a
+    disconnect or the timeout aborts it); after it, Starlette closes the stream when the client
+    goes, which aborts what is left."""
+    stream = backend.generate(req.model_copy(update={"stream_tokens": True}))
 
-    async def first_chunk() -> Completion:
+    async def first_piece() -> Completion:
         return await anext(stream)
 
     try:
-        first = await run_cancellable(request, first_chunk(), timeout)
+        first = await run_cancellable(request, first_piece(), timeout)
     except BaseException:
         await stream.aclose()
         raise
 
     async def events() -> AsyncIterator[str]:
-        done = [first]
+        tally = responses.Usage([first])
         try:
             async with contextlib.aclosing(stream):
                 yield _sse(chunk(first))
                 async for c in stream:
-                    done.append(c)
+                    tally.add(c)
                     yield _sse(chunk(c))
             if final is not None:
-                yield _sse(final(done))
+                yield _sse(final(tally))
         except Exception as exc:  # the 200 went out with the first chunk: the error is the last event
             if not isinstance(exc, RolloutError):
                 log.exception("internal error in a streamed OpenAI call", exc_info=exc)
@@ -159,10 +162,12 @@ def add_routes(app: FastAPI, backend) -> None:
         check_generate(req, config)
         top = head("cmpl")
         if body.stream:
-            final = (lambda done: top | {"object": "text_completion", "choices": [], "usage": responses.usage(done)}) \
+            final = (lambda tally: top | {"object": "text_completion", "choices": [], "usage": tally.as_json()}) \
                 if include_usage(body) else None
+            offsets: dict[int, int] = {}  # per choice, the characters sent
             return await _streamed(
-                request, backend, req, lambda c: responses.completion_chunk(body, c, text, top), final, x_request_timeout
+                request, backend, req, lambda c: responses.completion_chunk(body, c, text, top, offsets), final,
+                x_request_timeout,
             )
         return responses.completion_response(body, await generate_all(request, backend, req, x_request_timeout), text, top)
 
@@ -177,10 +182,10 @@ def add_routes(app: FastAPI, backend) -> None:
         check_generate(req, config)
         top = head("chatcmpl")
         if body.stream:
-            final = (lambda done: top | {"object": "chat.completion.chunk", "choices": [], "usage": responses.usage(done)}) \
+            final = (lambda tally: top | {"object": "chat.completion.chunk", "choices": [], "usage": tally.as_json()}) \
                 if include_usage(body) else None
             return await _streamed(
-                request, backend, req, lambda c: responses.chat_chunk(body, c, text, top), final, x_request_timeout
+                request, backend, req, responses.ChatStream(body, text, top).chunk, final, x_request_timeout
             )
         (completion,) = await generate_all(request, backend, req, x_request_timeout)
         return responses.chat_response(body, completion, text, top)

@@ -5,7 +5,7 @@ import warnings
 
 from rollout_client.proto.rollout.v1 import rollout_pb2 as rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 

@@ -1,0 +1,49 @@
+"""The default cores of CPU engine replicas: all the node's cores but one, as `vllm serve` binds
+its engine, shared by the replicas that may run; the rest is said in the start log line."""
+
+from __future__ import annotations
+
+import pytest
+
+from rollout_service.config import ServerConfig
+from rollout_service.serve import app
+
+
+@pytest.fixture
+def cores(monkeypatch):
+    def node_of(n: int) -> None:
+        monkeypatch.setattr(app, "usable_cores", lambda: list(range(n)))
+        monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+
+    return node_of
+
+
+@pytest.mark.parametrize("node, scaling, per", [
+    (2, {}, 1), (16, {}, 15), (16, {"replicas": 2}, 7), (16, {"autoscale": (1, 4)}, 3), (4, {"replicas": 8}, 1),
+])
+def test_replicas_share_all_cores_but_one_by_default(cores, tiny_model, node, scaling, per):
+    cores(node)
+    assert app.cores_per_replica(ServerConfig(model=tiny_model, **scaling)) == per
+
+
+def test_a_given_replica_cpus_or_a_gpu_replica_is_not_sized_from_the_node(cores, tiny_model):
+    cores(16)
+    assert app.cores_per_replica(ServerConfig(model=tiny_model, replica_cpus=2.5)) == 2.5
+    assert app.cores_per_replica(ServerConfig(model=tiny_model, replica_gpus=1)) == 1.0
+
+
+def test_the_start_line_says_which_cores_replicas_get_and_what_is_left(cores, tiny_model):
+    cores(16)
+    assert app.core_plan(ServerConfig(model=tiny_model, replicas=2)) == (
+        "2 replica(s) x 7 core(s) bound (cores 0,1,2,3,4,5,6,7,8,9,10,11,12,13); Ray, the ingress and the engines' "
+        "schedulers on cores 14,15"
+    )
+
+
+def test_each_replica_binds_its_own_cores(cores, tiny_model):
+    cores(16)
+    bound = []
+    for rank in (0, 1):
+        app.bind_cores(ServerConfig(model=tiny_model, replicas=2), rank)
+        bound.append(app.os.environ.pop("VLLM_CPU_OMP_THREADS_BIND"))
+    assert bound == ["0,1,2,3,4,5,6", "7,8,9,10,11,12,13"]
