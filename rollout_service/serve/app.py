@@ -10,6 +10,7 @@ no scaling field, so scaling never changes them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from ray import serve
@@ -35,6 +36,13 @@ HEALTH_CHECK_PERIOD_S = 10
 HEALTH_CHECK_TIMEOUT_S = 60
 # Serve logs every call by default, status and registry broadcasts included: too chatty.
 _LOGGING = {"enable_access_log": False}
+# Serve runs a replica's code on an event loop in a thread of its own, and a handle's router on a
+# third loop: every call and every streamed item hops between them (futures chained across
+# threads, the GIL handed over each time). Ray's throughput-optimized mode
+# (RAY_SERVE_THROUGHPUT_OPTIMIZED) runs all three on one loop; these are its two loop settings.
+# Our replica code blocks its loop nowhere (engine work is in vLLM's processes, file and CPU work
+# in threads).
+_ONE_LOOP = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
 
 
 _SCALING_FIELDS = ("replicas", "autoscale", "target_ongoing_requests")
@@ -45,7 +53,13 @@ class ServedEngineReplica(EngineReplica):
 
     async def __init__(self, config: ServerConfig):
         context = serve.get_replica_context()
+        ours = "VLLM_CPU_OMP_THREADS_BIND" not in os.environ and not config.replica_gpus
         bind_cores(config, context.rank.local_rank)
+        if ours:
+            # The replica's own threads and the engine's processes it starts (vLLM's front end,
+            # its scheduler) go to the cores left; vLLM's worker binds itself back onto the
+            # replica's cores (VLLM_CPU_OMP_THREADS_BIND), where nothing else of ours then runs.
+            keep_off_engine_cores(config)
         await self._start(config, context.replica_id.unique_id, open_store(config, shared=True))
 
 
@@ -53,6 +67,8 @@ class ServedIngress:
     """The ingress as a Serve deployment, holding only the engine replicas' handle."""
 
     async def __init__(self, config: ServerConfig, engines):
+        if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ and not config.replica_gpus:  # else: not our binding
+            keep_off_engine_cores(config)
         access = Access.from_config(config)
         self.ingress = await Ingress.start(config, ServeReplicas(engines), open_store(config, shared=True), access)
 
@@ -78,16 +94,37 @@ def cores_per_replica(config: ServerConfig) -> float:
     return float(max(1, (len(usable_cores()) - 1) // max(most, 1)))
 
 
+def _bound_cores(config: ServerConfig) -> tuple[list[int], list[int]]:
+    """(cores the replicas that may run on this node are bound to, the cores left)."""
+    allowed, per = usable_cores(), max(1, round(cores_per_replica(config)))
+    most = config.autoscale[1] if config.autoscale else config.replicas
+    bound = sorted({allowed[(r * per + i) % len(allowed)] for r in range(most) for i in range(per)})
+    return bound, [c for c in allowed if c not in bound]
+
+
 def core_plan(config: ServerConfig) -> str:
     """The log line's account of this node's cores: what each replica is bound to, what is left."""
     if config.replica_gpus or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
         return f"{cores_per_replica(config):g} CPU(s) reserved per replica"
-    allowed, per = usable_cores(), round(cores_per_replica(config))
+    bound, rest = _bound_cores(config)
     most = config.autoscale[1] if config.autoscale else config.replicas
-    bound = sorted({allowed[(r * per + i) % len(allowed)] for r in range(most) for i in range(per)})
-    rest = [c for c in allowed if c not in bound]
-    return (f"{most} replica(s) x {per} core(s) bound (cores {','.join(map(str, bound))}); Ray, the ingress and the "
-            f"engines' schedulers on {'cores ' + ','.join(map(str, rest)) if rest else 'the same cores (none left)'}")
+    left = f"cores {','.join(map(str, rest))}" if rest else "the same cores (none left)"
+    return (f"{most} replica(s) x {max(1, round(cores_per_replica(config)))} core(s) bound (cores "
+            f"{','.join(map(str, bound))}) for the engines' model threads; the ingress, the replicas' front ends and "
+            f"the engines' schedulers on {left}; Ray's own processes on any")
+
+
+def keep_off_engine_cores(config: ServerConfig) -> None:
+    """Run this process (the ingress, an engine replica's front end) on the cores no engine's
+    model thread is bound to, where there are any: its per-token work would otherwise preempt a
+    model thread mid-step."""
+    _, rest = _bound_cores(config)
+    if not rest:
+        return
+    # Every thread of the process (Ray's and gRPC's included): a thread's mask is its own.
+    for tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else [0]:
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            os.sched_setaffinity(int(tid), rest)
 
 
 def bind_cores(config: ServerConfig, local_rank: int) -> None:
@@ -119,7 +156,7 @@ def _scaling(config: ServerConfig) -> dict:
 
 
 def _engine_env(config: ServerConfig) -> dict[str, str]:
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(config.kv_cache_gib)}
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(config.kv_cache_gib), **_ONE_LOOP}
     # Settings given to the driver reach the replicas' processes too.
     # (Tests arm fault points, rollout_service/faults.py, through ROLLOUT_FAULT_FILE.)
     for name in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_LOGGING_LEVEL", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", faults.ENV):
@@ -129,10 +166,10 @@ def _engine_env(config: ServerConfig) -> dict[str, str]:
 
 
 def _ingress_options() -> dict:
-    options: dict = {"num_cpus": 0}
+    env = dict(_ONE_LOOP)
     if faults.ENV in os.environ:
-        options["runtime_env"] = {"env_vars": {faults.ENV: os.environ[faults.ENV]}}
-    return options
+        env[faults.ENV] = os.environ[faults.ENV]
+    return {"num_cpus": 0, "runtime_env": {"env_vars": env}}
 
 
 def build_app(config: ServerConfig) -> Application:

@@ -28,7 +28,10 @@ def unwrap(exc: BaseException) -> BaseException:
 class ServeReplicas:
     def __init__(self, handle: DeploymentHandle):
         self.handle = handle
-        self._stream = handle.options(stream=True)
+        # Generate streams over Serve's inter-deployment gRPC (a stream per call, its items as
+        # messages), not as a Ray object per item: a streamed token costs the ingress and the
+        # replica half the CPU (BENCHMARKS.md, issue 32). Ray's token authentication guards it too.
+        self._stream = handle.options(stream=True, _by_reference=False)
 
     async def broadcast(self, method: str, *args: Any) -> list:
         try:

@@ -35,9 +35,18 @@ def test_a_given_replica_cpus_or_a_gpu_replica_is_not_sized_from_the_node(cores,
 def test_the_start_line_says_which_cores_replicas_get_and_what_is_left(cores, tiny_model):
     cores(16)
     assert app.core_plan(ServerConfig(model=tiny_model, replicas=2)) == (
-        "2 replica(s) x 7 core(s) bound (cores 0,1,2,3,4,5,6,7,8,9,10,11,12,13); Ray, the ingress and the engines' "
-        "schedulers on cores 14,15"
+        "2 replica(s) x 7 core(s) bound (cores 0,1,2,3,4,5,6,7,8,9,10,11,12,13) for the engines' model threads; the "
+        "ingress, the replicas' front ends and the engines' schedulers on cores 14,15; Ray's own processes on any"
     )
+
+
+def test_the_ingress_moves_every_thread_off_the_engines_cores(cores, tiny_model, monkeypatch):
+    cores(4)
+    moved = {}
+    monkeypatch.setattr(app.os, "sched_setaffinity", lambda tid, mask: moved.__setitem__(tid, list(mask)))
+    app.keep_off_engine_cores(ServerConfig(model=tiny_model, replicas=1))
+    threads = {int(t) for t in app.os.listdir("/proc/self/task")}
+    assert set(moved) == threads and all(mask == [3] for mask in moved.values())
 
 
 def test_each_replica_binds_its_own_cores(cores, tiny_model):
