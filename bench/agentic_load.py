@@ -1,8 +1,11 @@
 """Throughput under agentic load (many small concurrent calls): `vllm serve` vs the service, side by side.
 
 Three servers on the same 8-layer hidden-1024 bf16 tiny model (.cache/agentic-8x1024), started one
-at a time so that none shares the cores with another while it is measured, each measured, then
-stopped:
+after another and kept running; the loads run on one at a time (the others idle: an idle vLLM
+engine sleeps, an idle Ray node takes a few hundredths of a core, shown per run in
+`cores_by_role`), in interleaved rounds whose order rotates, so that the machine's drift (a VM
+here: 10 % between runs an hour apart) falls on all alike; figures are medians over the rounds,
+ratios the median of each round's ratio:
 
   vllm   `python -m vllm.entrypoints.openai.api_server` (VLLM_CPU_KVCACHE_SPACE=1): the reference
   local  `rollout-service serve --backend local` (one engine in the server's process)
@@ -21,9 +24,11 @@ Figures: output tokens/s, its ratio to `vllm serve` on the same endpoint, TTFT /
 percentiles, failed requests; gRPC: output tokens/s and call latency.
 
     python bench/agentic_load.py [--quick] [--json] [--targets vllm,local,serve]
-                                 [--concurrency 32,128,512] [--num-prompts N]
+                                 [--concurrency 32,128,512] [--num-prompts N] [--rounds N]
+                                 [--endpoints completions,chat] [--no-grpc] [--profile DIR]
 
---quick: 64 prompts x 64 out, concurrency 32 only (about 7 minutes); full: 128 x 128 (under 20 minutes).
+--quick: 64 prompts x 64 out, concurrency 32, one round (about 7 minutes); full: 128 x 128, two
+rounds (under 20 minutes).
 --profile DIR: py-spy samples the servers' processes during the OpenAI runs (functions by own time).
 """
 
@@ -63,8 +68,11 @@ START_TIMEOUT_S = 420
 STOP_TIMEOUT_S = 90
 # The failure-count runs at high concurrency send every request at once (request rate inf), so all
 # of them are in flight together whatever their length; shorter outputs keep full mode under 20 min.
-CHECK_OUTPUT_LEN = 32
+CHECK_OUTPUT_LEN = 16
 WARMUP_PROMPTS = 4
+# The measured rounds use seeds 0, 1, ...; the failure-count loads seed 0 (they count failures, and
+# a prefix-cache hit changes none).
+WARMUP_SEED = 1000
 GRPC_CONCURRENCY = 32
 
 # vLLM's benchmark as FACTS.md says: the `vllm` console script fails with vllm-cpu (no `vllm`
@@ -378,8 +386,9 @@ def top_functions(raw: Path, n: int = 25) -> str:
 
 def vllm_bench(port: int, model: Path, endpoint: str, num_prompts: int, concurrency: int, output_len: int,
                tag: str, seed: int = 0) -> dict:
-    """One run of vLLM's serving benchmark; returns the figures of its saved result JSON. Every
-    measured run draws the same prompts (seed 0) on every server."""
+    """One run of vLLM's serving benchmark; returns the figures of its saved result JSON. A round's
+    runs draw the same prompts (seed: the round) on every server, each round other ones: a round
+    repeating the last one's prompts would start from the prefix cache."""
     backend, path = ENDPOINTS[endpoint]
     result = WORK / f"{tag}.json"
     result.unlink(missing_ok=True)
@@ -461,67 +470,124 @@ async def grpc_load(address: str, prompts: list[list[int]], output_len: int, con
 # ---- one target, measured -------------------------------------------------------------------------
 
 
-def measure_target(target: str, model: Path, plan: dict) -> dict:
-    """Start `target`, warm it, run every load of `plan` on it, stop it; returns its figures."""
+def start_target(target: str, model: Path, plan: dict) -> tuple[Server, dict]:
+    """Start `target` and warm it: first calls compile and fill caches, so they are kept out (with
+    other prompts, WARMUP_SEED, than the measured ones, which would otherwise start from the prefix
+    cache)."""
     started = time.perf_counter()
     server = start_server(target, model)
     out: dict = {"start_s": round(time.perf_counter() - started, 1)}
     log(f"{target} ready in {out['start_s']} s")
     try:
-        # First calls compile and fill caches: keep them out. Other prompts (seed 1) than the measured
-        # ones, which would otherwise start from the prefix cache.
         for endpoint in plan["endpoints"]:
-            vllm_bench(server.http_port, model, endpoint, WARMUP_PROMPTS, WARMUP_PROMPTS, 16, f"{target}-warmup-{endpoint}", seed=1)
-        main_c, *checks = plan["concurrency"]
-        for endpoint in plan["endpoints"]:
-            with CpuSplit() as cpu, Profiles(plan.get("profile"), server, f"{target}-{endpoint}"):
-                r = vllm_bench(server.http_port, model, endpoint, plan["num_prompts"], main_c, plan["output_len"],
-                               f"{target}-{endpoint}-c{main_c}")
-            r["cores_by_role"] = cpu.cores  # mean cores busy per role while the load ran
-            out[endpoint] = r
-            log(f"{target} {endpoint} c={main_c}: {r['output_tok_s']:.1f} tok/s, median TTFT {r['median_ttft_ms']:.0f} ms, "
-                f"median ITL {r['median_itl_ms']:.1f} ms, failed {r['failed']}; cores busy by role {cpu.cores}")
-        for c in checks:
-            n = max(c, plan["num_prompts"])
-            r = vllm_bench(server.http_port, model, "completions", n, c, CHECK_OUTPUT_LEN, f"{target}-completions-c{c}")
-            out[f"completions_c{c}"] = r
-            log(f"{target} completions c={c} ({n} prompts x {CHECK_OUTPUT_LEN} out): {r['output_tok_s']:.1f} tok/s, "
-                f"failed {r['failed']}")
+            vllm_bench(server.http_port, model, endpoint, WARMUP_PROMPTS, WARMUP_PROMPTS, 16, f"{target}-warmup-{endpoint}", seed=WARMUP_SEED)
         if target != "vllm" and plan["grpc"]:
-            asyncio.run(grpc_load(server.grpc_address, grpc_prompts(WARMUP_PROMPTS, seed=1), 16, WARMUP_PROMPTS))
-            prompts = grpc_prompts(plan["num_prompts"])
-            with CpuSplit() as cpu:
-                r = asyncio.run(grpc_load(server.grpc_address, prompts, plan["output_len"], GRPC_CONCURRENCY))
-            r["cores_by_role"] = cpu.cores
-            out["grpc"] = r
-            log(f"{target} grpc c={GRPC_CONCURRENCY}: {r['output_tok_s']:.1f} tok/s, median latency "
-                f"{r['median_latency_ms']:.0f} ms, p90 {r['p90_latency_ms']:.0f} ms, failed {r['failed']}")
-    finally:
-        out["leftover_processes"] = server.stop()
-        out["omp_binding"] = omp_binding(server.log_path)
-        log(f"{target} stopped; OpenMP binding: {out['omp_binding'] or 'not logged'}")
+            asyncio.run(grpc_load(server.grpc_address, grpc_prompts(WARMUP_PROMPTS, seed=WARMUP_SEED), 16, WARMUP_PROMPTS))
+    except BaseException:
+        server.stop()
+        raise
+    return server, out
+
+
+def measured_run(target: str, server: Server, model: Path, plan: dict, endpoint: str, rnd: int) -> dict:
+    main_c = plan["concurrency"][0]
+    with CpuSplit() as cpu, Profiles(plan.get("profile"), server, f"{target}-{endpoint}-r{rnd}"):
+        r = vllm_bench(server.http_port, model, endpoint, plan["num_prompts"], main_c, plan["output_len"],
+                       f"{target}-{endpoint}-c{main_c}-r{rnd}", seed=rnd)
+    r["cores_by_role"] = cpu.cores  # mean cores busy per role while the load ran (idle servers' included)
+    log(f"round {rnd + 1}: {target} {endpoint} c={main_c}: {r['output_tok_s']:.1f} tok/s, median TTFT "
+        f"{r['median_ttft_ms']:.0f} ms, median ITL {r['median_itl_ms']:.1f} ms, failed {r['failed']}; cores busy by role {cpu.cores}")
+    return r
+
+
+def once_more(target: str, server: Server, model: Path, plan: dict, out: dict) -> None:
+    """The failure counts at the further concurrencies, and the gRPC load."""
+    for c in plan["concurrency"][1:]:
+        n = max(c, plan["num_prompts"])
+        r = vllm_bench(server.http_port, model, "completions", n, c, CHECK_OUTPUT_LEN, f"{target}-completions-c{c}")
+        out[f"completions_c{c}"] = r
+        log(f"{target} completions c={c} ({n} prompts x {CHECK_OUTPUT_LEN} out): {r['output_tok_s']:.1f} tok/s, "
+            f"failed {r['failed']}")
+    if target != "vllm" and plan["grpc"]:
+        with CpuSplit() as cpu:
+            r = asyncio.run(grpc_load(server.grpc_address, grpc_prompts(plan["num_prompts"]), plan["output_len"], GRPC_CONCURRENCY))
+        r["cores_by_role"] = cpu.cores
+        out["grpc"] = r
+        log(f"{target} grpc c={GRPC_CONCURRENCY}: {r['output_tok_s']:.1f} tok/s, median latency "
+            f"{r['median_latency_ms']:.0f} ms, p90 {r['p90_latency_ms']:.0f} ms, failed {r['failed']}")
+
+
+def summary(runs: list[dict]) -> dict:
+    """One endpoint's rounds as one figure each: medians over the rounds, the rounds' tok/s kept."""
+    out = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, float) and all(isinstance(r.get(key), float) for r in runs):  # counts stay as run
+            out[key] = statistics.median(r[key] for r in runs)
+    out["failed"] = sum(r["failed"] for r in runs)
+    out["rounds_tok_s"] = [round(r["output_tok_s"], 1) for r in runs]
     return out
+
+
+def measure(targets: list[str], model: Path, plan: dict) -> tuple[dict, dict]:
+    """Every target started (one after another) and kept running; the OpenAI loads in interleaved
+    rounds (each round runs every target once, in an order rotated round to round), so that a
+    drift of the machine's speed (a VM's: 10 % between runs an hour apart) falls on all targets
+    alike; then the further concurrencies and gRPC; all stopped. Returns (figures per target,
+    per-round ratios to vllm serve)."""
+    servers: dict[str, Server] = {}
+    results: dict[str, dict] = {}
+    runs: dict[str, dict[str, list]] = {t: {e: [] for e in plan["endpoints"]} for t in targets}
+    try:
+        for target in targets:
+            servers[target], results[target] = start_target(target, model, plan)
+        for rnd in range(plan["rounds"]):
+            order = targets[rnd % len(targets):] + targets[:rnd % len(targets)]
+            for endpoint in plan["endpoints"]:
+                for target in order:
+                    runs[target][endpoint].append(measured_run(target, servers[target], model, plan, endpoint, rnd))
+        for target in targets:
+            once_more(target, servers[target], model, plan, results[target])
+    finally:
+        for target, server in servers.items():
+            results[target]["leftover_processes"] = server.stop()
+            results[target]["omp_binding"] = omp_binding(server.log_path)
+            log(f"{target} stopped; OpenMP binding: {results[target]['omp_binding'] or 'not logged'}")
+    per_round: dict[str, list[float]] = {}
+    for target in targets:
+        for endpoint, done in runs[target].items():
+            results[target][endpoint] = summary(done)
+            if target != "vllm" and "vllm" in runs:
+                per_round[f"{target}_vs_vllm_{endpoint}"] = [
+                    round(a["output_tok_s"] / b["output_tok_s"], 3) for a, b in zip(done, runs["vllm"][endpoint])
+                ]
+    if "serve" in runs and "serve2" in runs:
+        for endpoint in plan["endpoints"]:
+            per_round[f"serve2_vs_serve_{endpoint}"] = [
+                round(a["output_tok_s"] / b["output_tok_s"], 3) for a, b in zip(runs["serve2"][endpoint], runs["serve"][endpoint])
+            ]
+    return results, per_round
 
 
 # ---- report ---------------------------------------------------------------------------------------
 
 
-def ratios(results: dict) -> dict:
+def ratios(results: dict, per_round: dict) -> dict:
     """tok/s of local and serve / that of vllm, per endpoint (gRPC against vllm's /v1/completions),
-    and of 2 Serve replicas / 1."""
+    and of 2 Serve replicas / 1: for the OpenAI loads the median of the rounds' ratios (each
+    round's targets ran minutes apart), for the others the ratio of the single runs."""
     base = results.get("vllm", {})
-    out = {}
+    out = {key: round(statistics.median(values), 3) for key, values in per_round.items() if values}
     for target in ("local", "serve", "serve2"):
         for key, r in results.get(target, {}).items():
             if not isinstance(r, dict) or "output_tok_s" not in r:
                 continue
             ref = base.get("completions" if key == "grpc" else key)
             if ref and ref["output_tok_s"]:
-                out[f"{target}_vs_vllm_{key}"] = round(r["output_tok_s"] / ref["output_tok_s"], 3)
+                out.setdefault(f"{target}_vs_vllm_{key}", round(r["output_tok_s"] / ref["output_tok_s"], 3))
     one, two = results.get("serve", {}), results.get("serve2", {})
     for key, r in two.items():  # 2 replicas against 1
         if isinstance(r, dict) and isinstance(one.get(key), dict) and one[key].get("output_tok_s"):
-            out[f"serve2_vs_serve_{key}"] = round(r["output_tok_s"] / one[key]["output_tok_s"], 3)
+            out.setdefault(f"serve2_vs_serve_{key}", round(r["output_tok_s"] / one[key]["output_tok_s"], 3))
     return out
 
 
@@ -565,6 +631,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--num-prompts", type=int, default=None, help="prompts per run (default: 64 quick, 128 full)")
     parser.add_argument("--endpoints", default=",".join(ENDPOINTS), help="OpenAI routes to load, of completions,chat")
     parser.add_argument("--no-grpc", action="store_true", help="skip the gRPC load")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved rounds of the OpenAI loads (default: 1 quick, 2 full); figures are medians")
     parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
                         help="sample the servers' processes with py-spy during the OpenAI runs; functions by time into DIR "
                              "(the sampling costs the servers some throughput: not for the table)")
@@ -586,6 +654,7 @@ def main() -> None:
         "concurrency": [int(c) for c in (args.concurrency or ("32" if args.quick else "32,128,512")).split(",")],
         "endpoints": [e for e in args.endpoints.split(",") if e],
         "grpc": not args.no_grpc,
+        "rounds": args.rounds or (1 if args.quick else 2),
         "profile": str(args.profile) if args.profile else None,
     }
     WORK.mkdir(parents=True, exist_ok=True)
@@ -594,14 +663,12 @@ def main() -> None:
 
     log(f"{machine()}; rollout_service from {Path(rollout_service.__file__).parent}; plan {plan}")
     began = time.perf_counter()
-    results: dict = {}
-    for target in args.targets:
-        try:
-            results[target] = measure_target(target, model, plan)
-        except ServerFailed as exc:
-            log(str(exc))
-            sys.exit(1)
-    ratio = ratios(results)
+    try:
+        results, per_round = measure(args.targets, model, plan)
+    except ServerFailed as exc:
+        log(str(exc))
+        sys.exit(1)
+    ratio = ratios(results, per_round)
     print("\n" + table(results, ratio), file=sys.stderr)
     log(f"done in {time.perf_counter() - began:.0f} s")
     if args.json:
@@ -609,7 +676,7 @@ def main() -> None:
               "model": str(model), "served_model_name": SERVED_NAME, "input_len": INPUT_LEN, "plan": plan,
               "check_output_len": CHECK_OUTPUT_LEN, "grpc_concurrency": GRPC_CONCURRENCY,
               "rollout_service_path": str(Path(rollout_service.__file__).parent),
-              "results": results, "ratios": ratio, "wall_s": round(time.perf_counter() - began, 1)})
+              "results": results, "ratios": ratio, "ratios_per_round": per_round, "wall_s": round(time.perf_counter() - began, 1)})
 
 
 if __name__ == "__main__":
