@@ -298,7 +298,7 @@ class DeploymentSettings(BaseModel):
         None, gt=0, description="CPUs Ray reserves for each engine replica (fractions allowed); CPU replicas are "
         "bound to their own cores. Default: on a GPU node 1; on a CPU node the node's cores less one (left to Ray, "
         "the ingress and each engine's scheduler, as `vllm serve` leaves one) shared by the most replicas that may "
-        "run, at least 1 each.",
+        "run, at least 1 each; with the default a new replica count re-splits the cores, restarting the replicas.",
         json_schema_extra=default_text("the node's cores - 1, split between replicas"),
     )
     replica_gpus: float = Field(0.0, ge=0, description="GPUs Ray reserves for each engine replica.")

@@ -121,6 +121,10 @@ class SamplingOptions(BaseModel):
         None, ge=0, le=INT32_MAX, description="When set: prompt token logprobs, with this many alternatives (at most max_logprobs)."
     )
     detokenize: bool = Field(True, description="Decode samples into text; false: token ids and logprobs only.")
+    skip_special_tokens: bool = Field(
+        True, description="Leave special tokens out of the text (vLLM's); the chat route keeps them for a tool-call "
+        "parser whose markers are special tokens, as vLLM's server does."
+    )
     min_tokens: int = Field(
         0, ge=0, le=INT32_MAX,
         description="End-of-sequence and stop token ids get probability 0 until a sample has this many tokens (at most max_tokens).",

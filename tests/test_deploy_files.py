@@ -11,7 +11,7 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from rollout_service.config import ServerConfig
-from rollout_service.serve.app import APP_NAME, ENGINE_DEPLOYMENT, app_config
+from rollout_service.serve.app import APP_NAME, ENGINE_DEPLOYMENT, SERVE_ENV, app_config
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 
@@ -192,3 +192,15 @@ def test_no_deploy_file_turns_rays_token_authentication_off():
         if f.is_file() and f.suffix != ".md":  # the README names the value it refuses
             for value in re.findall(r"RAY_AUTH_MODE(?:\W+value:)?\W+(\w+)", f.read_text()):
                 assert value == "token", f"{f.relative_to(DEPLOY)}: RAY_AUTH_MODE {value}"
+
+
+def test_every_serve_config_raises_serves_grpc_message_cap_for_the_whole_application(tiny_model):
+    """Generate streams from the ingress to the replicas over Serve's gRPC (4 MiB messages by
+    default); the setting sits in the application's runtime_env, which a deployment's own
+    ray_actor_options (the Ingress's, in the files) cannot drop."""
+    service = next(d for d in yaml.safe_load_all((DEPLOY / "kuberay" / "rayservice.yaml").read_text()) if d["kind"] == "RayService")
+    configs = [yaml.safe_load((DEPLOY / "serve.yaml").read_text()), yaml.safe_load(service["spec"]["serveConfigV2"]),
+               {"applications": [app_config(ServerConfig(model=tiny_model))]}]
+    for config in configs:
+        env = config["applications"][0]["runtime_env"]["env_vars"]
+        assert env == SERVE_ENV

@@ -189,8 +189,9 @@ class RolloutEngine:
 
     async def generate(self, request: GenerateRequest, refuse_when_full: bool = True) -> AsyncIterator[Completion]:
         """Yield one Completion per prompt, in completion order; with `request.stream_tokens`,
-        pieces of them as their tokens are sampled (a piece per engine step and prompt, fewer when
-        the caller reads slower than the engine steps: vLLM merges what was not read yet).
+        pieces of them as their tokens are sampled: a piece per engine step and prompt, fewer when
+        the caller reads slower than the engine steps (a prompt's next output is taken from vLLM
+        only once its last piece was read, and vLLM merges the steps in between into one).
 
         Raises InvalidArgument, or Overloaded when the server is full (unless `refuse_when_full`
         is False: a part of a batch the Serve ingress split, which decided overload itself),
@@ -223,8 +224,9 @@ class RolloutEngine:
         c.requests_total += 1
         c.requests_running += 1
         call_id = f"{request.request_id or 'gen'}-{uuid.uuid4().hex[:12]}"
-        # Pieces of streamed prompts, and each prompt's task once it is done (after its pieces).
-        out: asyncio.Queue[Completion | asyncio.Task] = asyncio.Queue()
+        # Pieces of streamed prompts (with the event their prompt waits on until the piece is read),
+        # and each prompt's task once it is done (after its pieces).
+        out: asyncio.Queue[tuple[Completion, asyncio.Event] | asyncio.Task] = asyncio.Queue()
         running: set[asyncio.Task] = set()
         started = 0
 
@@ -250,12 +252,15 @@ class RolloutEngine:
             left = len(prompts)
             while left:
                 item = await out.get()
-                if isinstance(item, asyncio.Task):
-                    left -= 1
-                    item = item.result()  # raises the prompt's error; None once its pieces went out
-                    if item is None:
-                        continue
-                yield item
+                if not isinstance(item, asyncio.Task):
+                    piece, read = item
+                    yield piece
+                    read.set()
+                    continue
+                left -= 1
+                completion = item.result()  # raises the prompt's error; None once its pieces went out
+                if completion is not None:
+                    yield completion
         finally:
             # Bookkeeping first: the caller may be cancelled again while we wait below (gRPC
             # cancels a handler whose deadline passed), and cancelled tasks abort their engine
@@ -307,7 +312,7 @@ class RolloutEngine:
         self, index: int, ids: array, params, request: GenerateRequest, engine_id: str, pieces: asyncio.Queue
     ) -> Completion | None:
         """Prompt `index`'s Completion; streamed (request.stream_tokens), its pieces are put on
-        `pieces` as vLLM gives them, and None is returned."""
+        `pieces` as vLLM gives them, each once the last was read, and None is returned."""
         final, first = None, True
         try:
             # A list only now, as the prompt enters the engine (vLLM keeps lists).
@@ -315,8 +320,10 @@ class RolloutEngine:
                 if request.stream_tokens:
                     piece = vllm_io.completion(index, out, request.sampling, request.request_id, self.weight_version, first)
                     self._counters.tokens_generated += sum(len(s.token_ids) for s in piece.samples)
-                    pieces.put_nowait(piece)
+                    read = asyncio.Event()
+                    pieces.put_nowait((piece, read))
                     first = False
+                    await read.wait()  # meanwhile vLLM merges this prompt's next steps into one output
                 final = out
         except VLLMValidationError as exc:  # a check of vLLM's we do not duplicate
             raise InvalidArgument(f"prompts[{index}]", str(exc)) from None

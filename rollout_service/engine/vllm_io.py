@@ -32,6 +32,7 @@ def sampling_params(opts: SamplingOptions, stream: bool = False) -> SamplingPara
         logprobs=opts.logprobs,
         prompt_logprobs=opts.prompt_logprobs,
         detokenize=opts.detokenize,
+        skip_special_tokens=opts.skip_special_tokens,
         min_tokens=opts.min_tokens,
         repetition_penalty=opts.repetition_penalty,
         presence_penalty=opts.presence_penalty,

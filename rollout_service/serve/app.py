@@ -36,13 +36,10 @@ HEALTH_CHECK_PERIOD_S = 10
 HEALTH_CHECK_TIMEOUT_S = 60
 # Serve logs every call by default, status and registry broadcasts included: too chatty.
 _LOGGING = {"enable_access_log": False}
-# Serve runs a replica's code on an event loop in a thread of its own, and a handle's router on a
-# third loop: every call and every streamed item hops between them (futures chained across
-# threads, the GIL handed over each time). Ray's throughput-optimized mode
-# (RAY_SERVE_THROUGHPUT_OPTIMIZED) runs all three on one loop; these are its two loop settings.
-# Our replica code blocks its loop nowhere (engine work is in vLLM's processes, file and CPU work
-# in threads).
-_ONE_LOOP = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+# Generate streams over Serve's inter-deployment gRPC (serve/handle.py), whose messages Ray caps at
+# 4 MiB by default: a whole completion of long samples with top logprobs, or a large batch, is more.
+# Read by Ray at import in each process: the replicas' servers and the ingress's channels alike.
+SERVE_ENV = {"RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(2**31 - 1)}
 
 
 _SCALING_FIELDS = ("replicas", "autoscale", "target_ongoing_requests")
@@ -53,7 +50,7 @@ class ServedEngineReplica(EngineReplica):
 
     async def __init__(self, config: ServerConfig):
         context = serve.get_replica_context()
-        ours = "VLLM_CPU_OMP_THREADS_BIND" not in os.environ and not config.replica_gpus
+        ours = ours_to_bind(config)
         bind_cores(config, context.rank.local_rank)
         if ours:
             # The replica's own threads and the engine's processes it starts (vLLM's front end,
@@ -67,7 +64,7 @@ class ServedIngress:
     """The ingress as a Serve deployment, holding only the engine replicas' handle."""
 
     async def __init__(self, config: ServerConfig, engines):
-        if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ and not config.replica_gpus:  # else: not our binding
+        if ours_to_bind(config):
             keep_off_engine_cores(config)
         access = Access.from_config(config)
         self.ingress = await Ingress.start(config, ServeReplicas(engines), open_store(config, shared=True), access)
@@ -82,43 +79,65 @@ class ServedIngress:
         await self.ingress.close()
 
 
+def node_cores() -> int:
+    """The cores this node gives us: the affinity mask (taskset, a container's cpuset), bounded by
+    what Ray counts (a container's CPU quota, `ray start --num-cpus`) once Ray runs here."""
+    import ray
+
+    cores = len(usable_cores())
+    if ray.is_initialized():
+        cores = min(cores, max(1, int(ray.cluster_resources().get("CPU", cores))))
+    return cores
+
+
 def cores_per_replica(config: ServerConfig) -> float:
     """`replica_cpus`, or its default for this node (see the field): as `vllm serve` binds its
-    engine to all cores but one, the replicas that may run here share all cores but one, which Ray's
-    processes, the ingress and each engine's scheduler process run on."""
+    engine to all cores but one, the replicas that may run here share all cores but one, which the
+    ingress, the replicas' front ends and the engines' schedulers run on. Resolved where the
+    deployment is made (app_config), where the replica count is known."""
     if config.replica_cpus is not None:
         return config.replica_cpus
     if config.replica_gpus:
         return 1.0
     most = config.autoscale[1] if config.autoscale else config.replicas
-    return float(max(1, (len(usable_cores()) - 1) // max(most, 1)))
+    return float(max(1, (node_cores() - 1) // max(most, 1)))
 
 
-def _bound_cores(config: ServerConfig) -> tuple[list[int], list[int]]:
-    """(cores the replicas that may run on this node are bound to, the cores left)."""
+def engine_cores(config: ServerConfig) -> tuple[list[list[int]], list[int]]:
+    """(the cores of each replica slot on this node, the cores left), from replica_cpus alone (a
+    Serve config's replica count is not in the replicas' arguments): as many slots as fit leaving
+    a core; replicas beyond them share the slots (local rank modulo the slots)."""
     allowed, per = usable_cores(), max(1, round(cores_per_replica(config)))
-    most = config.autoscale[1] if config.autoscale else config.replicas
-    bound = sorted({allowed[(r * per + i) % len(allowed)] for r in range(most) for i in range(per)})
-    return bound, [c for c in allowed if c not in bound]
+    per = min(per, len(allowed))
+    slots = max(1, (len(allowed) - 1) // per)
+    return [allowed[i * per:(i + 1) * per] for i in range(slots)], allowed[slots * per:]
+
+
+def ours_to_bind(config: ServerConfig) -> bool:
+    """CPU replicas whose cores the service picks (not an operator's VLLM_CPU_OMP_THREADS_BIND)."""
+    return not config.replica_gpus and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
 
 
 def core_plan(config: ServerConfig) -> str:
     """The log line's account of this node's cores: what each replica is bound to, what is left."""
-    if config.replica_gpus or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+    if not ours_to_bind(config):
         return f"{cores_per_replica(config):g} CPU(s) reserved per replica"
-    bound, rest = _bound_cores(config)
+    slots, rest = engine_cores(config)
     most = config.autoscale[1] if config.autoscale else config.replicas
+    shared = " (replicas beyond them share them)" if most > len(slots) else ""
     left = f"cores {','.join(map(str, rest))}" if rest else "the same cores (none left)"
-    return (f"{most} replica(s) x {max(1, round(cores_per_replica(config)))} core(s) bound (cores "
-            f"{','.join(map(str, bound))}) for the engines' model threads; the ingress, the replicas' front ends and "
-            f"the engines' schedulers on {left}; Ray's own processes on any")
+    return (f"{most} replica(s); model threads bound to cores {' | '.join(','.join(map(str, s)) for s in slots)}"
+            f"{shared}; the ingress, the replicas' front ends and the engines' schedulers on {left}; Ray's own "
+            "processes on any")
 
 
 def keep_off_engine_cores(config: ServerConfig) -> None:
     """Run this process (the ingress, an engine replica's front end) on the cores no engine's
     model thread is bound to, where there are any: its per-token work would otherwise preempt a
-    model thread mid-step."""
-    _, rest = _bound_cores(config)
+    model thread mid-step (measured, BENCHMARKS.md, agentic load). vLLM's worker still binds its
+    model thread onto the replica's cores: torch's libgomp binds by GOMP_CPU_AFFINITY, beyond the
+    mask it inherits."""
+    _, rest = engine_cores(config)
     if not rest:
         return
     # Every thread of the process (Ray's and gRPC's included): a thread's mask is its own.
@@ -132,13 +151,10 @@ def bind_cores(config: ServerConfig, local_rank: int) -> None:
     cores in VLLM_CPU_OMP_THREADS_BIND, and without it every replica on a node lands on the same
     ones (measured: two replicas on one core were 1.5x slower than on two). The cores are taken
     from those this process may run on (taskset, a container's cpuset), never outside them."""
-    if config.replica_gpus or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+    if not ours_to_bind(config):
         return
-    allowed = usable_cores()
-    per = max(1, min(len(allowed), round(cores_per_replica(config))))
-    first = (local_rank * per) % len(allowed)
-    cores = [allowed[(first + i) % len(allowed)] for i in range(per)]
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
+    slots, _ = engine_cores(config)
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, slots[local_rank % len(slots)]))
 
 
 def _scaling(config: ServerConfig) -> dict:
@@ -156,7 +172,7 @@ def _scaling(config: ServerConfig) -> dict:
 
 
 def _engine_env(config: ServerConfig) -> dict[str, str]:
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(config.kv_cache_gib), **_ONE_LOOP}
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(config.kv_cache_gib), **SERVE_ENV}
     # Settings given to the driver reach the replicas' processes too.
     # (Tests arm fault points, rollout_service/faults.py, through ROLLOUT_FAULT_FILE.)
     for name in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_LOGGING_LEVEL", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", faults.ENV):
@@ -166,16 +182,17 @@ def _engine_env(config: ServerConfig) -> dict[str, str]:
 
 
 def _ingress_options() -> dict:
-    env = dict(_ONE_LOOP)
+    env = dict(SERVE_ENV)
+    if os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):  # the replicas' binding, so the ingress keeps off it
+        env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ["VLLM_CPU_OMP_THREADS_BIND"]
     if faults.ENV in os.environ:
         env[faults.ENV] = os.environ[faults.ENV]
     return {"num_cpus": 0, "runtime_env": {"env_vars": env}}
 
 
 def build_app(config: ServerConfig) -> Application:
-    # Resolved here, on the node that builds the app, so Ray's reservation and the replicas'
-    # binding agree.
-    config = config.model_copy(update={"replica_cpus": cores_per_replica(config)})
+    if config.replica_cpus is None:  # a Serve config file that left it out: its replica count is not known here
+        config = config.model_copy(update={"replica_cpus": 1.0 if config.replica_gpus else cores_per_replica(config)})
     engines = serve.deployment(
         ServedEngineReplica,
         name=ENGINE_DEPLOYMENT,
@@ -207,11 +224,19 @@ def app_builder(args: dict) -> Application:
 
 
 def app_config(config: ServerConfig) -> dict:
-    """The Serve application config (ServeApplicationSchema) that deploys `config`."""
+    """The Serve application config (ServeApplicationSchema) that deploys `config`. The default
+    replica_cpus is resolved here, where the replica count is known (it is not in the arguments,
+    so that scaling stays a lightweight update): with it left to its default, a new replica count
+    re-splits the cores, which restarts the replicas; give --replica-cpus to scale without."""
+    args = config.model_dump(mode="json", exclude=set(_SCALING_FIELDS))
+    args["replica_cpus"] = cores_per_replica(config)
     return {
         "name": APP_NAME,
         "import_path": "rollout_service.serve.app:app_builder",
         "route_prefix": None,
-        "args": config.model_dump(mode="json", exclude=set(_SCALING_FIELDS)),
+        # The application's environment reaches every deployment, also one whose ray_actor_options
+        # a config file replaces (deploy/serve.yaml's Ingress).
+        "runtime_env": {"env_vars": dict(SERVE_ENV)},
+        "args": args,
         "deployments": [{"name": ENGINE_DEPLOYMENT, **_scaling(config)}],
     }

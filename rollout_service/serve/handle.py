@@ -7,21 +7,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import grpc
+
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from rollout_service.errors import EngineUnavailable
-from rollout_service.types import Completion, GenerateRequest
-
-# Requests up to this size go by gRPC (a quarter of the replica's default 4 MiB message limit:
-# the estimate below counts token ids and text, not pickling's overhead).
-BY_GRPC_MAX_BYTES = 1 << 20
-
-
-def request_bytes(req: GenerateRequest) -> int:
-    """About what `req`'s prompts take on the wire: 4 bytes a token id, at most 4 a character."""
-    return sum(4 * len(p.token_ids) if p.token_ids is not None else 4 * len(p.text or "") for p in req.prompts)
+from rollout_service.types import Completion
 
 
 def unwrap(exc: BaseException) -> BaseException:
@@ -31,6 +24,8 @@ def unwrap(exc: BaseException) -> BaseException:
         return EngineUnavailable(
             f"an engine replica died during the call ({type(exc).__name__}); Serve replaces it: retry the call"
         )
+    if isinstance(exc, grpc.aio.AioRpcError):  # Serve's inter-deployment stream itself failed
+        return EngineUnavailable(f"the stream from an engine replica failed: {exc.code().name}: {exc.details()}")
     return exc
 
 
@@ -40,10 +35,8 @@ class ServeReplicas:
         # A call streams over Serve's inter-deployment gRPC (a stream per call, its items as
         # messages), not as a Ray object per item: a streamed token costs the ingress and the
         # replica half the CPU (BENCHMARKS.md, issue 32); Ray's token authentication guards it too.
-        # Its replica side takes messages of at most RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH
-        # (4 MiB by default): a large batch goes as Ray objects, through shared memory.
+        # Its message limit is raised for large batches and completions (serve/app.py SERVE_ENV).
         self._stream = handle.options(stream=True, _by_reference=False)
-        self._stream_large = handle.options(stream=True)
 
     async def broadcast(self, method: str, *args: Any) -> list:
         try:
@@ -52,9 +45,8 @@ class ServeReplicas:
             return []
         return [unwrap(r) if isinstance(r, BaseException) else r for r in results]
 
-    def generate(self, req: GenerateRequest, *args: Any) -> _Stream:
-        handle = self._stream if request_bytes(req) <= BY_GRPC_MAX_BYTES else self._stream_large
-        return _Stream(handle.generate_stream.remote(req, *args))
+    def generate(self, *args: Any) -> _Stream:
+        return _Stream(self._stream.generate_stream.remote(*args))
 
     async def call_one(self, method: str, *args: Any) -> Any:
         try:

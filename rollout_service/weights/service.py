@@ -52,7 +52,9 @@ class WeightService:
         # Conversions use torch in this process; the engine and the front end need the other cores.
         # On 2 cores one thread cut a push's conversion CPU time by about a third (OpenMP threads
         # spin against the gRPC threads), see BENCHMARKS.md.
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+        # Counted on the cores this process may use (a Serve ingress or replica keeps off the
+        # engines' model cores: serve/app.py), not the machine's.
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // 2))
         self._recipe = config.recipe()
 
     @property

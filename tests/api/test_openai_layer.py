@@ -270,12 +270,20 @@ def test_streamed_completion_pieces_continue_their_choices_offsets_and_carry_the
     body = bodies.parse(bodies.CompletionBody, {"prompt": [1, 2, 3, 4], "n": 2, "logprobs": 0, "return_token_ids": True,
                                                     "stream": True})
     ids = text.tokenizer.encode("one two three")
-    offsets: dict[int, int] = {}
-    head = {"id": "cmpl-1", "created": 0, "model": "tiny"}
+    stream = responses.CompletionStream(body, text, {"id": "cmpl-1", "created": 0, "model": "tiny"})
+    parts = pieces(ids, text, n=2)
+    parts[0].samples.pop()  # sample 1's first tokens come a piece later (vLLM steps a prompt's n samples apart)
     # As JSON: OpenAI's client reads stream chunks without validating them (a piece's finish_reason is null).
-    chunks = [json.loads(json.dumps(responses.completion_chunk(body, p, text, head, offsets))) for p in pieces(ids, text, n=2)]
+    chunks = [json.loads(json.dumps(stream.chunk(p))) for p in parts]
+    chunks[0]["choices"].append(None)  # keeps the columns below aligned
     for j in (0, 1):
-        choices = [chunk["choices"][j] for chunk in chunks]
+        choices = [chunk["choices"][j] for chunk in chunks if chunk["choices"][j] is not None]
+        if j == 1:
+            ids_1 = ids[1:]
+            assert [c["index"] for c in choices] == [1] * len(ids_1)
+            assert choices[0]["prompt_token_ids"] == [1, 2, 3, 4] and all("prompt_token_ids" not in c for c in choices[1:])
+            assert "".join(c["text"] for c in choices) == "".join(text.token_text(t) for t in ids_1)
+            continue
         assert [c["index"] for c in choices] == [j] * len(ids)
         assert "".join(c["text"] for c in choices) == "".join(text.token_text(t) for t in ids)
         sent = [len("".join(text.token_text(t) for t in ids[:k])) for k in range(len(ids))]
@@ -283,3 +291,18 @@ def test_streamed_completion_pieces_continue_their_choices_offsets_and_carry_the
         assert [c.get("prompt_token_ids") for c in choices] == [[1, 2, 3, 4]] + [None] * (len(ids) - 1)
         assert [c["token_ids"] for c in choices] == [[t] for t in ids]
         assert [c["finish_reason"] for c in choices] == [None] * (len(ids) - 1) + ["stop"]
+
+
+def test_a_plain_answer_with_tools_on_streams_as_its_content(text):
+    ids = text.tokenizer.encode("The answer is 4.")
+    body = bodies.parse(bodies.ChatBody, {"messages": [{"role": "user", "content": "x"}], "tools": TOOLS, "stream": True})
+    stream = responses.ChatStream(body, text, {"id": "c", "created": 0, "model": "tiny"})
+    chunks = [openai.types.chat.ChatCompletionChunk.model_validate(stream.chunk(p)) for p in pieces(ids, text)]
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == "The answer is 4."
+    assert chunks[-1].choices[0].finish_reason == "stop" and not any(c.choices[0].delta.tool_calls for c in chunks)
+
+
+def test_the_chat_route_keeps_special_tokens_only_for_a_parser_that_reads_them(text):
+    with_tools = bodies.parse(bodies.ChatBody, {"messages": [{"role": "user", "content": "x"}], "tools": TOOLS})
+    without = bodies.parse(bodies.ChatBody, {"messages": [{"role": "user", "content": "x"}]})
+    assert text.keeps_special_tokens(with_tools) and not text.keeps_special_tokens(without)  # hermes reads <tool_call>

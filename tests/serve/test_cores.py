@@ -35,9 +35,17 @@ def test_a_given_replica_cpus_or_a_gpu_replica_is_not_sized_from_the_node(cores,
 def test_the_start_line_says_which_cores_replicas_get_and_what_is_left(cores, tiny_model):
     cores(16)
     assert app.core_plan(ServerConfig(model=tiny_model, replicas=2)) == (
-        "2 replica(s) x 7 core(s) bound (cores 0,1,2,3,4,5,6,7,8,9,10,11,12,13) for the engines' model threads; the "
-        "ingress, the replicas' front ends and the engines' schedulers on cores 14,15; Ray's own processes on any"
+        "2 replica(s); model threads bound to cores 0,1,2,3,4,5,6 | 7,8,9,10,11,12,13; the ingress, the replicas' "
+        "front ends and the engines' schedulers on cores 14,15; Ray's own processes on any"
     )
+
+
+def test_the_replicas_get_the_default_resolved_where_their_count_is_known(cores, tiny_model):
+    cores(16)
+    args = app.app_config(ServerConfig(model=tiny_model, replicas=2))["args"]
+    assert args["replica_cpus"] == 7 and "replicas" not in args  # scaling stays out of the arguments
+    built = ServerConfig(**args)  # what a replica and the ingress get: no replica count
+    assert app.engine_cores(built) == ([[0, 1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12, 13]], [14, 15])
 
 
 def test_the_ingress_moves_every_thread_off_the_engines_cores(cores, tiny_model, monkeypatch):
@@ -52,7 +60,7 @@ def test_the_ingress_moves_every_thread_off_the_engines_cores(cores, tiny_model,
 def test_each_replica_binds_its_own_cores(cores, tiny_model):
     cores(16)
     bound = []
-    for rank in (0, 1):
-        app.bind_cores(ServerConfig(model=tiny_model, replicas=2), rank)
+    for rank in (0, 1, 2):
+        app.bind_cores(ServerConfig(model=tiny_model, replica_cpus=7), rank)
         bound.append(app.os.environ.pop("VLLM_CPU_OMP_THREADS_BIND"))
-    assert bound == ["0,1,2,3,4,5,6", "7,8,9,10,11,12,13"]
+    assert bound == ["0,1,2,3,4,5,6", "7,8,9,10,11,12,13", "0,1,2,3,4,5,6"]  # a third shares the first's

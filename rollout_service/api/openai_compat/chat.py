@@ -63,27 +63,34 @@ class ModelText:
             return list(prompt["prompt_token_ids"])
         return self.tokenizer.encode(prompt["prompt"], add_special_tokens=False)
 
+    def _parser_for(self, body):
+        """vLLM's tool-call parser for this call, or None: none configured, no tools, or
+        tool_choice "none"."""
+        if self._parser is None or not body.tools or body.tool_choice == "none":
+            return None
+        return self._parser(self.tokenizer, body.tools)
+
+    def keeps_special_tokens(self, body) -> bool:
+        """Whether the call's text must keep special tokens for its parser (many models' tool-call
+        markers are special tokens): vLLM's server asks the engine for that text, and so does the
+        chat route (SamplingOptions.skip_special_tokens)."""
+        parser = self._parser_for(body)
+        return parser is not None and not parser.adjust_request(body.model_copy()).skip_special_tokens
+
     def tool_calls(self, body, sample) -> tuple[str | None, list[Any]]:
         """(content, tool calls) of a sample: with a tool-call parser configured and tools in the
-        request (tool_choice not "none"), what vLLM's parser finds; otherwise (its text, [])."""
-        if self._parser is None or not body.tools or body.tool_choice == "none":
+        request (tool_choice not "none"), what vLLM's parser finds in its text (special tokens kept
+        where the parser wants them: keeps_special_tokens); otherwise (its text, [])."""
+        parser = self._parser_for(body)
+        if parser is None:
             return sample.text, []
-        parser = self._parser(self.tokenizer, body.tools)
-        # A parser may need the text with special tokens kept (its markers are special tokens in
-        # many models); vLLM's server asks the engine for that text, here the ids are decoded again.
-        wanted = parser.adjust_request(body.model_copy())
-        text = sample.text
-        if not wanted.skip_special_tokens:
-            text = self.tokenizer.decode(sample.token_ids, skip_special_tokens=False)
-        found = parser.extract_tool_calls(text, wanted)
+        found = parser.extract_tool_calls(sample.text, parser.adjust_request(body.model_copy()))
         return (found.content, list(found.tool_calls)) if found.tools_called else (sample.text, [])
 
     def tool_stream(self, body) -> ToolCallStream | None:
         """A streaming tool-call parse of one choice, when tool_calls() would parse it whole."""
-        if self._parser is None or not body.tools or body.tool_choice == "none":
-            return None
-        parser = self._parser(self.tokenizer, body.tools)
-        return ToolCallStream(parser, self.tokenizer, parser.adjust_request(body.model_copy()))
+        parser = self._parser_for(body)
+        return None if parser is None else ToolCallStream(parser, parser.adjust_request(body.model_copy()))
 
     @functools.lru_cache(maxsize=65536)  # noqa: B019 (one instance per server, kept for its life)
     def token_text(self, token_id: int) -> str:
@@ -93,23 +100,24 @@ class ModelText:
 
 class ToolCallStream:
     """vLLM's streaming tool-call parser over one streamed choice: what each piece adds to the
-    message (content, or tool-call deltas once the parser sees a call begin)."""
+    message (content, or tool-call deltas once the parser sees a call begin). It reads the engine's
+    incremental text, as vLLM's server feeds it (special tokens kept where the parser wants them)."""
 
-    def __init__(self, parser, tokenizer, request):
-        self._parser, self._tokenizer, self._request = parser, tokenizer, request
+    def __init__(self, parser, request):
+        self._parser, self._request = parser, request
         self._text, self._ids = "", []
         self.called = False  # a tool-call delta was sent
 
     def delta(self, sample) -> dict:
-        ids = self._ids + sample.token_ids
-        if self._request.skip_special_tokens:
-            text = self._text + sample.text
-        else:  # the parser's markers are special tokens: decoded again with them, as in tool_calls()
-            text = self._tokenizer.decode(ids, skip_special_tokens=False)
+        text, ids = self._text + sample.text, self._ids + sample.token_ids
         found = self._parser.extract_tool_calls_streaming(
-            self._text, text, text[len(self._text):], self._ids, ids, sample.token_ids, self._request
+            self._text, text, sample.text, self._ids, ids, sample.token_ids, self._request
         )
         self._text, self._ids = text, ids
+        if sample.finish_reason is not None and found is not None and found.tool_calls and found.tool_calls[-1].function:
+            # What the parser parsed but held back, with the last piece (vLLM's finalize_generation).
+            last = found.tool_calls[-1].function
+            last.arguments = (last.arguments or "") + self._parser.get_remaining_unstreamed_args()
         if found is None:  # the parser holds these tokens back (a call may be starting)
             return {}
         self.called |= bool(found.tool_calls)

@@ -113,36 +113,49 @@ def _completion_logprobs(sample: Sample, text: ModelText, offset: int = 0) -> di
     }
 
 
-def completion_choices(body, c: Completion, text: ModelText, offsets: dict[int, int] | None = None) -> list[dict]:
+def completion_choices(body, c: Completion, text: ModelText, stream: CompletionStream | None = None) -> list[dict]:
     """The n choices of one prompt; choice i*n + j is sample j of prompt i (as vLLM numbers them).
-    Streamed pieces: the choices that advanced, `offsets` the characters each has sent so far."""
+    Streamed pieces (`stream`: the call's state): the choices that advanced."""
     n = body.n or 1
     choices = []
     for sample in c.samples:
         index = c.prompt_index * n + sample.index
-        offset = 0 if offsets is None else offsets.get(index, 0)
+        offset = 0 if stream is None else stream.offsets.get(index, 0)
         choice = {
             "index": index,
             "text": sample.text,
             "logprobs": _completion_logprobs(sample, text, offset) if body.logprobs is not None else None,
         } | _common(body, c, sample)
-        if body.return_token_ids and (offsets is None or index not in offsets):  # the prompt, once
-            choice["prompt_token_ids"] = c.prompt_token_ids.tolist()
-        if offsets is not None:
-            offsets[index] = offset + sum(len(text.token_text(t)) for t in sample.token_ids) \
-                if body.logprobs is not None else offset + len(sample.text)
+        if stream is None:
+            if body.return_token_ids:
+                choice["prompt_token_ids"] = c.prompt_token_ids.tolist()
+        else:
+            if index not in stream.offsets and body.return_token_ids:  # a choice's first chunk, as vLLM's
+                choice["prompt_token_ids"] = stream.prompts[c.prompt_index]
+            stream.offsets[index] = offset + sum(len(text.token_text(t)) for t in sample.token_ids)
         choices.append(choice)
     return choices
+
+
+class CompletionStream:
+    """The chunks of one streamed /v1/completions call: per choice the characters sent (its next
+    logprobs' text_offset), per prompt its token ids (a prompt's first piece has them; each of its
+    choices' first chunk shows them)."""
+
+    def __init__(self, body, text: ModelText, head: dict):
+        self._body, self._text, self._head = body, text, head
+        self.offsets: dict[int, int] = {}
+        self.prompts: dict[int, list[int]] = {}
+
+    def chunk(self, c: Completion) -> dict:
+        if len(c.prompt_token_ids):
+            self.prompts[c.prompt_index] = c.prompt_token_ids.tolist()
+        return self._head | {"object": "text_completion", "choices": completion_choices(self._body, c, self._text, self)}
 
 
 def completion_response(body, completions: list[Completion], text: ModelText, head: dict) -> dict:
     choices = [choice for c in completions for choice in completion_choices(body, c, text)]
     return head | {"object": "text_completion", "choices": choices, "usage": usage(completions)}
-
-
-def completion_chunk(body, c: Completion, text: ModelText, head: dict, offsets: dict[int, int]) -> dict:
-    """The chunk of a streamed piece (`offsets`: see completion_choices, kept per call)."""
-    return head | {"object": "text_completion", "choices": completion_choices(body, c, text, offsets)}
 
 
 # ---- /v1/chat/completions ---------------------------------------------------------------------

@@ -12,7 +12,7 @@ choice's finish reason and weight versions with its last chunk, then a usage chu
 `stream_options.include_usage`, then `data: [DONE]`. An error found before the first chunk is an
 HTTP error; one after it is sent as a last `data: {"error": ...}` event, as vLLM's server does.
 Access is the same as /v1/generate's (api/access.py). X-Request-Timeout bounds a call until its
-response (a stream: until its first chunk), and a client that disconnects has its engine requests
+response (a stream: until its first chunk, its first token), and a client that disconnects has its engine requests
 aborted, as for /v1/generate.
 
 vLLM (its request models, renderer and parsers) is imported on the first OpenAI call, not when the
@@ -164,10 +164,8 @@ def add_routes(app: FastAPI, backend) -> None:
         if body.stream:
             final = (lambda tally: top | {"object": "text_completion", "choices": [], "usage": tally.as_json()}) \
                 if include_usage(body) else None
-            offsets: dict[int, int] = {}  # per choice, the characters sent
             return await _streamed(
-                request, backend, req, lambda c: responses.completion_chunk(body, c, text, top, offsets), final,
-                x_request_timeout,
+                request, backend, req, responses.CompletionStream(body, text, top).chunk, final, x_request_timeout
             )
         return responses.completion_response(body, await generate_all(request, backend, req, x_request_timeout), text, top)
 
@@ -179,6 +177,8 @@ def add_routes(app: FastAPI, backend) -> None:
         body = await _parsed(request, bodies, bodies.ChatBody)
         bodies.check_model(body.model, config)
         req = bodies.chat_request(body, await text.render(body), text.context, config.max_tokens_per_sample)
+        if text.keeps_special_tokens(body):
+            req = req.model_copy(update={"sampling": req.sampling.model_copy(update={"skip_special_tokens": False})})
         check_generate(req, config)
         top = head("chatcmpl")
         if body.stream:
