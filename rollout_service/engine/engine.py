@@ -1,9 +1,10 @@
 """RolloutEngine: one vLLM AsyncLLM, with validation, admission, cancellation and counters.
 
 A Generate call becomes one vLLM request per prompt (each with n samples). Completions are yielded
-as prompts finish, or in pieces as tokens are sampled when the call streams tokens. If the caller goes away (gRPC cancel, deadline, HTTP disconnect), the pending
-prompt tasks are cancelled and vLLM's generate() aborts each engine request, so nothing leaks:
-`Counters.engine_requests_running` returns to 0.
+as prompts finish, or in pieces as tokens are sampled when the call streams tokens. If the caller
+goes away (gRPC cancel, deadline, HTTP disconnect), the pending prompt tasks are cancelled and
+vLLM's generate() aborts each engine request, so nothing leaks: `Counters.engine_requests_running`
+returns to 0.
 """
 
 from __future__ import annotations

@@ -99,8 +99,12 @@ def cores_per_replica(config: ServerConfig) -> float:
         return config.replica_cpus
     if config.replica_gpus:
         return 1.0
-    most = config.autoscale[1] if config.autoscale else config.replicas
-    return float(max(1, (node_cores() - 1) // max(most, 1)))
+    return float(max(1, (node_cores() - 1) // max(most_replicas(config), 1)))
+
+
+def most_replicas(config: ServerConfig) -> int:
+    """The most engine replicas the deployment may run: its count, or its autoscaling maximum."""
+    return config.autoscale[1] if config.autoscale else config.replicas
 
 
 def engine_cores(config: ServerConfig) -> tuple[list[list[int]], list[int]]:
@@ -123,7 +127,7 @@ def core_plan(config: ServerConfig) -> str:
     if not ours_to_bind(config):
         return f"{cores_per_replica(config):g} CPU(s) reserved per replica"
     slots, rest = engine_cores(config)
-    most = config.autoscale[1] if config.autoscale else config.replicas
+    most = most_replicas(config)
     shared = " (replicas beyond them share them)" if most > len(slots) else ""
     left = f"cores {','.join(map(str, rest))}" if rest else "the same cores (none left)"
     return (f"{most} replica(s); model threads bound to cores {' | '.join(','.join(map(str, s)) for s in slots)}"
@@ -192,7 +196,7 @@ def _ingress_options() -> dict:
 
 def build_app(config: ServerConfig) -> Application:
     if config.replica_cpus is None:  # a Serve config file that left it out: its replica count is not known here
-        config = config.model_copy(update={"replica_cpus": 1.0 if config.replica_gpus else cores_per_replica(config)})
+        config = config.model_copy(update={"replica_cpus": cores_per_replica(config)})
     engines = serve.deployment(
         ServedEngineReplica,
         name=ENGINE_DEPLOYMENT,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import shutil
 import tempfile
 import typing
@@ -24,6 +23,7 @@ import torch
 
 from rollout_service.config import InflightPolicy, ServerConfig
 from rollout_service.errors import FailedPrecondition
+from rollout_service.tools.machine import usable_cores
 from rollout_service.types import ApplyStats
 from rollout_service.weights.engine_format import to_engine_format
 from rollout_service.weights.delta import DeltaBase
@@ -54,7 +54,7 @@ class WeightService:
         # spin against the gRPC threads), see BENCHMARKS.md.
         # Counted on the cores this process may use (a Serve ingress or replica keeps off the
         # engines' model cores: serve/app.py), not the machine's.
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // 2))
+        torch.set_num_threads(max(1, len(usable_cores()) // 2))
         self._recipe = config.recipe()
 
     @property

@@ -96,7 +96,9 @@ def check_model(name: str | None, config: ServerConfig) -> None:
         raise NotFound(f"model {name!r} is not served here; this server serves {config.model_name!r} (see /v1/models)")
 
 
-def sampling(body: CompletionBody | ChatBody, max_tokens: int, logprobs: int) -> SamplingOptions:
+def sampling(
+    body: CompletionBody | ChatBody, max_tokens: int, logprobs: int, skip_special_tokens: bool = True
+) -> SamplingOptions:
     """The request's sampling options, in the service's terms (OpenAI's defaults where unset)."""
     try:
         return SamplingOptions(
@@ -117,6 +119,7 @@ def sampling(body: CompletionBody | ChatBody, max_tokens: int, logprobs: int) ->
             frequency_penalty=body.frequency_penalty or 0.0,
             logit_bias=_logit_bias(body.logit_bias),
             allowed_token_ids=list(body.allowed_token_ids or []),
+            skip_special_tokens=skip_special_tokens,
         )
     except ValidationError as exc:
         raise invalid_argument_from(exc.errors(include_url=False)) from None
@@ -169,10 +172,14 @@ def completion_request(body: CompletionBody) -> GenerateRequest:
     return _generate_request(body, prompts, sampling(body, body.max_tokens or 16, body.logprobs or 0))
 
 
-def chat_request(body: ChatBody, prompt_token_ids: list[int], context: int, limit: int | None = None) -> GenerateRequest:
+def chat_request(
+    body: ChatBody, prompt_token_ids: list[int], context: int, limit: int | None = None, keep_special_tokens: bool = False
+) -> GenerateRequest:
     """A /v1/chat/completions body whose messages rendered to `prompt_token_ids`. Without
     max_completion_tokens or max_tokens a chat may use the rest of the `context`, up to the
-    server's max_tokens_per_sample (`limit`)."""
+    server's max_tokens_per_sample (`limit`). `keep_special_tokens`: for a tool-call parser that
+    reads them (ModelText.keeps_special_tokens)."""
     asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = asked if asked is not None else min(max(context - len(prompt_token_ids), 1), limit or context)
-    return _generate_request(body, [{"token_ids": prompt_token_ids}], sampling(body, max_tokens, body.top_logprobs or 0))
+    options = sampling(body, max_tokens, body.top_logprobs or 0, skip_special_tokens=not keep_special_tokens)
+    return _generate_request(body, [{"token_ids": prompt_token_ids}], options)

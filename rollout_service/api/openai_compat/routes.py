@@ -176,9 +176,9 @@ def add_routes(app: FastAPI, backend) -> None:
         bodies, text = await model_text.get()
         body = await _parsed(request, bodies, bodies.ChatBody)
         bodies.check_model(body.model, config)
-        req = bodies.chat_request(body, await text.render(body), text.context, config.max_tokens_per_sample)
-        if text.keeps_special_tokens(body):
-            req = req.model_copy(update={"sampling": req.sampling.model_copy(update={"skip_special_tokens": False})})
+        req = bodies.chat_request(
+            body, await text.render(body), text.context, config.max_tokens_per_sample, text.keeps_special_tokens(body)
+        )
         check_generate(req, config)
         top = head("chatcmpl")
         if body.stream:
