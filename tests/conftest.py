@@ -90,3 +90,14 @@ def trainer_server(request, tiny_model, tmp_path_factory) -> ServerProcess:
     return _server(
         request, tiny_model, tmp_path_factory, "trainer", "--no-shared-memory", "--tool-call-parser", "hermes", context=1024
     )
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 server (moto) on loopback for the session, its endpoint and credentials in the
+    environment (tests/s3.py); `s3_server.new_bucket()` gives a test its own bucket."""
+    from tests.s3 import start_s3
+
+    s3 = start_s3()
+    yield s3
+    s3.stop()
