@@ -302,6 +302,13 @@ class DeploymentSettings(BaseModel):
         json_schema_extra=default_text("the node's cores - 1, split between replicas"),
     )
     replica_gpus: float = Field(0.0, ge=0, description="GPUs Ray reserves for each engine replica.")
+    replica_resource: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$",
+        description="A custom Ray resource each engine replica takes one unit of, which places the replicas on the "
+        "nodes started with it (`ray start --resources '{\"rollout_engine\": 2}'`: two replicas there). The ingress "
+        "runs on the head node.",
+        json_schema_extra=default_text("any node with the CPUs and GPUs"),
+    )
 
     @field_validator("autoscale")
     @classmethod

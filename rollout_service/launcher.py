@@ -31,14 +31,16 @@ class ServerProcess:
     http_url: str | None
 
     @classmethod
-    def start(cls, model: Path, log_path: Path, *args: str) -> ServerProcess:
-        """Run `serve --model MODEL --port 0 --http-port 0 ARGS`, logging to `log_path`."""
+    def start(cls, model: Path, log_path: Path, *args: str, cwd: Path | None = None, env: dict | None = None) -> ServerProcess:
+        """Run `serve --model MODEL --port 0 --http-port 0 ARGS`, logging to `log_path`; `cwd`:
+        another checkout's code (Python and Ray's workers import from the working directory),
+        `env`: its environment (default this process's)."""
         cmd = [
             sys.executable, "-m", "rollout_service.cli", "serve", "--model", str(model),
             "--port", "0", "--http-port", "0", *args,
         ]
         with open(log_path, "w") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd, env=env)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             text = log_path.read_text()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 
+import ray
 from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
@@ -43,6 +44,7 @@ SERVE_ENV = {"RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(2**31 - 1)}
 
 
 _SCALING_FIELDS = ("replicas", "autoscale", "target_ongoing_requests")
+HEAD_NODE = "node:__internal_head__"  # Ray's resource of the head node
 
 
 class ServedEngineReplica(EngineReplica):
@@ -58,6 +60,13 @@ class ServedEngineReplica(EngineReplica):
             # replica's cores (VLLM_CPU_OMP_THREADS_BIND), where nothing else of ours then runs.
             keep_off_engine_cores(config)
         await self._start(config, context.replica_id.unique_id, open_store(config, shared=True))
+
+    async def take(self, push_id, version, fingerprint, part, source, names) -> None:
+        # Ray hands a part's Ray object (serve/handle.py `share`) to the call as its value, read
+        # zero-copy from this node's object store; a reference nested by some caller is read here.
+        if isinstance(source, ray.ObjectRef):
+            source = await source
+        await super().take(push_id, version, fingerprint, part, source, names)
 
 
 class ServedIngress:
@@ -191,7 +200,8 @@ def _ingress_options() -> dict:
         env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ["VLLM_CPU_OMP_THREADS_BIND"]
     if faults.ENV in os.environ:
         env[faults.ENV] = os.environ[faults.ENV]
-    return {"num_cpus": 0, "runtime_env": {"env_vars": env}}
+    # On the head node: where `serve` prints the address of, and where Serve's own actors run.
+    return {"num_cpus": 0, "resources": {HEAD_NODE: 0.001}, "runtime_env": {"env_vars": env}}
 
 
 def build_app(config: ServerConfig) -> Application:
@@ -203,6 +213,7 @@ def build_app(config: ServerConfig) -> Application:
         ray_actor_options={
             "num_cpus": config.replica_cpus,
             "num_gpus": config.replica_gpus,
+            "resources": {config.replica_resource: 1} if config.replica_resource else {},
             "runtime_env": {"env_vars": _engine_env(config)},
         },
         max_ongoing_requests=MAX_ONGOING_PER_REPLICA,

@@ -5,9 +5,13 @@ message."""
 
 from __future__ import annotations
 
+import mmap
+from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy
+import ray
 
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import DeploymentUnavailableError
@@ -53,6 +57,17 @@ class ServeReplicas:
             return await getattr(self.handle, method).remote(*args)
         except Exception as exc:
             raise unwrap(exc) from None
+
+    def share(self, part: Path) -> ray.ObjectRef:
+        """The file as one Ray object: a numpy array is put out of band (one copy into the object
+        store, where bytes would be pickled twice) and read zero-copy by the replicas of each node;
+        Ray moves it to other nodes (FACTS.md: 0.42 vs 0.18 GB/s for bytes)."""
+        with open(part, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            view = numpy.frombuffer(mapped, numpy.uint8)
+            try:
+                return ray.put(view)
+            finally:
+                del view  # before the map closes
 
 
 class _Stream:

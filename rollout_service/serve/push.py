@@ -2,13 +2,16 @@
 deployment and for the single-process server, whose engine is its only replica (serve/replicas.py).
 
     receive  the stream once: checked, cast to the engine dtype, CRC-32'd, written as shards to the
-             weight store's incoming/ (weights/session.py); for
-             int8/fp8 replicas each tensor is also requantized as it arrives, once for all replicas
-    prepare  broadcast: every replica takes the push in its engine's format into its own staging
-             area: the requantized parts hard-linked (copied across filesystems), or for bf16 the
-             stored shards themselves; nothing is loaded yet
-    commit   only when every replica has prepared: the manifest and CURRENT are written (the commit
-             point), the coordinator records the version and appends its event
+             weight store's spool (weights/session.py); for int8/fp8 replicas each tensor is also
+             requantized as it arrives, once for all replicas
+    prepare  as the parts in the engines' format are written (the requantized ones, else the
+             stored shards), each is handed to every replica (serve/fanout.py: a Ray object, read
+             by the replicas of each node from Ray's object store, so no replica needs the
+             ingress's filesystem), which stages it; once all are, every replica is asked whether it
+             has them all; nothing is loaded yet
+    commit   only when every replica has prepared: the shards are adopted into the store, the
+             manifest and CURRENT are written (the commit point), the coordinator records the
+             version and appends its event
     apply    broadcast: every replica loads its prepared tensors and labels further tokens with the
              new version
 
@@ -41,6 +44,7 @@ import torch
 from rollout_service.config import ServerConfig
 from rollout_service.errors import Conflict, EngineUnavailable
 from rollout_service.serve.coordinator import Coordinator
+from rollout_service.serve.fanout import Fanout
 from rollout_service.serve.replicas import ApplyFailed, Replicas, broadcast_all
 from rollout_service.types import PushResult
 from rollout_service.weights.engine_format import requantizer, store_converter
@@ -58,14 +62,18 @@ LOCK_TTL_S = 30.0
 @dataclasses.dataclass
 class Claim:
     """What a push holds while its session receives: the push lock (its owner token and fencing
-    token), the version it will commit as, the CRC-32s of the tensors it cast, and its tensors
-    requantized as they arrive (None: the engines are not quantized)."""
+    token), the version it will commit as and its id, the CRC-32s of the tensors it cast, its
+    tensors requantized as they arrive (None: the engines are not quantized), and the handing of
+    its parts to the replicas."""
 
     owner: str
     fence: int
     version: int
+    push_id: str
     cast_crc: dict[str, int]
     requantized: ShardWriter | None
+    fanout: Fanout
+    aborted: bool = False
 
 
 class Push:
@@ -74,16 +82,15 @@ class Push:
         requantize_into: Path | None = None,
     ):
         """`table`: the checkpoint's parameters, which a push's tensors are checked against.
-        `requantize_into`: where an int8/fp8 push's parts are written as they arrive, for the
-        replicas to link into their staging: by default the store's incoming/, which every
-        replica's node reaches; the single-process server gives its staging directory, so its one
-        replica links them on the same filesystem (never a copy) wherever the store is."""
+        `requantize_into`: where an int8/fp8 push's parts are written as they arrive (default: the
+        staging directory; the single-process server gives its engine's, whose staging links them
+        on the same filesystem, never a copy)."""
         self.config = config
         self.replicas = replicas
         self.coordinator = coordinator
         self.store = store
         self.table = table
-        self._requantize_into = requantize_into or store.incoming
+        self._requantize_into = requantize_into or config.staging_root
         self._dtype = getattr(torch, config.dtype)
         self.last_push: PushResult | None = None
         # The pushes this ingress is receiving. Usually one; two when one's lock lapsed while it
@@ -105,8 +112,15 @@ class Push:
                 # where expected_version is checked, so the commit cannot land on another version.
                 committed = self.store.current_version()
                 spool = self.store.spool()
-            prepare, requantized = requantizer(self._dtype, self.config.recipe(), self._requantize_into)
-            claim = Claim(owner, fence, committed + 1, {}, requantized)
+            version = committed + 1
+            push_id = f"v{version}-{uuid.uuid4().hex[:8]}"
+            recipe = self.config.recipe()
+            fanout = Fanout(self.replicas, push_id, version, recipe.fingerprint() if recipe is not None else None)
+            # The parts every replica stages: the requantized ones, else the stored shards themselves.
+            prepare, requantized = requantizer(self._dtype, recipe, self._requantize_into, fanout.part_written)
+            if requantized is None:
+                spool.on_part = fanout.part_written
+            claim = Claim(owner, fence, version, push_id, {}, requantized, fanout)
             convert = store_converter(self._dtype, claim.cast_crc, prepare)
             try:
                 async with receiving(header, self.table, convert, spool, self.config, self.store, committed) as session:
@@ -115,7 +129,10 @@ class Push:
                         yield session
                     finally:
                         del self._claims[session]
-            finally:  # the replicas took their own links to the requantized parts, or the push failed
+                        await fanout.close()
+                        if not session.committed and fanout.parts:  # the replicas drop what they staged
+                            await self._abort(claim)
+            finally:  # the replicas staged their own copies of the requantized parts, or the push failed
                 if requantized is not None:
                     await asyncio.to_thread(requantized.discard)
         finally:
@@ -146,6 +163,13 @@ class Push:
             await self.coordinator.unlock(owner)
         return True
 
+    async def _abort(self, claim: Claim) -> None:
+        """Every replica drops what it staged of this push (once)."""
+        if not claim.aborted:
+            claim.aborted = True
+            with contextlib.suppress(Exception):
+                await broadcast_all(self.replicas, "abort", claim.push_id)
+
     async def _fence(self, owner: str) -> None:
         """Hold the lock at the commit point, or commit nothing."""
         if not await self.coordinator.refresh(owner, LOCK_TTL_S):
@@ -157,35 +181,29 @@ class Push:
     async def commit(self, session: PushSession) -> PushResult:
         claim = self._claims[session]
         receive_s = time.monotonic() - session.started
-        await session.finish()
-        version = claim.version
-        files = self.store.adopt(session.spool.dir, session.spool.files, version)
-        push_id = f"v{version}-{uuid.uuid4().hex[:8]}"
+        await session.finish()  # the last stored part is written: handed to the replicas
+        version, push_id = claim.version, claim.push_id
+        files: dict[str, Path] = {}
         try:
             start = time.monotonic()
-            requantized = None
-            if claim.requantized is not None:  # its last writes landed
+            if claim.requantized is not None:  # its last part is written: handed to the replicas
                 await asyncio.to_thread(claim.requantized.flush)
-                requantized = {n: str(p) for n, p in claim.requantized.files.items()}
-            flush_s = time.monotonic() - start
-            stored = {n: str(p) for n, p in files.items()}
-            recipe = self.config.recipe()
-            requantized_for = recipe.fingerprint() if recipe is not None else None
-            prepare_s = await broadcast_all(self.replicas, "prepare", push_id, version, stored, requantized, requantized_for)
+            parts = await claim.fanout.finish()
+            await broadcast_all(self.replicas, "prepare", push_id, version, parts)
+            prepare_s = time.monotonic() - start  # what the replicas took beyond the receive
+            files = self.store.adopt(session.spool.dir, session.spool.files, version)
             await self._fence(claim.owner)
         except BaseException as exc:
             log.warning("push %s failed to prepare (%s); every replica stays on version %d", push_id, exc, version - 1)
-            with contextlib.suppress(Exception):
-                await broadcast_all(self.replicas, "abort", push_id)
+            await self._abort(claim)
             self.store.discard(files)
             raise
-        prepare_s = flush_s + max(prepare_s, default=0.0)
-        return await uncancellable(self._commit_and_apply(session, claim, push_id, files, receive_s, prepare_s))
+        return await uncancellable(self._commit_and_apply(session, claim, files, receive_s, prepare_s))
 
     async def _commit_and_apply(
-        self, session: PushSession, claim: Claim, push_id: str, files: dict[str, Path], receive_s: float, prepare_s: float,
+        self, session: PushSession, claim: Claim, files: dict[str, Path], receive_s: float, prepare_s: float,
     ) -> PushResult:
-        version = claim.version
+        version, push_id = claim.version, claim.push_id
         crc = {**session.crc32, **claim.cast_crc}
         warnings: list[str] = []
         try:
@@ -194,8 +212,7 @@ class Push:
             )
         except BaseException as exc:  # e.g. the disk is full, or fenced off: nothing committed, every replica drops its prepared push
             if not await asyncio.to_thread(self.store.holds, version, files):
-                with contextlib.suppress(Exception):
-                    await broadcast_all(self.replicas, "abort", push_id)
+                await self._abort(claim)
                 self.store.discard(files)
                 raise
             # Past the commit point the version stands, whatever failed: never discard it.

@@ -2,9 +2,9 @@
 (serve/app.py), or the single-process server's only one (server.py).
 
 Data plane: `generate_stream` (routed to one replica by serve/routing.py). Control plane, broadcast
-to every replica by serve/push.py: `prepare` (take a push into this replica's staging: the parts
-the push requantized, linked, or the stored shards), `apply` (load it and label further tokens
-with its number), `abort`. A replica that starts
+to every replica by serve/push.py: `take` (stage a part of a push in this replica's staging, as
+the ingress writes it: serve/fanout.py), `prepare` (check every part was taken), `apply` (load it
+and label further tokens with its number), `abort`. A replica that starts
 after pushes (autoscaling, a restart) loads the weight store's current version before it starts
 serving; a follower task also catches up a replica that missed a broadcast (it started during a push).
 """
@@ -47,9 +47,9 @@ ORPHANED_S = 10.0
 @dataclass
 class Prepared:
     version: int
-    files: dict[str, Path]
-    spool: ShardWriter | None
-    at: float  # the event loop's time of the prepare
+    spool: ShardWriter | None  # the parts taken so far; None: they are not taken here
+    at: float  # the event loop's time of the first part taken
+    files: dict[str, Path] | None = None  # once prepared; None: the version loads from the store at apply
     committed_seen_at: float | None = None  # when the follower first saw the store commit it
 
 
@@ -119,29 +119,44 @@ class EngineReplica:
 
     # ---- control plane: a push in two phases --------------------------------------------------
 
-    async def prepare(
-        self, push_id: str, version: int, stored: dict[str, str], requantized: dict[str, str] | None = None,
-        requantized_for: str | None = None,
-    ) -> float:
-        """Take the tensors of `version` in this engine's format: `requantized` (the ingress's
-        parts, made for the recipe of fingerprint `requantized_for`) linked into its staging when
-        this engine holds its parameters by that recipe, else the stored ones converted (the
-        shards themselves for bf16; a replica of another deployment config during a redeploy
-        requantizes them itself); returns seconds."""
+    async def take(
+        self, push_id: str, version: int, fingerprint: str | None, part: str, source: Path | memoryview, names: list[str],
+    ) -> None:
+        """Stage one part of push `push_id` (serve/fanout.py: its file on this machine, or its
+        bytes), which holds tensors `names` in the engine format of recipe `fingerprint` (None: not
+        quantized). A replica whose engine holds its parameters another way (a redeploy under way)
+        ignores them and loads the version from the store once committed."""
+        prepared = self._prepared.get(push_id)
+        if prepared is None:
+            spool = self.weights.spool() if fingerprint == self.weights.recipe_fingerprint else None
+            prepared = self._prepared[push_id] = Prepared(version, spool, asyncio.get_running_loop().time())
+        if prepared.spool is None:
+            return
+        try:
+            faults.fault_point("replica.take")
+            with storage_errors():  # a full or read-only disk is said as such, not as a replica failing
+                await asyncio.to_thread(prepared.spool.take, part, source, names)
+        except (StorageFull, StorageUnavailable):
+            raise
+        except Exception as exc:
+            raise EngineUnavailable(f"replica {self.replica_id} failed to stage {part} of version {version}: {exc}") from exc
+
+    async def prepare(self, push_id: str, version: int, parts: dict[str, str]) -> float:
+        """Every part of `version` was handed out (`take`): check this replica staged them all
+        (`parts`: tensor name -> part); returns seconds. A replica that started while the parts
+        were handed out, or that ignored them, loads the version from the store at apply."""
         loop = asyncio.get_running_loop()
         start = loop.time()
         try:
             faults.fault_point("replica.prepare")
-            with storage_errors():  # a full or read-only disk is said as such, not as a replica failing
-                if requantized is not None and requantized_for == self.weights.recipe_fingerprint:
-                    files, spool = await self.weights.adopt({n: Path(p) for n, p in requantized.items()})
-                else:
-                    files, spool = await self.weights.stage({n: Path(p) for n, p in stored.items()})
-        except (StorageFull, StorageUnavailable):
-            raise
         except Exception as exc:
             raise EngineUnavailable(f"replica {self.replica_id} failed to prepare version {version}: {exc}") from exc
-        self._prepared[push_id] = Prepared(version, files, spool, loop.time())
+        prepared = self._prepared.setdefault(push_id, Prepared(version, None, start))
+        if prepared.spool is not None and parts.keys() <= prepared.spool.files.keys():
+            prepared.files = {name: prepared.spool.files[name] for name in parts}
+        else:
+            self._discard(prepared)
+            prepared.spool = None
         return loop.time() - start
 
     async def apply(self, push_id: str, policy: str) -> ApplyStats:
@@ -150,7 +165,9 @@ class EngineReplica:
         (and when the push is not here: this replica started after its prepare, or it expired) the
         committed version is loaded from the store, which holds every tensor."""
         prepared = self._prepared.pop(push_id, None)
-        if prepared is not None:
+        if prepared is not None and prepared.files is None:  # not prepared here: from the store
+            self._discard(prepared)
+        elif prepared is not None:
             async with self._apply_lock:
                 served = self.engine.weight_version
                 if served == prepared.version - 1:

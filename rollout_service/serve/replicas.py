@@ -7,6 +7,7 @@ them: a set to broadcast a method to, and a Generate streamed from one of them. 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, Protocol
 
 from rollout_service.errors import EngineUnavailable
@@ -44,6 +45,10 @@ class Replicas(Protocol):
     async def call_one(self, method: str, *args: Any) -> Any:
         """`method(*args)` on any one replica; its result, or the exception it raised."""
 
+    def share(self, part: Path) -> Any:
+        """The file `part` (a push's part, serve/fanout.py) as every replica can take it
+        (EngineReplica.take): any thread may call it."""
+
 
 async def broadcast_all(replicas: Replicas, method: str, *args: Any) -> list:
     """`method(*args)` on every live replica; their results, or the first replica's exception."""
@@ -71,3 +76,6 @@ class InProcess:
 
     async def call_one(self, method: str, *args: Any) -> Any:
         return await getattr(self.replica, method)(*args)
+
+    def share(self, part: Path) -> Path:
+        return part  # the replica's staging is on this machine: it links the file

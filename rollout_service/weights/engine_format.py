@@ -11,7 +11,7 @@ import torch
 
 from rollout_service.errors import InvalidArgument
 from rollout_service.quant import Recipe, quantize_weight
-from rollout_service.weights.staging import ShardWriter
+from rollout_service.weights.staging import PartWritten, ShardWriter
 from rollout_service.weights.versions import crc32_of
 
 
@@ -62,13 +62,13 @@ def store_converter(
 
 
 def requantizer(
-    dtype: torch.dtype, recipe: Recipe | None, root: Path
+    dtype: torch.dtype, recipe: Recipe | None, root: Path, on_part: PartWritten | None = None,
 ) -> tuple[Callable[[str, torch.Tensor], None] | None, ShardWriter | None]:
     """For a push received into the weight store: what the receive thread calls with each tensor
     as stored (cast to the engine dtype) to requantize it into a spool under `root` as it arrives
-    (overlapped with receiving, once per push), and that spool. (None, None) for an unquantized
-    engine, which loads the stored shards themselves."""
+    (overlapped with receiving, once per push; each part written is given to `on_part`), and that
+    spool. (None, None) for an unquantized engine, which loads the stored shards themselves."""
     if recipe is None:
         return None, None
-    spool = ShardWriter(root)
+    spool = ShardWriter(root, on_part=on_part)
     return (lambda name, tensor: spool.add(to_engine_format(name, tensor, dtype, recipe))), spool

@@ -79,17 +79,10 @@ class WeightService:
         self.weights.commit(pushed)
         return result
 
-    async def adopt(self, prepared: dict[str, Path]) -> tuple[dict[str, Path], ShardWriter]:
-        """Tensors a push already requantized (name -> part file, by the push as it arrived) as this
-        engine's staged tensors: linked into its staging, or copied where that is another
-        filesystem (returned as `stage` returns them)."""
-        spool = ShardWriter(self._root)
-        try:
-            await asyncio.to_thread(spool.link, prepared)
-        except BaseException:
-            spool.discard()
-            raise
-        return spool.files, spool
+    def spool(self) -> ShardWriter:
+        """A staging directory for a push's parts in this engine's format, as they are handed to
+        it (serve/replica.py `take`)."""
+        return ShardWriter(self._root)
 
     async def stage(self, stored: dict[str, Path]) -> tuple[dict[str, Path], ShardWriter | None]:
         """Tensors of a weight-store version (name -> shard, in the engine's dtype) in the engine's

@@ -16,6 +16,7 @@ import os
 import shutil
 import struct
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -48,15 +49,21 @@ _NO_LINK = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP)
 PART_BYTES = 64 * 1024 * 1024
 
 
+# Called with each part file as it is written and the names of the tensors in it.
+PartWritten = Callable[[Path, list[str]], None]
+
+
 class ShardWriter:
     """One push's staging directory: `add` converted tensors, `flush` writes a part file (synced
-    to the disk when `durable`)."""
+    to the disk when `durable`) and hands it to `on_part` (a push fans it out to the replicas as
+    it is written: serve/fanout.py); `take` adopts a part written elsewhere."""
 
-    def __init__(self, root: Path, part_bytes: int = PART_BYTES, durable: bool = False):
+    def __init__(self, root: Path, part_bytes: int = PART_BYTES, durable: bool = False, on_part: PartWritten | None = None):
         self.dir = root / f"push-{uuid.uuid4().hex[:12]}"
         self.dir.mkdir(parents=True)
         self._part_bytes = part_bytes
         self._durable = durable
+        self.on_part = on_part
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
         self.files: dict[str, Path] = {}  # tensor name -> part holding it
@@ -80,23 +87,30 @@ class ShardWriter:
             if exc.filename is None:  # write() names no file; the client is told which one failed
                 raise OSError(exc.errno, exc.strerror, str(path)) from exc
             raise
-        for name in self._pending:
+        names = list(self._pending)
+        for name in names:
             self.files[name] = path
         self._pending, self._pending_bytes = {}, 0
+        if self.on_part is not None:
+            self.on_part(path, names)
 
-    def link(self, files: dict[str, Path]) -> None:
-        """Take tensors already converted elsewhere (name -> part file) as this spool's own: each
-        file hard-linked in (no copy), or copied where the two are on different filesystems."""
-        for source in set(files.values()):
-            target = self.dir / source.name
+    def take(self, part: str, source: Path | memoryview, names: list[str]) -> None:
+        """Adopt part file `part`, converted elsewhere, holding tensors `names`: a file on this
+        machine hard-linked in (no copy; copied where it is on another filesystem), or its bytes
+        (a buffer, e.g. a Ray object read zero-copy) written."""
+        target = self.dir / Path(part).name  # a name, never a path out of this directory
+        if isinstance(source, Path):
             try:
                 os.link(source, target)
             except OSError as exc:  # another filesystem, or one without hard links: copy
                 if exc.errno not in _NO_LINK:
                     raise
                 shutil.copyfile(source, target)
-        for name, source in files.items():
-            self.files[name] = self.dir / source.name
+        else:
+            with open(target, "wb") as f:
+                f.write(source)
+        for name in names:
+            self.files[name] = target
 
     def discard(self) -> None:
         self._pending = {}

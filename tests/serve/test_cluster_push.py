@@ -44,7 +44,10 @@ class ReplicasDoubleForPushTest:
         if method == "served":
             return [({"replica_id": r}, status(v)) for r, v in self.versions.items()]
         self.calls.append((method, args))
-        return [{"prepare": 0.01, "apply": ApplyStats(), "abort": None}[method]] * 2
+        return [{"take": None, "prepare": 0.01, "apply": ApplyStats(), "abort": None}[method]] * 2
+
+    def share(self, part):
+        return part  # as the single-process server's replica set hands a part: its file
 
 
 def status(version: int) -> ServerStatus:
@@ -89,7 +92,9 @@ async def commit(ingress: Push, cm, session):
 def deployment(tiny_model, tmp_path, monkeypatch):
     """Two ingresses sharing a coordinator and a store, with a push lock that lapses in 0.3 s."""
     monkeypatch.setattr(push_module, "LOCK_TTL_S", 0.3)
-    config = SimpleNamespace(model=tiny_model, dtype="bfloat16", inflight="drain", push_buffer_mib=1, recipe=lambda: None)
+    config = SimpleNamespace(
+        model=tiny_model, dtype="bfloat16", inflight="drain", push_buffer_mib=1, recipe=lambda: None, staging_root=tmp_path / "staging"
+    )
     coordinator = EmbeddedCoordinator()
     replicas = ReplicasDoubleForPushTest()
     ingresses = [Push(config, replicas, coordinator, VersionStore(tmp_path / "store", keep=3), ParamTable.from_checkpoint(tiny_model)) for _ in range(2)]
@@ -145,7 +150,7 @@ async def test_a_push_stalled_between_its_lock_check_and_its_commit_commits_noth
     deployment.store.verify(committed)
     assert committed.fence == 2
     assert load_file(deployment.store.root / committed.tensors[NAME].file)[NAME].view(torch.uint8).numpy().tobytes() == norm(2.0)
-    assert [m for m, _ in deployment.replicas.calls] == ["prepare", "abort", "prepare", "apply"]
+    assert [m for m, _ in deployment.replicas.calls] == ["take", "prepare", "abort", "take", "prepare", "apply"]
     assert sorted(d.name.split("-")[0] for d in deployment.store.root.glob("v*")) == ["v000001", "v000001"]
     assert list(deployment.store.incoming.iterdir()) == []
 
@@ -177,7 +182,7 @@ async def test_status_names_the_committed_version_a_trainer_may_fence_on_while_a
 
 async def test_int8_replicas_are_handed_each_tensor_requantized_once_by_the_ingress(deployment):
     """For int8/fp8 replicas the ingress requantizes each tensor as it arrives and every replica's
-    prepare is given those parts (replicas link them; tests/weights/test_staging.py): what they get
+    prepare is given those parts (the replicas take them as they are written: serve/fanout.py): what they get
     is bitwise what requantizing the stored bf16 tensor gives, and the ingress keeps nothing after."""
     recipe = Recipe(fn="int8", source="default rule")
     deployment.config.recipe = lambda: recipe
@@ -190,9 +195,10 @@ async def test_int8_replicas_are_handed_each_tensor_requantized_once_by_the_ingr
     real_broadcast = deployment.replicas.broadcast
 
     def broadcast(method, *args):  # read the parts while the replicas would take them
-        if method == "prepare":
-            assert args[4] == recipe.fingerprint()  # replicas of another recipe requantize the stored shards
-            handed.append({n: load_file(p)[n] for n, p in args[3].items()})
+        if method == "take":
+            _, _, fingerprint, _, source, names = args
+            assert fingerprint == recipe.fingerprint()  # replicas of another recipe load the stored version
+            handed.append({n: load_file(source)[n] for n in names})
         return real_broadcast(method, *args)
 
     deployment.replicas.broadcast = broadcast

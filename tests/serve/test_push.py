@@ -42,8 +42,8 @@ def config(recipe: Recipe | None = None) -> SimpleNamespace:
 
 
 class WeightServiceDoubleForPushTest:
-    """The engine's side of a replica: it stages the stored shards themselves, or links the parts
-    the push requantized as they arrived (WeightService's own `adopt`, into its staging). apply
+    """The engine's side of a replica: it takes the parts of a push into its staging as they are
+    written (WeightService's own `spool`), or stages a stored version's shards themselves. apply
     records (names, version, the store's version at that moment) and the files, and fails the
     next `fail_apply` times."""
 
@@ -57,7 +57,7 @@ class WeightServiceDoubleForPushTest:
         self.files: dict = {}
         self.fail_apply = 0
 
-    adopt = WeightService.adopt  # the real one, into this double's staging
+    spool = WeightService.spool  # the real one, into this double's staging
 
     async def stage(self, files):
         return dict(files), None
@@ -86,7 +86,7 @@ def replica_over(weights: WeightServiceDoubleForPushTest, store: VersionStore, c
 def one_replica_push(weights: WeightServiceDoubleForPushTest, store: VersionStore, recipe: Recipe | None = None) -> Push:
     """The single-process server's push: one in-process replica, the embedded coordinator."""
     cfg = config(recipe)
-    return Push(cfg, InProcess(replica_over(weights, store, cfg)), EmbeddedCoordinator(), store, TABLE)
+    return Push(cfg, InProcess(replica_over(weights, store, cfg)), EmbeddedCoordinator(), store, TABLE, store.root.parent / "ingress-staging")
 
 
 def tensors(value: float) -> dict[str, torch.Tensor]:

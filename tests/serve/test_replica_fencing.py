@@ -25,6 +25,10 @@ class EngineDouble:
 class SpoolDouble:
     def __init__(self):
         self.discarded = False
+        self.files: dict[str, Path] = {}
+
+    def take(self, part, source, names):
+        self.files.update({name: Path(part) for name in names})
 
     def discard(self):
         self.discarded = True
@@ -40,16 +44,16 @@ class WeightServiceDouble:
         self.loaded: list[tuple[str, int]] = []
         self.fail = False
         self.spools: list[SpoolDouble] = []
-        self.adopted: list[dict] = []
 
     async def stage(self, files):
         spool = SpoolDouble()
         self.spools.append(spool)
         return {"store": Path("x")}, spool
 
-    async def adopt(self, parts):
-        self.adopted.append(parts)
-        return {"push": Path("p")}, SpoolDouble()
+    def spool(self):
+        spool = SpoolDouble()
+        self.spools.append(spool)
+        return spool
 
     async def apply(self, files, policy, version):
         if self.fail:
@@ -97,7 +101,7 @@ def replica_at(version: int, store_version: int) -> EngineReplica:
 
 def prepare(r: EngineReplica, push_id: str, version: int, at: float | None = None) -> SpoolDouble:
     spool = SpoolDouble()
-    r._prepared[push_id] = Prepared(version, {"push": Path("p")}, spool, asyncio.get_running_loop().time() if at is None else at)
+    r._prepared[push_id] = Prepared(version, spool, asyncio.get_running_loop().time() if at is None else at, {"push": Path("p")})
     return spool
 
 
@@ -154,13 +158,28 @@ async def test_prepared_pushes_expire_and_the_follower_may_then_catch_up(monkeyp
 
 
 async def test_a_replica_takes_the_ingress_parts_only_when_made_for_its_own_recipe():
-    """During a redeploy an ingress of one config may push to replicas of another: those
-    requantize the stored shards themselves instead of loading parts of another format."""
-    r = replica_at(0, 0)
-    await r.prepare("a", 1, {"w": "/store/v1/part"}, {"w": "/incoming/part"}, "int8-recipe")
-    assert r.weights.adopted == [{"w": Path("/incoming/part")}] and r.weights.spools == []
-    await r.prepare("b", 1, {"w": "/store/v1/part"}, {"w": "/incoming/part"}, "fp8-recipe")
-    assert len(r.weights.adopted) == 1 and len(r.weights.spools) == 1  # staged from the store
+    """During a redeploy an ingress of one config may push to replicas of another: those load the
+    version from the store once committed instead of parts of another format."""
+    r = replica_at(0, store_version=1)
+    await r.take("a", 1, "int8-recipe", "part-00000.safetensors", b"bytes", ["w"])
+    await r.prepare("a", 1, {"w": "part-00000.safetensors"})
+    assert r._prepared["a"].files == {"w": Path("part-00000.safetensors")}
+    await r.take("b", 1, "fp8-recipe", "part-00000.safetensors", b"bytes", ["w"])
+    await r.prepare("b", 1, {"w": "part-00000.safetensors"})
+    assert len(r.weights.spools) == 1 and r._prepared["b"].files is None
+    await r.apply("b", "drain")
+    assert r.weights.loaded == [("store", 1)]
+
+
+async def test_a_replica_that_missed_parts_of_a_push_loads_it_from_the_store():
+    """A replica that started while a push's parts were handed out has only the later ones: it is
+    prepared to load the committed version from the store, not a push with tensors missing."""
+    r = replica_at(0, store_version=1)
+    await r.take("a", 1, "int8-recipe", "part-00001.safetensors", b"bytes", ["w2"])
+    await r.prepare("a", 1, {"w1": "part-00000.safetensors", "w2": "part-00001.safetensors"})
+    assert r._prepared["a"].files is None and r.weights.spools[0].discarded
+    await r.apply("a", "drain")
+    assert r.weights.loaded == [("store", 1)]
 
 
 async def test_a_committed_push_whose_apply_never_comes_is_applied_by_the_follower(monkeypatch):

@@ -35,7 +35,7 @@ async def test_a_serve_push_whose_commit_raised_after_the_commit_point_stands(de
         result = await commit(ingress, *await receive(ingress, 1.0))
     assert result.version == 1 and deployment.store.current_version() == 1
     deployment.store.verify(deployment.store.current())  # its shards were not deleted
-    assert [m for m, _ in deployment.replicas.calls] == ["prepare", "apply"]  # no abort
+    assert [m for m, _ in deployment.replicas.calls] == ["take", "prepare", "apply"]  # no abort
     assert "version 1 is committed, though its commit raised afterwards" in caplog.text
 
 

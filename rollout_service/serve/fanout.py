@@ -1,0 +1,92 @@
+"""A push's tensors in the engines' format, handed to every replica as they are written, so that
+each replica stages them while the push is still being received (serve/push.py's prepare phase).
+
+Each part file the ingress writes (its requantized parts for int8/fp8 engines, else the weight
+store's own shards) goes to the replicas through the replica set (serve/replicas.py `share`): in a
+Ray Serve deployment as one Ray object, put once out of band and read zero-copy by the replicas of
+each node, Ray moving it to the nodes that need it; in the single-process server as the file
+itself, hard-linked. So no replica reads a file the ingress wrote: replicas need not share a
+filesystem with the ingress or with each other.
+
+At most `WINDOW_PARTS` parts are in flight: the conversion thread writing a further one waits,
+and with it the push's flow control, so memory (Ray's object store) stays bounded whatever the
+model size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from pathlib import Path
+
+from rollout_service.serve.replicas import Replicas, broadcast_all
+
+# Parts (64 MiB each: weights/staging.py) handed out and not yet taken by every replica.
+WINDOW_PARTS = 4
+
+
+class Fanout:
+    """Started with a push (`part_written` is its spool's `on_part`); `finish` once the push's last
+    part is written."""
+
+    def __init__(self, replicas: Replicas, push_id: str, version: int, fingerprint: str | None):
+        """`fingerprint`: the quantization recipe the parts follow (None: the engine dtype), so
+        that a replica whose engine holds its parameters another way ignores them."""
+        self._replicas = replicas
+        self._args = (push_id, version, fingerprint)
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._room = threading.Semaphore(WINDOW_PARTS)
+        self._closed = False
+        self.error: BaseException | None = None
+        self.parts: dict[str, str] = {}  # tensor name -> part name
+        self.seconds = 0.0  # spent waiting for replicas to take parts
+        self._task = asyncio.create_task(self._send())
+
+    def part_written(self, path: Path, names: list[str]) -> None:
+        """On the conversion thread: hand part `path` (tensors `names`) to every replica."""
+        self._room.acquire()
+        if self._closed:
+            self._room.release()  # for the next part written after the push ended
+            return
+        shared = self._replicas.share(path)
+        for name in names:
+            self.parts[name] = path.name
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, (path.name, shared, names))
+
+    async def _send(self) -> None:
+        while (item := await self._queue.get()) is not None:
+            try:
+                if self.error is None:
+                    start = time.monotonic()
+                    await broadcast_all(self._replicas, "take", *self._args, *item)
+                    self.seconds += time.monotonic() - start
+            except BaseException as exc:  # the push fails at its commit: every replica drops what it took
+                self.error = exc
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+            finally:
+                del item  # the Ray object is freed once no replica call holds it
+                self._room.release()
+
+    async def finish(self) -> dict[str, str]:
+        """Once every part was written: wait until every replica took them; tensor name -> part.
+        Raises what a replica raised taking one."""
+        self._queue.put_nowait(None)
+        await self._task
+        if self.error is not None:
+            raise self.error
+        return self.parts
+
+    async def close(self) -> None:
+        """Stop handing parts out (the push ended, committed or not); a conversion thread waiting
+        for room goes on without."""
+        self._closed = True
+        for _ in range(WINDOW_PARTS):
+            self._room.release()
+        if not self._task.done():
+            self._queue.put_nowait(None)
+            with contextlib.suppress(BaseException):
+                await self._task
