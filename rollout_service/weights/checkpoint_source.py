@@ -37,6 +37,9 @@ SINGLE = "model.safetensors"
 # small beside the push buffer (config.push_buffer_mib) that bounds what a load holds.
 CHUNK_BYTES = 16 << 20
 MAX_INDEX_BYTES = 64 << 20
+# The first read of a file: its header size and, for most checkpoints, the whole header in one
+# request (a header lists about 100 bytes a tensor).
+HEAD_BYTES = 256 << 10
 
 
 @dataclass(frozen=True)
@@ -173,15 +176,15 @@ def _read_shard(fs, path: str, url: str, first: int, indexed: list[str] | None) 
     the tensors the index puts in it."""
     with _reading(url):
         size = fs.size(path)
-        head = fs.cat_file(path, start=0, end=8) if size >= 8 else b""
+        head = fs.cat_file(path, start=0, end=min(size, HEAD_BYTES))
         if len(head) < 8:
             raise DataLoss(f"{url}: {size} bytes, too short for a safetensors file (truncated?)")
-        (header_size,) = struct.unpack("<Q", head)
+        (header_size,) = struct.unpack("<Q", head[:8])
         if header_size > MAX_HEADER_BYTES:
             raise TooLarge(f"{url}: a safetensors header of {header_size} bytes, over the limit of {MAX_HEADER_BYTES}")
         if 8 + header_size > size:
             raise DataLoss(f"{url}: {size} bytes, shorter than its header's {8 + header_size} (truncated)")
-        raw = fs.cat_file(path, start=8, end=8 + header_size)
+        raw = head[8 : 8 + header_size] if 8 + header_size <= len(head) else fs.cat_file(path, start=8, end=8 + header_size)
     tensors, spans = parse_header(raw, url, ": ")
     start = 8 + header_size
     spans = [(start + b, start + e) for b, e in spans]
