@@ -116,6 +116,8 @@ class CheckpointSource:
 
 def _filesystem(url: str, load_dirs: Sequence[Path]):
     """(filesystem, path in it, the check every path read goes through) for `url`."""
+    if "::" in url:  # fsspec's chained URLs would put another filesystem (a local one) behind the scheme
+        raise InvalidArgument("url", f"{url!r}: chained URLs (::) are not taken")
     protocol, path = fsspec.core.split_protocol(url)
     if protocol not in (None, "file"):
         if protocol not in OBJECT_STORES:
