@@ -73,7 +73,10 @@ def _environment(values: dict[str, str]):
         yield
     finally:
         for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
 
 
 @contextlib.contextmanager
