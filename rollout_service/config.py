@@ -343,6 +343,14 @@ class StoreSettings(BaseModel):
         "the checkpoint). Delete it (or give another) to start again from the checkpoint.",
         json_schema_extra=default_text("Ray Serve: <cache_dir>/weights/<model>-<checkpoint id>; local: a temporary store"),
     )
+    load_dirs: tuple[Path, ...] = Field(
+        (),
+        description="Directories whose safetensors checkpoints LoadWeights / POST /v1/weights:load may read (A,B on "
+        "the command line); a local path outside them (after symlinks are resolved) is refused, so a caller cannot "
+        "make the server read other files. Object-store URLs (s3://...) are read with the server's own credentials, "
+        "as the AWS SDK finds them.",
+        json_schema_extra=default_text("none: local paths are refused"),
+    )
     keep_versions: int = Field(
         3, ge=2, description="Versions the weight store keeps (older ones are deleted; at least 2: a load that "
         "fails puts back the previous version's tensors)."
@@ -357,6 +365,11 @@ class StoreSettings(BaseModel):
         None, description="File holding the Redis password (kept out of redis_url, argv and logs; URLs in messages "
         "are redacted)."
     )
+
+    @field_validator("load_dirs", mode="before")
+    @classmethod
+    def _one_dir(cls, value):
+        return (value,) if isinstance(value, (str, Path)) else value  # one directory given without a comma
 
 
 class OpenAISettings(BaseModel):

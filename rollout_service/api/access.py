@@ -64,6 +64,7 @@ _HTTP = {
     ("POST", "/v1/chat/completions"): Operation.GENERATE,
     ("GET", "/v1/models"): Operation.STATUS,
     ("POST", "/v1/weights"): Operation.PUSH,
+    ("POST", "/v1/weights:load"): Operation.PUSH,
     ("GET", "/v1/status"): Operation.STATUS,
     ("GET", "/v1/events"): Operation.STATUS,
     ("GET", "/healthz"): Operation.HEALTH,

@@ -33,6 +33,7 @@ from rollout_service.errors import (
     grpc_trailers,
     public_message,
 )
+from rollout_service.serve.load import load_weights
 from rollout_service.types import GenerateRequest
 from rollout_service.weights.manifest import PushHeader
 from rollout_service.weights.session import PushSession
@@ -261,6 +262,14 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
                         raise InvalidArgument("header", "a push has one header, its first message")
                 else:
                     raise Cancelled("the stream ended before its commit message; nothing was applied")
+        except Exception as exc:
+            await _abort_with(context, exc)
+        return messages.push_result_to_proto(result)
+
+    async def LoadWeights(self, request: pb.LoadWeightsRequest, context) -> pb.PushWeightsResponse:
+        try:
+            expected = request.expected_version if request.HasField("expected_version") else None
+            result = await load_weights(self.backend, request.url, expected, request.label, request.inflight)
         except Exception as exc:
             await _abort_with(context, exc)
         return messages.push_result_to_proto(result)

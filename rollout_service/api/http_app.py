@@ -4,6 +4,8 @@ POST /v1/generate   GenerateRequest JSON -> {"completions": [...]}
 POST /v1/weights    a safetensors body (streamed) -> PushWeightsResponse JSON; query parameters
                     expected_version, label, inflight as in PushHeader; CRC-32s optional in the
                     safetensors metadata as {"crc32": "<JSON name -> crc>"}
+POST /v1/weights:load  LoadWeights: ?url=s3://bucket/step-120/ (or a path under load_dirs), and
+                    expected_version, label, inflight; no body -> PushWeightsResponse JSON
 GET  /v1/status     GetStatus as JSON
 GET  /healthz       200 when the engine is alive, 503 otherwise
 POST /v1/completions, POST /v1/chat/completions, GET /v1/models
@@ -49,6 +51,7 @@ from rollout_service.errors import (
     http_status,
     public_message,
 )
+from rollout_service.serve.load import load_weights
 from rollout_service.types import GenerateRequest, invalid_argument_from
 from rollout_service.weights.manifest import PushHeader
 from rollout_service.weights.safetensors_stream import SafetensorsStream
@@ -235,6 +238,15 @@ def create_app(backend: Metered, access: Access, events=None, debug: APIRouter |
                 return asdict(await backend.commit_push(session))
         except ClientDisconnect:
             raise Cancelled("the client disconnected before the body was complete; nothing was applied") from None
+
+    @app.post("/v1/weights:load")
+    async def load_checkpoint(
+        url: str = Query(..., description="s3://bucket/step-120/, or a path under the server's load_dirs (LoadWeightsRequest.url)."),
+        expected_version: int | None = Query(None, ge=0, description="Reject unless this version is served."),
+        label: str = Query("", description="Stored with the version and echoed."),
+        inflight: str = Query("", description="drain | abort | continue; default: the server's."),
+    ):
+        return asdict(await load_weights(backend, url, expected_version, label, inflight))
 
     openai_routes.add_routes(app, backend)
 

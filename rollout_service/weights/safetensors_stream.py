@@ -1,4 +1,5 @@
-"""Reading a safetensors body as it streams in (HTTP pushes), never holding it whole.
+"""Reading a safetensors body as it streams in (HTTP pushes), never holding it whole; and the
+header parser that checkpoint loads (weights/checkpoint_source.py) share.
 
 safetensors layout: 8-byte little-endian header size, a JSON header {name: {dtype, shape,
 data_offsets: [begin, end]}, "__metadata__": {str: str}}, then the tensors' bytes back to back.
@@ -40,22 +41,7 @@ class SafetensorsStream:
         (size,) = struct.unpack("<Q", await self._take(8, "header size"))
         if size > self._max_header:
             raise TooLarge(f"a safetensors header of {size} bytes is over this server's limit of {self._max_header} bytes")
-        try:
-            raw = json.loads(await self._take(size, "header"))
-        except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            raise InvalidArgument("body", f"the safetensors header is not valid JSON: {str(exc)[:200]}") from None
-        if not isinstance(raw, dict):
-            raise InvalidArgument("body", f"the safetensors header is a JSON {type(raw).__name__}, not an object")
-        checksums = _checksums(raw.pop("__metadata__", None) or {})
-        entries = sorted(((name, _entry(name, info)) for name, info in raw.items()), key=lambda e: e[1][2])
-        tensors = []
-        position = 0
-        for name, (dtype, shape, begin, end) in entries:
-            if begin != position:
-                raise InvalidArgument(f"body.{name}", f"data_offsets begin at {begin}, expected {position} (no gaps)")
-            tensors.append(TensorSpec(name, dtype, shape, end - begin, checksums.get(name)))
-            self._spans.append((begin, end))
-            position = end
+        tensors, self._spans = parse_header(await self._take(size, "header"), "body")
         return PushHeader(tuple(tensors), expected_version, label, inflight)
 
     async def chunks(self) -> AsyncIterator[tuple[int, int, bytes]]:
@@ -83,13 +69,35 @@ class SafetensorsStream:
                     index += 1
 
 
+def parse_header(raw: bytes, where: str, sep: str = ".") -> tuple[list[TensorSpec], list[tuple[int, int]]]:
+    """The tensors a safetensors header (its JSON bytes) declares, in the order of their bytes, and
+    each one's [begin, end) in the data section; every field checked, refusals naming `where`
+    (the body, or a checkpoint's file) and the tensor as f"{where}{sep}{name}"."""
+    try:
+        parsed = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise InvalidArgument(where, f"the safetensors header is not valid JSON: {str(exc)[:200]}") from None
+    if not isinstance(parsed, dict):
+        raise InvalidArgument(where, f"the safetensors header is a JSON {type(parsed).__name__}, not an object")
+    checksums = _checksums(parsed.pop("__metadata__", None) or {}, f"{where}{sep}__metadata__")
+    entries = sorted(((name, _entry(info, f"{where}{sep}{name}")) for name, info in parsed.items()), key=lambda e: e[1][2])
+    tensors, spans = [], []
+    position = 0
+    for name, (dtype, shape, begin, end) in entries:
+        if begin != position:
+            raise InvalidArgument(f"{where}{sep}{name}", f"data_offsets begin at {begin}, expected {position} (no gaps)")
+        tensors.append(TensorSpec(name, dtype, shape, end - begin, checksums.get(name)))
+        spans.append((begin, end))
+        position = end
+    return tensors, spans
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _entry(name: str, info) -> tuple[str, tuple[int, ...], int, int]:
-    """(dtype, shape, begin, end) of one header entry, every field checked."""
-    where = f"body.{name}"
+def _entry(info, where: str) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of one header entry (`where` names it), every field checked."""
     if not isinstance(info, dict):
         raise InvalidArgument(where, "expected an object with dtype, shape and data_offsets")
     dtype = SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info.get("dtype"), str) else None
@@ -109,13 +117,13 @@ def _entry(name: str, info) -> tuple[str, tuple[int, ...], int, int]:
     return dtype, tuple(shape), begin, end
 
 
-def _checksums(metadata) -> dict[str, int]:
+def _checksums(metadata, where: str) -> dict[str, int]:
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise InvalidArgument("body.__metadata__", "must be an object of strings")
+        raise InvalidArgument(where, "must be an object of strings")
     try:
         checksums = json.loads(metadata.get("crc32", "{}"))
     except (ValueError, RecursionError):
-        raise InvalidArgument("body.__metadata__.crc32", "is not a JSON object of name -> CRC-32") from None
+        raise InvalidArgument(f"{where}.crc32", "is not a JSON object of name -> CRC-32") from None
     if not isinstance(checksums, dict) or not all(_is_int(v) and 0 <= v < 2**32 for v in checksums.values()):
-        raise InvalidArgument("body.__metadata__.crc32", "is not a JSON object of name -> CRC-32 (0 <= crc < 2**32)")
+        raise InvalidArgument(f"{where}.crc32", "is not a JSON object of name -> CRC-32 (0 <= crc < 2**32)")
     return checksums

@@ -17,6 +17,7 @@ RESULTS = {
     "generate": list[Completion],
     "resume": Sample,
     "push_weights": PushResult,
+    "load_weights": PushResult,
     "status": pb.GetStatusResponse,
     "list_versions": list[pb.StoredVersion],
     "wait_for_version": pb.GetStatusResponse,

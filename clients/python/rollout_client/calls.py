@@ -225,6 +225,35 @@ def push_weights(
     return result
 
 
+def load_weights(
+    client: ClientBase, url: str, *, expected_version: int | None = None, label: str = "", inflight: str = "",
+    timeout: float | None = None,
+) -> Steps[PushResult]:
+    """Have the server read a safetensors checkpoint and serve it as the new version, as a push of
+    the same tensors would (the same checks, requantization and all-or-nothing commit); returns
+    once it serves (PushResult). Never retried: a failed load changed nothing.
+
+    Args:
+        url: an object-store URL the server can read with its own credentials
+            ("s3://bucket/step-120/"), or an absolute path under one of the server's load_dirs: a
+            directory with model.safetensors.index.json (sharded) or model.safetensors, or one
+            .safetensors file; tensors bfloat16/float16/float32, named as push_weights takes them.
+        expected_version, label, inflight: as in push_weights.
+        timeout: this call's deadline in seconds (default: the client's).
+    """
+    start = time.perf_counter()
+    request = pb.LoadWeightsRequest(url=url, expected_version=expected_version, label=label, inflight=inflight)
+    response = yield Rpc("LoadWeights", request, timeout)
+    # The client's delta base is untouched: it is still the version its last delta push made,
+    # which the server keeps while it is among its last keep_versions.
+    if response.replicas_catching_up:
+        try:
+            yield from wait_for_version(client, response.version, timeout=CATCH_UP_WAIT_S)
+        except RolloutClientError as exc:
+            _still_catching_up(response, exc)
+    return push.result_from_proto(response, time.perf_counter() - start, stacklevel=4 + RUNNER_FRAMES)
+
+
 def status(client: ClientBase, timeout: float | None = None) -> Steps[pb.GetStatusResponse]:
     """Model, settings, current weight version, replicas and counters."""
     return (yield Rpc("GetStatus", pb.GetStatusRequest(), timeout))

@@ -66,6 +66,12 @@ class PermissionDeniedError(RolloutClientError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class NotFoundError(RolloutClientError):
+    """The call names something the server cannot find (a checkpoint file load_weights names)."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
 _BY_CODE = {
     cls.code: cls
     for cls in (
@@ -79,6 +85,7 @@ _BY_CODE = {
         AbortedError,
         UnauthenticatedError,
         PermissionDeniedError,
+        NotFoundError,
     )
 }
 

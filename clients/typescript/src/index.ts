@@ -112,6 +112,9 @@ export interface PushOptions {
   onProgress?: (bytesSent: number) => void;
 }
 
+/** load_weights' options: those of a push that a checkpoint read by the server keeps. */
+export type LoadOptions = Pick<PushOptions, "expectedVersion" | "label" | "inflight" | "timeoutMs">;
+
 export interface PushResult {
   version: number;
   bytesReceived: number;
@@ -426,7 +429,24 @@ export class RolloutClient {
       call.cancel(); // a bad tensor on our side: the server discards the partial push
       throw err;
     }
-    const r = await done;
+    return this.committed(await done, started);
+  }
+
+  /**
+   * Have the server read a safetensors checkpoint (an object-store URL it reads with its own
+   * credentials, e.g. "s3://bucket/step-120/", or a path under its --load-dirs; one file, or a
+   * directory with model.safetensors.index.json or model.safetensors) and serve it as the new
+   * version, as a push of the same tensors would. Never retried: a failed load changed nothing.
+   */
+  async loadWeights(url: string, options: LoadOptions = {}): Promise<PushResult> {
+    const started = performance.now();
+    const request: Raw = { url, label: options.label ?? "", inflight: options.inflight ?? "" };
+    if (options.expectedVersion !== undefined) request.expectedVersion = options.expectedVersion;
+    return this.committed(await this.unary<Raw>("LoadWeights", request, options.timeoutMs), started);
+  }
+
+  /** The result of a committed push or load, once every replica serves it. */
+  private async committed(r: Raw, started: number): Promise<PushResult> {
     const warnings: string[] = r.warnings ?? [];
     for (const text of warnings) console.warn(`push committed as version ${r.version}, with a problem: ${text}`);
     const catchingUp: string[] = r.replicasCatchingUp ?? [];

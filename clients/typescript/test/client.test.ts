@@ -182,3 +182,12 @@ test("a tensor whose bytes do not match its shape is refused before anything is 
   );
   assert.equal((await client.status()).weightVersion, version);
 });
+
+test("loadWeights of a path outside the server's load dirs is PERMISSION_DENIED naming the option, nothing committed", async () => {
+  const version = (await client.status()).committedVersion;
+  await assert.rejects(
+    client.loadWeights(modelDir, { label: "ts load" }),
+    (err: unknown) => err instanceof RolloutError && err.code === grpc.status.PERMISSION_DENIED && /load_dirs/.test(err.details),
+  );
+  assert.equal((await client.status()).committedVersion, version);
+});

@@ -351,6 +351,18 @@ class PushWeightsRequest(_message.Message):
     declare: PushDeclare
     def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[_Union[PushChunk, _Mapping]] = ..., commit: _Optional[_Union[PushCommit, _Mapping]] = ..., declare: _Optional[_Union[PushDeclare, _Mapping]] = ...) -> None: ...
 
+class LoadWeightsRequest(_message.Message):
+    __slots__ = ("url", "expected_version", "label", "inflight")
+    URL_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    INFLIGHT_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    expected_version: int
+    label: str
+    inflight: str
+    def __init__(self, url: _Optional[str] = ..., expected_version: _Optional[int] = ..., label: _Optional[str] = ..., inflight: _Optional[str] = ...) -> None: ...
+
 class PushWeightsResponse(_message.Message):
     __slots__ = ("version", "bytes_received", "tensors_applied", "receive_s", "requantize_s", "apply_s", "pause_ms", "label", "drain_ms", "samples_in_flight", "replicas_catching_up", "dense_bytes", "delta_tensors", "shared_bytes", "warnings")
     VERSION_FIELD_NUMBER: _ClassVar[int]

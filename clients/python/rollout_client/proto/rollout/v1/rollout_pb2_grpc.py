@@ -59,6 +59,11 @@ class RolloutServiceStub:
                 request_serializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.PushWeightsRequest.SerializeToString,
                 response_deserializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.PushWeightsResponse.FromString,
                 _registered_method=True)
+        self.LoadWeights = channel.unary_unary(
+                '/rollout.v1.RolloutService/LoadWeights',
+                request_serializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.LoadWeightsRequest.SerializeToString,
+                response_deserializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.PushWeightsResponse.FromString,
+                _registered_method=True)
 
 
 class RolloutServiceServicer:
@@ -108,6 +113,20 @@ class RolloutServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadWeights(self, request, context):
+        """Load new weights from a safetensors checkpoint the server reads itself
+        (an object store, or a directory its operator allows): the same checks,
+        conversion, requantization, expected_version fencing and all-or-nothing
+        commit as a PushWeights of the same tensors, with the same result.
+        NOT_FOUND: a file or object is missing; PERMISSION_DENIED: a local path
+        outside the server's load_dirs, or an object its credentials may not
+        read; INVALID_ARGUMENT: a tensor the model does not take (the message names
+        the file and the tensor); DATA_LOSS: a file shorter than its header says.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RolloutServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -134,6 +153,11 @@ def add_RolloutServiceServicer_to_server(servicer, server):
             'PushWeights': grpc.stream_unary_rpc_method_handler(
                     servicer.PushWeights,
                     request_deserializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.PushWeightsRequest.FromString,
+                    response_serializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.PushWeightsResponse.SerializeToString,
+            ),
+            'LoadWeights': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadWeights,
+                    request_deserializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.LoadWeightsRequest.FromString,
                     response_serializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.PushWeightsResponse.SerializeToString,
             ),
     }
@@ -271,6 +295,33 @@ class RolloutService:
             target,
             '/rollout.v1.RolloutService/PushWeights',
             rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.PushWeightsRequest.SerializeToString,
+            rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.PushWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rollout.v1.RolloutService/LoadWeights',
+            rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.LoadWeightsRequest.SerializeToString,
             rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.PushWeightsResponse.FromString,
             options,
             channel_credentials,
