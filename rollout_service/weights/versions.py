@@ -104,6 +104,9 @@ class Manifest:
     def files(self, root: Path) -> dict[str, Path]:
         return {name: root / t.file for name, t in self.tensors.items()}
 
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "tensors": {n: asdict(t) for n, t in self.tensors.items()}}, indent=1)
+
 
 def crc32_of(tensor: torch.Tensor) -> int:
     return zlib.crc32(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
@@ -189,6 +192,9 @@ class VersionStore:
     """The store in a local directory (see the module docstring). Where the bytes live and what
     makes the commit atomic are its storage primitives (the methods under "storage" below);
     weights/object_store.py overrides them for an object store, everything else is shared."""
+
+    # Whether a manifest after CURRENT may be a commit in progress (else only a crash's left-over).
+    _manifests_in_flight = False
 
     def __init__(self, root: Path, keep: int, temporary: bool = False):
         self.root = root
@@ -395,13 +401,12 @@ class VersionStore:
         shards (synced as their spool wrote them) and their directories' entries, the manifest,
         and the store directory's entries (the adopted directories, the version's directory).
         Whatever fails here leaves no manifest behind: the version was never committed."""
-        body = {**asdict(manifest), "tensors": {n: asdict(t) for n, t in manifest.tensors.items()}}
         directory = self._dir(manifest.version)
         directory.mkdir(exist_ok=True)
         try:
             for shards in sorted({path.parent for path in files.values()}):
                 durable.fsync_dir(shards, self.durable)
-            durable.write_durably(directory / "manifest.json", json.dumps(body, indent=1), self.durable)
+            durable.write_durably(directory / "manifest.json", manifest.to_json(), self.durable)
             durable.fsync_dir(self.root, self.durable)
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
@@ -552,7 +557,9 @@ class VersionStore:
             live |= {version_name(v)} | {t.file.split("/")[0] for t in m.tensors.values()}
         doomed = []
         for d in self._version_dirs():
-            candidate = "-" in d  # v000004-push-*: adopted, maybe not committed yet
+            # v000004-push-*: adopted, maybe not committed yet; and on an object store v000004/ too (a
+            # manifest is created before CURRENT is swapped, with no lock held).
+            candidate = "-" in d or self._manifests_in_flight
             if running and candidate and int(d[1:7]) > current:
                 continue
             if d not in live:
