@@ -177,6 +177,11 @@ def open_store(config: ServerConfig, *, shared: bool) -> VersionStore:
         store.check()
     except DataLoss as exc:
         store.close()
+        if isinstance(root, str):  # objects are written whole: only a hand outside the service tears them
+            raise ConfigError(
+                f"{exc}. The object store's current version is damaged (an object deleted or changed outside the "
+                f"service): restore it, or give another --weights-dir (or delete {root}) to start from the checkpoint"
+            ) from None
         raise ConfigError(
             f"{exc}. A crash or power loss left the weight store torn: run `rollout-service store verify {store.root}` "
             f"to see what is damaged, then (with every server on it stopped) `rollout-service store repair "

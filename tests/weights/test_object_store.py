@@ -166,3 +166,13 @@ def test_a_delta_base_is_read_from_s3(url, tmp_path):
     assert scratch.is_dir()
     del base
     assert not scratch.exists()  # the copies go with the base, at the end of the push
+
+
+def test_store_verify_and_repair_refuse_an_object_store_naming_it(url):
+    from typer.testing import CliRunner
+
+    from rollout_service.cli import app
+
+    for command in ("verify", "repair"):
+        done = CliRunner().invoke(app, ["store", command, url], catch_exceptions=False)
+        assert done.exit_code == 1 and f"{url} is an object store" in done.output
