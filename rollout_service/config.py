@@ -334,13 +334,16 @@ class StoreSettings(BaseModel):
         "while served, and where a single-process server without weights_dir keeps its temporary weight store.",
         json_schema_extra=default_text("<cache_dir>/staging"),
     )
-    weights_dir: Path | None = Field(
+    # A str, not a Path: a Path would fold the // of an object store's URL.
+    weights_dir: str | None = Field(
         None,
         description="Weight store: every committed version as safetensors shards + manifest.json (names, shapes, "
-        "dtypes, CRC-32s), where late replicas and a restarted server load the current version from (shared "
-        "storage across nodes); bound to the model's checkpoint; room for keep_versions + 1 pushes. The "
-        "single-process server keeps and resumes versions only when it is set (otherwise a restart starts from "
-        "the checkpoint). Delete it (or give another) to start again from the checkpoint.",
+        "dtypes, CRC-32s), where late replicas and a restarted server load the current version from: an object "
+        "store's URL (s3://bucket/prefix; credentials and endpoint from the environment as the AWS SDK reads them, "
+        "e.g. AWS_ENDPOINT_URL), or a directory, which replicas on nodes other than the ingress's must see too "
+        "(NFS); bound to the model's checkpoint; room for keep_versions + 1 pushes. The single-process server "
+        "keeps and resumes versions only when it is set (otherwise a restart starts from the checkpoint). Delete "
+        "it (or give another) to start again from the checkpoint.",
         json_schema_extra=default_text("Ray Serve: <cache_dir>/weights/<model>-<checkpoint id>; local: a temporary store"),
     )
     load_dirs: tuple[Path, ...] = Field(
@@ -370,6 +373,11 @@ class StoreSettings(BaseModel):
     @classmethod
     def _one_dir(cls, value):
         return (value,) if isinstance(value, (str, Path)) else value  # one directory given without a comma
+
+    @field_validator("weights_dir", mode="before")
+    @classmethod
+    def _weights_dir_text(cls, value: object) -> object:
+        return str(value) if isinstance(value, Path) else value
 
 
 class OpenAISettings(BaseModel):

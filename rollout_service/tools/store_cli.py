@@ -59,12 +59,28 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(1) from None
 
 
+def _directory(weights_dir: str) -> Path:
+    """The store's directory; an object store's URL is refused, naming it (its versions are written
+    whole or not at all, and a server opening it checks its current version)."""
+    from rollout_service.errors import ConfigError
+    from rollout_service.weights.versions import is_url
+
+    if is_url(weights_dir):
+        _fail(ConfigError(
+            f"{weights_dir} is an object store: `store verify` and `store repair` work on a directory. On an object "
+            "store no version is torn by a crash (each object is written whole; CURRENT moves by compare-and-set), "
+            "and a server opening it checks its current version's shards"
+        ))
+    return Path(weights_dir)
+
+
 @app.command("verify")
-def verify_cmd(directory: Path = typer.Argument(..., help="The weight store: a server's --weights-dir.")) -> None:
+def verify_cmd(weights_dir: str = typer.Argument(..., metavar="DIRECTORY", help="The weight store: a server's --weights-dir.")) -> None:
     """Check CURRENT, each kept version's manifest and shards, every CRC-32; exit 1 if damaged."""
     from rollout_service.errors import ConfigError
     from rollout_service.weights import repair
 
+    directory = _directory(weights_dir)
     try:
         with _progress() as bar:
             check = repair.verify(directory, _Bar(bar))
@@ -83,13 +99,14 @@ def verify_cmd(directory: Path = typer.Argument(..., help="The weight store: a s
 
 @app.command("repair")
 def repair_cmd(
-    directory: Path = typer.Argument(..., help="The weight store: a server's --weights-dir."),
+    weights_dir: str = typer.Argument(..., metavar="DIRECTORY", help="The weight store: a server's --weights-dir."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be done, do nothing."),
 ) -> None:
     """Roll back to the newest version that verifies whole (refused while a server uses the store)."""
     from rollout_service.errors import ConfigError
     from rollout_service.weights import repair
 
+    directory = _directory(weights_dir)
     try:
         with _progress() as bar:
             check, done = repair.repair(directory, dry_run, _Bar(bar))

@@ -11,6 +11,9 @@ dense push of the same tensors gives.
 
 from __future__ import annotations
 
+import shutil
+import uuid
+import weakref
 import zlib
 from pathlib import Path
 
@@ -52,22 +55,35 @@ class DeltaBase:
                 f"{store.keep}, up to {committed}): push whole tensors"
             ) from None
         self.version = version
-        # name -> the file holding its bytes in that version
+        self._store = store
+        # name -> the checkpoint's file holding it, for the tensors not pushed by then
         self._files = {name: str(f) for f in sorted(checkpoint.glob("*.safetensors")) for name in safetensors_names(f)}
+        # name -> the stored shard (relative to the store) holding its bytes in that version
+        self._stored: dict[str, str] = {}
         # name -> the CRC-32 of its stored bytes, for the tensors pushed by then (bf16, as stored)
         self._crc32: dict[str, int] = {}
         if manifest is not None:
-            self._files.update({name: str(path) for name, path in manifest.files(store.root).items()})
+            self._stored = {name: t.file for name, t in manifest.tensors.items()}
             self._crc32 = {name: t.crc32 for name, t in manifest.tensors.items() if t.dtype == "BF16"}  # safetensors dtype names
+        # Where a store elsewhere (an object store) copies the shards the push reads (made by its
+        # first copy, none for a directory store); deleted with this base, at the end of the push.
+        self._scratch = store.incoming / f"delta-base-{uuid.uuid4().hex[:12]}"
+        weakref.finalize(self, shutil.rmtree, self._scratch, True)
+
+    def _file(self, name: str) -> str:
+        """A path on this machine holding `name`'s bytes in the base version."""
+        if name not in self._stored:
+            return self._files[name]
+        return str(self._store.shard(self._stored[name], self._scratch))
 
     def read(self, mapping: Mapping) -> tuple[torch.Tensor, int | None]:
         """The base of a pushed tensor, in the trainer's layout (a fused-experts tensor joined),
         and its CRC-32 where the store recorded it (one stored tensor; else None)."""
         by_file: dict[str, list[str]] = {}
-        for target in mapping.targets:
-            by_file.setdefault(self._files[target], []).append(target)
         parts = {}
         try:
+            for target in mapping.targets:
+                by_file.setdefault(self._file(target), []).append(target)
             for path, names in by_file.items():  # a fused-experts tensor: one open per file, not per expert
                 with safetensors.safe_open(path, "pt") as f:
                     parts.update({n: f.get_tensor(n).to(torch.bfloat16) for n in names})

@@ -112,16 +112,26 @@ class WeightService:
     async def load_version(self, store: VersionStore, version: int, policy: str) -> Manifest:
         """Load committed version `version` whole from the weight store, after checking its bytes
         against the manifest's CRC-32s (a replica catching up, a restarted server resuming);
-        returns its manifest."""
+        returns its manifest. A store elsewhere (an object store) copies the version's shards into
+        a staging directory of this engine's: deleted once loaded when they were requantized, else
+        (the engine's tensors then live in them, as in a directory store's shards) by `self.weights`
+        once no served tensor lives there, and at once if the load fails."""
         manifest = store.manifest(version)
-        await asyncio.to_thread(store.verify, manifest)
-        files, spool = await self.stage(manifest.files(store.root))
+        scratch = Path(tempfile.mkdtemp(prefix=f"push-v{version}-", dir=self._root))  # push-*: WeightSet's to drop
         try:
-            await self.apply(files, policy, version)
-        except BaseException:  # the next try stages afresh: keep no copy behind
-            if spool is not None:
-                spool.discard()
+            local = await asyncio.to_thread(store.local_files, manifest, scratch)
+            files, spool = await self.stage(local)
+            try:
+                await self.apply(files, policy, version)
+            except BaseException:  # the next try stages afresh: keep no copy behind
+                if spool is not None:
+                    spool.discard()
+                raise
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
             raise
+        if spool is not None:  # the engine serves the requantized copies
+            shutil.rmtree(scratch, ignore_errors=True)
         return manifest
 
     def close(self) -> None:

@@ -104,6 +104,9 @@ class Manifest:
     def files(self, root: Path) -> dict[str, Path]:
         return {name: root / t.file for name, t in self.tensors.items()}
 
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "tensors": {n: asdict(t) for n, t in self.tensors.items()}}, indent=1)
+
 
 def crc32_of(tensor: torch.Tensor) -> int:
     return zlib.crc32(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
@@ -142,12 +145,18 @@ def base_identity(model: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def store_root(config: ServerConfig, identity: str | None = None) -> Path:
-    """`weights_dir`, or by default one directory per base checkpoint under <cache_dir>/weights."""
+def store_root(config: ServerConfig, identity: str | None = None) -> Path | str:
+    """`weights_dir` (a directory, or an object store's URL), or by default one directory per base
+    checkpoint under <cache_dir>/weights."""
     if config.weights_dir is not None:
-        return config.weights_dir
+        return config.weights_dir if is_url(config.weights_dir) else Path(config.weights_dir)
     identity = identity or base_identity(config.model)
     return config.cache_dir / "weights" / f"{config.model.resolve().name}-{identity}"
+
+
+def is_url(weights_dir: str | Path) -> bool:
+    """Whether a weights_dir names an object store (s3://bucket/prefix) rather than a directory."""
+    return "://" in str(weights_dir)
 
 
 def open_store(config: ServerConfig, *, shared: bool) -> VersionStore:
@@ -155,13 +164,24 @@ def open_store(config: ServerConfig, *, shared: bool) -> VersionStore:
     processes of a Serve deployment, else held alone) and checked whole (`check`): a torn store
     is refused with ConfigError naming the file and how to repair it."""
     identity = base_identity(config.model)
-    store = VersionStore(store_root(config, identity), config.keep_versions)
+    root = store_root(config, identity)
+    if isinstance(root, str):
+        from rollout_service.weights.object_store import ObjectVersionStore  # s3fs only where a URL is given
+
+        store: VersionStore = ObjectVersionStore(root, config.keep_versions, config.staging_root)
+    else:
+        store = VersionStore(root, config.keep_versions)
     try:
         store.bind(identity, config.model)
         store.lock(shared=shared)
         store.check()
     except DataLoss as exc:
         store.close()
+        if isinstance(root, str):  # objects are written whole: only a hand outside the service tears them
+            raise ConfigError(
+                f"{exc}. The object store's current version is damaged (an object deleted or changed outside the "
+                f"service): restore it, or give another --weights-dir (or delete {root}) to start from the checkpoint"
+            ) from None
         raise ConfigError(
             f"{exc}. A crash or power loss left the weight store torn: run `rollout-service store verify {store.root}` "
             f"to see what is damaged, then (with every server on it stopped) `rollout-service store repair "
@@ -174,6 +194,13 @@ def open_store(config: ServerConfig, *, shared: bool) -> VersionStore:
 
 
 class VersionStore:
+    """The store in a local directory (see the module docstring). Where the bytes live and what
+    makes the commit atomic are its storage primitives (the methods under "storage" below);
+    weights/object_store.py overrides them for an object store, everything else is shared."""
+
+    # Whether a manifest after CURRENT may be a commit in progress (else only a crash's left-over).
+    _manifests_in_flight = False
+
     def __init__(self, root: Path, keep: int, temporary: bool = False):
         self.root = root
         self.keep = keep
@@ -189,13 +216,12 @@ class VersionStore:
 
     def bind(self, identity: str, model: Path) -> None:
         """Record the base checkpoint of a new store; refuse one whose versions overlay another."""
-        path = self.root / "BASE.json"
         try:
             recorded = self.base()
         except FileNotFoundError:
             if self.current_version():
                 log.warning("weights_dir %s holds versions but no record of their checkpoint: taking them as %s's", self.root, model)
-            durable.write_durably(path, json.dumps({"identity": identity, "model": str(model.resolve())}), self.durable)
+            self._write_record("BASE.json", json.dumps({"identity": identity, "model": str(model.resolve())}))
             return
         if recorded["identity"] != identity:
             raise ConfigError(
@@ -206,13 +232,12 @@ class VersionStore:
 
     def base(self) -> dict:
         """BASE.json: the checkpoint's identity and path (FileNotFoundError before `bind`)."""
-        path = self.root / "BASE.json"
-        text = path.read_text()
+        text = self._read("BASE.json")
         try:
             recorded = json.loads(text)
             recorded["identity"], recorded["model"]
         except (ValueError, TypeError, KeyError):
-            raise DataLoss(f"weight store {path}: {_shown(text)} is not the record of a checkpoint") from None
+            raise DataLoss(f"weight store {self._where('BASE.json')}: {_shown(text)} is not the record of a checkpoint") from None
         return recorded
 
     def lock(self, shared: bool = False) -> None:
@@ -242,18 +267,17 @@ class VersionStore:
             shutil.rmtree(self.root, ignore_errors=True)
 
     def _dir(self, version: int) -> Path:
-        return self.root / f"v{version:06d}"
+        return self.root / version_name(version)
 
     def current_version(self) -> int:
         """The committed version CURRENT names (0: none yet, the base checkpoint); DataLoss if a
         crash left CURRENT torn (empty, or not a number)."""
-        path = self.root / "CURRENT"
         try:
-            text = path.read_text()
+            text = self._read("CURRENT")
         except FileNotFoundError:
             return 0
         if not text.strip().isdigit():
-            raise DataLoss(f"weight store {path}: {_shown(text)} is not a version number")
+            raise DataLoss(f"weight store {self._where('CURRENT')}: {_shown(text)} is not a version number")
         return int(text)
 
     def manifest(self, version: int) -> Manifest | None:
@@ -261,23 +285,23 @@ class VersionStore:
         version not kept, DataLoss for a manifest a crash left torn (empty, truncated)."""
         if version == 0:
             return None
-        path = self._dir(version) / "manifest.json"
-        text = path.read_text()
+        name = f"{version_name(version)}/manifest.json"
+        text = self._read(name)
         try:
             raw = json.loads(text)
             raw["tensors"] = {n: StoredTensor(**t) for n, t in raw["tensors"].items()}
             manifest = Manifest(**raw)
         except (ValueError, TypeError, KeyError, AttributeError):
-            raise DataLoss(f"weight store {path}: not a complete manifest ({len(text)} bytes: {_shown(text)})") from None
+            raise DataLoss(f"weight store {self._where(name)}: not a complete manifest ({len(text)} bytes: {_shown(text)})") from None
         if manifest.version != version:
-            raise DataLoss(f"weight store {path}: it names version {manifest.version}, not {version}")
+            raise DataLoss(f"weight store {self._where(name)}: it names version {manifest.version}, not {version}")
         return manifest
 
     def current(self) -> Manifest | None:
         return self.manifest(self.current_version())
 
     def manifest_path(self, version: int) -> str:
-        return str(self._dir(version) / "manifest.json") if version else ""
+        return self._where(f"{version_name(version)}/manifest.json") if version else ""
 
     def spool(self) -> ShardWriter:
         """Where a push's shards are written as it is received: in incoming/, each shard synced to
@@ -309,9 +333,9 @@ class VersionStore:
             manifest = self._next(version, files, crc32, label, fence)
             self._write_manifest(manifest, files)
             faults.fault_point("store.commit.after_manifest")
-            self._point_current(version)
+            self._point_current(version, manifest.fence)
             try:
-                durable.fsync_dir(self.root, self.durable)
+                self._sync_commit()
                 faults.fault_point("store.commit.after_current")
                 if delete_old:
                     self._collect()
@@ -361,10 +385,10 @@ class VersionStore:
         headers = {path: safetensors_header(path) for path in set(files.values())}
         for name, path in files.items():
             info = headers[path][name]
-            tensors[name] = StoredTensor(str(path.relative_to(self.root)), info["dtype"], info["shape"], crc32[name])
+            tensors[name] = StoredTensor(self._rel(path), info["dtype"], info["shape"], crc32[name])
         return Manifest(version, label, time.time(), tensors, last_fence if fence is None else fence)
 
-    def _point_current(self, version: int) -> None:
+    def _point_current(self, version: int, fence: int) -> None:
         """Rename a synced CURRENT naming `version` into place: the commit point. Failing before
         the rename, it removes the version's manifest (never committed)."""
         pointer = self.root / "CURRENT"
@@ -382,13 +406,12 @@ class VersionStore:
         shards (synced as their spool wrote them) and their directories' entries, the manifest,
         and the store directory's entries (the adopted directories, the version's directory).
         Whatever fails here leaves no manifest behind: the version was never committed."""
-        body = {**asdict(manifest), "tensors": {n: asdict(t) for n, t in manifest.tensors.items()}}
         directory = self._dir(manifest.version)
         directory.mkdir(exist_ok=True)
         try:
             for shards in sorted({path.parent for path in files.values()}):
                 durable.fsync_dir(shards, self.durable)
-            durable.write_durably(directory / "manifest.json", json.dumps(body, indent=1), self.durable)
+            durable.write_durably(directory / "manifest.json", manifest.to_json(), self.durable)
             durable.fsync_dir(self.root, self.durable)
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
@@ -404,19 +427,18 @@ class VersionStore:
             manifest = self.manifest(version)
         except FileNotFoundError:
             return False
-        ours = {str(path.relative_to(self.root)) for path in files.values()}
+        ours = {self._rel(path) for path in files.values()}
         return any(t.file in ours for t in manifest.tensors.values())
 
     def fence_mark(self) -> int:
         """The newest fencing token a push began under (0 before any)."""
-        path = self.root / "FENCE"
         try:
-            text = path.read_text()
+            text = self._read("FENCE")
         except FileNotFoundError:
             current = self.current()  # a store written before FENCE existed
             return current.fence if current else 0
         if not text.strip().isdigit():
-            raise DataLoss(f"weight store {path}: {_shown(text)} is not a fencing token")
+            raise DataLoss(f"weight store {self._where('FENCE')}: {_shown(text)} is not a fencing token")
         return int(text)
 
     def raise_fence(self, token: int) -> None:
@@ -424,7 +446,7 @@ class VersionStore:
         older token commits nothing."""
         with self._committing():
             if token > self.fence_mark():
-                durable.write_durably(self.root / "FENCE", str(token), self.durable)
+                self._write_record("FENCE", str(token))
 
     @contextlib.contextmanager
     def _committing(self):
@@ -443,15 +465,15 @@ class VersionStore:
         for name, t in manifest.tensors.items():
             problem = self.tensor_problem(name, t)
             if problem is not None:
-                raise DataLoss(f"weight store {self.root / t.file}: {problem} (a tensor of version {manifest.version})")
+                raise DataLoss(f"weight store {self._where(t.file)}: {problem} (a tensor of version {manifest.version})")
             if progress is not None:
                 progress(t.nbytes)
 
-    def tensor_problem(self, name: str, t: StoredTensor) -> str | None:
-        """What is wrong with stored tensor `name`: it cannot be read, or its bytes do not match
-        its CRC-32; None when it is whole."""
+    def tensor_problem(self, name: str, t: StoredTensor, path: Path | None = None) -> str | None:
+        """What is wrong with stored tensor `name` (in the store, or in its copy at `path`): it
+        cannot be read, or its bytes do not match its CRC-32; None when it is whole."""
         try:
-            with safetensors.safe_open(str(self.root / t.file), "pt") as f:
+            with safetensors.safe_open(str(path or self.root / t.file), "pt") as f:
                 tensor = f.get_tensor(name)
         except Exception as exc:  # missing, truncated, not safetensors: safetensors' own errors
             return f"{name} cannot be read ({exc})"
@@ -489,9 +511,13 @@ class VersionStore:
         for name, t in manifest.tensors.items():
             by_file.setdefault(t.file, {})[name] = t
         for file, tensors in by_file.items():
-            problem = _shard_problem(self.root / file, tensors)
+            try:
+                with self._open_shard(file) as (fh, size):
+                    problem = _shard_problem(fh, size, tensors)
+            except FileNotFoundError:
+                problem = "missing"
             if problem:
-                raise DataLoss(f"weight store {self.root / file}: {problem} (a shard of version {manifest.version})")
+                raise DataLoss(f"weight store {self._where(file)}: {problem} (a shard of version {manifest.version})")
 
     def clean(self) -> None:
         """Drop what no committed version refers to: interrupted pushes and uncommitted versions.
@@ -533,23 +559,79 @@ class VersionStore:
             except DataLoss as exc:
                 log.error("%s: deleting no old version until it is repaired (`rollout-service store repair %s`)", exc, self.root)
                 return
-            live |= {self._dir(v)} | {(self.root / t.file).parent for t in m.tensors.values()}
+            live |= {version_name(v)} | {t.file.split("/")[0] for t in m.tensors.values()}
         doomed = []
-        for d in sorted(self.root.glob("v*")):
-            candidate = "-" in d.name  # v000004-push-*: adopted, maybe not committed yet
-            if running and candidate and int(d.name[1:7]) > current:
+        for d in self._version_dirs():
+            # v000004-push-*: adopted, maybe not committed yet; and on an object store v000004/ too (a
+            # manifest is created before CURRENT is swapped, with no lock held).
+            candidate = "-" in d or self._manifests_in_flight
+            if running and candidate and int(d[1:7]) > current:
                 continue
-            if d.is_dir() and d not in live:
+            if d not in live:
                 doomed.append(d)
         # Manifests first, each removal synced: a crash (or a power loss) part-way must not leave
         # a manifest naming shards that are gone.
         for d in doomed:
-            if (d / "manifest.json").exists():
-                (d / "manifest.json").unlink()
-                durable.fsync_dir(d, self.durable)
+            self._remove_manifest(d)
         for d in doomed:
-            shutil.rmtree(d, ignore_errors=True)
+            self._remove_dir(d)
             faults.fault_point("store.collect")
+
+    # ---- reading a version on this machine ------------------------------------------------------
+
+    def shard(self, file: str, scratch: Path) -> Path:
+        """A path on this machine holding stored shard `file` (relative to the store): here, the
+        store's own (`scratch` is for stores elsewhere, which copy it there)."""
+        return self.root / file
+
+    def local_files(self, manifest: Manifest, scratch: Path) -> dict[str, Path]:
+        """Version `manifest`'s tensors (name -> a file on this machine), each checked against its
+        CRC-32 (DataLoss naming the first that is not whole): here, the store's own shards, checked
+        in place; a store elsewhere copies them into `scratch` (the caller deletes it)."""
+        self.verify(manifest)
+        return manifest.files(self.root)
+
+    # ---- storage: where the bytes live, what makes a commit atomic (overridden for object stores) --
+
+    def _where(self, name: str) -> str:
+        """Where stored object `name` (relative to the store) lives, for messages."""
+        return str(self.root / name)
+
+    def _rel(self, path: Path) -> str:
+        """The name in the store of an adopted file (`adopt`'s)."""
+        return str(path.relative_to(self.root))
+
+    def _read(self, name: str) -> str:
+        """Stored object `name`'s text; FileNotFoundError (its filename the path) when absent."""
+        return (self.root / name).read_text()
+
+    def _write_record(self, name: str, text: str) -> None:
+        """Replace a small record (BASE.json, FENCE) whole."""
+        durable.write_durably(self.root / name, text, self.durable)
+
+    @contextlib.contextmanager
+    def _open_shard(self, file: str):
+        """A stored shard opened for reading, and its size; FileNotFoundError when absent."""
+        path = self.root / file
+        with open(path, "rb") as fh:
+            yield fh, os.fstat(fh.fileno()).st_size
+
+    def _sync_commit(self) -> None:
+        """After the commit point: the store directory's entries on the disk."""
+        durable.fsync_dir(self.root, self.durable)
+
+    def _version_dirs(self) -> list[str]:
+        """The names of the version and push directories (v000003, v000003-push-*), sorted."""
+        return [d.name for d in sorted(self.root.glob("v*")) if d.is_dir()]
+
+    def _remove_manifest(self, d: str) -> None:
+        manifest = self.root / d / "manifest.json"
+        if manifest.exists():
+            manifest.unlink()
+            durable.fsync_dir(manifest.parent, self.durable)
+
+    def _remove_dir(self, d: str) -> None:
+        shutil.rmtree(self.root / d, ignore_errors=True)
 
 
 _COMMIT_LOCKS: dict[Path, threading.Lock] = {}
@@ -560,20 +642,21 @@ def _shown(text: str) -> str:
     return "empty" if not text else repr(text[:40] + ("..." if len(text) > 40 else ""))
 
 
-def _shard_problem(path: Path, tensors: dict[str, StoredTensor]) -> str | None:
-    """What makes the safetensors file `path` unable to hold `tensors` whole, or None."""
+def version_name(version: int) -> str:
+    """The directory (or key prefix) of a version: v000003."""
+    return f"v{version:06d}"
+
+
+def _shard_problem(fh: typing.BinaryIO, size: int, tensors: dict[str, StoredTensor]) -> str | None:
+    """What makes the safetensors file open as `fh` (`size` bytes) unable to hold `tensors` whole, or None."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                return f"truncated ({size} bytes, not even a header)"
-            (header_bytes,) = struct.unpack("<Q", head)
-            if 8 + header_bytes > size:
-                return f"truncated ({size} bytes, its header alone takes {8 + header_bytes})"
-            header = json.loads(fh.read(header_bytes))
-    except FileNotFoundError:
-        return "missing"
+        head = fh.read(8)
+        if len(head) < 8:
+            return f"truncated ({size} bytes, not even a header)"
+        (header_bytes,) = struct.unpack("<Q", head)
+        if 8 + header_bytes > size:
+            return f"truncated ({size} bytes, its header alone takes {8 + header_bytes})"
+        header = json.loads(fh.read(header_bytes))
     except (ValueError, UnicodeDecodeError):
         return "its header is not safetensors JSON"
     for name, t in tensors.items():
