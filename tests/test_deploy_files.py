@@ -204,3 +204,17 @@ def test_every_serve_config_raises_serves_grpc_message_cap_for_the_whole_applica
     for config in configs:
         env = config["applications"][0]["runtime_env"]["env_vars"]
         assert env == SERVE_ENV
+
+
+def test_kuberay_keeps_the_weight_store_in_a_bucket_with_credentials_from_a_secret():
+    """No pod shares a weights volume: the store is a bucket every Ray container reaches with the
+    credentials of one Secret (pushes reach the replicas through Ray: serve/fanout.py)."""
+    service = next(d for d in yaml.safe_load_all((DEPLOY / "kuberay" / "rayservice.yaml").read_text()) if d["kind"] == "RayService")
+    args = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert str(args["weights_dir"]).startswith("s3://")
+    cluster = service["spec"]["rayClusterConfig"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        spec = group["template"]["spec"]
+        assert not any("weights" in v["name"] for v in spec.get("volumes", [])), "a weights volume is mounted"
+        for container in spec["containers"]:
+            assert {"secretRef": {"name": "rollout-s3"}} in container.get("envFrom", []), container["name"]

@@ -10,8 +10,10 @@ no scaling field, so scaling never changes them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import time
 
 import ray
 from ray import serve
@@ -25,7 +27,8 @@ from rollout_service.serve.handle import ServeReplicas
 from rollout_service.serve.ingress import Ingress
 from rollout_service.serve.replica import EngineReplica
 from rollout_service.tools.machine import usable_cores
-from rollout_service.weights.versions import open_store
+from rollout_service.errors import ConfigError
+from rollout_service.weights.versions import VersionStore, is_url, open_store, store_root
 
 APP_NAME = "rollout"
 ENGINE_DEPLOYMENT = "EngineReplica"
@@ -45,6 +48,8 @@ SERVE_ENV = {"RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(2**31 - 1)}
 
 _SCALING_FIELDS = ("replicas", "autoscale", "target_ongoing_requests")
 HEAD_NODE = "node:__internal_head__"  # Ray's resource of the head node
+# How long a replica waits for the ingress to make a new weight store directory.
+STORE_WAIT_S = 120
 
 
 class ServedEngineReplica(EngineReplica):
@@ -59,7 +64,7 @@ class ServedEngineReplica(EngineReplica):
             # its scheduler) go to the cores left; vLLM's worker binds itself back onto the
             # replica's cores (VLLM_CPU_OMP_THREADS_BIND), where nothing else of ours then runs.
             keep_off_engine_cores(config)
-        await self._start(config, context.replica_id.unique_id, open_store(config, shared=True))
+        await self._start(config, context.replica_id.unique_id, await replica_store(config))
 
     async def take(self, push_id, version, fingerprint, part, source, names) -> None:
         # Ray hands a part's Ray object (serve/handle.py `share`) to the call as its value, read
@@ -67,6 +72,25 @@ class ServedEngineReplica(EngineReplica):
         if isinstance(source, ray.ObjectRef):
             source = await source
         await super().take(push_id, version, fingerprint, part, source, names)
+
+
+async def replica_store(config: ServerConfig) -> VersionStore:
+    """The deployment's weight store as a replica opens it. An object store is the same from every
+    node; a directory must be the one the ingress (on the head) made and bound to the checkpoint
+    (BASE.json): a replica on a node that does not see it would open an empty store of its own and
+    never load a pushed version, so it fails, saying what to give instead."""
+    root = store_root(config)
+    if not is_url(root):
+        deadline = time.monotonic() + STORE_WAIT_S
+        while not (root / "BASE.json").exists():  # the ingress may still be starting
+            if time.monotonic() > deadline:
+                raise ConfigError(
+                    f"weights_dir {root} is not on this replica's node ({os.uname().nodename}; the ingress made it on "
+                    f"the head {STORE_WAIT_S} s ago or never): give replicas on other nodes an object store "
+                    f"(--weights-dir s3://bucket/prefix) or a directory every node sees (NFS, a RWX volume)"
+                )
+            await asyncio.sleep(1)
+    return open_store(config, shared=True)
 
 
 class ServedIngress:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import pickle
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,7 @@ class WeightServiceDouble:
 
     def __init__(self, engine: EngineDouble):
         self.engine = engine
+        self._root = Path(tempfile.mkdtemp(prefix="replica-staging-"))  # load_version's scratch goes here
         self.loaded: list[tuple[str, int]] = []
         self.fail = False
         self.spools: list[SpoolDouble] = []
@@ -85,6 +87,9 @@ class StoreDouble:
 
     def verify(self, manifest):
         pass
+
+    def local_files(self, manifest, scratch):
+        return manifest.files(self.root)
 
 
 def replica_at(version: int, store_version: int) -> EngineReplica:
