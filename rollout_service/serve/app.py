@@ -23,7 +23,7 @@ from ray.serve.config import RequestRouterConfig
 from rollout_service import faults
 from rollout_service.api.access import Access
 from rollout_service.config import ServerConfig
-from rollout_service.serve.handle import ServeReplicas
+from rollout_service.serve.handle import ServeReplicas, SharedPart
 from rollout_service.serve.ingress import Ingress
 from rollout_service.serve.replica import EngineReplica
 from rollout_service.tools.machine import usable_cores
@@ -66,12 +66,19 @@ class ServedEngineReplica(EngineReplica):
             keep_off_engine_cores(config)
         await self._start(config, context.replica_id.unique_id, await replica_store(config))
 
-    async def take(self, push_id, version, fingerprint, part, source, names) -> None:
-        # Ray hands a part's Ray object (serve/handle.py `share`) to the call as its value, read
-        # zero-copy from this node's object store; a reference nested by some caller is read here.
-        if isinstance(source, ray.ObjectRef):
-            source = await source
-        await super().take(push_id, version, fingerprint, part, source, names)
+    async def node(self) -> str:
+        """The Ray node this replica runs on (serve/handle.py `locate`)."""
+        return ray.get_runtime_context().get_node_id()
+
+    async def take(self, push_id, version, fingerprint, part, source: SharedPart, names) -> None:
+        # On the ingress's node the file itself (linked, no copy); elsewhere its Ray object, read
+        # zero-copy from this node's object store once Ray brought it here; neither (a replica
+        # that started after the push looked where replicas run): the version from the store.
+        if source.node == await self.node() and source.path.exists():
+            data = source.path
+        else:
+            data = await source.data if source.data is not None else None
+        await super().take(push_id, version, fingerprint, part, data, names)
 
 
 async def replica_store(config: ServerConfig) -> VersionStore:

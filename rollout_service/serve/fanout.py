@@ -3,10 +3,10 @@ each replica stages them while the push is still being received (serve/push.py's
 
 Each part file the ingress writes (its requantized parts for int8/fp8 engines, else the weight
 store's own shards) goes to the replicas through the replica set (serve/replicas.py `share`): in a
-Ray Serve deployment as one Ray object, put once out of band and read zero-copy by the replicas of
-each node, Ray moving it to the nodes that need it; in the single-process server as the file
-itself, hard-linked. So no replica reads a file the ingress wrote: replicas need not share a
-filesystem with the ingress or with each other.
+Ray Serve deployment, for replicas on other nodes, as one Ray object, put once out of band and read
+zero-copy by the replicas of each node, Ray moving it to the nodes that need it; a replica on the
+ingress's node, and the single-process server's, hard-links the file itself. So replicas need not
+share a filesystem with the ingress or with each other.
 
 At most `WINDOW_PARTS` parts are in flight: the conversion thread writing a further one waits,
 and with it the push's flow control, so memory (Ray's object store) stays bounded whatever the

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import mmap
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -33,9 +34,22 @@ def unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
+@dataclass(frozen=True)
+class SharedPart:
+    """A push's part as the replicas of a Ray Serve deployment take it (serve/app.py): the file,
+    hard-linked by a replica on the ingress's node (`node`), and for the replicas of other nodes one
+    Ray object of its bytes (None while every replica runs on the ingress's node)."""
+
+    path: Path
+    node: str
+    data: ray.ObjectRef | None
+
+
 class ServeReplicas:
     def __init__(self, handle: DeploymentHandle):
         self.handle = handle
+        self._node = ray.get_runtime_context().get_node_id()
+        self._elsewhere = True  # until `locate` has looked: a part goes as a Ray object too
         # A call streams over Serve's inter-deployment gRPC (a stream per call, its items as
         # messages), not as a Ray object per item: a streamed token costs the ingress and the
         # replica half the CPU (BENCHMARKS.md, issue 32); Ray's token authentication guards it too.
@@ -58,14 +72,22 @@ class ServeReplicas:
         except Exception as exc:
             raise unwrap(exc) from None
 
-    def share(self, part: Path) -> ray.ObjectRef:
-        """The file as one Ray object: a numpy array is put out of band (one copy into the object
-        store, where bytes would be pickled twice) and read zero-copy by the replicas of each node;
-        Ray moves it to other nodes (FACTS.md: 0.42 vs 0.18 GB/s for bytes)."""
+    async def locate(self) -> None:
+        nodes = await self.broadcast("node")
+        self._elsewhere = any(isinstance(n, BaseException) or n != self._node for n in nodes)
+
+    def share(self, part: Path) -> SharedPart:
+        """The file, and where a replica runs on another node one Ray object of it: a numpy array
+        is put out of band (one copy into the object store, where bytes would be pickled twice)
+        and read zero-copy by the replicas of each node; Ray moves it to other nodes (FACTS.md:
+        0.42 vs 0.18 GB/s for bytes). A replica on this node links the file instead: no copy at
+        all (a put and a write per replica cost a 587 MB push a quarter more, BENCHMARKS.md)."""
+        if not self._elsewhere:
+            return SharedPart(part, self._node, None)
         with open(part, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
             view = numpy.frombuffer(mapped, numpy.uint8)
             try:
-                return ray.put(view)
+                return SharedPart(part, self._node, ray.put(view))
             finally:
                 del view  # before the map closes
 

@@ -115,6 +115,7 @@ class Push:
             version = committed + 1
             push_id = f"v{version}-{uuid.uuid4().hex[:8]}"
             recipe = self.config.recipe()
+            await self.replicas.locate()
             fanout = Fanout(self.replicas, push_id, version, recipe.fingerprint() if recipe is not None else None)
             # The parts every replica stages: the requantized ones, else the stored shards themselves.
             prepare, requantized = requantizer(self._dtype, recipe, self._requantize_into, fanout.part_written)

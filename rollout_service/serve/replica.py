@@ -120,16 +120,21 @@ class EngineReplica:
     # ---- control plane: a push in two phases --------------------------------------------------
 
     async def take(
-        self, push_id: str, version: int, fingerprint: str | None, part: str, source: Path | memoryview, names: list[str],
+        self, push_id: str, version: int, fingerprint: str | None, part: str, source: Path | memoryview | None,
+        names: list[str],
     ) -> None:
         """Stage one part of push `push_id` (serve/fanout.py: its file on this machine, or its
         bytes), which holds tensors `names` in the engine format of recipe `fingerprint` (None: not
-        quantized). A replica whose engine holds its parameters another way (a redeploy under way)
-        ignores them and loads the version from the store once committed."""
+        quantized). A replica whose engine holds its parameters another way (a redeploy under way),
+        or that cannot reach the part (`source` None), takes no more of the push and loads the
+        version from the store once committed."""
         prepared = self._prepared.get(push_id)
         if prepared is None:
             spool = self.weights.spool() if fingerprint == self.weights.recipe_fingerprint else None
             prepared = self._prepared[push_id] = Prepared(version, spool, asyncio.get_running_loop().time())
+        if prepared.spool is not None and source is None:
+            self._discard(prepared)
+            prepared.spool = None
         if prepared.spool is None:
             return
         try:

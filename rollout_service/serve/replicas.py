@@ -45,6 +45,10 @@ class Replicas(Protocol):
     async def call_one(self, method: str, *args: Any) -> Any:
         """`method(*args)` on any one replica; its result, or the exception it raised."""
 
+    async def locate(self) -> None:
+        """Before a push: find where the replicas run, so that `share` hands a part to a replica
+        on another machine only when there is one."""
+
     def share(self, part: Path) -> Any:
         """The file `part` (a push's part, serve/fanout.py) as every replica can take it
         (EngineReplica.take): any thread may call it."""
@@ -76,6 +80,9 @@ class InProcess:
 
     async def call_one(self, method: str, *args: Any) -> Any:
         return await getattr(self.replica, method)(*args)
+
+    async def locate(self) -> None:
+        pass  # the replica is in this process
 
     def share(self, part: Path) -> Path:
         return part  # the replica's staging is on this machine: it links the file

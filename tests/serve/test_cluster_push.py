@@ -46,6 +46,9 @@ class ReplicasDoubleForPushTest:
         self.calls.append((method, args))
         return [{"take": None, "prepare": 0.01, "apply": ApplyStats(), "abort": None}[method]] * 2
 
+    async def locate(self):
+        pass
+
     def share(self, part):
         return part  # as the single-process server's replica set hands a part: its file
 

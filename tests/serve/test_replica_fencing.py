@@ -202,3 +202,16 @@ async def test_a_committed_push_whose_apply_never_comes_is_applied_by_the_follow
     assert r.weights.loaded == [] and r._prepared["p5"].committed_seen_at is not None
     await r.apply_orphaned()  # ORPHANED_S after: applied as its apply would have
     assert r.weights.loaded == [("push", 5)] and r._prepared == {}
+
+
+async def test_a_replica_that_cannot_reach_a_part_loads_the_push_from_the_store():
+    """A part handed out as the file alone (every replica was on the ingress's node when the push
+    began) reaches no replica started elsewhere since: it drops what it took and loads the
+    committed version from the store, rather than a push with tensors missing."""
+    r = replica_at(0, store_version=1)
+    await r.take("a", 1, "int8-recipe", "part-00000.safetensors", b"bytes", ["w1"])
+    await r.take("a", 1, "int8-recipe", "part-00001.safetensors", None, ["w2"])
+    await r.prepare("a", 1, {"w1": "part-00000.safetensors", "w2": "part-00001.safetensors"})
+    assert r._prepared["a"].files is None and r.weights.spools[0].discarded
+    await r.apply("a", "drain")
+    assert r.weights.loaded == [("store", 1)]
