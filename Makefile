@@ -43,8 +43,10 @@ demo: install
 grpo: install
 	$(PY) examples/grpo_toy.py --model $(DEMO_MODEL)
 
+# The slowest tests' times are printed before the summary line: what to look at when the suite
+# nears CI's limit (50 minutes from a fresh clone).
 test: install
-	$(PY) -m pytest -q -ra -m "not slow"
+	$(PY) -m pytest -q -ra -m "not slow" --durations=30
 
 # Everything, with the cases `make test` leaves out for time (marked slow: the model families
 # whose naming another family already covers, README "Tests").

@@ -11,10 +11,11 @@ import pytest
 from rollout_service.launcher import ServerProcess
 
 MAX_MODEL_LEN = 256
-# Run before anything else: the Ray Serve cluster starts Ray's node and two engine replicas, and
-# does so on a quiet machine instead of beside the session's engines (5 of them by the time its
-# module came up in file order: ~17 GB of 24 in use, and once Ray's node did not start in CI).
-FIRST = ("tests/serve/test_cluster.py",)
+# Run before anything else: the Ray Serve clusters (one node, then two) start Ray's nodes and two
+# engine replicas each, and do so on a quiet machine instead of beside the session's engines (5 of
+# them by the time its module came up in file order: ~17 GB of 24 in use, and once Ray's node did
+# not start in CI).
+FIRST = ("tests/serve/test_cluster.py", "tests/serve/test_two_nodes.py")
 
 
 def pytest_collection_modifyitems(items):
