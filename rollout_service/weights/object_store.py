@@ -36,9 +36,9 @@ numbered on a version the other moved past is refused, Conflict), but each serve
 only: give each server its own prefix.
 
 A PutObject that returned is durable: nothing is synced. A push is received on this machine, into
-a directory under the staging root (`incoming/`, then adopted as v000003-push-*/, where the
-replicas on this machine prepare it from, as from a directory store's shards); the commit uploads
-its shards, then creates the manifest, then moves CURRENT. Those local copies go with their
+a directory under the staging root (`incoming/`, then adopted as v000003-push-*/; the replicas took
+its parts through Ray as they were written, serve/fanout.py); the commit uploads its shards, then
+creates the manifest, then moves CURRENT. Those local copies go with their
 version (`_collect`) and at `close`. A version this machine did not push is read through
 `local_files` and `shard`: downloaded into a scratch directory and checked against its CRC-32s.
 """
