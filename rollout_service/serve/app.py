@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import time
 
 import ray
+import ray.exceptions
 from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
@@ -29,6 +31,8 @@ from rollout_service.serve.replica import EngineReplica
 from rollout_service.tools.machine import usable_cores
 from rollout_service.errors import ConfigError
 from rollout_service.weights.versions import VersionStore, is_url, open_store, store_root
+
+log = logging.getLogger("rollout_service.replica")
 
 APP_NAME = "rollout"
 ENGINE_DEPLOYMENT = "EngineReplica"
@@ -70,14 +74,22 @@ class ServedEngineReplica(EngineReplica):
         """The Ray node this replica runs on (serve/handle.py `locate`)."""
         return ray.get_runtime_context().get_node_id()
 
-    async def take(self, push_id, version, fingerprint, part, source: SharedPart, names) -> None:
+    async def take(
+        self, push_id: str, version: int, fingerprint: str | None, part: str, source: SharedPart, names: list[str],
+    ) -> None:
         # On the ingress's node the file itself (linked, no copy); elsewhere its Ray object, read
         # zero-copy from this node's object store once Ray brought it here; neither (a replica
-        # that started after the push looked where replicas run): the version from the store.
+        # that started after the push looked where replicas run, an object Ray lost): the
+        # version from the store once committed.
+        data = None
         if source.node == await self.node() and source.path.exists():
             data = source.path
-        else:
-            data = await source.data if source.data is not None else None
+        elif source.data is not None:
+            try:
+                data = await source.data
+            except ray.exceptions.RayError as exc:
+                log.warning("replica %s: part %s of version %d cannot be fetched (%s); it loads the version from the store",
+                            self.replica_id, part, version, exc)
         await super().take(push_id, version, fingerprint, part, data, names)
 
 

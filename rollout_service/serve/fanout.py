@@ -8,9 +8,11 @@ zero-copy by the replicas of each node, Ray moving it to the nodes that need it;
 ingress's node, and the single-process server's, hard-links the file itself. So replicas need not
 share a filesystem with the ingress or with each other.
 
-At most `WINDOW_PARTS` parts are in flight: the conversion thread writing a further one waits,
-and with it the push's flow control, so memory (Ray's object store) stays bounded whatever the
-model size.
+Parts go to the replicas one after another, each to all of them at once; at most `WINDOW_PARTS`
+are handed out and not yet taken: the conversion thread writing a further one waits, and with it
+the push's flow control, so memory (Ray's object store) stays bounded whatever the model size. A
+replica failing to take a part (or not within `TAKE_TIMEOUT_S`) fails the push at its commit; no
+part is handed out after it.
 """
 
 from __future__ import annotations
@@ -18,13 +20,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-import time
 from pathlib import Path
 
+from rollout_service.errors import EngineUnavailable
 from rollout_service.serve.replicas import Replicas, broadcast_all
 
 # Parts (64 MiB each: weights/staging.py) handed out and not yet taken by every replica.
 WINDOW_PARTS = 4
+# A part not taken by every replica in this long fails the push (a node Ray has not yet seen die):
+# 64 MiB at 1 MB/s, with room.
+TAKE_TIMEOUT_S = 300.0
 
 
 class Fanout:
@@ -40,16 +45,15 @@ class Fanout:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._room = threading.Semaphore(WINDOW_PARTS)
         self._closed = False
-        self.error: BaseException | None = None
+        self._error: BaseException | None = None
         self.parts: dict[str, str] = {}  # tensor name -> part name
-        self.seconds = 0.0  # spent waiting for replicas to take parts
         self._task = asyncio.create_task(self._send())
 
     def part_written(self, path: Path, names: list[str]) -> None:
         """On the conversion thread: hand part `path` (tensors `names`) to every replica."""
         self._room.acquire()
-        if self._closed:
-            self._room.release()  # for the next part written after the push ended
+        if self._closed or self._error is not None:
+            self._room.release()  # for the next part written after the push ended or failed
             return
         shared = self._replicas.share(path)
         for name in names:
@@ -59,12 +63,12 @@ class Fanout:
     async def _send(self) -> None:
         while (item := await self._queue.get()) is not None:
             try:
-                if self.error is None:
-                    start = time.monotonic()
-                    await broadcast_all(self._replicas, "take", *self._args, *item)
-                    self.seconds += time.monotonic() - start
+                if self._error is None:
+                    await asyncio.wait_for(broadcast_all(self._replicas, "take", *self._args, *item), TAKE_TIMEOUT_S)
+            except TimeoutError:
+                self._error = EngineUnavailable(f"a replica did not take part {item[0]} of the push in {TAKE_TIMEOUT_S:.0f} s")
             except BaseException as exc:  # the push fails at its commit: every replica drops what it took
-                self.error = exc
+                self._error = exc
                 if isinstance(exc, asyncio.CancelledError):
                     raise
             finally:
@@ -76,8 +80,8 @@ class Fanout:
         Raises what a replica raised taking one."""
         self._queue.put_nowait(None)
         await self._task
-        if self.error is not None:
-            raise self.error
+        if self._error is not None:
+            raise self._error
         return self.parts
 
     async def close(self) -> None:

@@ -115,14 +115,19 @@ class Push:
             version = committed + 1
             push_id = f"v{version}-{uuid.uuid4().hex[:8]}"
             recipe = self.config.recipe()
-            await self.replicas.locate()
-            fanout = Fanout(self.replicas, push_id, version, recipe.fingerprint() if recipe is not None else None)
-            # The parts every replica stages: the requantized ones, else the stored shards themselves.
-            prepare, requantized = requantizer(self._dtype, recipe, self._requantize_into, fanout.part_written)
-            if requantized is None:
-                spool.on_part = fanout.part_written
-            claim = Claim(owner, fence, version, push_id, {}, requantized, fanout)
-            convert = store_converter(self._dtype, claim.cast_crc, prepare)
+            requantized = fanout = None
+            try:
+                await self.replicas.locate()
+                fanout = Fanout(self.replicas, push_id, version, recipe.fingerprint() if recipe is not None else None)
+                # The parts every replica stages: the requantized ones, else the stored shards themselves.
+                prepare, requantized = requantizer(self._dtype, recipe, self._requantize_into, fanout.part_written)
+                if requantized is None:
+                    spool.on_part = fanout.part_written
+                claim = Claim(owner, fence, version, push_id, {}, requantized, fanout)
+                convert = store_converter(self._dtype, claim.cast_crc, prepare)
+            except BaseException:
+                spool.discard()
+                raise
             try:
                 async with receiving(header, self.table, convert, spool, self.config, self.store, committed) as session:
                     self._claims[session] = claim
@@ -133,8 +138,10 @@ class Push:
                         await fanout.close()
                         if not session.committed and fanout.parts:  # the replicas drop what they staged
                             await self._abort(claim)
-            finally:  # the replicas staged their own copies of the requantized parts, or the push failed
-                if requantized is not None:
+            finally:  # a refusal before the session (a stale expected_version) too
+                if fanout is not None:
+                    await fanout.close()
+                if requantized is not None:  # the replicas staged their own copies, or the push failed
                     await asyncio.to_thread(requantized.discard)
         finally:
             keeper.cancel()

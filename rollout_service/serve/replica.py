@@ -48,7 +48,7 @@ ORPHANED_S = 10.0
 class Prepared:
     version: int
     spool: ShardWriter | None  # the parts taken so far; None: they are not taken here
-    at: float  # the event loop's time of the first part taken
+    at: float  # the event loop's time of the last part taken (or of the prepare): expiry counts from it
     files: dict[str, Path] | None = None  # once prepared; None: the version loads from the store at apply
     committed_seen_at: float | None = None  # when the follower first saw the store commit it
 
@@ -74,6 +74,7 @@ class EngineReplica:
             self.weights = WeightService(self.engine, config)
             self._prepared: dict[str, Prepared] = {}
             self._apply_lock = asyncio.Lock()
+            self._loaded = {"push": 0, "store": 0}
             await self.catch_up()
         except BaseException:  # e.g. the store's version does not load: no engine left running
             self.close()
@@ -102,6 +103,8 @@ class EngineReplica:
             "node": os.uname().nodename,
             "pid": os.getpid(),
             "running": self.engine.status().counters.engine_requests_running,
+            # Versions loaded from their push's parts vs whole from the store (a late start, a missed push).
+            "loaded": dict(self._loaded),
         }
 
     async def check_health(self) -> None:
@@ -137,6 +140,7 @@ class EngineReplica:
             prepared.spool = None
         if prepared.spool is None:
             return
+        prepared.at = asyncio.get_running_loop().time()  # a long push is not taken for an abandoned one
         try:
             faults.fault_point("replica.take")
             with storage_errors():  # a full or read-only disk is said as such, not as a replica failing
@@ -157,6 +161,7 @@ class EngineReplica:
         except Exception as exc:
             raise EngineUnavailable(f"replica {self.replica_id} failed to prepare version {version}: {exc}") from exc
         prepared = self._prepared.setdefault(push_id, Prepared(version, None, start))
+        prepared.at = start
         if prepared.spool is not None and parts.keys() <= prepared.spool.files.keys():
             prepared.files = {name: prepared.spool.files[name] for name in parts}
         else:
@@ -178,7 +183,9 @@ class EngineReplica:
                 if served == prepared.version - 1:
                     try:
                         faults.fault_point("replica.apply")
-                        return await self.weights.apply(prepared.files, policy, prepared.version)
+                        stats = await self.weights.apply(prepared.files, policy, prepared.version)
+                        self._loaded["push"] += 1
+                        return stats
                     except Exception as exc:
                         self._discard(prepared)
                         log.exception("replica %s failed to load version %d; it catches up from the store", self.replica_id, prepared.version)
@@ -213,6 +220,7 @@ class EngineReplica:
                 return self.engine.weight_version
             start = asyncio.get_running_loop().time()
             manifest = await self.weights.load_version(self.store, version, self.config.inflight)
+            self._loaded["store"] += 1
             log.warning(
                 "replica %s serves weight version %d (%r, committed %s) from %s, loaded in %.1f s", self.replica_id,
                 version, manifest.label, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(manifest.created)),

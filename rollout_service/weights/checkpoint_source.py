@@ -30,7 +30,8 @@ from rollout_service.errors import DataLoss, InvalidArgument, NotFound, Permissi
 from rollout_service.weights.manifest import TensorSpec
 from rollout_service.weights.safetensors_stream import MAX_HEADER_BYTES, parse_header
 
-OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "abfs", "az")
+# S3 (s3fs is a dependency); another fsspec store would need its package (gcsfs, adlfs) and a test.
+OBJECT_STORES = ("s3", "s3a")
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 # One ranged read: large enough that an object store's per-request latency is small beside it,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -195,7 +196,7 @@ def test_a_replica_failing_to_prepare_leaves_every_replica_on_the_old_version(cl
     assert {i["version"] for i in per_replica(cluster, "info")} == {4}
     assert greedy_by_replica(cluster) == before
     assert cluster.client.status().weight_version == 4
-    assert not list(cluster.config.weights_dir.glob("v000005*"))
+    assert not list(Path(cluster.config.weights_dir).glob("v000005*"))
     record_property("data lost", "none")
 
 
@@ -449,7 +450,7 @@ def test_the_ingress_sigkilled_mid_push_comes_back_on_the_last_committed_version
     import signal
 
     before = cluster.client.status().committed_version
-    store = cluster.config.weights_dir
+    store = Path(cluster.config.weights_dir)
     sent, release = threading.Event(), threading.Event()
 
     def held(weights):
@@ -558,7 +559,7 @@ def test_int8_replicas_take_a_push_requantized_once_at_the_ingress_as_a_late_rep
     deploy(cluster.config)
     cluster.reconnect()
     result = cluster.client.push_weights(perturbed(base_weights, 30))
-    assert result.requantize_s > 0 and not any((cluster.config.weights_dir / "incoming").iterdir())
+    assert result.requantize_s > 0 and not any((Path(cluster.config.weights_dir) / "incoming").iterdir())
     pushed = greedy_by_replica(cluster)
     assert pushed[0] == pushed[1] and {v for _, _, v in pushed[0]} == {result.version}
     cluster.redeploy(replicas=3)  # returns once the new replica has loaded the version from the store

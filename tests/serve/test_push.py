@@ -79,7 +79,7 @@ def replica_over(weights: WeightServiceDoubleForPushTest, store: VersionStore, c
     replica = EngineReplica.__new__(EngineReplica)
     replica.replica_id, replica.config, replica.store = "local", cfg or config(), store
     replica.engine, replica.weights = weights.engine, weights
-    replica._prepared, replica._apply_lock = {}, asyncio.Lock()
+    replica._prepared, replica._apply_lock, replica._loaded = {}, asyncio.Lock(), {"push": 0, "store": 0}
     return replica
 
 

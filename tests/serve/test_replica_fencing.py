@@ -101,6 +101,7 @@ def replica_at(version: int, store_version: int) -> EngineReplica:
     r.config = type("ConfigDouble", (), {"inflight": "drain"})()
     r._prepared = {}
     r._apply_lock = asyncio.Lock()
+    r._loaded = {"push": 0, "store": 0}
     return r
 
 

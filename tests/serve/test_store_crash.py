@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -105,7 +106,7 @@ def test_the_ingress_killed_at_each_step_of_a_commit_comes_back_on_n_or_n_plus_1
     from rollout_service.cli import app
 
     config, fault = crash_cluster
-    store = config.weights_dir
+    store = Path(config.weights_dir)
     a, b = perturb(base_weights, 21), perturb(base_weights, 22)
     with RolloutClient(grpc_address(), timeout=300) as client:
         client.push_weights(a, progress=False)

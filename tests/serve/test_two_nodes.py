@@ -131,6 +131,8 @@ def test_pushes_reach_a_replica_that_sees_none_of_the_ingress_files(two_nodes, b
     assert delta.version == 2 and delta.delta_tensors == len(base_weights)
     (after,) = two_nodes.greedy()
     assert {v for _, _, v in after} == {2} and [t for t, _, _ in after] != [t for t, _, _ in before]
+    (info,) = two_nodes.per_replica("info")
+    assert info["loaded"] == {"push": 2, "store": 0}  # from the pushes' parts, not caught up from the bucket
 
 
 def test_a_replica_added_later_loads_the_current_version_from_the_bucket_bitwise(two_nodes, base_weights):
@@ -144,12 +146,14 @@ def test_a_replica_added_later_loads_the_current_version_from_the_bucket_bitwise
     print(f"\nscale 1 -> 2 replicas on the worker node, the new one at version 2 from S3: {time.monotonic() - start:.1f} s")
     infos = two_nodes.per_replica("info")
     assert len(infos) == 2 and {i["version"] for i in infos} == {2}
+    assert sorted(i["loaded"]["store"] for i in infos) == [0, 1]  # the new one from the bucket
     a, b = two_nodes.greedy()
     assert a == b and {v for _, _, v in a} == {2}
     result = two_nodes.client.push_weights(perturbed(base_weights, 3))
     assert result.version == 3 and result.replicas_catching_up == []
     a, b = two_nodes.greedy()
     assert a == b and {v for _, _, v in a} == {3}
+    assert sorted(i["loaded"]["push"] for i in two_nodes.per_replica("info")) == [1, 3]  # both took push 3's parts
 
 
 @pytest.mark.slow  # two more engine starts: make test-all
@@ -185,3 +189,4 @@ def test_int8_replicas_on_the_worker_take_the_parts_the_ingress_requantized(two_
     assert delta.version == whole.version + 1 and delta.delta_tensors == len(base_weights)
     a, b = two_nodes.greedy()
     assert a == b and {v for _, _, v in a} == {delta.version}
+    assert [i["loaded"]["push"] for i in two_nodes.per_replica("info")] == [2, 2]  # through Ray, not the bucket

@@ -11,6 +11,7 @@ from tests.weights.conftest import engine_weights, perturb, start_server
 pytestmark = pytest.mark.engine
 
 
+@pytest.mark.slow  # two engine starts; the S3 store's resume without an engine: tests/weights/test_object_store.py
 def test_a_server_restarted_on_an_s3_weight_store_resumes_at_its_committed_version(request, tiny_model, tmp_path_factory, weights0, s3_server):
     from rollout_client import RolloutClient
 
