@@ -350,9 +350,16 @@ class StoreSettings(BaseModel):
         (),
         description="Directories whose safetensors checkpoints LoadWeights / POST /v1/weights:load may read (A,B on "
         "the command line); a local path outside them (after symlinks are resolved) is refused, so a caller cannot "
-        "make the server read other files. Object-store URLs (s3://...) are read with the server's own credentials, "
-        "as the AWS SDK finds them.",
+        "make the server read other files.",
         json_schema_extra=default_text("none: local paths are refused"),
+    )
+    load_urls: tuple[str, ...] = Field(
+        (),
+        description="Object-store URL prefixes whose checkpoints LoadWeights / POST /v1/weights:load may read "
+        "(s3://bucket/ or s3://bucket/checkpoints/; A,B on the command line; s3:// allows every bucket); others are "
+        "refused. The server reads them with its own credentials (as the AWS SDK finds them), which may also write "
+        "its weight store: a caller with a trainer key reaches only what this allows.",
+        json_schema_extra=default_text("none: object-store URLs are refused"),
     )
     keep_versions: int = Field(
         3, ge=2, description="Versions the weight store keeps (older ones are deleted; at least 2: a load that "
@@ -369,7 +376,7 @@ class StoreSettings(BaseModel):
         "are redacted)."
     )
 
-    @field_validator("load_dirs", mode="before")
+    @field_validator("load_dirs", "load_urls", mode="before")
     @classmethod
     def _one_dir(cls, value):
         return (value,) if isinstance(value, (str, Path)) else value  # one directory given without a comma

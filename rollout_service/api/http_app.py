@@ -4,7 +4,7 @@ POST /v1/generate   GenerateRequest JSON -> {"completions": [...]}
 POST /v1/weights    a safetensors body (streamed) -> PushWeightsResponse JSON; query parameters
                     expected_version, label, inflight as in PushHeader; CRC-32s optional in the
                     safetensors metadata as {"crc32": "<JSON name -> crc>"}
-POST /v1/weights:load  LoadWeights: ?url=s3://bucket/step-120/ (or a path under load_dirs), and
+POST /v1/weights:load  LoadWeights: ?url=s3://bucket/step-120/ (under load_urls, or a path under load_dirs), and
                     expected_version, label, inflight; no body -> PushWeightsResponse JSON
 GET  /v1/status     GetStatus as JSON
 GET  /healthz       200 when the engine is alive, 503 otherwise
@@ -241,7 +241,7 @@ def create_app(backend: Metered, access: Access, events=None, debug: APIRouter |
 
     @app.post("/v1/weights:load")
     async def load_checkpoint(
-        url: str = Query(..., description="s3://bucket/step-120/, or a path under the server's load_dirs (LoadWeightsRequest.url)."),
+        url: str = Query(..., description="s3://bucket/step-120/ under the server's load_urls, or a path under its load_dirs (LoadWeightsRequest.url)."),
         expected_version: int | None = Query(None, ge=0, description="Reject unless this version is served."),
         label: str = Query("", description="Stored with the version and echoed."),
         inflight: str = Query("", description="drain | abort | continue; default: the server's."),

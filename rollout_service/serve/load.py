@@ -32,7 +32,7 @@ PROGRESS_EVERY_BYTES = 1 << 30
 async def load_weights(backend, url: str, expected_version: int | None, label: str, inflight: str) -> PushResult:
     """Load the checkpoint at `url` into every replica as a new version through `backend` (its
     begin_push / commit_push, as the PushWeights handlers call them)."""
-    source = await asyncio.to_thread(CheckpointSource.open, url, backend.config.load_dirs)
+    source = await asyncio.to_thread(CheckpointSource.open, url, backend.config.load_dirs, backend.config.load_urls)
     PushBudget(backend.config).add(source.tensors)
 
     async def read_header() -> PushHeader:  # the tensors are declared file by file, to name the file

@@ -72,9 +72,10 @@ class CheckpointSource:
         return sum(t.nbytes for t in self.tensors)
 
     @classmethod
-    def open(cls, url: str, load_dirs: Sequence[Path]) -> CheckpointSource:
-        """The checkpoint at `url` with every file's header read and checked."""
-        fs, root, allowed = _filesystem(url, load_dirs)
+    def open(cls, url: str, load_dirs: Sequence[Path], load_urls: Sequence[str] = ()) -> CheckpointSource:
+        """The checkpoint at `url` with every file's header read and checked; `load_dirs` and
+        `load_urls`: where the operator allows loads from (config)."""
+        fs, root, allowed = _filesystem(url, load_dirs, load_urls)
         name = root.rstrip("/").rpartition("/")[2]
         if name.endswith(".safetensors"):
             folder, files = root.rpartition("/")[0], {name: None}
@@ -115,7 +116,14 @@ class CheckpointSource:
                             index += 1
 
 
-def _filesystem(url: str, load_dirs: Sequence[Path]):
+def under_prefix(url: str, prefixes: Sequence[str]) -> bool:
+    """Whether `url` is one of `prefixes` or under one: a prefix ending in / takes what follows it
+    (s3:// every bucket, s3://b/ all of bucket b); any other, whole path segments only (s3://b
+    is not s3://b2)."""
+    return any(url == p or url.startswith(p if p.endswith("/") else p + "/") for p in prefixes)
+
+
+def _filesystem(url: str, load_dirs: Sequence[Path], load_urls: Sequence[str]):
     """(filesystem, path in it, the check every path read goes through) for `url`."""
     if "::" in url:  # fsspec's chained URLs would put another filesystem (a local one) behind the scheme
         raise InvalidArgument("url", f"{url!r}: chained URLs (::) are not taken")
@@ -123,6 +131,9 @@ def _filesystem(url: str, load_dirs: Sequence[Path]):
     if protocol not in (None, "file"):
         if protocol not in OBJECT_STORES:
             raise InvalidArgument("url", f"{url!r}: scheme {protocol!r} is not an object store ({', '.join(OBJECT_STORES)}) nor a local path")
+        if not under_prefix(url, load_urls):
+            raise PermissionDenied(f"{url}: not under a prefix this server loads from (its load_urls option"
+                                   + (f": {', '.join(load_urls)})" if load_urls else " is empty)"))
         with _reading(url):
             # Fresh listings each load: a checkpoint written since the last one must be seen.
             fs, root = fsspec.core.url_to_fs(url, skip_instance_cache=True, use_listings_cache=False)

@@ -58,11 +58,26 @@ def test_an_index_that_disagrees_with_a_files_header_is_refused_naming_both(tmp_
         ("s3://bucket/x::file:///etc", InvalidArgument, "chained URLs"),
         ("relative/dir", InvalidArgument, "must be absolute"),
         ("/etc", PermissionDenied, "load_dirs"),
+        ("gs://bucket/ckpt/", InvalidArgument, "scheme 'gs' is not an object store"),
+        ("s3://other-bucket/step-1/", PermissionDenied, r"load_urls option: s3://rollout-ckpt/\)"),
+        ("s3://rollout-ckpt-evil/step-1/", PermissionDenied, "load_urls"),  # a prefix is whole path segments
     ],
 )
 def test_urls_the_server_must_not_read_are_refused(tmp_path, url, error, message):
     with pytest.raises(error, match=message):
-        CheckpointSource.open(url, [tmp_path])
+        CheckpointSource.open(url, [tmp_path], ["s3://rollout-ckpt/"])
+
+
+def test_without_load_urls_no_object_store_url_is_read():
+    with pytest.raises(PermissionDenied, match="its load_urls option is empty"):
+        CheckpointSource.open("s3://bucket/step-1/", [])
+
+
+def test_a_load_url_prefix_takes_whole_path_segments():
+    from rollout_service.weights.checkpoint_source import under_prefix
+
+    assert under_prefix("s3://b/step-1/", ["s3://b"]) and under_prefix("s3://b/x", ["s3://"])
+    assert not under_prefix("s3://b2/step-1/", ["s3://b"]) and not under_prefix("s3://b/x", [])
 
 
 def test_a_directory_without_a_checkpoint_is_not_found_naming_what_was_looked_for(tmp_path):

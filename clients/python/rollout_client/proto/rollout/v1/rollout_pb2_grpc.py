@@ -119,8 +119,8 @@ class RolloutServiceServicer:
         conversion, requantization, expected_version fencing and all-or-nothing
         commit as a PushWeights of the same tensors, with the same result.
         NOT_FOUND: a file or object is missing; PERMISSION_DENIED: a local path
-        outside the server's load_dirs, or an object its credentials may not
-        read; INVALID_ARGUMENT: a tensor the model does not take (the message names
+        outside the server's load_dirs, a URL outside its load_urls, or an object
+        its credentials may not read; INVALID_ARGUMENT: a tensor the model does not take (the message names
         the file and the tensor); DATA_LOSS: a file shorter than its header says.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
