@@ -6,8 +6,8 @@ message."""
 from __future__ import annotations
 
 import mmap
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc

@@ -12,6 +12,7 @@ serving; a follower task also catches up a replica that missed a broadcast (it s
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -42,6 +43,7 @@ PREPARED_TTL_S = 120.0
 # the commit: its ingress died after the commit point, and the one Serve starts in its place knows
 # nothing of it. The follower applies it (the apply broadcast follows a commit within a second).
 ORPHANED_S = 10.0
+ABORTED_KEPT = 16
 
 
 @dataclass
@@ -75,6 +77,9 @@ class EngineReplica:
             self._prepared: dict[str, Prepared] = {}
             self._apply_lock = asyncio.Lock()
             self._loaded = {"push": 0, "store": 0}
+            # The last pushes aborted: a take of one that arrives after its abort is dropped, not
+            # staged afresh to wait for the TTL (and hold catching up back meanwhile).
+            self._aborted: collections.deque[str] = collections.deque(maxlen=ABORTED_KEPT)
             await self.catch_up()
         except BaseException:  # e.g. the store's version does not load: no engine left running
             self.close()
@@ -131,6 +136,8 @@ class EngineReplica:
         quantized). A replica whose engine holds its parameters another way (a redeploy under way),
         or that cannot reach the part (`source` None), takes no more of the push and loads the
         version from the store once committed."""
+        if push_id in self._aborted:  # a take delivered after its push's abort
+            return
         prepared = self._prepared.get(push_id)
         if prepared is None:
             spool = self.weights.spool() if fingerprint == self.weights.recipe_fingerprint else None
@@ -206,6 +213,7 @@ class EngineReplica:
         return ApplyStats()
 
     async def abort(self, push_id: str) -> None:
+        self._aborted.append(push_id)
         prepared = self._prepared.pop(push_id, None)
         if prepared is not None:
             self._discard(prepared)

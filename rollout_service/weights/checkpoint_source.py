@@ -128,6 +128,9 @@ def _filesystem(url: str, load_dirs: Sequence[Path], load_urls: Sequence[str]):
     if "::" in url:  # fsspec's chained URLs would put another filesystem (a local one) behind the scheme
         raise InvalidArgument("url", f"{url!r}: chained URLs (::) are not taken")
     protocol, path = fsspec.core.split_protocol(url)
+    if protocol is not None and "@" in path.partition("/")[0]:  # not echoed: it may hold a key
+        raise InvalidArgument("url", "credentials in the URL are not taken (they would reach logs and errors): the "
+                              "server reads object stores with its own, from its environment")
     if protocol not in (None, "file"):
         if protocol not in OBJECT_STORES:
             raise InvalidArgument("url", f"{url!r}: scheme {protocol!r} is not an object store ({', '.join(OBJECT_STORES)}) nor a local path")

@@ -12,6 +12,7 @@ tests/weights/test_store_disk.py; with two replicas and two ingresses: test_clus
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import zlib
 from pathlib import Path
@@ -80,6 +81,7 @@ def replica_over(weights: WeightServiceDoubleForPushTest, store: VersionStore, c
     replica.replica_id, replica.config, replica.store = "local", cfg or config(), store
     replica.engine, replica.weights = weights.engine, weights
     replica._prepared, replica._apply_lock, replica._loaded = {}, asyncio.Lock(), {"push": 0, "store": 0}
+    replica._aborted = collections.deque(maxlen=16)
     return replica
 
 

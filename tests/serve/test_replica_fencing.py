@@ -5,6 +5,7 @@ service and weight store (the real ones run in tests/serve/test_cluster.py)."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import pickle
 import tempfile
 from pathlib import Path
@@ -102,6 +103,7 @@ def replica_at(version: int, store_version: int) -> EngineReplica:
     r._prepared = {}
     r._apply_lock = asyncio.Lock()
     r._loaded = {"push": 0, "store": 0}
+    r._aborted = collections.deque(maxlen=16)
     return r
 
 
@@ -216,3 +218,11 @@ async def test_a_replica_that_cannot_reach_a_part_loads_the_push_from_the_store(
     assert r._prepared["a"].files is None and r.weights.spools[0].discarded
     await r.apply("a", "drain")
     assert r.weights.loaded == [("store", 1)]
+
+
+async def test_a_take_delivered_after_its_push_was_aborted_is_dropped():
+    r = replica_at(0, store_version=0)
+    await r.take("a", 1, "int8-recipe", "part-00000.safetensors", b"bytes", ["w1"])
+    await r.abort("a")
+    await r.take("a", 1, "int8-recipe", "part-00001.safetensors", b"bytes", ["w2"])
+    assert "a" not in r._prepared and len(r.weights.spools) == 1 and r.weights.spools[0].discarded

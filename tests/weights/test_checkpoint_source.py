@@ -59,6 +59,7 @@ def test_an_index_that_disagrees_with_a_files_header_is_refused_naming_both(tmp_
         ("relative/dir", InvalidArgument, "must be absolute"),
         ("/etc", PermissionDenied, "load_dirs"),
         ("gs://bucket/ckpt/", InvalidArgument, "scheme 'gs' is not an object store"),
+        ("s3://AKIAKEY:secret@bucket/ckpt/", InvalidArgument, "^url: credentials in the URL are not taken[^@]*$"),
         ("s3://other-bucket/step-1/", PermissionDenied, r"load_urls option: s3://rollout-ckpt/\)"),
         ("s3://rollout-ckpt-evil/step-1/", PermissionDenied, "load_urls"),  # a prefix is whole path segments
     ],
