@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -109,6 +110,8 @@ class ObjectVersionStore(VersionStore):
         self._probe()
         local_root.mkdir(parents=True, exist_ok=True)
         self.local = Path(tempfile.mkdtemp(prefix="store-", dir=local_root))
+        self._owner = _own(self.local)
+        _drop_unowned(local_root)
         self.incoming = self.local / "incoming"
         self.incoming.mkdir()
         self._commit_lock = _COMMIT_LOCKS.setdefault(self.local, threading.Lock())
@@ -256,6 +259,8 @@ class ObjectVersionStore(VersionStore):
 
     def close(self) -> None:
         shutil.rmtree(self.local, ignore_errors=True)
+        _OPEN_HERE.discard(self.local)
+        os.close(self._owner)
 
     def adopt(self, staged: Path, files: dict[str, Path], version: int) -> dict[str, Path]:
         """As a directory's, on this machine: uploaded by the commit."""
@@ -370,3 +375,39 @@ def _precondition_failed(exc: BaseException) -> bool:
         return True
     code = getattr(exc.__cause__, "response", {}).get("Error", {}).get("Code")
     return code in ("PreconditionFailed", "ConditionalRequestConflict")
+
+
+# The local directories of the stores open in this process: a lockf lock is the process's own, so
+# another process's test of it says nothing about this one's.
+_OPEN_HERE: set[Path] = set()
+
+
+def _own(local: Path) -> int:
+    """Lock `local`/.owner for as long as this process lives (the descriptor returned): the mark
+    that the directory is in use (lockf: released by the kernel when the process dies)."""
+    fd = os.open(local / ".owner.new", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.rename(local / ".owner.new", local / ".owner")  # seen by others only once locked
+    _OPEN_HERE.add(local)
+    return fd
+
+
+def _drop_unowned(local_root: Path) -> None:
+    """Delete the local directories of stores whose process died without `close` (killed, a
+    crash): each holds up to keep_versions + 1 versions' local copies, and nothing else would."""
+    for d in local_root.glob("store-*"):
+        if d in _OPEN_HERE:
+            continue
+        try:
+            fd = os.open(d / ".owner", os.O_RDWR)
+        except OSError:  # a store opening right now (not locked yet), or not a store's directory
+            continue
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # its process lives
+            continue
+        finally:
+            os.close(fd)
+        log.info("removing %s: the local copies of an object store whose process is gone", d)
+        shutil.rmtree(d, ignore_errors=True)
+

@@ -176,3 +176,20 @@ def test_store_verify_and_repair_refuse_an_object_store_naming_it(url):
     for command in ("verify", "repair"):
         done = CliRunner().invoke(app, ["store", command, url], catch_exceptions=False)
         assert done.exit_code == 1 and f"{url} is an object store" in done.output
+
+
+def test_the_local_copies_of_a_store_whose_process_died_are_removed_at_the_next_open(s3_server, tmp_path):
+    """An ingress killed without closing its S3 store leaves its local copies; the next store
+    opened under the same staging root removes them, never a live one's."""
+    import subprocess
+    import sys
+
+    url = f"s3://{s3_server.new_bucket()}/w"
+    live = ObjectVersionStore(url, 3, tmp_path)
+    script = f"from pathlib import Path; from rollout_service.weights.object_store import ObjectVersionStore as S; S({url!r}, 3, Path({str(tmp_path)!r}))"
+    subprocess.run([sys.executable, "-c", script], check=True)  # exits without close()
+    assert len(list(tmp_path.glob("store-*"))) == 2
+    again = ObjectVersionStore(url, 3, tmp_path)
+    assert sorted(tmp_path.glob("store-*")) == sorted([live.local, again.local])
+    live.close()
+    again.close()
