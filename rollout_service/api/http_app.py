@@ -41,7 +41,6 @@ from rollout_service.api.metrics import CONTENT_TYPE, Metered
 from rollout_service.api.openai_compat import routes as openai_routes
 from rollout_service.errors import (
     Cancelled,
-    DeadlineExceeded,
     InvalidArgument,
     Overloaded,
     RolloutError,

@@ -1,4 +1,5 @@
-"""A real redis-server on a free port (tests never mock Redis), which a test may restart."""
+"""A real redis-server on a free port (tests never mock Redis), which a test may restart; and the
+prompts and weights the Ray Serve tests compare replicas with."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ from pathlib import Path
 
 import pytest
 import redis
+import torch
+from safetensors.torch import load_file
+
+from rollout_service.types import GenerateRequest
 
 
 class RedisServer:
@@ -54,3 +59,24 @@ def redis_server(tmp_path_factory):
     server.start()
     yield server
     server.stop()
+
+
+PROMPTS = [[(11 * i + 3 * j) % 2000 + 10 for j in range(10)] for i in range(3)]
+# One prompt per request: outputs compared across replicas and calls need a fixed batch schedule
+# (see tests/weights/conftest.py greedy()).
+GREEDY = [
+    GenerateRequest.model_validate(
+        {"prompts": [{"token_ids": p}], "sampling": {"max_tokens": 10, "temperature": 0.0, "ignore_eos": True}}
+    )
+    for p in PROMPTS
+]
+
+
+def perturbed(base: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: (v.float() + 0.05 * torch.randn(v.shape, generator=g)).to(torch.bfloat16) for k, v in base.items()}
+
+
+@pytest.fixture(scope="module")
+def base_weights(tiny_model):
+    return load_file(tiny_model / "model.safetensors")

@@ -14,40 +14,20 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 
 from rollout_client import AbortedError, PermissionDeniedError, RolloutClient, UnauthenticatedError
 from rollout_client import RolloutClientError as RolloutError
 from rollout_service import faults
 from rollout_service.config import ServerConfig
-from rollout_service.types import GenerateRequest
 from tests.observe import InBackground, wait_until
+from tests.serve.conftest import GREEDY, PROMPTS, perturbed
 from tests.tls import Pki
 
 pytestmark = pytest.mark.engine
 
 KEYS = {"admin": "cluster-admin-key-0123456789", "trainer": "cluster-trainer-key-01234567", "eval": "cluster-eval-key-0123456789ab"}
 
-PROMPTS = [[(11 * i + 3 * j) % 2000 + 10 for j in range(10)] for i in range(3)]
-# One prompt per request: outputs compared across replicas and calls need a fixed batch schedule
-# (see tests/weights/conftest.py greedy()).
-GREEDY = [
-    GenerateRequest.model_validate(
-        {"prompts": [{"token_ids": p}], "sampling": {"max_tokens": 10, "temperature": 0.0, "ignore_eos": True}}
-    )
-    for p in PROMPTS
-]
-
-
-def perturbed(base: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {k: (v.float() + 0.05 * torch.randn(v.shape, generator=g)).to(torch.bfloat16) for k, v in base.items()}
-
-
-@pytest.fixture(scope="module")
-def base_weights(tiny_model):
-    return load_file(tiny_model / "model.safetensors")
 
 
 @pytest.fixture(scope="module")

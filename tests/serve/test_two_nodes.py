@@ -12,33 +12,12 @@ import shutil
 import time
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from rollout_service.config import ServerConfig
-from rollout_service.types import GenerateRequest
+from tests.serve.conftest import GREEDY, perturbed
 from tests.two_nodes import RESOURCE, start_two_nodes
 
 pytestmark = pytest.mark.engine
-
-PROMPTS = [[(7 * i + 5 * j) % 2000 + 10 for j in range(8)] for i in range(3)]
-GREEDY = [
-    GenerateRequest.model_validate(
-        {"prompts": [{"token_ids": p}], "sampling": {"max_tokens": 8, "temperature": 0.0, "ignore_eos": True}}
-    )
-    for p in PROMPTS
-]
-
-
-def perturbed(base: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {k: (v.float() + 0.05 * torch.randn(v.shape, generator=g)).to(torch.bfloat16) for k, v in base.items()}
-
-
-@pytest.fixture(scope="module")
-def base_weights(tiny_model):
-    return load_file(tiny_model / "model.safetensors")
-
 
 @pytest.fixture(scope="module")
 def two_nodes(tiny_model, redis_server, s3_server, tmp_path_factory, request):
