@@ -85,12 +85,12 @@ class Fanout:
         return self.parts
 
     async def close(self) -> None:
-        """Stop handing parts out (the push ended, committed or not); a conversion thread waiting
-        for room goes on without."""
+        """Stop handing parts out (the push ended, committed or not): a part being taken is left
+        to the replicas' abort, and a conversion thread waiting for room goes on without."""
         self._closed = True
         for _ in range(WINDOW_PARTS):
             self._room.release()
         if not self._task.done():
-            self._queue.put_nowait(None)
+            self._task.cancel()
             with contextlib.suppress(BaseException):
                 await self._task

@@ -127,6 +127,10 @@ class Push:
                 convert = store_converter(self._dtype, claim.cast_crc, prepare)
             except BaseException:
                 spool.discard()
+                if requantized is not None:
+                    requantized.discard()
+                if fanout is not None:
+                    await fanout.close()
                 raise
             try:
                 async with receiving(header, self.table, convert, spool, self.config, self.store, committed) as session:
