@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 RESOURCE = "rollout_engine"
+MULTI_NODE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # Ray's switch (serve/local_ray.py turns it off on loopback)
 RAY = str(Path(sys.executable).parent / "ray")
 
 
@@ -78,7 +79,9 @@ def start_two_nodes(
     host, port = machine_address(), free_port()
     address = f"{host}:{port}"
     head_temp = Path(tempfile.mkdtemp(prefix="ray-head-", dir="/tmp"))
-    base = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    # A loopback node started earlier in this process (the service's own) set single-machine mode,
+    # under which `ray start --address` refuses to add a node: these nodes are a cluster.
+    base = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, MULTI_NODE: "1"}
     base.pop("RAY_AUTH_TOKEN_PATH", None)
     base.pop("RAY_ADDRESS", None)
     # The head: its temporary directory a fresh one, which the worker node's namespace hides too.
@@ -116,7 +119,7 @@ def _node(command: list[str], env: dict, log: Path) -> subprocess.Popen:
 def _wait_for_nodes(nodes: TwoNodes, count: int, started: subprocess.Popen, timeout_s: float = 180) -> None:
     """Until the cluster has `count` live nodes (asked with `ray status` through the token)."""
     deadline = time.monotonic() + timeout_s
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": nodes.token}
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": nodes.token, MULTI_NODE: "1"}
     env.pop("RAY_AUTH_TOKEN_PATH", None)
     while time.monotonic() < deadline:
         if started.poll() is not None:

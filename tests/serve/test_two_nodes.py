@@ -15,7 +15,7 @@ import pytest
 
 from rollout_service.config import ServerConfig
 from tests.serve.conftest import GREEDY, perturbed
-from tests.two_nodes import RESOURCE, start_two_nodes
+from tests.two_nodes import MULTI_NODE, RESOURCE, start_two_nodes
 
 pytestmark = pytest.mark.engine
 
@@ -25,6 +25,7 @@ def two_nodes(tiny_model, redis_server, s3_server, tmp_path_factory, request):
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         pytest.skip("the worker node's own mount namespace needs root and unshare (util-linux)")
     import ray
+    import ray._private.ray_constants as ray_constants
     from ray import serve
     from ray._raylet import AuthenticationTokenLoader, Config
 
@@ -33,16 +34,23 @@ def two_nodes(tiny_model, redis_server, s3_server, tmp_path_factory, request):
 
     root = tmp_path_factory.mktemp("two-nodes")  # the head's store, staging and cache: hidden from the worker
     nodes = start_two_nodes([root], tmp_path_factory.mktemp("two-nodes-logs"), env=s3_server.env())
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")}
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS", MULTI_NODE)}
+    single_machine = ray_constants.ENABLE_RAY_CLUSTER
 
     def restore():
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        ray_constants.ENABLE_RAY_CLUSTER = single_machine
         nodes.stop()
 
     request.addfinalizer(restore)
     os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
     os.environ.update(nodes.env())
+    # A loopback node earlier in this session (tests/serve/test_cluster.py) put this process in Ray's
+    # single-machine mode, where a driver takes 127.0.0.1 for its node: this cluster is on the
+    # machine's address.
+    os.environ[MULTI_NODE] = "1"
+    ray_constants.ENABLE_RAY_CLUSTER = True
     Config.initialize("")  # this process read Ray's token settings before they changed
     AuthenticationTokenLoader.instance().reset_cache()
     config = ServerConfig(
