@@ -58,6 +58,18 @@ def serve(model: Path, log: Path, args: list[str], cwd: Path | None = None, env:
                                "--kv-cache-gib", "1", *args, cwd=cwd, env=env)
 
 
+def side(name: str, model: Path, weights: dict, rounds: int, log: Path, args: list[str], **where) -> dict:
+    """One side of a comparison: a deployment started (`where`: its code's cwd / env), pushed
+    into, stopped."""
+    server = serve(model, log, args, **where)
+    try:
+        measured = pushes(server.grpc_address, weights, rounds)
+    finally:
+        server.stop()
+    print(f"{name}: {measured}", flush=True)
+    return measured
+
+
 def one_node(model: Path, weights: dict, rounds: int, work: Path, baseline: str) -> dict:
     checkout = work / "baseline"
     subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(checkout), baseline], check=True, capture_output=True)
@@ -65,14 +77,9 @@ def one_node(model: Path, weights: dict, rounds: int, work: Path, baseline: str)
     try:
         # The baseline's code first on the path of the server and of every Ray process it starts.
         old = {**os.environ, "PYTHONPATH": os.pathsep.join([str(checkout), str(checkout / "clients" / "python")])}
-        for side, cwd, env in (("filesystem", checkout, old), ("ray_objects", None, None)):
-            server = serve(model, work / f"{side}.log", ["--weights-dir", str(work / f"{side}-store"), "--cache-dir", str(work / f"{side}-cache")],
-                           cwd=cwd, env=env)
-            try:
-                out[side] = pushes(server.grpc_address, weights, rounds)
-            finally:
-                server.stop()
-            print(f"one node, {side}: {out[side]}", flush=True)
+        for name, cwd, env in (("filesystem", checkout, old), ("ray_objects", None, None)):
+            args = ["--weights-dir", str(work / f"{name}-store"), "--cache-dir", str(work / f"{name}-cache")]
+            out[name] = side(f"one node, {name}", model, weights, rounds, work / f"{name}.log", args, cwd=cwd, env=env)
     finally:
         subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(checkout)], check=False)
     out["ratio_ray_vs_filesystem"] = out["ray_objects"]["push_s"] / out["filesystem"]["push_s"]
@@ -89,15 +96,10 @@ def two_nodes(model: Path, weights: dict, rounds: int, work: Path) -> dict:
     try:
         env = {**os.environ, **nodes.env()}
         env.pop("RAY_AUTH_TOKEN_PATH", None)
-        for side, resource in (("head", HEAD_RESOURCE), ("worker", RESOURCE)):
-            store = f"s3://{s3.new_bucket()}/store"
-            server = serve(model, work / f"two-{side}.log", ["--ray-address", nodes.address, "--replica-resource", resource,
-                                                             "--weights-dir", store, "--cache-dir", str(work / "hidden" / side)], env=env)
-            try:
-                out[side] = pushes(server.grpc_address, weights, rounds)
-            finally:
-                server.stop()
-            print(f"two nodes, replicas on the {side}: {out[side]}", flush=True)
+        for name, resource in (("head", HEAD_RESOURCE), ("worker", RESOURCE)):
+            args = ["--ray-address", nodes.address, "--replica-resource", resource,
+                    "--weights-dir", f"s3://{s3.new_bucket()}/store", "--cache-dir", str(work / "hidden" / name)]
+            out[name] = side(f"two nodes, replicas on the {name}", model, weights, rounds, work / f"two-{name}.log", args, env=env)
     finally:
         nodes.stop()
         s3.stop()
