@@ -78,6 +78,7 @@ def resumed(server, store: Path, version: int, outputs) -> None:
 
 
 @pytest.mark.engine
+@pytest.mark.slow  # 2.5 min: make test-all and make reliability (test_store_durability covers the keep without an engine)
 @pytest.mark.reliability("fault")
 def test_a_larger_keep_serves_on_and_a_kill_after_current_names_the_push_resumes_it(
     request, tiny_model, tmp_path_factory, weights0, fault_file, record_property
