@@ -22,7 +22,6 @@ from rollout_service.api import messages
 from rollout_service.api.access import Access, Operation, grpc_operation
 from rollout_service.api.idle import Pace, enforce_pace
 from rollout_service.api.limits import MIB, PushBudget, check_generate, check_generate_message, check_whole
-from rollout_service.api.metrics import Metered
 from rollout_service.config import ServerConfig
 from rollout_service.errors import (
     Cancelled,
@@ -33,6 +32,7 @@ from rollout_service.errors import (
     grpc_trailers,
     public_message,
 )
+from rollout_service.observe.metrics import Metered
 from rollout_service.serve.load import load_weights
 from rollout_service.types import GenerateRequest
 from rollout_service.weights.manifest import PushHeader

@@ -11,7 +11,7 @@ GET  /healthz       200 when the engine is alive, 503 otherwise
 POST /v1/completions, POST /v1/chat/completions, GET /v1/models
                     OpenAI-compatible, over the same engine calls (api/openai_compat/), with
                     errors in OpenAI's shape
-GET  /metrics       Prometheus metrics (api/metrics.py)
+GET  /metrics       Prometheus metrics (observe/metrics.py)
 GET  /v1/events     weight version events after ?after=<id> (see serve/coordinator.py)
 /v1/debug/...       with --debug-endpoints (serve/debug_routes.py)
 
@@ -37,7 +37,6 @@ from rollout_service.api.access import UNCAPPED, Access, Operation, Slot, http_o
 from rollout_service.api.cancel import generate_all
 from rollout_service.api.idle import Pace, enforce_pace
 from rollout_service.api.limits import MIB, PushBudget, check_generate, check_whole, max_push_bytes, max_push_header_bytes
-from rollout_service.api.metrics import CONTENT_TYPE, Metered
 from rollout_service.api.openai_compat import routes as openai_routes
 from rollout_service.errors import (
     Cancelled,
@@ -50,6 +49,7 @@ from rollout_service.errors import (
     http_status,
     public_message,
 )
+from rollout_service.observe.metrics import CONTENT_TYPE, Metered
 from rollout_service.serve.load import load_weights
 from rollout_service.types import GenerateRequest, invalid_argument_from
 from rollout_service.weights.manifest import PushHeader

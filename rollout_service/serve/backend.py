@@ -78,6 +78,10 @@ class Backend:
         """The committed versions the weight store keeps, newest first."""
         return await asyncio.to_thread(self.push.store.kept)
 
+    async def engine_metrics(self) -> list[tuple[str, str]]:
+        """(replica id, its engine's metrics in Prometheus' text format) of every replica that answers."""
+        return [r for r in await self.replicas.broadcast("engine_metrics") if isinstance(r, tuple)]
+
     def begin_push(self, read_header: HeaderReader):
         return self.push.begin(read_header)
 

@@ -28,9 +28,9 @@ from rollout_service.api.access import Access
 from rollout_service.api.grpc_server import SERVICE_NAME, create_server
 from rollout_service.api.http_app import create_app
 from rollout_service.api.http_server import start_http
-from rollout_service.api.metrics import Metered
 from rollout_service.config import ServerConfig, is_loopback
 from rollout_service.errors import ConfigError, EngineUnavailable
+from rollout_service.observe.metrics import Metered
 from rollout_service.serve.backend import Backend
 from rollout_service.serve.coordinator import Coordinator, make_coordinator
 from rollout_service.serve.debug_routes import debug_router

@@ -36,7 +36,7 @@ async def load_weights(backend, url: str, expected_version: int | None, label: s
     PushBudget(backend.config).add(source.tensors)
 
     async def read_header() -> PushHeader:  # the tensors are declared file by file, to name the file
-        return PushHeader((), expected_version, label, inflight)
+        return PushHeader((), expected_version, label, inflight, loaded_from=url)
 
     log.info("loading %s: %d tensors, %.3f GB in %d file(s)", url, len(source.tensors), source.nbytes / 1e9, len(source.shards))
     async with backend.begin_push(read_header) as session:

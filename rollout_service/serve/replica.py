@@ -25,6 +25,7 @@ from rollout_service import faults
 from rollout_service.config import ServerConfig
 from rollout_service.engine import RolloutEngine
 from rollout_service.errors import EngineUnavailable, StorageFull, StorageUnavailable
+from rollout_service.observe import engine_metrics
 from rollout_service.serve.replicas import ApplyFailed
 from rollout_service.types import ApplyStats, Completion, GenerateRequest, ServerStatus
 from rollout_service.weights.service import WeightService
@@ -111,6 +112,11 @@ class EngineReplica:
             # Versions loaded from their push's parts vs whole from the store (a late start, a missed push).
             "loaded": dict(self._loaded),
         }
+
+    async def engine_metrics(self) -> tuple[str, str]:
+        """(this replica's id, its engine's own metrics in Prometheus' text format): the ingress
+        merges every replica's into its scrape (observe/engine_metrics.py)."""
+        return self.replica_id, engine_metrics.exposition()
 
     async def check_health(self) -> None:
         """Serve's health check: a dead engine gets this replica replaced."""

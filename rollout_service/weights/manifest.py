@@ -65,6 +65,7 @@ class PushHeader:
     label: str = ""
     inflight: str = ""
     delta_base_version: int | None = None
+    loaded_from: str = ""  # the checkpoint the server read the push from (LoadWeights); "" for a pushed one
 
 
 # Reads a push's header (its first message, a safetensors header): called once the push lock is

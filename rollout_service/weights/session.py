@@ -102,6 +102,16 @@ class PushSession:
         await self.add_chunk(index, 0, data)
         self.shared_bytes += len(data)
 
+    @property
+    def path(self) -> str:
+        """How its bytes came, for the metrics: "load" (read by the server, LoadWeights), "delta"
+        (a tensor sent as a delta), "shared_memory" (a tensor handed over in it), else "stream"."""
+        if self.header.loaded_from:
+            return "load"
+        if any(t.delta is not None for t in self.tensors):
+            return "delta"
+        return "shared_memory" if self.shared_bytes else "stream"
+
     def result(
         self, version: int, receive_s: float, prepare_s: float, applied: list[ApplyStats], catching_up: list[str],
         warnings: list[str] | None = None,

@@ -9,7 +9,7 @@ import pytest
 
 from rollout_service.api.access import Access
 from rollout_service.api.http_app import create_app
-from rollout_service.api.metrics import Metered
+from rollout_service.observe.metrics import Metered
 from tests.api.test_guards import KEYS, RecordingBackendDouble, make_config
 
 

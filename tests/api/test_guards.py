@@ -29,9 +29,9 @@ from rollout_client import (
 from rollout_service.api.access import Access
 from rollout_service.api.grpc_server import create_server
 from rollout_service.api.http_app import create_app
-from rollout_service.api.metrics import Metered
 from rollout_service.config import ServerConfig
 from rollout_service.api.http_server import start_http
+from rollout_service.observe.metrics import Metered
 from rollout_service.types import Completion, Counters, PushResult, Sample, ServerStatus
 from tests.tls import Pki
 
@@ -68,6 +68,10 @@ class RecordingBackendDouble:
         header = await read_header()
 
         class Session:
+            path = "stream"
+            committed = False
+            bytes_received = 0
+
             def __init__(self):
                 self.header = header
 
@@ -85,10 +89,14 @@ class RecordingBackendDouble:
 
     async def commit_push(self, session) -> PushResult:
         self.commits += 1
+        session.committed = True
         return PushResult(self.commits, 0, len(self.declared), 0, 0, 0, 0)
 
     async def check_health(self):
         pass
+
+    async def engine_metrics(self):
+        return []
 
 
 class FrontEnds:
