@@ -1,8 +1,10 @@
 """deploy/ files are valid: the Serve configs against Ray's schema and our config; the compose and
-Kubernetes YAML parse and use images and ports the Dockerfiles define."""
+Kubernetes YAML parse and use images and ports the Dockerfiles define; the alert rules and the
+Grafana dashboard are well formed (that the metrics they query exist: tests/api/test_metrics_scrape.py)."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -218,3 +220,25 @@ def test_kuberay_keeps_the_weight_store_in_a_bucket_with_credentials_from_a_secr
         assert not any("weights" in v["name"] for v in spec.get("volumes", [])), "a weights volume is mounted"
         for container in spec["containers"]:
             assert {"secretRef": {"name": "rollout-s3"}} in container.get("envFrom", []), container["name"]
+
+
+def test_alert_rules_have_an_expression_a_severity_and_say_what_to_do():
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yaml").read_text())
+    alerts = [r for g in rules["groups"] for r in g["rules"]]
+    assert {a["alert"] for a in alerts} >= {
+        "RolloutNoReplicaServing", "RolloutPushFailing", "RolloutPushStuck", "RolloutReplicaBehind", "RolloutKVCacheFull"}
+    for a in alerts:
+        assert a["expr"].strip() and a["labels"]["severity"] in {"critical", "warning"}, a["alert"]
+        assert a["annotations"]["summary"] and len(a["annotations"]["description"]) > 80, a["alert"]
+
+
+def test_the_grafana_dashboard_queries_through_its_prometheus_variable_with_panels_in_place():
+    dashboard = json.loads((DEPLOY / "grafana" / "rollout-service.json").read_text())
+    assert [v["name"] for v in dashboard["templating"]["list"] if v["type"] == "datasource"] == ["datasource"]
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    for p in panels:
+        assert p["targets"] and p["datasource"]["uid"] == "${datasource}", p["title"]
+        assert p["gridPos"]["x"] + p["gridPos"]["w"] <= 24, p["title"]
+    cells = [(p["gridPos"]["y"], x) for p in panels for x in range(p["gridPos"]["x"], p["gridPos"]["x"] + p["gridPos"]["w"])]
+    assert len(cells) == len(set(cells)), "panels overlap"

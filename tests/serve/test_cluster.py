@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import save
 
 from rollout_client import AbortedError, PermissionDeniedError, RolloutClient, UnauthenticatedError
@@ -157,8 +158,16 @@ def test_a_push_reaches_both_replicas_which_then_agree_at_the_new_version(cluste
     assert {v for _, _, v in a} == {4}
     assert [t for t, _, _ in a] != [t for t, _, _ in before], "the push did not change the outputs"
     with cluster.https() as http:
-        metrics = http.get("/metrics").text
-    assert "rollout_replicas 2.0" in metrics and "rollout_weight_version 4.0" in metrics
+        scraped = {f.name: f for f in text_string_to_metric_families(http.get("/metrics").text)}
+    replicas = {i["replica_id"] for i in per_replica(cluster, "info")}
+    assert [s.value for s in scraped["rollout_replicas"].samples] == [2]
+    assert [s.value for s in scraped["rollout_committed_version"].samples] == [4]
+    assert {s.labels["replica"]: s.value for s in scraped["rollout_replica_weight_version"].samples} == dict.fromkeys(replicas, 4)
+    # Each replica's own vLLM metrics, from its actor's process, merged at the ingress.
+    for name in ("vllm:num_requests_running", "vllm:kv_cache_usage_perc", "vllm:time_to_first_token_seconds"):
+        assert {s.labels["replica"] for s in scraped[name].samples} == replicas, name
+    served = {s.labels["replica"]: s.value for s in scraped["vllm:generation_tokens"].samples if s.name.endswith("_total")}
+    assert served.keys() == replicas and all(served.values()), served  # both generated greedy_by_replica's tokens
 
 
 @pytest.mark.reliability("fault")
