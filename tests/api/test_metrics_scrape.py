@@ -14,9 +14,8 @@ import httpx
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from safetensors.torch import load_file
-
 from rollout_client import RolloutClient
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.engine
 
@@ -71,7 +70,7 @@ def test_metric_names_are_found_in_promql():
 
 def test_names_types_and_vllm_metrics_labelled_with_the_replica(trainer_server):
     text, families = scrape(trainer_server)
-    declared = re.findall(r"^# TYPE (\S+)", text, re.M)
+    declared = re.findall(r"^# TYPE (\S+)", text, re.MULTILINE)
     assert len(declared) == len(set(declared)), "a family exposed twice"
     assert "rollout_tokens_per_second" not in families
     ours = {name: f for name, f in families.items() if name.startswith("rollout_")}
