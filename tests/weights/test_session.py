@@ -248,3 +248,22 @@ def test_a_delta_tensor_takes_from_the_push_buffer_what_rebuilding_it_allocates(
     assert torch.equal(rebuilt, new)
     # The base read and a fused join are the other two of the factor.
     assert peak <= (DELTA_REBUILD_FACTOR - 2) * spec.nbytes, peak / spec.nbytes
+
+
+@pytest.mark.parametrize("how, path", [("chunks", "stream"), ("shared", "shared_memory"), ("load", "load")])
+def test_a_session_names_the_path_its_bytes_came_by(tmp_path, how, path):
+    """The path labels the push metrics (observe/metrics.py)."""
+    b = torch.randn(16, 32).to(torch.bfloat16)
+
+    async def run() -> str:
+        header = PushHeader((spec("b.weight", b),), loaded_from="/ckpt/step-3" if how == "load" else "")
+        s = PushSession(header, TABLE, lambda name, t: {name: t}, ShardWriter(tmp_path, part_bytes=4096), 1 << 20)
+        if how == "shared":
+            await s.add_shared(0, memoryview(raw(b)))
+        else:
+            await s.add_chunk(0, 0, raw(b))
+        await s.finish()
+        s.close()
+        return s.path
+
+    assert asyncio.run(run()) == path
