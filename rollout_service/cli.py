@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,11 +20,10 @@ app.add_typer(store_app, name="store")
 err = Console(stderr=True, soft_wrap=True)  # one error per line, greppable
 
 
-def _setup_logging(level: str, file: Path | None = None) -> None:
-    handlers = [logging.StreamHandler()] + ([logging.FileHandler(file)] if file else [])
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True
-    )
+def _setup_logging(level: str, file: Path | None = None, log_format: str = "text") -> None:
+    from rollout_service.observe import logs
+
+    logs.setup(level, log_format, file)
 
 
 def _config_error(exc: ValidationError) -> None:
@@ -62,9 +60,9 @@ def serve(
         given["http_port"] = None
     try:
         flash_level, flash_log_file = config_sources.flashrl_logging()
-        _setup_logging(log_level or flash_level or "info", flash_log_file)
         from_file = config_sources.load_config_file(config_file) if config_file else {}
         config = ServerConfig(**config_sources.merge(given, from_file, config_sources.flashrl_settings()))
+        _setup_logging(log_level or flash_level or "info", flash_log_file, config.log_format)
     except ConfigError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None

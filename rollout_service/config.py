@@ -38,6 +38,7 @@ DType = Literal["bfloat16", "float32"]
 LogprobsMode = Literal["processed", "raw"]
 InflightPolicy = Literal["drain", "abort", "continue"]
 Backend = Literal["ray", "local"]
+LogFormat = Literal["text", "json"]
 
 
 def default_text(text: str) -> dict:
@@ -402,6 +403,27 @@ class OpenAISettings(BaseModel):
     )
 
 
+class ObservabilitySettings(BaseModel):
+    """What the server tells operators beyond its replies: its log lines and traces."""
+
+    log_format: LogFormat = Field(
+        "text",
+        description="Log lines as text, or 'json': one JSON object per line (time, level, logger, message, "
+        "request_id while serving a call, exception) for a log collector; under Ray Serve the ingress and the "
+        "replicas log the same way, and Serve's own log files use its JSON encoding. Every line about a call "
+        "carries its request id (the caller's x-request-id header or gRPC metadata, else a new one, returned in "
+        "the reply's x-request-id).",
+    )
+    otlp_endpoint: str | None = Field(
+        None,
+        description="OpenTelemetry collector to send traces to over OTLP/gRPC (http://host:4317; https:// for "
+        "TLS): a span per call, with the replica's and the engine's under it, and one per push phase; a caller's "
+        "W3C traceparent makes them part of its trace. Unset, the standard OTEL_EXPORTER_OTLP_ENDPOINT applies if "
+        "set (OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES and OTEL_BSP_* too; OTEL_SDK_DISABLED=true turns it off).",
+        json_schema_extra=default_text("OTEL_EXPORTER_OTLP_ENDPOINT, else no traces"),
+    )
+
+
 # Each concern's title, in the order `serve --help` and the README list them.
 CONCERNS: dict[str, type[BaseModel]] = {
     "Engine": EngineSettings,
@@ -410,13 +432,15 @@ CONCERNS: dict[str, type[BaseModel]] = {
     "Deployment": DeploymentSettings,
     "Weight store": StoreSettings,
     "OpenAI layer": OpenAISettings,
+    "Observability": ObservabilitySettings,
 }
 
 
 # pydantic lists the fields of the last base first: the concerns in reverse, so that model_fields, and
 # so the first error reported, start with the engine's (a missing --model before anything else).
 class ServerConfig(
-    OpenAISettings, StoreSettings, DeploymentSettings, SecuritySettings, NetworkSettings, EngineSettings, BaseSettings
+    ObservabilitySettings, OpenAISettings, StoreSettings, DeploymentSettings, SecuritySettings, NetworkSettings,
+    EngineSettings, BaseSettings,
 ):
     """Settings of one rollout server (one vLLM engine behind gRPC and HTTP): every concern's fields."""
 

@@ -19,6 +19,7 @@ from rollout_service.api.access import Access
 from rollout_service.config import ServerConfig
 from rollout_service.engine.engine import with_context
 from rollout_service.launcher import READY_PREFIX
+from rollout_service.observe import tracing
 from rollout_service.serve.coordinator import EmbeddedCoordinator
 from rollout_service.serve.ingress import Ingress, check_ports_free
 from rollout_service.serve.replica import EngineReplica
@@ -51,6 +52,7 @@ async def serve(config: ServerConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
 
     check_ports_free(config)
+    tracing.setup(config)
     config = with_context(config)
     access = Access.from_config(config)  # a bad keys file fails here, before the engine starts
     store = local_store(config)  # a second server on a --weights-dir fails here, before the engine starts

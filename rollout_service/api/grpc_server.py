@@ -32,6 +32,7 @@ from rollout_service.errors import (
     grpc_trailers,
     public_message,
 )
+from rollout_service.observe.call_scope import CallInterceptor
 from rollout_service.observe.metrics import Metered
 from rollout_service.serve.load import load_weights
 from rollout_service.types import GenerateRequest
@@ -302,7 +303,7 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
 async def create_server(backend: Metered, config: ServerConfig, access: Access) -> tuple[grpc.aio.Server, int]:
     """A started gRPC server on config.host:config.port (0 = a free port); returns it and the bound port."""
     server = grpc.aio.server(
-        interceptors=[AccessInterceptor(access)],
+        interceptors=[CallInterceptor(), AccessInterceptor(access)],  # the call's scope around its access checks
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", max(config.max_request_mib * MIB, MIN_RECEIVE_BYTES)),

@@ -49,6 +49,7 @@ from rollout_service.errors import (
     http_status,
     public_message,
 )
+from rollout_service.observe.call_scope import CallMiddleware
 from rollout_service.observe.metrics import CONTENT_TYPE, Metered
 from rollout_service.serve.load import load_weights
 from rollout_service.types import GenerateRequest, invalid_argument_from
@@ -186,6 +187,7 @@ def create_app(backend: Metered, access: Access, events=None, debug: APIRouter |
         AccessMiddleware, access=access, max_body=config.max_request_mib * MIB, max_push=max_push_bytes(config),
         body_idle_s=config.push_idle_timeout_s,
     )
+    app.add_middleware(CallMiddleware)  # added last, so outermost: refusals carry the request id too
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):

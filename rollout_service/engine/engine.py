@@ -19,6 +19,7 @@ import uuid
 from array import array
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import vllm
 from vllm.engine.arg_utils import AsyncEngineArgs
@@ -31,8 +32,12 @@ from rollout_service.config import InflightPolicy, ServerConfig
 from rollout_service.engine import vllm_io
 from rollout_service.engine.admission import SequenceBudget
 from rollout_service.errors import ConfigError, DeadlineExceeded, EngineUnavailable, InvalidArgument, Overloaded
+from rollout_service.observe import tracing
 from rollout_service.types import ApplyStats, Completion, Counters, GenerateRequest, ServerStatus
 from rollout_service.weights.store import Plan
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +193,25 @@ class RolloutEngine:
 
     # ---- generation -------------------------------------------------------------------------
 
-    async def generate(self, request: GenerateRequest, refuse_when_full: bool = True) -> AsyncIterator[Completion]:
+    async def generate(
+        self, request: GenerateRequest, refuse_when_full: bool = True, trace: Context | None = None,
+    ) -> AsyncIterator[Completion]:
+        """`_generate`, in span engine.generate under `trace` (an OpenTelemetry context, the
+        replica's span; observe/tracing.py), which counts the tokens made."""
+        n = request.sampling.n
+        with tracing.span(
+            "engine.generate", trace, prompts=len(request.prompts), samples=len(request.prompts) * n,
+            stream_tokens=request.stream_tokens, weight_version=self.weight_version,
+        ) as span:
+            counting, tokens = span.is_recording(), 0
+            async with contextlib.aclosing(self._generate(request, refuse_when_full)) as stream:
+                async for completion in stream:
+                    if counting:
+                        tokens += sum(len(s.token_ids) for s in completion.samples)
+                    yield completion
+            tracing.note(span, completion_tokens=tokens)
+
+    async def _generate(self, request: GenerateRequest, refuse_when_full: bool) -> AsyncIterator[Completion]:
         """Yield one Completion per prompt, in completion order; with `request.stream_tokens`,
         pieces of them as their tokens are sampled: a piece per engine step and prompt, fewer when
         the caller reads slower than the engine steps (a prompt's next output is taken from vLLM

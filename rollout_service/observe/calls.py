@@ -14,7 +14,8 @@ import uuid
 from collections.abc import Iterator
 from contextvars import ContextVar
 
-# A request id a caller sends is kept if it is this long at most and printable; else a new one.
+# A request id a caller sends is kept if it is this long at most and printable ASCII (it goes back
+# in gRPC metadata, which takes nothing else); else a new one.
 MAX_REQUEST_ID = 128
 
 
@@ -22,6 +23,11 @@ MAX_REQUEST_ID = 128
 class Call:
     request_id: str
     route: str  # "Generate", "PushWeights" (gRPC methods) or "POST /v1/completions" (HTTP routes)
+    # The OpenTelemetry context of the call's span (observe/tracing.py), the parent of the spans
+    # below it; None where the call is not traced. Held here rather than attached as OpenTelemetry's
+    # current context: a replica's generator runs in its caller's task, between whose steps an
+    # attached context would leak.
+    trace: object | None = None
 
 
 _CURRENT: ContextVar[Call | None] = ContextVar("rollout_call", default=None)
@@ -34,7 +40,7 @@ def current() -> Call | None:
 
 def request_id(given: str | None) -> str:
     """The caller's request id where it is a usable one, else a new one."""
-    if given and len(given) <= MAX_REQUEST_ID and given.isprintable() and not given.isspace():
+    if given and len(given) <= MAX_REQUEST_ID and given.isascii() and given.isprintable() and not given.isspace():
         return given
     return uuid.uuid4().hex
 

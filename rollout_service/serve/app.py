@@ -30,6 +30,7 @@ from rollout_service.serve.ingress import Ingress
 from rollout_service.serve.replica import EngineReplica
 from rollout_service.tools.machine import usable_cores
 from rollout_service.errors import ConfigError
+from rollout_service.observe import logs, tracing
 from rollout_service.weights.versions import VersionStore, is_url, open_store, store_root
 
 log = logging.getLogger("rollout_service.replica")
@@ -42,8 +43,9 @@ MAX_ONGOING_PER_REPLICA = 1024
 # Engines take 45-90 s to start; Serve replaces a replica whose health check fails this long.
 HEALTH_CHECK_PERIOD_S = 10
 HEALTH_CHECK_TIMEOUT_S = 60
-# Serve logs every call by default, status and registry broadcasts included: too chatty.
-_LOGGING = {"enable_access_log": False}
+# Serve's LoggingConfig: its own lines in the encoding of ours (observe/logs.py); no access log
+# (by default it logs every call, status and registry broadcasts included: too chatty).
+SERVE_ENCODING = {"text": "TEXT", "json": "JSON"}
 # Generate streams over Serve's inter-deployment gRPC (serve/handle.py), whose messages Ray caps at
 # 4 MiB by default: a whole completion of long samples with top logprobs, or a large batch, is more.
 # Read by Ray at import in each process: the replicas' servers and the ingress's channels alike.
@@ -60,6 +62,7 @@ class ServedEngineReplica(EngineReplica):
     """The engine replica as a Serve deployment: its id and cores from Serve's replica context."""
 
     async def __init__(self, config: ServerConfig):
+        observe_process(config)
         context = serve.get_replica_context()
         ours = ours_to_bind(config)
         bind_cores(config, context.rank.local_rank)
@@ -116,6 +119,7 @@ class ServedIngress:
     """The ingress as a Serve deployment, holding only the engine replicas' handle."""
 
     async def __init__(self, config: ServerConfig, engines):
+        observe_process(config)
         if ours_to_bind(config):
             keep_off_engine_cores(config)
         access = Access.from_config(config)
@@ -129,6 +133,17 @@ class ServedIngress:
 
     async def __del__(self):
         await self.ingress.close()
+
+
+def observe_process(config: ServerConfig) -> None:
+    """Log lines (at the level Serve's LoggingConfig gives this process) and traces of a Serve
+    process as the single-process server's: each replica and the ingress is a process of its own."""
+    logs.setup(logging.getLevelName(logging.getLogger("ray.serve").getEffectiveLevel()), config.log_format)
+    tracing.setup(config)
+
+
+def _logging_config(config: ServerConfig) -> dict:
+    return {"enable_access_log": False, "encoding": SERVE_ENCODING[config.log_format]}
 
 
 def node_cores() -> int:
@@ -260,7 +275,7 @@ def build_app(config: ServerConfig) -> Application:
             "runtime_env": {"env_vars": _engine_env(config)},
         },
         max_ongoing_requests=MAX_ONGOING_PER_REPLICA,
-        logging_config=_LOGGING,
+        logging_config=_logging_config(config),
         health_check_period_s=HEALTH_CHECK_PERIOD_S,
         health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
         request_router_config=RequestRouterConfig(
@@ -270,9 +285,15 @@ def build_app(config: ServerConfig) -> Application:
     ).bind(config)
     ingress = serve.deployment(
         ServedIngress, name="Ingress", num_replicas=1, max_ongoing_requests=MAX_ONGOING_PER_REPLICA,
-        ray_actor_options=_ingress_options(), logging_config=_LOGGING,
+        ray_actor_options=_ingress_options(), logging_config=_logging_config(config),
     )
     return ingress.bind(config, engines)
+
+
+def _otel_env() -> dict[str, str]:
+    """The OpenTelemetry settings given to the driver (OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME,
+    ...), for the processes that trace (observe/tracing.py)."""
+    return {name: value for name, value in os.environ.items() if name.startswith("OTEL_")}
 
 
 def app_builder(args: dict) -> Application:
@@ -294,7 +315,7 @@ def app_config(config: ServerConfig) -> dict:
         "route_prefix": None,
         # The application's environment reaches every deployment, also one whose ray_actor_options
         # a config file replaces (deploy/serve.yaml's Ingress).
-        "runtime_env": {"env_vars": dict(SERVE_ENV)},
+        "runtime_env": {"env_vars": {**SERVE_ENV, **_otel_env()}},
         "args": args,
         "deployments": [{"name": ENGINE_DEPLOYMENT, **_scaling(config)}],
     }

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 
 from rollout_service.config import ServerConfig
 from rollout_service.errors import EngineUnavailable, Overloaded
+from rollout_service.observe import tracing
 from rollout_service.serve import split
 from rollout_service.serve.push import Push
 from rollout_service.serve.replicas import Replicas
@@ -37,8 +38,9 @@ class Backend:
         runs = await self._split(req)
         streams, merged = [], None
         try:
+            carried = tracing.carrier()  # the call's request id and span, for the replica's log lines and spans
             for replica, a, b in runs:  # inside the try: parts already sent are cancelled if one fails
-                streams.append(self.replicas.generate(split.part(req, a, b), replica))
+                streams.append(self.replicas.generate(split.part(req, a, b), replica, carried))
             if len(runs) > 1:
                 merged = split.merged([(a, s) for (_, a, _), s in zip(runs, streams)])
             async for completion in merged or streams[0]:

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Iterator
 
 from rollout_service.api.limits import PushBudget
 from rollout_service.errors import InvalidArgument
+from rollout_service.observe import tracing
 from rollout_service.types import PushResult
 from rollout_service.weights.checkpoint_source import CheckpointSource
 from rollout_service.weights.manifest import PushHeader
@@ -42,13 +43,14 @@ async def load_weights(backend, url: str, expected_version: int | None, label: s
     async with backend.begin_push(read_header) as session:
         _declare(session, source)
         started, reported = time.monotonic(), 0
-        async with contextlib.aclosing(_read_ahead(source.chunks())) as chunks:
-            async for index, offset, data in chunks:
-                await session.add_chunk(index, offset, data)
-                if session.bytes_received - reported >= PROGRESS_EVERY_BYTES:
-                    reported = session.bytes_received
-                    log.info("loading %s: %.2f of %.2f GB read (%.2f GB/s)", url, reported / 1e9, source.nbytes / 1e9,
-                             reported / 1e9 / max(time.monotonic() - started, 1e-9))
+        with tracing.span("load.read", url=url, files=len(source.shards), tensors=len(source.tensors), bytes=source.nbytes):
+            async with contextlib.aclosing(_read_ahead(source.chunks())) as chunks:
+                async for index, offset, data in chunks:
+                    await session.add_chunk(index, offset, data)
+                    if session.bytes_received - reported >= PROGRESS_EVERY_BYTES:
+                        reported = session.bytes_received
+                        log.info("loading %s: %.2f of %.2f GB read (%.2f GB/s)", url, reported / 1e9, source.nbytes / 1e9,
+                                 reported / 1e9 / max(time.monotonic() - started, 1e-9))
         return await backend.commit_push(session)
 
 

@@ -40,9 +40,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import torch
+from opentelemetry.trace import Span
 
 from rollout_service.config import ServerConfig
 from rollout_service.errors import Conflict, EngineUnavailable
+from rollout_service.observe import tracing
 from rollout_service.serve.coordinator import Coordinator
 from rollout_service.serve.fanout import Fanout
 from rollout_service.serve.replicas import ApplyFailed, Replicas, broadcast_all
@@ -73,6 +75,7 @@ class Claim:
     cast_crc: dict[str, int]
     requantized: ShardWriter | None
     fanout: Fanout
+    receive: Span  # the push.receive span, ended as the commit begins
     aborted: bool = False
 
 
@@ -123,7 +126,8 @@ class Push:
                 prepare, requantized = requantizer(self._dtype, recipe, self._requantize_into, fanout.part_written)
                 if requantized is None:
                     spool.on_part = fanout.part_written
-                claim = Claim(owner, fence, version, push_id, {}, requantized, fanout)
+                receive = tracing.start("push.receive", version=version, push_id=push_id)
+                claim = Claim(owner, fence, version, push_id, {}, requantized, fanout, receive)
                 convert = store_converter(self._dtype, claim.cast_crc, prepare)
             except BaseException:
                 spool.discard()
@@ -137,7 +141,11 @@ class Push:
                     self._claims[session] = claim
                     try:
                         yield session
+                    except BaseException as exc:  # a receive that failed; an ended receive span is left alone
+                        tracing.end(claim.receive, exc)
+                        raise
                     finally:
+                        tracing.end(claim.receive)
                         del self._claims[session]
                         await fanout.close()
                         if not session.committed and fanout.parts:  # the replicas drop what they staged
@@ -193,29 +201,44 @@ class Push:
     async def commit(self, session: PushSession) -> PushResult:
         claim = self._claims[session]
         receive_s = time.monotonic() - session.started
-        await session.finish()  # the last stored part is written: handed to the replicas
+        with tracing.ended(claim.receive):
+            await session.finish()  # the last stored part is written: handed to the replicas
+            tracing.note(claim.receive, tensors=len(session.header.tensors), bytes=session.bytes_received)
         version, push_id = claim.version, claim.push_id
         files: dict[str, Path] = {}
+        committing = None
         try:
             start = time.monotonic()
-            if claim.requantized is not None:  # its last part is written: handed to the replicas
-                await asyncio.to_thread(claim.requantized.flush)
-            parts = await claim.fanout.finish()
-            await broadcast_all(self.replicas, "prepare", push_id, version, parts)
+            with tracing.span("push.prepare", version=version, push_id=push_id) as span:
+                if claim.requantized is not None:  # its last part is written: handed to the replicas
+                    await asyncio.to_thread(claim.requantized.flush)
+                parts = await claim.fanout.finish()
+                tracing.note(span, parts=len(set(parts.values())))
+                await broadcast_all(self.replicas, "prepare", push_id, version, parts, tracing.carrier())
             prepare_s = time.monotonic() - start  # what the replicas took beyond the receive
+            committing = tracing.start("push.commit", version=version, push_id=push_id)
             files = self.store.adopt(session.spool.dir, session.spool.files, version)
             await self._fence(claim.owner)
         except BaseException as exc:
+            tracing.end(committing, exc)
             log.warning("push %s failed to prepare (%s); every replica stays on version %d", push_id, exc, version - 1)
             await self._abort(claim)
             self.store.discard(files)
             raise
-        return await uncancellable(self._commit_and_apply(session, claim, files, receive_s, prepare_s))
+        return await uncancellable(self._commit_and_apply(session, claim, files, receive_s, prepare_s, committing))
 
     async def _commit_and_apply(
         self, session: PushSession, claim: Claim, files: dict[str, Path], receive_s: float, prepare_s: float,
+        committing: Span,
     ) -> PushResult:
-        version, push_id = claim.version, claim.push_id
+        with tracing.ended(committing):
+            warnings = await self._commit(session, claim, files)
+        return await self._apply(session, claim, warnings, receive_s, prepare_s)
+
+    async def _commit(self, session: PushSession, claim: Claim, files: dict[str, Path]) -> list[str]:
+        """The commit point (the store's manifest and CURRENT), and the coordinator's record; the
+        commit's warnings."""
+        version = claim.version
         crc = {**session.crc32, **claim.cast_crc}
         warnings: list[str] = []
         try:
@@ -236,13 +259,22 @@ class Push:
             await self.coordinator.set_version(version, self.store.manifest_path(version), manifest.label)
         except EngineUnavailable as exc:  # the store has it; the ingress writes it back when Redis returns
             log.warning("version %d committed but not recorded in the coordinator: %s", version, exc)
+        return warnings
+
+    async def _apply(
+        self, session: PushSession, claim: Claim, warnings: list[str], receive_s: float, prepare_s: float,
+    ) -> PushResult:
+        """Every replica loads the committed version; those that fail catch up from the store."""
+        version, push_id = claim.version, claim.push_id
         policy = session.header.inflight or self.config.inflight
-        outcomes = await self.replicas.broadcast("apply", push_id, policy)
-        applied = [a for a in outcomes if not isinstance(a, BaseException)]
-        failed = [e for e in outcomes if isinstance(e, BaseException)]
-        for exc in failed:
-            log.warning("version %d is committed; a replica failed to load it and catches up from the store: %s", version, exc)
-        catching_up = sorted(e.replica_id if isinstance(e, ApplyFailed) else f"unknown ({e})" for e in failed)
+        with tracing.span("push.apply", version=version, push_id=push_id, policy=policy) as span:
+            outcomes = await self.replicas.broadcast("apply", push_id, policy, tracing.carrier())
+            applied = [a for a in outcomes if not isinstance(a, BaseException)]
+            failed = [e for e in outcomes if isinstance(e, BaseException)]
+            for exc in failed:
+                log.warning("version %d is committed; a replica failed to load it and catches up from the store: %s", version, exc)
+            catching_up = sorted(e.replica_id if isinstance(e, ApplyFailed) else f"unknown ({e})" for e in failed)
+            tracing.note(span, replicas_applied=len(applied), replicas_catching_up=len(catching_up))
         # Only now: deleting old versions (seconds for a large model) must not stand between the
         # commit and the apply, where a replica would take the push for an orphan (serve/replica.py).
         await asyncio.to_thread(self.store.delete_old_versions, version, warnings)

@@ -25,6 +25,7 @@ from rollout_service import faults
 from rollout_service.config import ServerConfig
 from rollout_service.engine import RolloutEngine
 from rollout_service.errors import EngineUnavailable, StorageFull, StorageUnavailable
+from rollout_service.observe import tracing
 from rollout_service.observe import engine_metrics
 from rollout_service.serve.replicas import ApplyFailed
 from rollout_service.types import ApplyStats, Completion, GenerateRequest, ServerStatus
@@ -90,12 +91,19 @@ class EngineReplica:
 
     # ---- data plane ---------------------------------------------------------------------------
 
-    async def generate_stream(self, req: GenerateRequest, replica_id: str = "") -> AsyncIterator[Completion]:
+    async def generate_stream(
+        self, req: GenerateRequest, replica_id: str = "", carried: dict[str, str] | None = None,
+    ) -> AsyncIterator[Completion]:
         """`replica_id`: set for a part of a batch the ingress split (serve/split.py): the replica
-        the router sends it to, and the ingress has already decided the deployment has room."""
-        async with contextlib.aclosing(self.engine.generate(req, refuse_when_full=not replica_id)) as stream:
-            async for c in stream:
-                yield c
+        the router sends it to, and the ingress has already decided the deployment has room.
+        `carried`: the call's request id and trace context (observe/tracing.py `carrier`)."""
+        with tracing.continued(carried, "generate_stream") as parent, tracing.span(
+            "replica.generate", parent, replica_id=self.replica_id, prompts=len(req.prompts),
+        ) as span:
+            generating = self.engine.generate(req, refuse_when_full=not replica_id, trace=tracing.within(span))
+            async with contextlib.aclosing(generating) as stream:
+                async for c in stream:
+                    yield c
 
     async def served(self) -> tuple[dict, ServerStatus]:
         """(registry entry, status) of this replica, read together."""
@@ -163,10 +171,17 @@ class EngineReplica:
         except Exception as exc:
             raise EngineUnavailable(f"replica {self.replica_id} failed to stage {part} of version {version}: {exc}") from exc
 
-    async def prepare(self, push_id: str, version: int, parts: dict[str, str]) -> float:
+    async def prepare(self, push_id: str, version: int, parts: dict[str, str], carried: dict[str, str] | None = None) -> float:
         """Every part of `version` was handed out (`take`): check this replica staged them all
         (`parts`: tensor name -> part); returns seconds. A replica that started while the parts
-        were handed out, or that ignored them, loads the version from the store at apply."""
+        were handed out, or that ignored them, loads the version from the store at apply.
+        `carried`: the push's request id and trace context (observe/tracing.py `carrier`)."""
+        with tracing.continued(carried, "prepare") as parent, tracing.span(
+            "replica.prepare", parent, replica_id=self.replica_id, version=version, tensors=len(parts),
+        ):
+            return await self._prepare(push_id, version, parts)
+
+    async def _prepare(self, push_id: str, version: int, parts: dict[str, str]) -> float:
         loop = asyncio.get_running_loop()
         start = loop.time()
         try:
@@ -182,11 +197,22 @@ class EngineReplica:
             prepared.spool = None
         return loop.time() - start
 
-    async def apply(self, push_id: str, policy: str) -> ApplyStats:
+    async def apply(self, push_id: str, policy: str, carried: dict[str, str] | None = None) -> ApplyStats:
         """Load a prepared push: version N+1 only onto N. A push carries only the tensors it
         changed, so loaded onto any other version the engine would serve a mix labelled N+1; then
         (and when the push is not here: this replica started after its prepare, or it expired) the
-        committed version is loaded from the store, which holds every tensor."""
+        committed version is loaded from the store, which holds every tensor. `carried`: as in
+        `prepare`."""
+        with tracing.continued(carried, "apply") as parent, tracing.span(
+            "replica.apply", parent, replica_id=self.replica_id, push_id=push_id, policy=policy,
+        ) as span:
+            stats = await self._apply(push_id, policy)
+            tracing.note(span, version=self.engine.weight_version, apply_s=stats.apply_s, pause_ms=stats.pause_ms)
+            log.info("replica %s serves version %d (push %s: loaded in %.2f s, generation paused %.0f ms)",
+                     self.replica_id, self.engine.weight_version, push_id, stats.apply_s, stats.pause_ms)
+            return stats
+
+    async def _apply(self, push_id: str, policy: str) -> ApplyStats:
         prepared = self._prepared.pop(push_id, None)
         if prepared is not None and prepared.files is None:  # not prepared here: from the store
             self._discard(prepared)

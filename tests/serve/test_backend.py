@@ -17,7 +17,7 @@ class RecordingReplicasForBackendUnitTest:
     def __init__(self):
         self.requests: list[GenerateRequest] = []
 
-    def generate(self, req: GenerateRequest, replica_id: str = ""):
+    def generate(self, req: GenerateRequest, replica_id: str = "", carried: dict | None = None):
         self.requests.append(req)
         return self._nothing()
 

@@ -81,7 +81,8 @@ def generate(
     Args:
         prompts: text prompts (the server tokenizes them).
         prompt_token_ids: prompts as token ids.
-        request_id: an id of the caller's, echoed in every Completion and in the server's logs.
+        request_id: an id of the caller's, echoed in every Completion; sent as the call's
+            x-request-id too, it names the call in the server's log lines and traces.
         session_id: calls with the same one (the turns of one rollout) go to the same replica,
             which reuses its prefix cache.
         timeout: this call's deadline in seconds (default: the client's).

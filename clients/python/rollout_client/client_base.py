@@ -128,4 +128,8 @@ class ClientBase:
     def _invoke(self, method: str, request: Any, timeout: float | None) -> Any:
         """Start the RPC `method` on this client's channel: its reply (blocking), an awaitable of
         it (asyncio), or the call to iterate (a stream)."""
-        return getattr(self._stub, method)(request, timeout=self._deadline(timeout), metadata=self._metadata)
+        metadata = self._metadata
+        request_id = getattr(request, "request_id", "")  # a Generate's: the server's request id for the call too
+        if request_id and request_id.isascii() and request_id.isprintable():  # what gRPC metadata carries
+            metadata = (*metadata, ("x-request-id", request_id))
+        return getattr(self._stub, method)(request, timeout=self._deadline(timeout), metadata=metadata)
