@@ -12,7 +12,7 @@ Spans are never attached as OpenTelemetry's current context: a call's span trave
 `calls.Call` (the parent of the spans below it, by default), and to a replica, which under Ray
 Serve is another process, in a small carrier (`carrier()`: the request id and the W3C trace
 context) that the replica turns back into the call (`continued`). Attributes given as keywords are
-named `rollout.<keyword>`.
+named `rollout.<keyword>`; every span made in a call carries its `rollout.request_id`.
 """
 
 from __future__ import annotations
@@ -79,8 +79,11 @@ def parent() -> otel_context.Context | None:
 
 def start(name: str, parent_context: otel_context.Context | None = None, **attrs: Any) -> Span:
     """A started span under `parent_context` (default: the current call's span), not made current;
-    end it with `end` or `ended`."""
+    end it with `end` or `ended`. It carries the current call's request id, to find it by."""
     context = parent_context if parent_context is not None else parent()
+    call = calls.current()
+    if call is not None:
+        attrs.setdefault("request_id", call.request_id)
     return _tracer.start_span(name, context=context, attributes=_attributes(attrs))
 
 
@@ -130,14 +133,16 @@ def extract(headers: Mapping[str, str]) -> otel_context.Context:
     return propagate.extract(headers, context=otel_context.Context())
 
 
-def carrier() -> dict[str, str]:
-    """The current call's request id and trace context, passed to a replica with each call to it."""
+def carrier(under: otel_context.Context | None = None) -> dict[str, str]:
+    """The current call's request id and trace context (`under`, else the call's span), passed to
+    a replica with each call to it."""
     call = calls.current()
     if call is None:
         return {}
     out = {REQUEST_ID: call.request_id}
-    if call.trace is not None:
-        propagate.inject(out, context=call.trace)  # type: ignore[arg-type]
+    context = under if under is not None else call.trace
+    if context is not None:
+        propagate.inject(out, context=context)  # type: ignore[arg-type]
     return out
 
 

@@ -214,7 +214,7 @@ class Push:
                     await asyncio.to_thread(claim.requantized.flush)
                 parts = await claim.fanout.finish()
                 tracing.note(span, parts=len(set(parts.values())))
-                await broadcast_all(self.replicas, "prepare", push_id, version, parts, tracing.carrier())
+                await broadcast_all(self.replicas, "prepare", push_id, version, parts, tracing.carrier(tracing.within(span)))
             prepare_s = time.monotonic() - start  # what the replicas took beyond the receive
             committing = tracing.start("push.commit", version=version, push_id=push_id)
             files = self.store.adopt(session.spool.dir, session.spool.files, version)
@@ -268,7 +268,7 @@ class Push:
         version, push_id = claim.version, claim.push_id
         policy = session.header.inflight or self.config.inflight
         with tracing.span("push.apply", version=version, push_id=push_id, policy=policy) as span:
-            outcomes = await self.replicas.broadcast("apply", push_id, policy, tracing.carrier())
+            outcomes = await self.replicas.broadcast("apply", push_id, policy, tracing.carrier(tracing.within(span)))
             applied = [a for a in outcomes if not isinstance(a, BaseException)]
             failed = [e for e in outcomes if isinstance(e, BaseException)]
             for exc in failed:
