@@ -1,0 +1,41 @@
+"""The single-process server (`--backend local`) as users run it, with `--log-format json` and
+`--otlp-endpoint` pointing at an OTLP receiver in this process: its production exporter sends the
+spans there, and its log file holds the JSON lines."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from rollout_service.launcher import ServerProcess
+from tests.observability import traced
+
+pytestmark = pytest.mark.engine
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, otlp_sink, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "traced-local.log"
+    env = {**os.environ, "OTEL_BSP_SCHEDULE_DELAY": "100"}  # spans leave within 0.1 s, not 5
+    server = ServerProcess.start(
+        tiny_model, log, "--backend", "local", "--max-model-len", "128", "--log-format", "json",
+        "--otlp-endpoint", otlp_sink.endpoint, env=env,
+    )
+    yield server
+    server.stop()
+
+
+def test_generate_spans_form_one_chain_under_the_callers_span(server, otlp_sink):
+    traced.generate_in_callers_trace(otlp_sink, server.grpc_address)
+
+
+def test_a_refused_call_returns_its_request_id(server):
+    traced.refused_generate_has_its_id(server.grpc_address, server.http_url)
+
+
+def test_a_push_has_a_span_per_phase_and_its_request_id_on_its_log_lines(server, otlp_sink, tiny_model):
+    request_id = traced.push_in_callers_trace(otlp_sink, server.http_url, tiny_model)
+    records = traced.json_lines_with(request_id, server.log_path.read_text().splitlines())
+    applied = [r for r in records if r["logger"] == "rollout_service.replica" and "serves version" in r["message"]]
+    assert applied and applied[0]["level"] == "INFO" and applied[0]["time"]
