@@ -26,6 +26,9 @@ that check and its commit. After the commit point (CURRENT renamed: the store's 
 before it, and a push whose commit raised is discarded only if the store does not hold it) the push
 stands: a replica that fails to load it names itself in `replicas_catching_up` and loads the
 version from the store (serve/replica.py), and GetStatus reports the version once all serve it.
+
+Each phase is a span (observe/tracing.py) under the call's: push.receive, push.prepare (each
+replica's replica.prepare under it), push.commit, push.apply (each replica's replica.apply).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from rollout_client import NO_RETRY, AsyncRolloutClient, RolloutClientError
 
 from rollout_service.errors import InvalidArgument
 from rollout_service.observe import calls
@@ -34,15 +35,21 @@ class SeenInterceptor(grpc.aio.ServerInterceptor):
         return await continuation(details)
 
 
+async def _health_server(interceptor: SeenInterceptor) -> tuple[grpc.aio.Server, str]:
+    """A server of the health service alone (a Rollout call to it is UNIMPLEMENTED)."""
+    server = grpc.aio.server(interceptors=[CallInterceptor(), interceptor])
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
 def _grpc_round(metadata) -> tuple[dict, grpc.StatusCode, list]:
     async def run():
         seen = SeenInterceptor()
-        server = grpc.aio.server(interceptors=[CallInterceptor(), seen])
-        health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
+        server, address = await _health_server(seen)
         try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            async with grpc.aio.insecure_channel(address) as channel:
                 call = health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(service="no.such.Service"), metadata=metadata
                 )
@@ -53,6 +60,25 @@ def _grpc_round(metadata) -> tuple[dict, grpc.StatusCode, list]:
             await server.stop(0)
 
     return asyncio.run(run())
+
+
+def test_the_python_client_sends_a_generates_request_id_as_the_calls():
+    async def run():
+        seen = SeenInterceptor()
+        server, address = await _health_server(seen)
+        try:
+            async with AsyncRolloutClient(address, timeout=30, retry=NO_RETRY) as client:
+                with pytest.raises(RolloutClientError):
+                    await client.generate(prompt_token_ids=[[1, 2]], request_id="trainer-step-3")
+                with pytest.raises(RolloutClientError):
+                    await client.generate(prompt_token_ids=[[1, 2]], request_id="not\nascii ü")
+        finally:
+            await server.stop(0)
+        return seen.seen
+
+    given, unusable = asyncio.run(run())
+    assert given.request_id == "trainer-step-3" and given.route == "Generate"
+    assert len(unusable.request_id) == 32  # not sent: the server made one
 
 
 def test_grpc_keeps_the_callers_request_id_and_returns_it_on_an_error():
