@@ -25,8 +25,7 @@ from rollout_service import faults
 from rollout_service.config import ServerConfig
 from rollout_service.engine import RolloutEngine
 from rollout_service.errors import EngineUnavailable, StorageFull, StorageUnavailable
-from rollout_service.observe import tracing
-from rollout_service.observe import engine_metrics
+from rollout_service.observe import engine_metrics, tracing
 from rollout_service.serve.replicas import ApplyFailed
 from rollout_service.types import ApplyStats, Completion, GenerateRequest, ServerStatus
 from rollout_service.weights.service import WeightService
