@@ -1,4 +1,4 @@
-"""`rollout-service` command line: serve, profile, setup, make-tiny-model."""
+"""`rollout-service` command line: serve, profile, setup, make-tiny-model, and status, chat, mcp for a running service."""
 
 from __future__ import annotations
 
@@ -409,6 +409,29 @@ def chat_cmd(
                 out.print(text)
             out.print(f"[dim]{len(sample.token_ids)} tokens, mean logprob {sample.logprobs.mean():.3f}, "
                       f"version {sample.weight_version}, {sample.finish_reason}[/dim]")
+
+
+@app.command("mcp")
+def mcp_cmd(
+    address: str = typer.Option("localhost:50051", "--address", "-a", help="The service's gRPC address."),
+    api_key: str | None = API_KEY,
+    root_certificates: Path | None = ROOTS,
+    client_certificate: Path | None = CLIENT_CERT,
+    client_key: Path | None = CLIENT_KEY,
+) -> None:
+    """An MCP server on stdio for a coding agent: tools status, versions, rollback, generate and
+    report, each calling the service with this key (the service enforces its role)."""
+    from rollout_service.tools.mcp_server import Bridge
+
+    try:
+        bridge = Bridge(address, _connection(api_key, root_certificates, client_certificate, client_key))
+    except (ValueError, OSError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    try:
+        bridge.server().run("stdio")
+    finally:
+        bridge.close()
 
 
 @app.command("make-tiny-model")
