@@ -363,6 +363,14 @@ class LoadWeightsRequest(_message.Message):
     inflight: str
     def __init__(self, url: _Optional[str] = ..., expected_version: _Optional[int] = ..., label: _Optional[str] = ..., inflight: _Optional[str] = ...) -> None: ...
 
+class RollbackRequest(_message.Message):
+    __slots__ = ("to_version", "expected_version")
+    TO_VERSION_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    to_version: int
+    expected_version: int
+    def __init__(self, to_version: _Optional[int] = ..., expected_version: _Optional[int] = ...) -> None: ...
+
 class PushWeightsResponse(_message.Message):
     __slots__ = ("version", "bytes_received", "tensors_applied", "receive_s", "requantize_s", "apply_s", "pause_ms", "label", "drain_ms", "samples_in_flight", "replicas_catching_up", "dense_bytes", "delta_tensors", "shared_bytes", "warnings")
     VERSION_FIELD_NUMBER: _ClassVar[int]

@@ -64,6 +64,11 @@ class RolloutServiceStub:
                 request_serializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.LoadWeightsRequest.SerializeToString,
                 response_deserializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.PushWeightsResponse.FromString,
                 _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/rollout.v1.RolloutService/Rollback',
+                request_serializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.PushWeightsResponse.FromString,
+                _registered_method=True)
 
 
 class RolloutServiceServicer:
@@ -127,6 +132,23 @@ class RolloutServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rollback(self, request, context):
+        """Serve a kept version's weights again, as a new version: committed + 1,
+        labelled "rollback to v<to_version>", holding exactly the tensors of
+        to_version (history is never rewritten: the versions between stay listed,
+        and a trainer's expected_version moves on as after any push). It goes
+        through a push's lock, fencing, expected_version check and all-or-nothing
+        commit; every replica loads it from the weight store. NOT_FOUND: to_version
+        is not among the versions ListVersions lists (the message names them);
+        nothing is committed then. A rolled-back version is a delta base like any other.
+        Admin only, unlike pushes: it discards training progress that a trainer
+        sharing the service relies on, so it is an operator's decision; a
+        trainer's key takes the same effect by pushing the old weights again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RolloutServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -158,6 +180,11 @@ def add_RolloutServiceServicer_to_server(servicer, server):
             'LoadWeights': grpc.unary_unary_rpc_method_handler(
                     servicer.LoadWeights,
                     request_deserializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.LoadWeightsRequest.FromString,
+                    response_serializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.PushWeightsResponse.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.RollbackRequest.FromString,
                     response_serializer=rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.PushWeightsResponse.SerializeToString,
             ),
     }
@@ -322,6 +349,33 @@ class RolloutService:
             target,
             '/rollout.v1.RolloutService/LoadWeights',
             rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.LoadWeightsRequest.SerializeToString,
+            rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.PushWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rollout.v1.RolloutService/Rollback',
+            rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.RollbackRequest.SerializeToString,
             rollout__client_dot_proto_dot_rollout_dot_v1_dot_rollout__pb2.PushWeightsResponse.FromString,
             options,
             channel_credentials,
