@@ -320,9 +320,10 @@ class VersionStore:
 
     def commit(
         self, version: int, files: dict[str, Path], crc32: dict[str, int], label: str, fence: int | None = None,
-        warnings: list[str] | None = None, delete_old: bool = True,
+        warnings: list[str] | None = None, delete_old: bool = True, base: int | None = None,
     ) -> Manifest:
-        """Make `version` (tensors `files`, adopted from a `spool`) the current one, if the current
+        """Make `version` (tensors `files`, adopted from a `spool`, over those of version `base`,
+        by default the current one: weights/rollback.py names an older one) the current one, if the current
         one is still `version - 1` and `fence` (the push lock's token; None: a caller that holds the
         store alone, as the store's own tools do) is the newest issued (`raise_fence`); else
         Conflict, and nothing is written. Raises only before its commit point (CURRENT renamed):
@@ -330,7 +331,7 @@ class VersionStore:
         the version stands. Then the versions beyond `keep` are deleted, unless `delete_old` is
         False (a push does it after its apply: `delete_old_versions`)."""
         with self._committing():
-            manifest = self._next(version, files, crc32, label, fence)
+            manifest = self._next(version, files, crc32, label, fence, base)
             self._write_manifest(manifest, files)
             faults.fault_point("store.commit.after_manifest")
             self._point_current(version, manifest.fence)
@@ -366,8 +367,11 @@ class VersionStore:
                 f"{self.root}`"
             )
 
-    def _next(self, version: int, files: dict[str, Path], crc32: dict[str, int], label: str, fence: int | None) -> Manifest:
-        """The manifest of `version`: the current one's tensors overlaid with `files` (see `commit`)."""
+    def _next(
+        self, version: int, files: dict[str, Path], crc32: dict[str, int], label: str, fence: int | None, base: int | None,
+    ) -> Manifest:
+        """The manifest of `version`: the tensors of `base` (None: the current one) overlaid with
+        `files` (see `commit`)."""
         current = self.current_version()
         if current != version - 1:
             raise Conflict(
@@ -381,7 +385,8 @@ class VersionStore:
                 f"weight store {self.root}: this push's lock (fencing token {fence}) lapsed while it ran and "
                 f"a newer push (token {newest}) has begun; nothing was committed: push again"
             )
-        tensors = dict(previous.tensors) if previous else {}
+        under = previous if base is None else self.manifest(base)
+        tensors = dict(under.tensors) if under else {}
         headers = {path: safetensors_header(path) for path in set(files.values())}
         for name, path in files.items():
             info = headers[path][name]
