@@ -11,7 +11,11 @@ from safetensors.torch import load_file, save_file
 
 from rollout_service.errors import Conflict, NotFound
 from rollout_service.weights.delta import DeltaBase
-from rollout_service.weights.rollback import checkpoint_values, committed_as, kept_version
+from rollout_service.weights.rollback import (
+    checkpoint_values,
+    committed_as,
+    kept_version,
+)
 from rollout_service.weights.versions import VersionStore, crc32_of
 from tests.weights.test_versions import push, t
 
