@@ -3,7 +3,7 @@ for a Ray Serve deployment and for the single-process server.
 
 Generate goes to one replica (serve/routing.py picks it), or, for a batch larger than one engine
 step, in parts to every replica (serve/split.py); status and health ask every replica; pushes go
-through serve/push.py. Errors raised in a replica reach the client as the replica raised them.
+through serve/push.py (a rollback too: serve/rollback.py). Errors raised in a replica reach the client as the replica raised them.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from rollout_service.observe import tracing
 from rollout_service.serve import split
 from rollout_service.serve.push import Push
 from rollout_service.serve.replicas import Replicas
+from rollout_service.serve.rollback import rollback
 from rollout_service.types import Completion, Counters, GenerateRequest, PushResult, ServerStatus
 from rollout_service.weights.delta import codecs_for
 from rollout_service.weights.manifest import HeaderReader
@@ -89,6 +90,10 @@ class Backend:
 
     async def commit_push(self, session) -> PushResult:
         return await self.push.commit(session)
+
+    async def rollback(self, to_version: int, expected_version: int | None) -> PushResult:
+        """Serve kept version `to_version` again as a new version (serve/rollback.py)."""
+        return await rollback(self.push, to_version, expected_version)
 
     async def check_health(self) -> None:
         """Serving while one replica can: Serve replaces the others (their own health checks)."""

@@ -51,7 +51,7 @@ from rollout_service.observe import tracing
 from rollout_service.serve.coordinator import Coordinator
 from rollout_service.serve.fanout import Fanout
 from rollout_service.serve.replicas import ApplyFailed, Replicas, broadcast_all
-from rollout_service.types import PushResult
+from rollout_service.types import ApplyStats, PushResult
 from rollout_service.weights.engine_format import requantizer, store_converter
 from rollout_service.weights.manifest import HeaderReader, ParamTable
 from rollout_service.weights.service import receiving, uncancellable
@@ -104,13 +104,26 @@ class Push:
         self._claims: dict[PushSession, Claim] = {}
 
     @contextlib.asynccontextmanager
-    async def begin(self, read_header: HeaderReader) -> AsyncIterator[PushSession]:
+    async def locked(self) -> AsyncIterator[tuple[str, int]]:
+        """The push lock, held (and renewed) while the body runs: (its owner token, its fencing
+        token). Conflict when another push (or rollback, serve/rollback.py) holds it."""
         owner = uuid.uuid4().hex
         fence = await self.coordinator.lock(owner, LOCK_TTL_S, floor=self.store.fence_mark())
         if not fence:
             raise Conflict("another push is in progress in this deployment; pushes are not queued: retry once it has committed")
         keeper = asyncio.create_task(self._keep_lock(owner))
         try:
+            yield owner, fence
+        finally:
+            keeper.cancel()
+            try:
+                await self.coordinator.unlock(owner)
+            except EngineUnavailable:
+                log.warning("could not release the push lock; it expires in %.0f s", LOCK_TTL_S)
+
+    @contextlib.asynccontextmanager
+    async def begin(self, read_header: HeaderReader) -> AsyncIterator[PushSession]:
+        async with self.locked() as (owner, fence):
             header = await read_header()  # only now that this push holds the lock
             with storage_errors():  # a read-only or full store fails here, before anything is received
                 await asyncio.to_thread(self.store.raise_fence, fence)  # a push under an older lock cannot commit now
@@ -158,12 +171,6 @@ class Push:
                     await fanout.close()
                 if requantized is not None:  # the replicas staged their own copies, or the push failed
                     await asyncio.to_thread(requantized.discard)
-        finally:
-            keeper.cancel()
-            try:
-                await self.coordinator.unlock(owner)
-            except EngineUnavailable:
-                log.warning("could not release the push lock; it expires in %.0f s", LOCK_TTL_S)
 
     async def _keep_lock(self, owner: str) -> None:
         while True:
@@ -193,7 +200,7 @@ class Push:
             with contextlib.suppress(Exception):
                 await broadcast_all(self.replicas, "abort", claim.push_id)
 
-    async def _fence(self, owner: str) -> None:
+    async def hold_lock(self, owner: str) -> None:
         """Hold the lock at the commit point, or commit nothing."""
         if not await self.coordinator.refresh(owner, LOCK_TTL_S):
             raise Conflict(
@@ -221,7 +228,7 @@ class Push:
             prepare_s = time.monotonic() - start  # what the replicas took beyond the receive
             committing = tracing.start("push.commit", version=version, push_id=push_id)
             files = self.store.adopt(session.spool.dir, session.spool.files, version)
-            await self._fence(claim.owner)
+            await self.hold_lock(claim.owner)
         except BaseException as exc:
             tracing.end(committing, exc)
             log.warning("push %s failed to prepare (%s); every replica stays on version %d", push_id, exc, version - 1)
@@ -235,11 +242,14 @@ class Push:
         committing: Span,
     ) -> PushResult:
         with tracing.ended(committing):
-            warnings = await self._commit(session, claim, files)
-        return await self._apply(session, claim, warnings, receive_s, prepare_s)
+            label, warnings = await self._commit(session, claim, files)
+        policy = session.header.inflight or self.config.inflight
+        applied, catching_up = await self.publish(claim.version, claim.push_id, label, policy, warnings)
+        self.last_push = session.result(claim.version, receive_s, prepare_s, applied, catching_up, warnings)
+        return self.last_push
 
-    async def _commit(self, session: PushSession, claim: Claim, files: dict[str, Path]) -> list[str]:
-        """The commit point (the store's manifest and CURRENT), and the coordinator's record; the
+    async def _commit(self, session: PushSession, claim: Claim, files: dict[str, Path]) -> tuple[str, list[str]]:
+        """The commit point (the store's manifest and CURRENT); the version's label and the
         commit's warnings."""
         version = claim.version
         crc = {**session.crc32, **claim.cast_crc}
@@ -258,18 +268,18 @@ class Push:
             warnings.append(f"version {version} is committed, though its commit raised afterwards ({exc})")
             manifest = self.store.manifest(version)
         session.committed = True
+        return manifest.label, warnings
+
+    async def publish(
+        self, version: int, push_id: str, label: str, policy: str, warnings: list[str],
+    ) -> tuple[list[ApplyStats], list[str]]:
+        """After the commit point of `version` (push `push_id`): record it in the coordinator, have
+        every replica apply it, then delete the versions beyond keep. Returns what the replicas that
+        applied it took, and the ids of those that catch up from the store instead."""
         try:
-            await self.coordinator.set_version(version, self.store.manifest_path(version), manifest.label)
+            await self.coordinator.set_version(version, self.store.manifest_path(version), label)
         except EngineUnavailable as exc:  # the store has it; the ingress writes it back when Redis returns
             log.warning("version %d committed but not recorded in the coordinator: %s", version, exc)
-        return warnings
-
-    async def _apply(
-        self, session: PushSession, claim: Claim, warnings: list[str], receive_s: float, prepare_s: float,
-    ) -> PushResult:
-        """Every replica loads the committed version; those that fail catch up from the store."""
-        version, push_id = claim.version, claim.push_id
-        policy = session.header.inflight or self.config.inflight
         with tracing.span("push.apply", version=version, push_id=push_id, policy=policy) as span:
             outcomes = await self.replicas.broadcast("apply", push_id, policy, tracing.carrier(tracing.within(span)))
             applied = [a for a in outcomes if not isinstance(a, BaseException)]
@@ -281,5 +291,4 @@ class Push:
         # Only now: deleting old versions (seconds for a large model) must not stand between the
         # commit and the apply, where a replica would take the push for an orphan (serve/replica.py).
         await asyncio.to_thread(self.store.delete_old_versions, version, warnings)
-        self.last_push = session.result(version, receive_s, prepare_s, applied, catching_up, warnings)
-        return self.last_push
+        return applied, catching_up
