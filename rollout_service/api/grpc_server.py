@@ -275,6 +275,14 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
             await _abort_with(context, exc)
         return messages.push_result_to_proto(result)
 
+    async def Rollback(self, request: pb.RollbackRequest, context) -> pb.PushWeightsResponse:
+        try:
+            expected = request.expected_version if request.HasField("expected_version") else None
+            result = await self.backend.rollback(request.to_version, expected)
+        except Exception as exc:
+            await _abort_with(context, exc)
+        return messages.push_result_to_proto(result)
+
     async def _take_shared(self, session: PushSession, specs, first: int) -> None:
         """Hand the session the bytes of the tensors just declared that lie in shared memory (a
         declaration's tensors are a client bucket, in one file: its map is dropped after)."""

@@ -6,6 +6,8 @@ POST /v1/weights    a safetensors body (streamed) -> PushWeightsResponse JSON; q
                     safetensors metadata as {"crc32": "<JSON name -> crc>"}
 POST /v1/weights:load  LoadWeights: ?url=s3://bucket/step-120/ (under load_urls, or a path under load_dirs), and
                     expected_version, label, inflight; no body -> PushWeightsResponse JSON
+POST /v1/weights:rollback  Rollback (admin): ?to_version=3, and expected_version; no body ->
+                    PushWeightsResponse JSON
 GET  /v1/status     GetStatus as JSON
 GET  /healthz       200 when the engine is alive, 503 otherwise
 POST /v1/completions, POST /v1/chat/completions, GET /v1/models
@@ -248,6 +250,13 @@ def create_app(backend: Metered, access: Access, events=None, debug: APIRouter |
         inflight: str = Query("", description="drain | abort | continue; default: the server's."),
     ):
         return asdict(await load_weights(backend, url, expected_version, label, inflight))
+
+    @app.post("/v1/weights:rollback")
+    async def rollback(
+        to_version: int = Query(..., ge=1, description="The kept version to serve again (RollbackRequest.to_version)."),
+        expected_version: int | None = Query(None, ge=0, description="Reject unless this is the last committed version."),
+    ):
+        return asdict(await backend.rollback(to_version, expected_version))
 
     openai_routes.add_routes(app, backend)
 
