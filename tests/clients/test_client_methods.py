@@ -18,6 +18,7 @@ RESULTS = {
     "resume": Sample,
     "push_weights": PushResult,
     "load_weights": PushResult,
+    "rollback": PushResult,
     "status": pb.GetStatusResponse,
     "list_versions": list[pb.StoredVersion],
     "wait_for_version": pb.GetStatusResponse,

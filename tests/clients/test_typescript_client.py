@@ -24,4 +24,4 @@ def test_npm_test_passes_against_a_real_server(trainer_server, tiny_model):
     proc = subprocess.run([npm, "test"], cwd=TS_DIR, env=env, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
-    assert "# fail 0" in out and "# pass 11" in out, out[-3000:]
+    assert "# fail 0" in out and "# pass 12" in out, out[-3000:]

@@ -255,6 +255,31 @@ def load_weights(
     return push.result_from_proto(response, time.perf_counter() - start, stacklevel=4 + RUNNER_FRAMES)
 
 
+def rollback(
+    client: ClientBase, to_version: int, *, expected_version: int | None = None, timeout: float | None = None,
+) -> Steps[PushResult]:
+    """Serve a kept version's weights again, as a new version (committed + 1, labelled
+    "rollback to v<to_version>"; the versions between stay); returns once it serves (PushResult:
+    its `version` is the new one, to give as the next push's expected_version). Needs an admin
+    key. Never retried: a failed rollback changed nothing.
+
+    Args:
+        to_version: a version list_versions() lists (NotFoundError otherwise, naming those kept).
+        expected_version: fail (FailedPrecondition) unless this is the last committed version.
+        timeout: this call's deadline in seconds (default: the client's).
+    """
+    start = time.perf_counter()
+    response = yield Rpc("Rollback", pb.RollbackRequest(to_version=to_version, expected_version=expected_version), timeout)
+    # The client's delta base is untouched, as after a load: the version its last delta push made
+    # is still kept (a rollback only adds a version), and a delta push names its base explicitly.
+    if response.replicas_catching_up:
+        try:
+            yield from wait_for_version(client, response.version, timeout=CATCH_UP_WAIT_S)
+        except RolloutClientError as exc:
+            _still_catching_up(response, exc)
+    return push.result_from_proto(response, time.perf_counter() - start, stacklevel=4 + RUNNER_FRAMES)
+
+
 def status(client: ClientBase, timeout: float | None = None) -> Steps[pb.GetStatusResponse]:
     """Model, settings, current weight version, replicas and counters."""
     return (yield Rpc("GetStatus", pb.GetStatusRequest(), timeout))

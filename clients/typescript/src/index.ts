@@ -115,6 +115,9 @@ export interface PushOptions {
 /** load_weights' options: those of a push that a checkpoint read by the server keeps. */
 export type LoadOptions = Pick<PushOptions, "expectedVersion" | "label" | "inflight" | "timeoutMs">;
 
+/** rollback's options: a push's fencing and deadline. */
+export type RollbackOptions = Pick<PushOptions, "expectedVersion" | "timeoutMs">;
+
 export interface PushResult {
   version: number;
   bytesReceived: number;
@@ -445,7 +448,20 @@ export class RolloutClient {
     return this.committed(await this.unary<Raw>("LoadWeights", request, options.timeoutMs), started);
   }
 
-  /** The result of a committed push or load, once every replica serves it. */
+  /**
+   * Serve a kept version's weights again, as a new version (committed + 1, labelled
+   * "rollback to v<toVersion>"; the versions between stay); resolves once it serves. Needs an admin
+   * key. NOT_FOUND (naming the kept versions) for a version listVersions() does not list;
+   * FAILED_PRECONDITION for a stale expectedVersion. Never retried: a failed rollback changed nothing.
+   */
+  async rollback(toVersion: number, options: RollbackOptions = {}): Promise<PushResult> {
+    const started = performance.now();
+    const request: Raw = { toVersion };
+    if (options.expectedVersion !== undefined) request.expectedVersion = options.expectedVersion;
+    return this.committed(await this.unary<Raw>("Rollback", request, options.timeoutMs), started);
+  }
+
+  /** The result of a committed push, load or rollback, once every replica serves it. */
   private async committed(r: Raw, started: number): Promise<PushResult> {
     const warnings: string[] = r.warnings ?? [];
     for (const text of warnings) console.warn(`push committed as version ${r.version}, with a problem: ${text}`);

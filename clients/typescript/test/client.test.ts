@@ -164,6 +164,25 @@ test("push changes the served weights and version; pushing the original back res
   assert.ok(newest.committedAt >= previous.committedAt && newest.tensors >= 1 && newest.bytes >= 512);
 });
 
+test("rollback serves a kept version again as a new version; a version not kept is NOT_FOUND naming the kept ones", async () => {
+  const [newest, previous] = await client.listVersions();
+  const served = (await client.generate(GREEDY))[0].samples[0];
+  const back = await client.rollback(previous.version, { expectedVersion: newest.version });
+  assert.deepEqual([back.version, back.label, back.bytesReceived], [newest.version + 1, `rollback to v${previous.version}`, 0]);
+  const [listed] = await client.listVersions();
+  assert.deepEqual([listed.version, listed.label], [back.version, back.label]);
+  // Then forward again to what was served before, so the tests after see the same weights.
+  const forward = await client.rollback(newest.version);
+  const again = (await client.generate(GREEDY))[0].samples[0];
+  assert.equal(again.weightVersion, forward.version);
+  assert.deepEqual([again.tokenIds, again.logprobs], [served.tokenIds, served.logprobs]);
+  await assert.rejects(
+    client.rollback(10_000),
+    (err: unknown) => err instanceof RolloutError && err.code === grpc.status.NOT_FOUND && /version 10000 is not kept/.test(err.details),
+  );
+  assert.equal((await client.status()).committedVersion, forward.version);
+});
+
 test("a push with a stale expectedVersion is FAILED_PRECONDITION and changes nothing", async () => {
   const version = (await client.status()).weightVersion;
   const original = readSafetensor(path.join(modelDir, "model.safetensors"), "model.norm.weight");
