@@ -1,4 +1,5 @@
-"""`rollout-service` command line: serve, profile, setup, make-tiny-model, and status, chat, mcp for a running service."""
+"""`rollout-service` command line: serve, profile, setup, make-tiny-model; status, versions, rollback,
+chat and mcp against a running service."""
 
 from __future__ import annotations
 
@@ -358,6 +359,69 @@ def status_cmd(
     for row in rows:
         table.add_row(*row)
     Console().print(table)
+
+
+@app.command("versions")
+def versions_cmd(
+    address: str = typer.Option("localhost:50051", "--address", "-a", help="The service's gRPC address."),
+    json_out: bool = typer.Option(False, "--json", help="A JSON list instead of a table."),
+    api_key: str | None = API_KEY,
+    root_certificates: Path | None = ROOTS,
+    client_certificate: Path | None = CLIENT_CERT,
+    client_key: Path | None = CLIENT_KEY,
+) -> None:
+    """The versions a running service's weight store keeps, newest first, with their labels and
+    commit times: those `rollout-service rollback --to` takes."""
+    import json
+    import time
+
+    from rich.table import Table
+
+    from rollout_client import RolloutClient, RolloutClientError
+
+    try:
+        with RolloutClient(address, timeout=10, **_connection(api_key, root_certificates, client_certificate, client_key)) as client:
+            versions = client.list_versions()
+    except RolloutClientError as exc:
+        err.print(f"[red]error:[/red] {address}: {exc}")
+        raise typer.Exit(1) from None
+    if json_out:
+        fields = ("version", "label", "committed_at", "tensors", "bytes")  # numbers as numbers (proto JSON quotes uint64)
+        print(json.dumps([{f: getattr(v, f) for f in fields} for v in versions]))
+        return
+    table = Table(title=f"versions kept at {address}{'' if versions else ': none (no push has committed)'}")
+    for column in ("version", "label", "committed", "tensors", "MB"):
+        table.add_column(column, justify="left" if column in ("label", "committed") else "right")
+    for v in versions:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.committed_at))
+        table.add_row(str(v.version), v.label, when, str(v.tensors), f"{v.bytes / 1e6:.1f}")
+    Console(width=200).print(table)
+
+
+@app.command("rollback")
+def rollback_cmd(
+    to: int = typer.Option(..., "--to", min=1, help="The kept version to serve again (see `rollout-service versions`)."),
+    address: str = typer.Option("localhost:50051", "--address", "-a", help="The service's gRPC address."),
+    expected_version: int | None = typer.Option(
+        None, "--expected-version", min=0, help="Refuse unless this is the last committed version."
+    ),
+    api_key: str | None = API_KEY,
+    root_certificates: Path | None = ROOTS,
+    client_certificate: Path | None = CLIENT_CERT,
+    client_key: Path | None = CLIENT_KEY,
+) -> None:
+    """Serve a kept version's weights again, as a new version (committed + 1; the versions between
+    stay). Needs an admin key."""
+    from rollout_client import RolloutClient, RolloutClientError
+
+    try:
+        with RolloutClient(address, timeout=600, **_connection(api_key, root_certificates, client_certificate, client_key)) as client:
+            result = client.rollback(to, expected_version=expected_version)
+    except RolloutClientError as exc:
+        err.print(f"[red]error:[/red] {address}: {exc}")
+        raise typer.Exit(1) from None
+    print(f"version {result.version} ({result.label!r}) serves the weights of version {to}: "
+          f"{result.tensors_applied} tensors, every replica loaded it in {result.apply_s:.1f} s")
 
 
 @app.command("chat")
