@@ -531,6 +531,30 @@ def test_a_delta_push_reaches_both_replicas_as_the_push_of_the_whole_tensors_doe
         assert {v for _, _, v in replica} == {whole.version}
 
 
+def test_a_rollback_reaches_both_replicas_which_serve_the_kept_versions_outputs_again(cluster, base_weights):
+    """Both replicas load the rolled-back version from the weight store (as a replica that missed a
+    push does) and give the greedy outputs of the version rolled back to; a trainer's key may not."""
+    if cluster.config.replicas < 2:  # run alone: the module's earlier tests scale it to two
+        cluster.redeploy(replicas=2)
+    kept = cluster.client.push_weights(perturbed(base_weights, 20), label="kept").version
+    before = greedy_by_replica(cluster)
+    cluster.client.push_weights(perturbed(base_weights, 21))
+    with cluster.rpc("trainer") as trainer, pytest.raises(PermissionDeniedError):
+        trainer.rollback(kept)
+    result = cluster.client.rollback(kept, expected_version=kept + 1)
+    assert (result.version, result.label, result.replicas_catching_up) == (kept + 2, f"rollback to v{kept}", [])
+    assert {i["version"] for i in per_replica(cluster, "info")} == {kept + 2}
+    for replica, outputs in zip(greedy_by_replica(cluster), before):
+        assert [(t, lp) for t, lp, _ in replica] == [(t, lp) for t, lp, _ in outputs]
+        assert {v for _, _, v in replica} == {kept + 2}
+    assert [(v.version, v.label) for v in cluster.client.list_versions()][:3] == [
+        (kept + 2, f"rollback to v{kept}"), (kept + 1, ""), (kept, "kept")
+    ]
+    with cluster.https() as http:  # the coordinator (Redis) recorded it as a push's version
+        last = http.get("/v1/events", params={"after": "0", "count": 1000}).json()["events"][-1]
+    assert (int(last["version"]), last["label"]) == (kept + 2, f"rollback to v{kept}")
+
+
 @pytest.mark.slow  # 3 min, the module's last: make test-all and make reliability (int8 pushes: tests/weights/test_push_int8.py)
 def test_int8_replicas_take_a_push_requantized_once_at_the_ingress_as_a_late_replica_requantizes_the_store(cluster, base_weights):
     """int8 replicas: the ingress requantizes each pushed tensor once as it arrives and both
