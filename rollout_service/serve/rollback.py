@@ -55,6 +55,7 @@ async def rollback(push: Push, to_version: int, expected_version: int | None) ->
         version = committed + 1
         push_id = f"v{version}-rollback-{uuid.uuid4().hex[:8]}"
         files: dict[str, Path] = {}
+        spool = None
         try:
             with storage_errors():
                 current = await asyncio.to_thread(store.manifest, committed)
@@ -72,6 +73,8 @@ async def rollback(push: Push, to_version: int, expected_version: int | None) ->
             log.warning("rollback %s failed before its commit (%s); every replica stays on version %d", push_id, exc, committed)
             await _abort(push, push_id)
             store.discard(files)
+            if spool is not None and not files:  # written, not adopted
+                spool.discard()
             raise
         return await uncancellable(_commit_and_apply(push, to_version, version, push_id, files, crc32, fence))
 
