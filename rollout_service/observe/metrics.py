@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -44,9 +45,10 @@ SCRAPE_TIMEOUT_S = 5.0
 # How a call or a push ended: the caller went away, its deadline passed, the server was full, the
 # request was refused (the caller's mistake: any other 4xx), or the server failed (5xx).
 OUTCOMES = ("ok", "cancelled", "deadline_exceeded", "overloaded", "refused", "error")
-# How a push's bytes came (weights/session.py PushSession.path); "unknown": it failed before its
-# header was read (another push held the lock, the coordinator was down).
-PUSH_PATHS = ("stream", "shared_memory", "delta", "load", "unknown")
+# How a push's bytes came (weights/session.py PushSession.path); "rollback": a kept version made
+# current again (serve/rollback.py), which holds the push lock as a push does; "unknown": it failed
+# before its header was read (another push held the lock, the coordinator was down).
+PUSH_PATHS = ("stream", "shared_memory", "delta", "load", "rollback", "unknown")
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 PUSH_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 PAUSE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -137,24 +139,38 @@ class Metered:
 
     @contextlib.asynccontextmanager
     async def begin_push(self, read_header: HeaderReader) -> AsyncIterator:
-        started, start, session, exc = time.time(), time.monotonic(), None, None
-        self._push_starts.append(started)
+        async with self._pushing() as ended:
+            async with self.backend.begin_push(read_header) as session:
+                ended.session = session
+                yield session
+
+    async def rollback(self, to_version: int, expected_version: int | None) -> PushResult:
+        async with self._pushing() as ended:
+            ended.path = "rollback"
+            return await self.backend.rollback(to_version, expected_version)
+
+    @contextlib.asynccontextmanager
+    async def _pushing(self) -> AsyncIterator[_Push]:
+        """One push or rollback: in flight (and the oldest's start) while it runs, then counted by
+        path and outcome with its bytes and duration."""
+        ended = _Push(time.time(), time.monotonic())
+        self._push_starts.append(ended.started)
         self.pushes_inflight.inc()
         try:
-            async with self.backend.begin_push(read_header) as session:
-                yield session
-        except BaseException as e:
-            exc = e
+            yield ended
+        except BaseException as exc:
+            ended.exc = exc
             raise
         finally:
-            self._push_starts.remove(started)
+            self._push_starts.remove(ended.started)
             self.pushes_inflight.dec()
-            path = session.path if session is not None else "unknown"
+            session = ended.session
+            path = session.path if session is not None else ended.path
             # A committed version stands even when something after its commit point raised.
-            end = "ok" if session is not None and session.committed else outcome(exc)
+            end = "ok" if session is not None and session.committed else outcome(ended.exc)
             self.pushes.labels(path, end).inc()
             self.push_bytes.labels(path, end).inc(session.bytes_received if session is not None else 0)
-            self.push_seconds.labels(path, end).observe(time.monotonic() - start)
+            self.push_seconds.labels(path, end).observe(time.monotonic() - ended.start)
 
     async def commit_push(self, session) -> PushResult:
         result = await self.backend.commit_push(session)
@@ -179,6 +195,17 @@ async def _within(awaitable):
     except Exception as exc:  # noqa: BLE001 -- a scrape shows what it could gather
         log.debug("a scrape left something out: %r", exc)
         return None
+
+
+@dataclasses.dataclass
+class _Push:
+    """What `Metered._pushing` counts a push or rollback by, filled in as it goes."""
+
+    started: float  # Unix time, for rollout_push_oldest_start_time_seconds
+    start: float  # monotonic
+    session: object | None = None  # the push's PushSession once its header was read
+    path: str = "unknown"  # where there is no session
+    exc: BaseException | None = None
 
 
 def deployment_families(status: ServerStatus | None) -> list[Metric]:

@@ -83,6 +83,12 @@ class BackendDoubleForMetricsTest:
         await read_header()
         yield SessionDouble(self.path, 1_000_000)
 
+    async def rollback(self, to_version, expected_version):
+        if to_version > 4:
+            raise errors.NotFound(f"to_version: version {to_version} is not kept by the weight store")
+        return PushResult(version=5, bytes_received=0, tensors_applied=0, receive_s=0.0, requantize_s=0.0,
+                          apply_s=0.2, pause_ms=0.0, drain_ms=0.0)
+
     async def commit_push(self, session):
         session.committed = True
         return PushResult(version=4, bytes_received=1_000_000, tensors_applied=1, receive_s=0.5, requantize_s=0.1,
@@ -194,6 +200,18 @@ async def test_pushes_count_by_path_and_outcome_with_bytes_duration_pause_and_in
     assert v["rollout_push_received_bytes_total[('outcome', 'ok'), ('path', 'stream')]"] == 1_000_000
     assert v["rollout_push_duration_seconds_count[('outcome', 'refused'), ('path', 'shared_memory')]"] == 1
     assert v["rollout_push_pause_seconds_sum[('path', 'stream')]"] == pytest.approx(0.06)
+
+
+async def test_a_rollback_counts_as_a_push_by_the_rollback_path():
+    metered = Metered(BackendDoubleForMetricsTest())
+    assert (await metered.rollback(1, None)).version == 5
+    with pytest.raises(errors.NotFound):
+        await metered.rollback(9, None)
+    v = await values(metered)
+    assert v["rollout_pushes_total[('outcome', 'ok'), ('path', 'rollback')]"] == 1
+    assert v["rollout_pushes_total[('outcome', 'refused'), ('path', 'rollback')]"] == 1
+    assert v["rollout_push_duration_seconds_count[('outcome', 'ok'), ('path', 'rollback')]"] == 1
+    assert v["rollout_pushes_in_flight[]"] == 0 and v["rollout_push_oldest_start_time_seconds[]"] == 0
 
 
 def test_the_scrape_has_the_deployment_and_every_replicas_engine_metrics_labelled_by_replica():
