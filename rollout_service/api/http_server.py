@@ -7,6 +7,8 @@ stays open forever. `GuardedHttpProtocol` closes a connection whose request head
 within FIRST_REQUEST_S of its opening (or of its last response), and refuses a peer's connections
 beyond CONNECTIONS_PER_PEER; the process's open-file limit is raised to its hard limit so that
 thousands of idle sockets do not use up the descriptors /healthz and a trainer's call need.
+A connection is closed as nginx's `lingering_close` does (`LingeringClose`), so that a client still
+sending a body the server has refused reads the refusal instead of a reset.
 (Requests handled at once are counted by the app's middleware, api/http_app.py: uvicorn's
 limit_concurrency counts idle connections too, and would let them turn every request away.)
 """
@@ -32,6 +34,38 @@ FIRST_REQUEST_S = 20.0
 # Open connections one peer address may have: an agent framework's pool of hundreds, or a few
 # trainers behind one NAT, fit; one stranger cannot hold the server's open files.
 CONNECTIONS_PER_PEER = 4096
+# Seconds a closing connection keeps reading (and dropping) what its client still sends.
+LINGER_S = 2.0
+
+
+class LingeringClose:
+    """A connection's transport whose `close()` first sends FIN after the response and reads on
+    for LINGER_S before closing. A socket closed with unread bytes in its receive buffer (a body
+    refused before it was read: 413, a trickle cut off with 504) sends RST instead of FIN, and the
+    client's kernel may then drop the response it had not read yet. TLS transports cannot
+    half-close: they close at once."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop):
+        self._transport, self._loop = transport, loop
+        self.lingering = False
+
+    def close(self) -> None:
+        transport = self._transport
+        if self.lingering or transport.is_closing():
+            return
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        self.lingering = True
+        transport.write_eof()  # FIN once the response is written
+        transport.resume_reading()  # flow control may have paused it mid-body
+        self._loop.call_later(LINGER_S, transport.close)  # or sooner: the client's FIN closes it
+
+    def is_closing(self) -> bool:
+        return self.lingering or self._transport.is_closing()
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
@@ -44,6 +78,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        self.transport = LingeringClose(transport, self.loop)  # uvicorn closes through self.transport
         self._head_timer: asyncio.TimerHandle | None = None
         self._peer = (transport.get_extra_info("peername") or ("?",))[0]
         self._peers[self._peer] += 1
@@ -66,6 +101,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._head_timer = None
         if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
             self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if not self.transport.lingering:  # what a closing connection still receives is dropped
+            super().data_received(data)
 
     def on_headers_complete(self) -> None:
         self._disarm_head_timer()

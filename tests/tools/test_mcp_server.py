@@ -26,6 +26,7 @@ pytestmark = pytest.mark.engine
 
 TRAINER = "trainer-key-for-the-mcp-bridge-test-01"
 EVAL = "eval-key-for-the-mcp-bridge-test-000002"
+ADMIN = "admin-key-for-the-mcp-bridge-test-00003"
 TOOLS = {"status", "versions", "rollback", "generate", "report"}
 PROMPTS = ["The trainer computes the advantage", "A weight push streams"]
 
@@ -88,7 +89,7 @@ def keyed(tiny_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("mcp-keyed")
     pki = Pki.make(folder / "pki")
     keys = folder / "api-keys"
-    keys.write_text(f"trainer:{TRAINER}\neval:{EVAL}\n")
+    keys.write_text(f"trainer:{TRAINER}\neval:{EVAL}\nadmin:{ADMIN}\n")
     server = ServerProcess.start(
         tiny_model, folder / "server.log", "--backend", "local", "--max-model-len", "256", "--no-http",
         "--api-keys", str(keys), "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
@@ -173,12 +174,14 @@ async def test_report_between_the_bf16_and_int8_servers(bf16_server, int8_server
 
 
 async def test_rollback_serves_a_kept_version_again_and_needs_the_role(keyed):
-    """Needs RolloutClient.rollback and the Rollback RPC (branch i34-rollback)."""
+    """Rollback is an admin's call: the bridge passes the caller's key, so eval and trainer keys get
+    the server's PERMISSION_DENIED, and an admin key rolls back."""
     first, second = keyed.first, keyed.second
     assert keyed.changed != keyed.before  # otherwise the rollback below would show nothing
-    async with bridge(keyed.address, *keyed.tls, key=EVAL) as session:
-        assert "PERMISSION_DENIED" in await refused(session, "rollback", to_version=first)
-    async with bridge(keyed.address, *keyed.tls, key=TRAINER) as session:
+    for key in (EVAL, TRAINER):
+        async with bridge(keyed.address, *keyed.tls, key=key) as session:
+            assert "PERMISSION_DENIED" in await refused(session, "rollback", to_version=first)
+    async with bridge(keyed.address, *keyed.tls, key=ADMIN) as session:
         assert await refused(session, "rollback", to_version=second + 1000)  # not a kept version
         assert (await call(session, "status"))["weight_version"] == second  # neither refusal changed anything
         assert await call(session, "rollback", to_version=first, expected_version=second) == {
