@@ -102,3 +102,14 @@ def s3_server():
     s3 = start_s3()
     yield s3
     s3.stop()
+
+
+@pytest.fixture(scope="session")
+def otlp_sink():
+    """An OTLP trace receiver the traced servers export to (tests/observability/otlp_sink.py): the
+    single-process server of tests/observability and the Ray Serve deployment of test_cluster."""
+    from tests.observability.otlp_sink import OtlpSink
+
+    sink = OtlpSink()
+    yield sink
+    sink.stop()

@@ -1,5 +1,5 @@
 """Spans of this process kept in memory (OpenTelemetry's InMemorySpanExporter), for the tests of
-the tracing code that runs in it; and an OTLP receiver for the servers under test."""
+the tracing code that runs in it (the servers under test export to `otlp_sink`, tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-from tests.observability.otlp_sink import OtlpSink
 
 _EXPORTER = InMemorySpanExporter()
 
@@ -24,10 +22,3 @@ def memory_spans() -> InMemorySpanExporter:
         trace.set_tracer_provider(provider)
     _EXPORTER.clear()
     return _EXPORTER
-
-
-@pytest.fixture(scope="session")
-def otlp_sink():
-    sink = OtlpSink()
-    yield sink
-    sink.stop()

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 
+import grpc
+import httpx
 import pytest
 
 from rollout_service.launcher import ServerProcess
@@ -27,15 +29,18 @@ def server(tiny_model, otlp_sink, tmp_path_factory):
 
 
 def test_generate_spans_form_one_chain_under_the_callers_span(server, otlp_sink):
-    traced.generate_in_callers_trace(otlp_sink, server.grpc_address)
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        traced.generate_in_callers_trace(otlp_sink, channel)
 
 
 def test_a_refused_call_returns_its_request_id(server):
-    traced.refused_generate_has_its_id(server.grpc_address, server.http_url)
+    with grpc.insecure_channel(server.grpc_address) as channel, httpx.Client(base_url=server.http_url, timeout=60) as http:
+        traced.refused_generate_has_its_id(channel, http)
 
 
 def test_a_push_has_a_span_per_phase_and_its_request_id_on_its_log_lines(server, otlp_sink, tiny_model):
-    request_id = traced.push_in_callers_trace(otlp_sink, server.http_url, tiny_model)
+    with httpx.Client(base_url=server.http_url, timeout=120) as http:
+        request_id = traced.push_in_callers_trace(otlp_sink, http, tiny_model)
     records = traced.json_lines_with(request_id, server.log_path.read_text().splitlines())
     applied = [r for r in records if r["logger"] == "rollout_service.replica" and "serves version" in r["message"]]
     assert applied and applied[0]["level"] == "INFO" and applied[0]["time"]

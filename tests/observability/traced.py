@@ -27,16 +27,16 @@ def caller_context() -> tuple[str, str, str]:
     return trace_id, span_id, f"00-{trace_id}-{span_id}-01"
 
 
-def generate_in_callers_trace(sink: OtlpSink, grpc_address: str) -> None:
-    """A Generate sent with x-request-id and traceparent: the id comes back in the initial
-    metadata, and the ingress, replica and engine spans form one chain under the caller's span."""
+def generate_in_callers_trace(sink: OtlpSink, channel: grpc.Channel, metadata: tuple = ()) -> None:
+    """A Generate sent with x-request-id and traceparent (and `metadata`: a key) on `channel`: the
+    id comes back in the initial metadata, and the ingress, replica and engine spans form one chain
+    under the caller's span."""
     trace_id, span_id, traceparent = caller_context()
     request_id = f"gen-{uuid.uuid4().hex[:8]}"
     request = pb.GenerateRequest(prompts=[pb.Prompt(token_ids=[11, 12, 13])], sampling=pb.SamplingParams(max_tokens=4, n=2))
-    with grpc.insecure_channel(grpc_address) as channel:
-        reply, call = pb_grpc.RolloutServiceStub(channel).Generate.with_call(
-            request, metadata=(("x-request-id", request_id), ("traceparent", traceparent)), timeout=120,
-        )
+    reply, call = pb_grpc.RolloutServiceStub(channel).Generate.with_call(
+        request, metadata=(("x-request-id", request_id), ("traceparent", traceparent), *metadata), timeout=120,
+    )
     assert dict(call.initial_metadata())["x-request-id"] == request_id
     spans = sink.wait_for(GENERATE_SPANS, lambda s: s.trace_id == trace_id)
     ingress, replica, engine = (spans[n] for n in ("rollout.v1.RolloutService/Generate", "replica.generate", "engine.generate"))
@@ -48,27 +48,26 @@ def generate_in_callers_trace(sink: OtlpSink, grpc_address: str) -> None:
     assert not any(s.error for s in spans.values())
 
 
-def refused_generate_has_its_id(grpc_address: str, http_url: str) -> None:
+def refused_generate_has_its_id(channel: grpc.Channel, http: httpx.Client, metadata: tuple = ()) -> None:
     """A refused call returns its id too: gRPC in the initial metadata, HTTP in a header."""
     request_id = f"bad-{uuid.uuid4().hex[:8]}"
-    with grpc.insecure_channel(grpc_address) as channel:
-        call = pb_grpc.RolloutServiceStub(channel).Generate.future(
-            pb.GenerateRequest(), metadata=(("x-request-id", request_id),), timeout=60,
-        )
-        assert call.exception().code() is grpc.StatusCode.INVALID_ARGUMENT
-        assert dict(call.initial_metadata())["x-request-id"] == request_id
-    reply = httpx.post(f"{http_url}/v1/generate", json={"prompts": []}, headers={"x-request-id": request_id}, timeout=60)
+    call = pb_grpc.RolloutServiceStub(channel).Generate.future(
+        pb.GenerateRequest(), metadata=(("x-request-id", request_id), *metadata), timeout=60,
+    )
+    assert call.exception().code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert dict(call.initial_metadata())["x-request-id"] == request_id
+    reply = http.post("/v1/generate", json={"prompts": []}, headers={"x-request-id": request_id})
     assert reply.status_code == 400 and reply.headers["x-request-id"] == request_id
 
 
-def push_in_callers_trace(sink: OtlpSink, http_url: str, model: Path) -> str:
+def push_in_callers_trace(sink: OtlpSink, http: httpx.Client, model: Path) -> str:
     """An HTTP push of one tensor with x-request-id and traceparent: the id comes back, and every
     phase's span (the ingress's and each replica's) is in the caller's trace. Returns the id."""
     trace_id, span_id, traceparent = caller_context()
     request_id = f"push-{uuid.uuid4().hex[:8]}"
     name, tensor = next(iter(load_file(model / "model.safetensors").items()))
-    reply = httpx.post(
-        f"{http_url}/v1/weights", content=save({name: tensor * 1.01}), timeout=120,
+    reply = http.post(
+        "/v1/weights", content=save({name: tensor * 1.01}), timeout=120,
         headers={"x-request-id": request_id, "traceparent": traceparent},
     )
     assert reply.status_code == 200, reply.text

@@ -2,7 +2,8 @@
 redis-server. One deployment serves the whole module, so the tests run in order and build on each
 other: 1 replica -> concurrent pushes -> 3 versions -> scaled to 2 replicas -> pushes that reach
 both or neither -> Redis restarted under it. It serves as a network deployment would: API keys and
-TLS (a server certificate; client certificates are tested on the local server, tests/api/test_security.py).
+TLS (a server certificate; client certificates are tested on the local server, tests/api/test_security.py),
+JSON log lines, and traces sent to an OTLP receiver (`otlp_sink`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -21,6 +23,7 @@ from rollout_client import AbortedError, PermissionDeniedError, RolloutClient, U
 from rollout_client import RolloutClientError as RolloutError
 from rollout_service import faults
 from rollout_service.config import ServerConfig
+from tests.observability import traced
 from tests.observe import InBackground, wait_until
 from tests.serve.conftest import GREEDY, PROMPTS, perturbed
 from tests.tls import Pki
@@ -32,7 +35,7 @@ KEYS = {"admin": "cluster-admin-key-0123456789", "trainer": "cluster-trainer-key
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_model, redis_server, tmp_path_factory, request):
+def cluster(tiny_model, redis_server, tmp_path_factory, request, otlp_sink):
     import ray
     from ray import serve
 
@@ -43,13 +46,15 @@ def cluster(tiny_model, redis_server, tmp_path_factory, request):
     fault = root / "fault"  # the replicas' and the ingress's fault point (rollout_service/faults.py)
     os.environ[faults.ENV] = str(fault)  # read when the application is built: its processes get it
     request.addfinalizer(lambda: os.environ.pop(faults.ENV, None))
+    os.environ["OTEL_BSP_SCHEDULE_DELAY"] = "100"  # spans leave within 0.1 s, not 5 (OTEL_* reach the deployment)
+    request.addfinalizer(lambda: os.environ.pop("OTEL_BSP_SCHEDULE_DELAY", None))
     pki = Pki.make(root / "pki")
     keys = root / "api-keys"
     keys.write_text("".join(f"{role}:{key}\n" for role, key in KEYS.items()))
     config = ServerConfig(
         model=tiny_model, port=0, http_port=0, max_model_len=128, replicas=1, replica_cpus=0.5,
         redis_url=redis_server.url, weights_dir=root / "weights", cache_dir=root / "cache", debug_endpoints=True,
-        api_keys=keys, tls_cert=pki.server_cert, tls_key=pki.server_key,
+        api_keys=keys, tls_cert=pki.server_cert, tls_key=pki.server_key, log_format="json", otlp_endpoint=otlp_sink.endpoint,
     )
     start_ray(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     ingress = deploy(config)
@@ -553,6 +558,31 @@ def test_a_rollback_reaches_both_replicas_which_serve_the_kept_versions_outputs_
     with cluster.https() as http:  # the coordinator (Redis) recorded it as a push's version
         last = http.get("/v1/events", params={"after": "0", "count": 1000}).json()["events"][-1]
     assert (int(last["version"]), last["label"]) == (kept + 2, f"rollback to v{kept}")
+
+
+def _tls_channel(cluster) -> grpc.Channel:
+    return grpc.secure_channel(cluster.grpc, grpc.ssl_channel_credentials(Path(cluster.pki.ca).read_bytes()))
+
+
+def test_a_generate_is_one_trace_from_the_ingress_through_a_replica_to_its_engine(cluster, otlp_sink):
+    """The ingress and each replica are processes of their own, each exporting its spans: one
+    trace holding all three shows the context crossed Ray. A refused call returns its id too."""
+    key = (("authorization", f"Bearer {KEYS['admin']}"),)
+    with _tls_channel(cluster) as channel, cluster.https() as http:
+        traced.generate_in_callers_trace(otlp_sink, channel, key)
+        traced.refused_generate_has_its_id(channel, http, key)
+
+
+def test_a_push_has_a_span_per_phase_and_the_replicas_json_log_lines_carry_its_request_id(cluster, otlp_sink, tiny_model):
+    import ray
+
+    with cluster.https() as http:
+        request_id = traced.push_in_callers_trace(otlp_sink, http, tiny_model)
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    lines = [line for path in logs.rglob("*") if path.is_file() for line in path.read_text(errors="replace").splitlines()]
+    applied = [r for r in traced.json_lines_with(request_id, lines)
+               if r["logger"] == "rollout_service.replica" and "serves version" in r["message"]]
+    assert len({r["message"].split()[1] for r in applied}) == 2, f"not a line of each replica with {request_id} in {logs}"
 
 
 @pytest.mark.slow  # 3 min, the module's last: make test-all and make reliability (int8 pushes: tests/weights/test_push_int8.py)
