@@ -482,13 +482,17 @@ def mcp_cmd(
     root_certificates: Path | None = ROOTS,
     client_certificate: Path | None = CLIENT_CERT,
     client_key: Path | None = CLIENT_KEY,
+    bf16_address: str | None = typer.Option(
+        None, "--bf16-address", help="A bf16 server of the same model, for the report tool (called with the same key and TLS).",
+    ),
 ) -> None:
     """An MCP server on stdio for a coding agent: tools status, versions, rollback, generate and
-    report, each calling the service with this key (the service enforces its role)."""
+    report, each calling the service with this key (the service enforces its role); no tool takes an
+    address, so the key goes to the addresses given here only."""
     from rollout_service.tools.mcp_server import Bridge
 
     try:
-        bridge = Bridge(address, _connection(api_key, root_certificates, client_certificate, client_key))
+        bridge = Bridge(address, _connection(api_key, root_certificates, client_certificate, client_key), bf16_address)
     except (ValueError, OSError) as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None

@@ -4,7 +4,9 @@ generation, the int8/bf16 report.
 
 Each tool makes RolloutClient calls with the API key and TLS files the bridge was started with: the
 service checks that key's role (api/access.py) as for any other client, and the bridge has no key of
-its own. A failed call (the server's status code and message, an unreachable server) comes back as
+its own. It calls only the addresses it was started with (the service, and the bf16 server the
+report compares it with): no tool takes an address, so an agent misled by text it read (a
+completion, a label) cannot send the key anywhere else. A failed call (the server's status code and message, an unreachable server) comes back as
 an MCP tool error, `is_error` with the text "CODE: message", and the bridge goes on serving. Results
 are JSON objects (structured content, and the same as text).
 """
@@ -66,11 +68,13 @@ def _tool_errors(where: str) -> Iterator[None]:
 
 
 class Bridge:
-    """The tools, bound to one service (`address`) and one set of connection settings (`connection`:
-    RolloutClient's api_key, root_certificates, client_certificate, client_key)."""
+    """The tools, bound to one service (`address`), the bf16 server its report compares it with
+    (`bf16_address`, optional) and one set of connection settings (`connection`: RolloutClient's
+    api_key, root_certificates, client_certificate, client_key)."""
 
-    def __init__(self, address: str, connection: Mapping[str, Any]):
+    def __init__(self, address: str, connection: Mapping[str, Any], bf16_address: str | None = None):
         self.address = address
+        self.bf16_address = bf16_address
         self.connection = dict(connection)
         # Made now, so that bad TLS files or settings stop the command before it serves.
         self.client = RolloutClient(address, timeout=GENERATE_TIMEOUT_S, **self.connection)
@@ -97,13 +101,13 @@ class Bridge:
 
     def rollback(
         self,
-        to_version: Annotated[int, Field(ge=0, description="A kept version (see the versions tool) to serve again.")],
+        to_version: Annotated[int, Field(ge=1, description="A kept version (see the versions tool) to serve again.")],
         expected_version: Annotated[int | None, Field(
             ge=0, description="Refuse unless this is the newest committed version (so as not to undo a push made meanwhile).",
         )] = None,
     ) -> dict[str, Any]:
         """Serve a kept version's weights again, as a new version (the newest + 1; versions only grow,
-        so trainers and samples see the change). Needs a key whose role may push weights."""
+        so trainers and samples see the change). Needs an admin key: it undoes the trainers' pushes."""
         with _tool_errors(self.address):
             result = self.client.rollback(to_version, expected_version=expected_version)
         return {"version": result.version, "rolled_back_to": to_version}
@@ -132,10 +136,6 @@ class Bridge:
 
     def report(
         self,
-        bf16_address: Annotated[str, Field(description="host:port of a server of the same model in bf16.")],
-        quant_address: Annotated[str | None, Field(
-            description="host:port of the quantized server (default: the service this bridge watches).",
-        )] = None,
         prompts: Annotated[list[str] | None, Field(
             min_length=1, max_length=MAX_PROMPTS, description="Text prompts (default: a built-in set of 8).",
         )] = None,
@@ -144,12 +144,14 @@ class Bridge:
         seed: Annotated[int, Field(description="Sampling seed.")] = 0,
         tis_cap: Annotated[float, Field(gt=1.0, description="TIS cap for the weight statistics.")] = 2.0,
     ) -> dict[str, Any]:
-        """Is quantized rollout safe for this model? The quantized server samples, the bf16 server
-        scores the same tokens (Δ = logp_bf16 - logp_quant); returns the figures of `rollout-service
+        """Is quantized rollout safe for this model? The service (quantized) samples, the bf16 server
+        the bridge was started with (--bf16-address) scores the same tokens (Δ = logp_bf16 - logp_quant); returns the figures of `rollout-service
         report`: |Δlogprob| mean and p50/p90/p99/max, KL(quant ‖ bf16), TIS weight mean/min and share
         clipped, greedy agreement (identical continuations, tokens before the first divergence),
         tokens/s of each; and each server's quantization and weight version (compare like with like)."""
-        quant_address = quant_address or self.address
+        if self.bf16_address is None:
+            raise ToolError("report: the bridge was started without --bf16-address (a bf16 server of the same model to compare with)")
+        bf16_address, quant_address = self.bf16_address, self.address
         with _tool_errors(f"report between bf16 {bf16_address} and quantized {quant_address}"), ExitStack() as stack:
             bf16, quant = (stack.enter_context(RolloutClient(a, timeout=GENERATE_TIMEOUT_S, **self.connection))
                            for a in (bf16_address, quant_address))

@@ -108,7 +108,8 @@ async def test_the_five_tools_have_typed_schemas_and_no_server_is_a_tool_error()
         assert generate["required"] == ["prompts"] and generate["properties"]["prompts"]["items"] == {"type": "string"}
         assert generate["properties"]["max_tokens"]["maximum"] == 128
         assert tools["rollback"].input_schema["properties"]["to_version"]["type"] == "integer"
-        assert tools["report"].input_schema["required"] == ["bf16_address"]
+        assert "required" not in tools["report"].input_schema  # no address: the key goes only where the bridge was told
+        assert "--bf16-address" in await refused(session, "report")
         assert tools["status"].annotations.read_only_hint and tools["rollback"].annotations.destructive_hint
         assert "127.0.0.1:1: UNAVAILABLE" in await refused(session, "status")
         assert "127.0.0.1:1: UNAVAILABLE" in await refused(session, "versions")
@@ -156,8 +157,8 @@ async def test_generate_probes_the_served_weights(bf16_server):
 
 async def test_report_between_the_bf16_and_int8_servers(bf16_server, int8_server):
     prompts = [*PROMPTS, "Every replica reports the version it serves"]
-    async with bridge(int8_server.grpc_address) as session:  # the quantized side defaults to the bridge's server
-        report = await call(session, "report", bf16_address=bf16_server.grpc_address, prompts=prompts, n=2, max_tokens=8)
+    async with bridge(int8_server.grpc_address, "--bf16-address", bf16_server.grpc_address) as session:
+        report = await call(session, "report", prompts=prompts, n=2, max_tokens=8)
     f = report["figures"]
     assert report["bf16"]["quantization"] == "none" and report["quantized"] == {
         "address": int8_server.grpc_address, "quantization": "int8", "weight_version": report["quantized"]["weight_version"]
