@@ -226,7 +226,8 @@ def test_alert_rules_have_an_expression_a_severity_and_say_what_to_do():
     rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yaml").read_text())
     alerts = [r for g in rules["groups"] for r in g["rules"]]
     assert {a["alert"] for a in alerts} >= {
-        "RolloutNoReplicaServing", "RolloutPushFailing", "RolloutPushStuck", "RolloutReplicaBehind", "RolloutKVCacheFull"}
+        "RolloutIngressDown", "RolloutNoReplicaServing", "RolloutPushFailing", "RolloutPushStuck", "RolloutReplicaBehind",
+        "RolloutKVCacheFull"}
     for a in alerts:
         assert a["expr"].strip() and a["labels"]["severity"] in {"critical", "warning"}, a["alert"]
         assert a["annotations"]["summary"] and len(a["annotations"]["description"]) > 80, a["alert"]

@@ -67,6 +67,8 @@ _HTTP = {
     ("POST", "/v1/weights:load"): Operation.PUSH,
     ("GET", "/v1/status"): Operation.STATUS,
     ("GET", "/v1/events"): Operation.STATUS,
+    # Read-only, as GetStatus is: a scraper's key (an eval key) then cannot roll back or push.
+    ("GET", "/metrics"): Operation.STATUS,
     ("GET", "/healthz"): Operation.HEALTH,
 }
 

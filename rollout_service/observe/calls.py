@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import uuid
 from collections.abc import Iterator
 from contextvars import ContextVar
 
-# A request id a caller sends is kept if it is this long at most and printable ASCII (it goes back
-# in gRPC metadata, which takes nothing else); else a new one.
+# A request id a caller sends is kept if it is at most MAX_REQUEST_ID of these characters (ids of
+# uuids, ULIDs, "step-12/rollout-3", base64): no space, quote or bracket, so that an id cannot
+# forge the rest of a text log line; else a new one. The Python client sends only such ids
+# (rollout_client/client_base.py).
 MAX_REQUEST_ID = 128
+_USABLE = re.compile(r"[A-Za-z0-9._:/=+@-]+")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +44,7 @@ def current() -> Call | None:
 
 def request_id(given: str | None) -> str:
     """The caller's request id where it is a usable one, else a new one."""
-    if given and len(given) <= MAX_REQUEST_ID and given.isascii() and given.isprintable() and not given.isspace():
+    if given and len(given) <= MAX_REQUEST_ID and _USABLE.fullmatch(given):
         return given
     return uuid.uuid4().hex
 

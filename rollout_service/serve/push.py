@@ -134,7 +134,7 @@ class Push:
             version = committed + 1
             push_id = f"v{version}-{uuid.uuid4().hex[:8]}"
             recipe = self.config.recipe()
-            requantized = fanout = None
+            requantized = fanout = receive = None
             try:
                 await self.replicas.locate()
                 fanout = Fanout(self.replicas, push_id, version, recipe.fingerprint() if recipe is not None else None)
@@ -145,7 +145,8 @@ class Push:
                 receive = tracing.start("push.receive", version=version, push_id=push_id)
                 claim = Claim(owner, fence, version, push_id, {}, requantized, fanout, receive)
                 convert = store_converter(self._dtype, claim.cast_crc, prepare)
-            except BaseException:
+            except BaseException as exc:
+                tracing.end(receive, exc)
                 spool.discard()
                 if requantized is not None:
                     requantized.discard()
@@ -166,7 +167,11 @@ class Push:
                         await fanout.close()
                         if not session.committed and fanout.parts:  # the replicas drop what they staged
                             await self._abort(claim)
-            finally:  # a refusal before the session (a stale expected_version) too
+            except BaseException as exc:  # a refusal before the session (a stale expected_version) too
+                tracing.end(claim.receive, exc)  # an ended span is left alone
+                raise
+            finally:
+                tracing.end(claim.receive)
                 if fanout is not None:
                     await fanout.close()
                 if requantized is not None:  # the replicas staged their own copies, or the push failed

@@ -81,7 +81,8 @@ def test_health_is_open_and_unlisted_operations_need_admin(access):
     assert http_operation("GET", "/healthz") is Operation.HEALTH
     for method in ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", "/rollout.v1.RolloutService/New"):
         assert grpc_operation(method) is Operation.ADMIN
-    for path in ("/docs", "/openapi.json", "/metrics", "/v1/debug/pause", "/v1/weights/"):
+    assert http_operation("GET", "/metrics") is Operation.STATUS  # a scraper's key need not be an admin's
+    for path in ("/docs", "/openapi.json", "/v1/debug/pause", "/v1/weights/"):
         assert http_operation("GET", path) is Operation.ADMIN
     assert http_operation("GET", "/v1/weights") is Operation.ADMIN  # only POST pushes
 

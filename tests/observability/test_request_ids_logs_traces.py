@@ -21,7 +21,10 @@ def test_a_usable_request_id_is_kept(given):
     assert calls.request_id(given) == given
 
 
-@pytest.mark.parametrize("given", [None, "", "   ", "a" * (calls.MAX_REQUEST_ID + 1), "two\nlines", "tab\there", "naïve"])
+@pytest.mark.parametrize("given", [
+    None, "", "   ", "a" * (calls.MAX_REQUEST_ID + 1), "two\nlines", "tab\there", "naïve",
+    "x] INFO rollout_service.serve.push: version 9 committed",  # would forge a text log line
+])
 def test_an_unusable_request_id_is_replaced_by_a_new_one(given):
     made = calls.request_id(given)
     assert made != given and len(made) == 32 and made.isalnum()

@@ -152,7 +152,8 @@ def push_weights(
     shared_memory: bool | None = None,
 ) -> Steps[PushResult]:
     """Stream new weights into the server; returns once they serve as the new version (PushResult).
-    Never retried: a failed push changed nothing.
+    Never retried: a push refused or failed before its commit changed nothing, but after a deadline
+    or a lost connection it may have committed: read status().committed_version before pushing again.
 
     Args:
         weights: a state_dict, a dict of numpy/torch tensors, or an iterable of (name, tensor), e.g.
@@ -232,7 +233,7 @@ def load_weights(
 ) -> Steps[PushResult]:
     """Have the server read a safetensors checkpoint and serve it as the new version, as a push of
     the same tensors would (the same checks, requantization and all-or-nothing commit); returns
-    once it serves (PushResult). Never retried: a failed load changed nothing.
+    once it serves (PushResult). Never retried, as a push is not (push_weights).
 
     Args:
         url: an object-store URL the server can read with its own credentials
@@ -261,7 +262,7 @@ def rollback(
     """Serve a kept version's weights again, as a new version (committed + 1, labelled
     "rollback to v<to_version>"; the versions between stay); returns once it serves (PushResult:
     its `version` is the new one, to give as the next push's expected_version). Needs an admin
-    key. Never retried: a failed rollback changed nothing.
+    key. Never retried, as a push is not (push_weights): after a deadline it may have committed.
 
     Args:
         to_version: a version list_versions() lists (NotFoundError otherwise, naming those kept).

@@ -5,8 +5,8 @@ re-sends a call that failed with a retryable code before any response reached th
 exponential backoff and jitter, and never retries a call whose response has started (so a
 GenerateStream that already yielded completions is not silently restarted). Only idempotent
 calls get the policy: Generate, GenerateStream and GetStatus. PushWeights is never retried (its
-request stream is consumed once); a failed push changed nothing on the server, so the caller
-may push again.
+request stream is consumed once, and one cut off after its commit point stands: the caller reads
+the committed version before pushing again).
 """
 
 from __future__ import annotations

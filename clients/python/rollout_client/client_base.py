@@ -4,6 +4,7 @@ state a push decides its way from (delta or whole, streamed or through shared me
 from __future__ import annotations
 
 import itertools
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,9 @@ from rollout_client.errors import DeltaBaseError
 from rollout_client.proto.rollout.v1 import rollout_pb2 as pb
 from rollout_client.proto.rollout.v1 import rollout_pb2_grpc as pb_grpc
 from rollout_client.steps import RUNNER_FRAMES
+
+# The request ids the server keeps (rollout_service/observe/calls.py): up to 128 of these characters.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/=+@-]{1,128}")
 
 
 class ClientBase:
@@ -130,6 +134,6 @@ class ClientBase:
         it (asyncio), or the call to iterate (a stream)."""
         metadata = self._metadata
         request_id = getattr(request, "request_id", "")  # a Generate's: the server's request id for the call too
-        if request_id and request_id.isascii() and request_id.isprintable():  # what gRPC metadata carries
+        if _REQUEST_ID.fullmatch(request_id):  # else the server makes one: what it keeps (observe/calls.py)
             metadata = (*metadata, ("x-request-id", request_id))
         return getattr(self._stub, method)(request, timeout=self._deadline(timeout), metadata=metadata)

@@ -382,7 +382,8 @@ export class RolloutClient {
    * Stream new weights (any iterable or async iterable of [name, Tensor]) into the server; resolves
    * once they serve as the new version. Each tensor is declared (with its CRC-32) just before its
    * chunks, so a generator producing tensors one at a time is sent without a second copy. Backpressure
-   * is respected. Never retried: a failed push changed nothing on the server.
+   * is respected. Never retried: a push refused or failed before its commit changed nothing, but
+   * after a deadline or a lost connection it may have committed: read status() before pushing again.
    */
   async push(
     weights: Iterable<[string, Tensor]> | AsyncIterable<[string, Tensor]>,
@@ -439,7 +440,7 @@ export class RolloutClient {
    * Have the server read a safetensors checkpoint (an object-store URL it reads with its own
    * credentials, e.g. "s3://bucket/step-120/", or a path under its --load-dirs; one file, or a
    * directory with model.safetensors.index.json or model.safetensors) and serve it as the new
-   * version, as a push of the same tensors would. Never retried: a failed load changed nothing.
+   * version, as a push of the same tensors would. Never retried, as a push is not (push()).
    */
   async loadWeights(url: string, options: LoadOptions = {}): Promise<PushResult> {
     const started = performance.now();
@@ -452,7 +453,8 @@ export class RolloutClient {
    * Serve a kept version's weights again, as a new version (committed + 1, labelled
    * "rollback to v<toVersion>"; the versions between stay); resolves once it serves. Needs an admin
    * key. NOT_FOUND (naming the kept versions) for a version listVersions() does not list;
-   * FAILED_PRECONDITION for a stale expectedVersion. Never retried: a failed rollback changed nothing.
+   * FAILED_PRECONDITION for a stale expectedVersion. Never retried, as a push is not (push()): after a
+   * deadline it may have committed.
    */
   async rollback(toVersion: number, options: RollbackOptions = {}): Promise<PushResult> {
     const started = performance.now();
