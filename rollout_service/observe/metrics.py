@@ -5,8 +5,11 @@ and their tokens by route (observe/calls.py) and outcome, their latency, time to
 tokens per sample; pushes by path and outcome, their bytes, duration and pause, and those in
 flight. Every other call reaches the backend as it is. At a scrape it asks the backend for the
 deployment's state (replicas serving, the committed version, the version each replica serves)
-and for the engine metrics of every replica (observe/engine_metrics.py); a replica that does not
-answer within SCRAPE_TIMEOUT_S is left out, and the scrape never fails.
+and for the engine metrics of every replica (observe/engine_metrics.py). The scrape never fails: a
+replica that fails to answer is left out, and when some replica has not answered within
+SCRAPE_TIMEOUT_S (its event loop stuck: Serve's health check replaces it) that scrape leaves out
+what it was asking for rather than report it wrong (no `rollout_replicas 0` while others serve),
+and counts `rollout_scrape_timeouts_total`.
 
 Conventions (Prometheus'): counters end in `_total`, durations are `_seconds` histograms, sizes in
 bytes; no gauge holds what `rate()` of a counter gives. A call's tokens are counted when it ends,
@@ -92,6 +95,10 @@ class Metered:
                                       buckets=PUSH_BUCKETS)
         self.push_pause = Histogram("rollout_push_pause_seconds", "Time generation was paused to apply a committed push "
                                     "(the longest over the replicas), by path.", ["path"], registry=r, buckets=PAUSE_BUCKETS)
+        self.scrape_timeouts = Counter(
+            "rollout_scrape_timeouts", "Scrapes that left the deployment's state or the engines' metrics out: "
+            f"some replica did not answer within {SCRAPE_TIMEOUT_S:.0f} s.", registry=r,
+        )
         self.pushes_inflight = Gauge("rollout_pushes_in_flight", "Pushes being received or applied.", registry=r)
         self._push_starts: list[float] = []
         Gauge("rollout_push_oldest_start_time_seconds", "Unix time the oldest push in flight started; 0 while none runs.",
@@ -184,14 +191,24 @@ class Metered:
         """The text format for a scrape: this registry's metrics, then the deployment's state and
         the replicas' engine metrics as they are now."""
         status, engines = await asyncio.gather(_within(self.backend.status()), _within(self.backend.engine_metrics()))
-        scraped = deployment_families(status) + engine_metrics.merged(engines or [])
+        if TIMED_OUT in (status, engines):
+            self.scrape_timeouts.inc()
+        scraped = [] if status is TIMED_OUT else deployment_families(status)
+        scraped += [] if engines is TIMED_OUT else engine_metrics.merged(engines or [])
         return generate_latest(self.registry) + generate_latest(engine_metrics.Families(scraped))
 
 
+TIMED_OUT = object()  # what `_within` gives for an answer that did not come in time
+
+
 async def _within(awaitable):
-    """Its result, or None when it fails or takes over SCRAPE_TIMEOUT_S (no replica serving, one stuck)."""
+    """Its result; TIMED_OUT past SCRAPE_TIMEOUT_S (a replica stuck); None when it fails (no
+    replica serving: EngineUnavailable)."""
     try:
         return await asyncio.wait_for(awaitable, SCRAPE_TIMEOUT_S)
+    except TimeoutError:
+        log.warning("a scrape left the deployment's state out: a replica did not answer within %.0f s", SCRAPE_TIMEOUT_S)
+        return TIMED_OUT
     except Exception as exc:  # noqa: BLE001 -- a scrape shows what it could gather
         log.debug("a scrape left something out: %r", exc)
         return None

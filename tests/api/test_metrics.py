@@ -248,6 +248,12 @@ def test_a_scrape_never_fails_for_a_replica_that_is_down_stuck_or_garbled(monkey
     start = time.monotonic()
     f = asyncio.run(families(Metered(backend)))
     assert time.monotonic() - start < 5 and not any(name.startswith("vllm:") for name in f)
+    assert [s.value for s in f["rollout_scrape_timeouts"].samples if s.name.endswith("_total")] == [1]
+
+    # A replica stuck in status: the deployment's state is left out, never "no replica serving".
+    backend.status_error, backend.status = None, stuck
+    f = asyncio.run(families(Metered(backend)))
+    assert "rollout_replicas" not in f and "rollout_replica_weight_version" not in f
 
 
 def test_merging_keeps_one_family_per_name_and_the_first_type_on_a_mismatch():
