@@ -189,7 +189,8 @@ def create_app(backend: Metered, access: Access, events=None, debug: APIRouter |
         AccessMiddleware, access=access, max_body=config.max_request_mib * MIB, max_push=max_push_bytes(config),
         body_idle_s=config.push_idle_timeout_s,
     )
-    app.add_middleware(CallMiddleware)  # added last, so outermost: refusals carry the request id too
+    # Added last, so outermost: refusals carry the request id too.
+    app.add_middleware(CallMiddleware, routes=lambda: {getattr(r, "path", None) for r in app.routes})
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):

@@ -13,6 +13,7 @@ reflection and metrics scrapes get a request id but no span: probes would bury t
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import grpc
 
@@ -113,10 +114,13 @@ def _scoped(handler: grpc.RpcMethodHandler, call: calls.Call, span) -> grpc.RpcM
 
 
 class CallMiddleware:
-    """ASGI middleware, the app's outermost: the call's scope, and `x-request-id` on its reply."""
+    """ASGI middleware, the app's outermost: the call's scope, and `x-request-id` on its reply.
+    `routes()`: the app's paths; a span is named by its route only on one of them, else by its
+    method alone, so that a stranger's made-up paths do not each make a span name."""
 
-    def __init__(self, app):
+    def __init__(self, app, routes: Callable[[], set[str]]):
         self.app = app
+        self._routes = routes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -126,7 +130,8 @@ class CallMiddleware:
         route = f"{scope['method']} {scope['path']}"
         span = None
         if scope["path"] not in UNTRACED_HTTP:
-            span = tracing.start(route, tracing.extract(headers), request_id=request_id)
+            name = route if scope["path"] in self._routes() else scope["method"]
+            span = tracing.start(name, tracing.extract(headers), request_id=request_id)
             span.set_attributes({"http.request.method": scope["method"], "url.path": scope["path"]})
         status: list[int] = []
         header = (b"x-request-id", request_id.encode("latin-1"))
@@ -152,6 +157,4 @@ class CallMiddleware:
         if span is not None:
             code = status[0] if status else 500  # a reply never started is the server's failure
             span.set_attribute("http.response.status_code", code)
-            if code == 404:  # an unknown path: named by its method, not by what a stranger sent
-                span.update_name(scope["method"])
             tracing.end(span, CallFailed(f"HTTP {code}") if code >= 500 else None)
