@@ -106,12 +106,12 @@ def test_a_manifest_left_by_a_push_fenced_off_is_replaced_by_the_newer_push_and_
     store = store_at(url, tmp_path)
     store.raise_fence(3)
     files, crc = received(store, {"w": t(1)}, 1)
-    store._write_manifest(store._next(1, files, crc, "cut off", 3), files)  # a push killed before its commit point
+    store._write_manifest(store._next(1, files, crc, "cut off", 3, None), files)  # a push killed before its commit point
     store.raise_fence(4)
     assert push(store, {"w": t(2)}, "newer", fence=4).label == "newer"
     assert store.current().label == "newer"
     files, crc = received(store, {"w": t(3)}, 2)
-    store._write_manifest(store._next(2, files, crc, "never committed", 4), files)
+    store._write_manifest(store._next(2, files, crc, "never committed", 4, None), files)
     store.clean()
     assert [key for key in objects(url) if key.startswith("v000002")] == []
 
