@@ -4,6 +4,7 @@ once per test session, lazily, by the first test that needs it."""
 from __future__ import annotations
 
 import collections
+import os
 from pathlib import Path
 
 import pytest
@@ -38,9 +39,11 @@ def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
-def _server(request, tiny_model: Path, tmp_path_factory, name: str, *args: str, context: int = MAX_MODEL_LEN) -> ServerProcess:
+def _server(
+    request, tiny_model: Path, tmp_path_factory, name: str, *args: str, context: int = MAX_MODEL_LEN, env: dict | None = None,
+) -> ServerProcess:
     log = tmp_path_factory.mktemp("logs") / f"{name}.log"
-    server = ServerProcess.start(tiny_model, log, "--backend", "local", "--max-model-len", str(context), *args)
+    server = ServerProcess.start(tiny_model, log, "--backend", "local", "--max-model-len", str(context), *args, env=env)
     request.addfinalizer(server.stop)
     return server
 
@@ -81,15 +84,18 @@ def bf16_client(bf16_server):
 
 
 @pytest.fixture(scope="session")
-def trainer_server(request, tiny_model, tmp_path_factory) -> ServerProcess:
+def trainer_server(request, tiny_model, tmp_path_factory, otlp_sink) -> ServerProcess:
     """bf16 engine that the client, adapter and GRPO tests push to; each test first pushes the
     weights it needs (as a trainer syncs before its first rollout), so their order does not matter.
     Without shared memory: the clients stream to it as to a server on another host, so the
     adapters' pushes keep the streamed path tested (the other servers take same-host pushes).
     Tool calls in chat completions are parsed (hermes), and the context holds an agent's prompt
-    with its tool definitions, for the agent tests (tests/clients/test_agents.py)."""
+    with its tool definitions, for the agent tests (tests/clients/test_agents.py). It logs JSON lines
+    and sends its traces to `otlp_sink`, as an operator runs it (tests/observability)."""
     return _server(
-        request, tiny_model, tmp_path_factory, "trainer", "--no-shared-memory", "--tool-call-parser", "hermes", context=1024
+        request, tiny_model, tmp_path_factory, "trainer", "--no-shared-memory", "--tool-call-parser", "hermes",
+        "--log-format", "json", "--otlp-endpoint", otlp_sink.endpoint, context=1024,
+        env={**os.environ, "OTEL_BSP_SCHEDULE_DELAY": "100"},  # spans leave within 0.1 s, not 5
     )
 
 
