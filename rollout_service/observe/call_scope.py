@@ -121,6 +121,7 @@ class CallMiddleware:
     def __init__(self, app, routes: Callable[[], set[str]]):
         self.app = app
         self._routes = routes
+        self._known: set[str] | None = None  # read at the first call, once every router is mounted
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -130,7 +131,9 @@ class CallMiddleware:
         route = f"{scope['method']} {scope['path']}"
         span = None
         if scope["path"] not in UNTRACED_HTTP:
-            name = route if scope["path"] in self._routes() else scope["method"]
+            if self._known is None:
+                self._known = self._routes()
+            name = route if scope["path"] in self._known else scope["method"]
             span = tracing.start(name, tracing.extract(headers), request_id=request_id)
             span.set_attributes({"http.request.method": scope["method"], "url.path": scope["path"]})
         status: list[int] = []
